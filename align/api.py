@@ -1,0 +1,271 @@
+"""The public entry points: align.check, align.capture, align.compare."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from align import environment
+from align.capture import LossFn, Run, capture, run_model
+from align.comparison import compare_traces
+from align.devices import resolve
+from align.errors import AlignError, MismatchError
+from align.isolation import isolate
+from align.precision import Policy, get_policy
+from align.result import Report
+from align.trace import Trace, load_trace
+from align.verdict import Tolerance
+
+PHASES = ("forward", "backward", "train")
+
+__all__ = ["check", "capture", "compare"]
+
+
+def _phases(phases: Any) -> tuple[str, ...]:
+    if isinstance(phases, str):
+        phases = [p for p in phases.split(",") if p]
+    phases = tuple(phases)
+    unknown = [p for p in phases if p not in PHASES]
+    if unknown or not phases:
+        raise AlignError(f"unknown phase(s) {unknown or phases}: choose from {', '.join(PHASES)}")
+    return phases
+
+
+def _tolerance(tolerance: Any, policy: Policy) -> Tolerance:
+    if isinstance(tolerance, Tolerance):
+        return tolerance
+    return Tolerance(**{"k": policy.default_k, **(tolerance or {})})
+
+
+def _device_numerics(device: torch.device, policy: Policy) -> str | None:
+    """The reduced-precision math a real device applies in fp32 (HF32/TF32), as switches."""
+    if policy.name != "fp32":
+        return None
+    flags = environment.numerics_flags()
+    switches = []
+    if device.type == "npu":
+        switches += ["hf32-conv"] if flags.get("npu.conv.allow_hf32") else []
+        switches += ["hf32-matmul"] if flags.get("npu.matmul.allow_hf32") else []
+    elif device.type == "cuda":
+        switches += ["tf32-conv"] if flags["cudnn.allow_tf32"] else []
+        switches += ["tf32-matmul"] if flags["cuda.matmul.allow_tf32"] else []
+    return ",".join(switches) or None
+
+
+def _identical(a: Trace, b: Trace) -> bool:
+    """True when two in-memory traces hold the same records bit for bit."""
+    if [(c.key, len(c.outputs)) for c in a.calls] != [(c.key, len(c.outputs)) for c in b.calls]:
+        return False
+    for ca, cb in zip(a.calls, b.calls):
+        for slot in ("outputs", "grad_outputs", "grad_inputs"):
+            for ka, kb in zip(getattr(ca, slot), getattr(cb, slot)):
+                if (ka is None) != (kb is None):
+                    return False
+                if ka is not None and not _same(a.tensor(ka), b.tensor(kb)):
+                    return False
+    if a.param_grads.keys() != b.param_grads.keys():
+        return False
+    return all(_same(a.tensor(a.param_grads[n]), b.tensor(b.param_grads[n])) for n in a.param_grads)
+
+
+def _same(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return x.dtype == y.dtype and x.shape == y.shape and torch.equal(x.cpu(), y.cpu())
+
+
+def check(
+    model: nn.Module | str,
+    inputs: Any = None,
+    *,
+    target_model: nn.Module | None = None,
+    reference: str = "cpu",
+    target: str = "auto",
+    precision: str = "fp32",
+    phases: Any = ("forward", "backward"),
+    loss_fn: LossFn | None = None,
+    seed: int = 0,
+    steps: int = 5,
+    emulate: str | None = None,
+    tolerance: Tolerance | dict | None = None,
+    name_map: dict[str, str | None] | None = None,
+    isolate_modules: bool = True,
+    sensitivity: bool = False,
+    batch: int | None = None,
+    image_size: int | None = None,
+) -> Report:
+    """Run `model` on the reference, the target and a float64 golden, and judge the target.
+
+    `model` is an nn.Module or a registered case / timm model name (then `inputs`, the
+    loss and the tolerances come from the case). `emulate` makes a CPU target emulate a
+    device's number formats (align.emulate); the reference then runs at the same
+    precision and the target in channels_last, so it differs as a device's kernels would.
+    """
+    from align.models import resolve_model
+
+    started = time.perf_counter()
+    phases = _phases(phases)
+    policy = get_policy(precision)
+    resolved = resolve_model(model, inputs, loss_fn, seed, batch, image_size)
+    tol = _tolerance(tolerance if tolerance is not None else resolved.tolerance(phases, policy.name), policy)
+    ref_dev, tgt_dev = resolve(reference), resolve(target)
+    target_numerics = emulate
+    if emulate and tgt_dev.type != "cpu":
+        raise AlignError(f"--emulate is for a CPU target; the target here is {tgt_dev}")
+    if not emulate:
+        target_numerics = _device_numerics(tgt_dev, policy)
+    emulation = _parse(target_numerics)
+    meta: dict[str, Any] = {
+        "case": resolved.case,
+        "model": resolved.label,
+        "phases": list(phases),
+        "precision": policy.name,
+        "reference": str(ref_dev),
+        "target": str(tgt_dev),
+        "emulate": emulate or None,
+        "reference_numerics": target_numerics,
+        "seed": seed,
+        "tolerance": vars(tol),
+    }
+    report = Report(meta=meta)
+    if emulation is not None:
+        report.notes.append(
+            f"the reference runs at the target's precision: {emulation.describe()}"
+        )
+    timings: dict[str, float] = {}
+    grad = "backward" in phases
+    if grad or "forward" in phases:
+        common = dict(
+            policy=policy, backward=grad, loss_fn=resolved.loss_fn, seed=seed,
+            loss_scale=policy.check_loss_scale, emulation=emulation,
+        )
+        t0 = time.perf_counter()
+        ref_run = run_model(resolved.model, resolved.inputs, device=ref_dev, **common)
+        timings["reference"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tgt_run = run_model(
+            target_model if target_model is not None else resolved.model,
+            resolved.inputs,
+            device=tgt_dev,
+            channels_last=bool(emulate),
+            **common,
+        )
+        timings["target"] = time.perf_counter() - t0
+        if _identical(ref_run.trace, tgt_run.trace):
+            report.notes.append("the target reproduced the reference bit for bit")
+        else:
+            _judge_runs(report, resolved, ref_run, tgt_run, phases, tol, policy, name_map,
+                        isolate_modules, sensitivity, timings)
+    if "train" in phases:
+        from align.training import short_train
+
+        t0 = time.perf_counter()
+        report.train = short_train(
+            resolved, target_model=target_model, reference=ref_dev, target=tgt_dev,
+            policy=policy, steps=steps, seed=seed, tol=tol, emulation=emulation,
+            channels_last=bool(emulate),
+        )
+        timings["train"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - started
+    meta["timings"] = timings
+    meta["environment"] = environment.record(
+        {"reference": str(ref_dev), "target": str(tgt_dev), "golden": "cpu float64"}
+    )
+    meta["command"] = resolved.command(phases, policy.name, reference, target, emulate)
+    return report
+
+
+def _judge_runs(report, resolved, ref_run: Run, tgt_run: Run, phases, tol, policy, name_map,
+                isolate_modules, sensitivity, timings) -> None:
+    t0 = time.perf_counter()
+    gold_run = run_model(
+        resolved.model, resolved.inputs, device=torch.device("cpu"), policy=get_policy("fp64"),
+        backward="backward" in phases, loss_fn=resolved.loss_fn, seed=ref_run.seed,
+        loss_scale=ref_run.loss_scale,
+    )
+    timings["golden"] = time.perf_counter() - t0
+    strict = policy.name == "fp32"
+    report.rows = compare_traces(
+        ref_run.trace, tgt_run.trace, gold_run.trace, tol=tol, phases=phases,
+        strict_dtype=strict, name_map=name_map,
+    )
+    if isolate_modules:
+        t0 = time.perf_counter()
+        report.local_rows, report.culprits, notes = isolate(
+            ref_run, tgt_run, gold_run, tol=tol, backward="backward" in phases,
+            strict_dtype=strict, name_map=name_map,
+        )
+        report.notes += notes
+        timings["isolation"] = time.perf_counter() - t0
+    if sensitivity and ref_run.emulation is not None:
+        from align.sensitivity import emulation_sensitivity
+
+        report.sensitivity = emulation_sensitivity(ref_run, gold_run)
+
+
+def _parse(spec: str | None):
+    if not spec:
+        return None
+    from align.emulate import parse_emulation
+
+    return parse_emulation(spec)
+
+
+def compare(
+    reference: Trace | str | Path,
+    target: Trace | str | Path,
+    golden: Trace | str | Path | None = None,
+    *,
+    tolerance: Tolerance | dict | None = None,
+    phases: Any = None,
+    name_map: dict[str, str | None] | None = None,
+) -> Report:
+    """Judge a target trace against a reference trace (and a float64 golden trace).
+
+    Traces may be directories written by `Trace.save` or msprobe dumps. Without a
+    golden the reference stands in for it and only dtype floors remain as limits.
+    """
+    traces = [t if isinstance(t, Trace) or t is None else load_trace(t)
+              for t in (reference, target, golden)]
+    ref, tgt, gold = traces
+    precision = ref.meta.get("precision") or "fp32"
+    policy = get_policy(precision) if precision != "unknown" else get_policy("fp32")
+    if tgt.meta.get("precision") not in (None, precision):
+        raise MismatchError(
+            f"the reference was dumped at {precision}, the target at "
+            f"{tgt.meta.get('precision')}: dump both at the same precision"
+        )
+    if phases is None:
+        phases = ("forward", "backward") if ref.backward_order else ("forward",)
+    phases = _phases(phases)
+    tol = _tolerance(tolerance, policy)
+    started = time.perf_counter()
+    rows = compare_traces(ref, tgt, gold, tol=tol, phases=phases,
+                          strict_dtype=policy.name == "fp32", name_map=name_map)
+    report = Report(rows=rows, meta={
+        "case": ref.meta.get("case"),
+        "model": ref.meta.get("model", ""),
+        "phases": list(phases),
+        "precision": policy.name,
+        "reference": ref.meta.get("device", "?"),
+        "target": tgt.meta.get("device", "?"),
+        "emulate": tgt.meta.get("emulate"),
+        "tolerance": vars(tol),
+        "timings": {"compare": time.perf_counter() - started},
+        "environment": {"reference": ref.meta.get("environment"),
+                        "target": tgt.meta.get("environment")},
+    })
+    if gold is None:
+        report.notes.append(
+            "no golden trace: the reference stood in for it, so limits are dtype floors "
+            "only; dump a float64 golden (python -m align.dump MODEL --golden) for a "
+            "verdict relative to the reference's own error"
+        )
+    if ref.meta.get("seed") != tgt.meta.get("seed"):
+        report.notes.append(
+            f"seeds differ (reference {ref.meta.get('seed')}, target {tgt.meta.get('seed')})"
+        )
+    report.notes.append("localization by isolation needs the model: use align.check")
+    return report

@@ -1,0 +1,107 @@
+"""The case registry, in the manner of timm's model registry.
+
+A case is one frozen `Case`: how to build the model and its inputs, its loss, its task
+metric, its documented figures and its training recipe. Families register theirs with
+`@register_case` on a thin function returning the `Case`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from align.errors import UnknownCaseError
+from align.recipe import Recipe
+
+__all__ = ["Case", "Figure", "get_case", "is_case", "list_cases", "register_case"]
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One documented figure (Top-1, box AP, FPS...) with where and how it was measured."""
+
+    metric: str  # "top1", "top5", "box_ap", "mask_ap", "fps"
+    value: float
+    source: str  # seed document and table row
+    conditions: str = ""  # device, cards, batch per card, epochs, precision, torch
+
+
+@dataclass(frozen=True)
+class Case:
+    """Everything align needs to check, train and judge one model.
+
+    build(): a fresh nn.Module (random init, in the mode the checks run it in).
+    make_inputs(batch, seed): inputs for align.check (tensor, tuple or dict).
+    loss_fn(output, inputs): scalar loss for backward/train; None = align's default.
+    skip: a reason the case cannot run here (then tests skip with it, never pass).
+    """
+
+    name: str
+    family: str
+    source_model: str  # e.g. "timm:resnet50", "torchvision:ssd300_vgg16"
+    task: str  # "classification", "detection", "instance_segmentation"
+    build: Callable[[], torch.nn.Module]
+    make_inputs: Callable[[int, int], Any]
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
+    figures: tuple[Figure, ...] = ()
+    recipe: Recipe | None = None
+    input_size: tuple[int, ...] = (3, 224, 224)
+    test_batch: int = 2
+    skip: str | None = None
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+_cases: dict[str, Case] = {}
+
+
+def register_case(fn: Callable[[], Case]) -> Callable[[], Case]:
+    """Decorator: register the Case returned by `fn` under its name."""
+    case = fn()
+    if case.name in _cases:
+        raise ValueError(f"case {case.name!r} registered twice")
+    _cases[case.name] = case
+    return fn
+
+
+def _load_families() -> None:
+    import align.cases  # noqa: F401  (importing the package registers every family)
+
+
+def list_cases(
+    filter: str | Iterable[str] = "*", exclude: str | Iterable[str] = ()
+) -> list[str]:
+    """Sorted names of registered cases matching fnmatch `filter` and none of `exclude`.
+
+    Example: list_cases("resnet*", exclude="*cifar*") -> ["resnet50", "resnetv1d152"]
+    """
+    _load_families()
+    include = [filter] if isinstance(filter, str) else list(filter)
+    excl = [exclude] if isinstance(exclude, str) else list(exclude)
+    return sorted(
+        n
+        for n in _cases
+        if any(fnmatch.fnmatch(n, p) for p in include)
+        and not any(fnmatch.fnmatch(n, p) for p in excl)
+    )
+
+
+def is_case(name: str) -> bool:
+    _load_families()
+    return name in _cases
+
+
+def get_case(name: str) -> Case:
+    """The registered Case called `name`; UnknownCaseError lists the known ones."""
+    _load_families()
+    try:
+        return _cases[name]
+    except KeyError:
+        known = ", ".join(sorted(_cases))
+        raise UnknownCaseError(
+            f"unknown case {name!r}; registered cases: {known} "
+            "(python -m align.list shows them with their documented figures)"
+        ) from None

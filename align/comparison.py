@@ -1,0 +1,144 @@
+"""Whole-network comparison of a target trace with a reference trace and a golden trace.
+
+Tensors are judged in execution order: forward outputs in call order, then gradients in
+the order backward produced them, then parameter gradients. A tensor shared by several
+records (a container's output is its last child's) is judged once, under the innermost
+module. Structural differences (missing modules, shapes) are errors, never a pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from align.errors import MismatchError
+from align.trace import Call, Trace
+from align.verdict import Row, Tolerance, judge
+
+
+def _target_index(ref: Trace, tgt: Trace, name_map: dict[str, str | None]) -> dict:
+    """Target calls keyed by the reference's (module, index); names mapped by name_map."""
+    by_key = tgt.by_key()
+    index = {}
+    missing = []
+    for call in ref.calls:
+        name = name_map.get(call.module, call.module)
+        if name is None:
+            continue  # the user said this reference module has no counterpart
+        hit = by_key.get((name, call.index))
+        if hit is None:
+            missing.append(call.label)
+        else:
+            index[call.key] = hit
+    if missing:
+        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise MismatchError(
+            f"{len(missing)} module call(s) of the reference are missing in the target: "
+            f"{shown}. If the target is a port with renamed or fused modules, pass "
+            "name_map={reference_name: target_name or None}."
+        )
+    return index
+
+
+def _pairs(ref: Trace, phases: tuple[str, ...]) -> Iterator[tuple[str, Call, str, int]]:
+    """(phase, call, slot, i) for every recorded tensor, in execution order."""
+    if "forward" in phases:
+        for call in ref.calls:
+            for i in range(len(call.outputs)):
+                yield "forward", call, "outputs", i
+    if "backward" in phases:
+        for pos in ref.backward_order:
+            call = ref.calls[pos]
+            for slot in ("grad_outputs", "grad_inputs"):
+                for i in range(len(getattr(call, slot))):
+                    yield "backward", call, slot, i
+
+
+LABELS = {"outputs": "output", "grad_outputs": "grad_output", "grad_inputs": "grad_input"}
+
+
+def param_order(ref: Trace) -> list[str]:
+    """Parameter names ordered by when backward reached their module."""
+    rank: dict[str, int] = {}
+    for n, pos in enumerate(ref.backward_order):
+        rank.setdefault(ref.calls[pos].module, n)
+    owner = {name: name.rsplit(".", 1)[0] if "." in name else "" for name in ref.param_grads}
+    return sorted(ref.param_grads, key=lambda p: (rank.get(owner[p], len(rank)), p))
+
+
+def compare_traces(
+    ref: Trace,
+    tgt: Trace,
+    golden: Trace | None,
+    *,
+    tol: Tolerance,
+    phases: tuple[str, ...] = ("forward", "backward"),
+    strict_dtype: bool = True,
+    name_map: dict[str, str | None] | None = None,
+) -> list[Row]:
+    """Judge every tensor of `tgt` against `golden` relative to `ref`, in execution order.
+
+    Without a golden trace the reference stands in for it, so only dtype floors remain as
+    limits: expect false alarms on deep layers and say so to the user.
+    """
+    name_map = name_map or {}
+    tgt_calls = _target_index(ref, tgt, name_map)
+    gold_calls = _target_index(ref, golden, {}) if golden is not None else None
+    gold = golden if golden is not None else ref
+    rows: list[Row] = []
+    seen: set[str] = set()
+    for phase, call, slot, i in _pairs(ref, phases):
+        if call.key not in tgt_calls:
+            continue
+        rkey = getattr(call, slot)[i]
+        if rkey is None or rkey in seen:
+            continue
+        seen.add(rkey)
+        tcall = tgt_calls[call.key]
+        label = f"{LABELS[slot]}[{i}]"
+        tkeys = getattr(tcall, slot)
+        gkey = getattr(gold_calls[call.key], slot)[i] if gold_calls else rkey
+        row = Row(call.module, call.index, phase, label, "", [])
+        if i >= len(tkeys) or tkeys[i] is None or gkey is None:
+            where = "the target" if i >= len(tkeys) or tkeys[i] is None else "the golden run"
+            row.failed.append("missing")
+            row.message = f"{call.label} {label} exists on the reference but not on {where}"
+            rows.append(row)
+            continue
+        rows.append(_judged(ref, tgt, gold, rkey, tkeys[i], gkey, tol, strict_dtype, row))
+    if "backward" in phases:
+        for name in param_order(ref):
+            tname = _param_name(name, name_map)
+            if tname is None:
+                continue
+            owner = name.rsplit(".", 1)[0] if "." in name else ""
+            row = Row(owner, 0, "param_grad", name.rsplit(".", 1)[-1], "", [])
+            if tname not in tgt.param_grads:
+                row.failed.append("missing")
+                row.message = f"parameter {name} has a gradient on the reference, none on the target"
+                rows.append(row)
+                continue
+            gkey = gold.param_grads[name]
+            rows.append(
+                _judged(ref, tgt, gold, ref.param_grads[name], tgt.param_grads[tname], gkey,
+                        tol, strict_dtype, row)
+            )
+    return rows
+
+
+def _param_name(name: str, name_map: dict[str, str | None]) -> str | None:
+    owner, _, leaf = name.rpartition(".")
+    if owner in name_map:
+        mapped = name_map[owner]
+        return None if mapped is None else f"{mapped}.{leaf}" if mapped else leaf
+    return name
+
+
+def _judged(ref, tgt, gold, rkey, tkey, gkey, tol, strict_dtype, row: Row) -> Row:
+    r, t, g = ref.tensor(rkey), tgt.tensor(tkey), gold.tensor(gkey)
+    if tuple(t.shape) != tuple(r.shape) or tuple(g.shape) != tuple(r.shape):
+        raise MismatchError(
+            f"{row.module or '<model>'} {row.tensor}: shape {tuple(r.shape)} on the reference, "
+            f"{tuple(t.shape)} on the target, {tuple(g.shape)} in the golden run; "
+            "the runs did not compute the same thing (same model, inputs and batch?)"
+        )
+    return judge(t, r, g, tol, strict_dtype=strict_dtype, bias=False, row=row)

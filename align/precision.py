@@ -1,0 +1,125 @@
+"""Precision policies: how a model and its inputs are cast and autocast on a device.
+
+fp32, amp-fp16 / amp-bf16 (autocast; fp16 trains with dynamic loss scaling), o2-fp16
+(apex-O2 style: half model with fp32 norm layers, fp32 master weights in training), and
+the internal `fp64` used for golden runs. Aliases: O1 = amp-fp16, O2 = o2-fp16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from align.errors import AlignError
+
+ALIASES = {"o1": "amp-fp16", "o2": "o2-fp16", "amp": "amp-fp16", "bf16": "amp-bf16"}
+NORMS = (
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+)
+
+# Unit roundoff of each dtype: the scale of one rounding error, used for floors.
+UNIT_ROUNDOFF = {
+    torch.float64: 2.0**-53,
+    torch.float32: 2.0**-24,
+    torch.bfloat16: 2.0**-8,
+    torch.float16: 2.0**-11,
+}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One precision policy. `default_k` is the error multiplier its verdict allows."""
+
+    name: str
+    autocast_dtype: torch.dtype | None = None
+    model_dtype: torch.dtype | None = None  # cast parameters (norms stay fp32 for o2)
+    default_k: float = 2.0
+    # Fixed loss scale for forward/backward checks so fp16 gradients do not underflow.
+    check_loss_scale: float = 1.0
+
+    @property
+    def low_precision(self) -> torch.dtype:
+        return self.autocast_dtype or self.model_dtype or torch.float32
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Cast `model` in place (callers pass a private copy)."""
+        if self.model_dtype is None:
+            return model
+        model.to(self.model_dtype)
+        if self.name == "o2-fp16":
+            for module in model.modules():
+                if isinstance(module, NORMS):
+                    module.float()
+        return model
+
+    def cast_inputs(self, inputs, device: torch.device):
+        """Inputs on `device`; floating tensors cast to the model dtype where it is cast."""
+        dtype = self.model_dtype
+
+        def cast(x):
+            if not isinstance(x, torch.Tensor):
+                return x
+            if dtype is not None and x.is_floating_point():
+                return x.to(device=device, dtype=dtype, copy=True)
+            return x.to(device=device, copy=True)
+
+        return tree_map(cast, inputs)
+
+    def autocast(self, device: torch.device):
+        """The autocast context for this policy on `device` (a no-op without autocast)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+
+POLICIES = {
+    "fp32": Policy("fp32"),
+    "amp-fp16": Policy(
+        "amp-fp16",
+        autocast_dtype=torch.float16,
+        default_k=3.0,
+        check_loss_scale=2.0**12,
+    ),
+    "amp-bf16": Policy("amp-bf16", autocast_dtype=torch.bfloat16, default_k=3.0),
+    "o2-fp16": Policy(
+        "o2-fp16", model_dtype=torch.float16, default_k=3.0, check_loss_scale=2.0**12
+    ),
+    "fp64": Policy("fp64", model_dtype=torch.float64),
+}
+
+
+def get_policy(name: str) -> Policy:
+    """The policy called `name` (case-insensitive; O1/O2 aliases accepted)."""
+    key = ALIASES.get(name.strip().lower(), name.strip().lower())
+    if key not in POLICIES:
+        known = ", ".join([p for p in POLICIES if p != "fp64"] + ["O1", "O2"])
+        raise AlignError(f"unknown precision {name!r}: use one of {known}")
+    return POLICIES[key]
+
+
+# Relative error a correct kernel may show even where the reference is exact: summation
+# order alone moves fp32 results by tens of u on reductions of thousands of terms, while
+# a low-precision result is dominated by one rounding of its own output.
+ERROR_FLOOR = {
+    torch.float64: 1e-13,
+    torch.float32: 2e-6,
+    torch.bfloat16: 4e-3,
+    torch.float16: 1e-3,
+}
+
+
+def error_floor(dtype: torch.dtype) -> float:
+    """Relative error floor of a floating dtype (fp32's for anything unknown)."""
+    return ERROR_FLOOR.get(dtype, ERROR_FLOOR[torch.float32])
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Unit roundoff of a floating dtype (fp32's for anything unknown)."""
+    return UNIT_ROUNDOFF.get(dtype, UNIT_ROUNDOFF[torch.float32])

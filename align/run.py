@@ -1,0 +1,131 @@
+"""python -m align.run: train a case as documented and confirm its documented figure.
+
+    python -m align.run resnet50 --epochs 200 --cards 8 --data PATH --device npu
+    python -m align.run digits --cards 2            # the embedded case: about a minute on a CPU
+    python -m align.run --compare work_dirs/a/result.json work_dirs/b/result.json
+
+Exit status: 0 the documented figure is confirmed, 1 it is not, 2 a usage, data or
+environment error (or a training rank that failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from align.errors import AlignError
+
+EXIT_CONFIRMED, EXIT_NOT_CONFIRMED, EXIT_ERROR = 0, 1, 2
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of python -m align.run."""
+    p = argparse.ArgumentParser(
+        prog="python -m align.run",
+        description="Train a registered case with its documented recipe on K cards and "
+        "judge the final Top-1 / AP against the documented figure.",
+    )
+    p.add_argument("case", nargs="?", help="a registered case (python -m align.list)")
+    p.add_argument("--epochs", type=int, help="default: the recipe's")
+    p.add_argument("--cards", type=int, help="workers per node (default: the recipe's cards)")
+    p.add_argument("--device", help="cpu, cuda or npu (default: the best present)")
+    p.add_argument("--precision", help="fp32, amp-fp16, amp-bf16, o2-fp16 (O1, O2)")
+    p.add_argument("--data", help="dataset root (ImageNet folders, CIFAR-100, COCO)")
+    p.add_argument("--batch-size", type=int, help="per card (default: the recipe's)")
+    p.add_argument("--lr", type=float, help="default: the recipe's, scaled to the global batch")
+    p.add_argument("--work-dir", help="default: work_dirs/<case>")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument(
+        "--repeat", type=int, default=1, metavar="K", help="K runs, seeds seed..seed+K-1"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--node-rank", type=int, default=0)
+    p.add_argument("--master-addr", default="127.0.0.1")
+    p.add_argument("--master-port", type=int, help="rendezvous port (several nodes: 29500)")
+    p.add_argument(
+        "--compare", nargs="+", metavar="RESULT", help="judge result.json files together"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = parser().parse_args(argv)
+    try:
+        return _compare(args.compare) if args.compare else _train(args)
+    except AlignError as e:
+        print(f"align.run: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _train(args: argparse.Namespace) -> int:
+    from align.train import full_run, result
+
+    if not args.case:
+        raise AlignError("name a case (python -m align.list shows them) or use --compare")
+    if args.repeat < 1 or (args.repeat > 1 and args.resume):
+        raise AlignError("--repeat K needs K >= 1 and cannot be combined with --resume")
+    opts = full_run.prepare(
+        args.case,
+        epochs=args.epochs,
+        cards=args.cards,
+        device=args.device,
+        precision=args.precision,
+        data=args.data,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        work_dir=args.work_dir,
+        resume=args.resume,
+        seed=args.seed,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+    )
+    if args.repeat == 1:
+        out = full_run.run(opts)
+        if out is None:
+            print(f"node {opts.node_rank} finished; node 0 writes the result and the verdict")
+            return EXIT_CONFIRMED
+        print(result.summary(out))
+        print(f"  result: {opts.work_dir / full_run.RESULT}")
+        return EXIT_CONFIRMED if out["verdict"]["passed"] else EXIT_NOT_CONFIRMED
+    runs, verdict = full_run.repeat(opts, args.repeat)
+    for out in runs:
+        print(result.summary(out))
+    summary_path = opts.work_dir / "repeat.json"
+    result.write(
+        summary_path,
+        {
+            "schema": result.SCHEMA,
+            "kind": "repeat",
+            "case": opts.case,
+            "results": [str(opts.work_dir / f"seed{r['seed']}" / full_run.RESULT) for r in runs],
+            "verdict": verdict.to_dict(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+    return _print_verdict(verdict, summary_path)
+
+
+def _compare(paths: list[str]) -> int:
+    from align.train import full_run, result
+
+    verdict = full_run.compare([result.read(Path(p)) for p in paths])
+    return _print_verdict(verdict, None)
+
+
+def _print_verdict(verdict, path: Path | None) -> int:
+    print(f"{'PASS' if verdict.passed else 'FAIL'}: {verdict.reason}")
+    if verdict.runs:
+        print("  values: " + ", ".join(f"{v:.2f}" for v in verdict.runs["values"]))
+    if path is not None:
+        print(f"  written: {path}")
+    return EXIT_CONFIRMED if verdict.passed else EXIT_NOT_CONFIRMED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""Trace: what one run of a model produced, module by module, in memory or on disk.
+
+A trace holds, per module call (qualified name + call index), the tensors it received and
+returned, the gradients of those outputs and inputs, plus parameter gradients. On disk it
+is safetensors shards (no code runs on load) and a JSON manifest; tensors shared between
+records (a container's output is its last child's) are stored once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from align.errors import TraceError
+
+MANIFEST = "manifest.json"
+FORMAT = "align.trace/1"
+SHARD_BYTES = 1 << 30
+_SHARD_NAME = re.compile(r"^tensors-\d{5}\.safetensors$")
+
+# The tensor lists a Call carries, in the order a record is reported.
+FORWARD_SLOTS = ("inputs", "outputs")
+BACKWARD_SLOTS = ("grad_outputs", "grad_inputs")
+
+
+@dataclass
+class Call:
+    """One call of one module: tensor keys (None where the value was not a tensor)."""
+
+    module: str  # qualified name as in model.named_modules(); "" is the model itself
+    index: int  # 0 for the first call of this module, 1 for the second...
+    cls: str
+    parent: int | None  # position in Trace.calls of the enclosing call
+    inputs: list[str | None] = field(default_factory=list)
+    outputs: list[str | None] = field(default_factory=list)
+    grad_outputs: list[str | None] = field(default_factory=list)
+    grad_inputs: list[str | None] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.module, self.index)
+
+    @property
+    def label(self) -> str:
+        name = self.module or "<model>"
+        return name if self.index == 0 else f"{name}#{self.index}"
+
+
+class _DiskTensors:
+    """Tensors read lazily from safetensors shards, one at a time."""
+
+    def __init__(self, root: Path, index: dict[str, dict[str, Any]]):
+        self.root = root
+        self.index = index
+        self._handles: dict[str, Any] = {}
+
+    def _handle(self, shard: str):
+        if shard not in self._handles:
+            path = self.root / shard
+            try:
+                self._handles[shard] = safe_open(str(path), framework="pt")
+            except Exception as exc:  # safetensors raises its own error types
+                raise TraceError(
+                    f"{path}: not a readable safetensors file ({exc}); the dump is "
+                    "corrupt or truncated: dump it again"
+                ) from exc
+        return self._handles[shard]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        entry = self.index[key]
+        try:
+            tensor = self._handle(entry["shard"]).get_tensor(key)
+        except TraceError:
+            raise
+        except Exception as exc:
+            raise TraceError(
+                f"{self.root / entry['shard']}: tensor {key} cannot be read ({exc})"
+            ) from exc
+        if list(tensor.shape) != entry["shape"] or str(tensor.dtype) != entry["dtype"]:
+            raise TraceError(
+                f"{self.root / entry['shard']}: tensor {key} is {tuple(tensor.shape)} "
+                f"{tensor.dtype} but the manifest says {tuple(entry['shape'])} "
+                f"{entry['dtype']}: the dump is inconsistent"
+            )
+        return tensor
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+
+@dataclass
+class Trace:
+    """Module-by-module record of one run. `tensors` maps keys to tensors (lazy on disk)."""
+
+    calls: list[Call]
+    tensors: Any  # dict[str, Tensor] in memory, _DiskTensors when loaded
+    param_grads: dict[str, str] = field(default_factory=dict)
+    backward_order: list[int] = field(default_factory=list)  # call positions
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def by_key(self) -> dict[tuple[str, int], Call]:
+        return {c.key: c for c in self.calls}
+
+    def modules(self) -> list[str]:
+        """Module names in order of first call."""
+        return list(dict.fromkeys(c.module for c in self.calls))
+
+    def children(self, position: int) -> Iterator[Call]:
+        return (c for c in self.calls if c.parent == position)
+
+    def keys(self) -> set[str]:
+        used = {
+            k
+            for c in self.calls
+            for slot in FORWARD_SLOTS + BACKWARD_SLOTS
+            for k in getattr(c, slot)
+            if k is not None
+        }
+        return used | set(self.param_grads.values())
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write safetensors shards and the manifest atomically (a complete dump or none)."""
+        target = Path(os.path.abspath(directory))  # "." has no name to make a sibling of
+        if target.exists() or target.is_symlink():
+            if not target.is_dir() or (any(target.iterdir()) and not (target / MANIFEST).is_file()):
+                raise TraceError(
+                    f"{target}: exists and is not an align trace (no {MANIFEST}); refusing "
+                    "to replace it: write the trace to a new or empty directory"
+                )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            index = self._write_shards(tmp)
+            manifest = {
+                "format": FORMAT,
+                "calls": [asdict(c) for c in self.calls],
+                "param_grads": self.param_grads,
+                "backward_order": self.backward_order,
+                "meta": self.meta,
+                "tensors": index,
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+            old = tmp.with_name(tmp.name + ".old")
+            if target.exists():
+                os.rename(target, old)  # keep the previous dump until the new one is in place
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                if old.exists():
+                    os.rename(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    def _write_shards(self, directory: Path) -> dict[str, dict[str, Any]]:
+        index: dict[str, dict[str, Any]] = {}
+        shard: dict[str, torch.Tensor] = {}
+        size = 0
+
+        def flush() -> None:
+            nonlocal shard, size
+            if shard:
+                name = f"tensors-{len({e['shard'] for e in index.values()}):05d}.safetensors"
+                save_file(shard, str(directory / name))
+                for key in shard:
+                    index[key]["shard"] = name
+            shard, size = {}, 0
+
+        for key in sorted(self.keys(), key=_natural):
+            t = self.tensor(key).detach().cpu().contiguous()
+            index[key] = {"shape": list(t.shape), "dtype": str(t.dtype), "shard": None}
+            shard[key] = t
+            size += t.numel() * t.element_size()
+            if size >= SHARD_BYTES:
+                flush()
+        flush()
+        return index
+
+
+def _validate(trace: Trace, index: Any) -> None:
+    """Raise TypeError/ValueError unless the manifest's fields have the types load needs."""
+    if not isinstance(index, dict) or not all(
+        isinstance(e, dict)
+        and isinstance(e.get("dtype"), str)
+        and isinstance(e.get("shape"), list)
+        and all(isinstance(n, int) for n in e["shape"])
+        for e in index.values()
+    ):
+        raise TypeError("'tensors' must map keys to {shape: [int], dtype: str, shard: str}")
+    n = len(trace.calls)
+    for call in trace.calls:
+        slots = [getattr(call, s) for s in FORWARD_SLOTS + BACKWARD_SLOTS]
+        if (
+            not isinstance(call.module, str)
+            or not isinstance(call.index, int)
+            or not (call.parent is None or isinstance(call.parent, int) and 0 <= call.parent < n)
+            or not all(isinstance(s, list) for s in slots)
+            or not all(k is None or isinstance(k, str) for s in slots for k in s)
+        ):
+            raise TypeError(f"malformed call record {asdict(call)}")
+    if not all(isinstance(p, int) and 0 <= p < n for p in trace.backward_order):
+        raise ValueError("'backward_order' must list positions of calls")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in trace.param_grads.items()):
+        raise TypeError("'param_grads' must map parameter names to tensor keys")
+
+
+def _natural(key: str) -> tuple[int, str]:
+    digits = "".join(ch for ch in key if ch.isdigit())
+    return (int(digits) if digits else -1, key)
+
+
+def load_trace(directory: str | os.PathLike) -> Trace:
+    """Open a trace written by `Trace.save`; tensors are read lazily, one at a time.
+
+    Files are resolved relative to the manifest, so a dump moved from another machine
+    works; names that would leave the directory are refused.
+    """
+    root = Path(directory)
+    path = root / MANIFEST
+    if not path.is_file():
+        from align.msprobe import is_msprobe_dump, load_msprobe
+
+        if is_msprobe_dump(root):
+            return load_msprobe(root)
+        raise TraceError(
+            f"{root}: no {MANIFEST} here; expected a directory written by "
+            "align.capture(...).save(DIR) / python -m align.check --dump DIR, "
+            "or an msprobe dump (dump.json + dump_tensor_data/)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TraceError(f"{path}: not valid JSON ({exc}); the dump is corrupt") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise TraceError(f"{path}: not an {FORMAT} manifest")
+    try:
+        index = manifest["tensors"]
+        calls = [Call(**c) for c in manifest["calls"]]
+        trace = Trace(
+            calls=calls,
+            tensors=_DiskTensors(root, index),
+            param_grads=dict(manifest.get("param_grads", {})),
+            backward_order=list(manifest.get("backward_order", [])),
+            meta=dict(manifest.get("meta", {})),
+        )
+        _validate(trace, index)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TraceError(f"{path}: manifest is missing or has malformed fields ({exc})") from exc
+    inside = root.resolve()
+    for key, entry in index.items():
+        shard = entry.get("shard")
+        if not isinstance(shard, str) or not _SHARD_NAME.match(shard):
+            raise TraceError(f"{path}: tensor {key} points to {shard!r}, not a shard of this dump")
+        if not (root / shard).is_file():
+            raise TraceError(f"{path}: shard {shard} of tensor {key} is missing")
+        if (root / shard).resolve().parent != inside:  # a symlink out of the dump
+            raise TraceError(f"{path}: shard {shard} of tensor {key} links out of the dump")
+    missing = trace.keys() - set(index)
+    if missing:
+        raise TraceError(f"{path}: records refer to tensors not in the dump: {sorted(missing)[:5]}")
+    return trace

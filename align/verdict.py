@@ -1,0 +1,166 @@
+"""The verdict: a target tensor is judged by its error against the float64 golden,
+relative to the reference device's own error at the same precision.
+
+    fail if metric(target, golden) > k * metric(reference, golden) + floor(dtype)
+
+for each metric of `align.metrics` (k squared for cos_err, which is quadratic in the
+error; 2k for max_rel, the noisiest). Floors depend on the reference tensor's dtype, so
+exact reference results (ReLU, pooling, copies) still allow rounding-level noise (`precision.ERROR_FLOOR`). The signed bias metrics (mean_err, scale_err) are judged only on
+isolated modules, where errors are local rounding noise; there their floor also holds
+6 standard errors of the mean of that noise (rel_rmse / sqrt(n)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from align import metrics
+from align.precision import error_floor, unit_roundoff
+
+SHARE_FLOOR = 1e-3  # a thousandth of the elements may exceed tau without a reason
+SHARE_COUNT = 4  # ... and at least this many, for small tensors (BN parameters)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How much worse than the reference the target may be: k times, plus floor x dtype floor."""
+
+    k: float = 2.0
+    floor: float = 1.0
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """One failing tensor: which module, phase and tensor, which metric, value and limit."""
+
+    module: str
+    phase: str  # "forward", "backward", "param_grad", "train"
+    metric: str
+    value: float
+    limit: float
+    call: int = 0
+    tensor: str = ""
+    reference: float | None = None
+    isolated: bool = False
+    message: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.module or '<model>'}{'#%d' % self.call if self.call else ''}"
+        ref = "" if self.reference is None else f" (reference {self.reference:.3g})"
+        text = (
+            f"{where} {self.phase} {self.tensor}: {self.metric} {self.value:.3g} "
+            f"> limit {self.limit:.3g}{ref}"
+        )
+        return f"{text}; {self.message}" if self.message else text
+
+
+@dataclass
+class Row:
+    """The judgement of one tensor: target and reference metrics and their limits."""
+
+    module: str
+    call: int
+    phase: str
+    tensor: str
+    dtype: str
+    shape: list[int]
+    metrics: dict[str, float] = field(default_factory=dict)
+    reference: dict[str, float] = field(default_factory=dict)
+    limits: dict[str, float] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)
+    message: str = ""
+    isolated: bool = False
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed
+
+    def ratio(self, metric: str) -> float:
+        value, limit = self.metrics.get(metric, 0.0), self.limits.get(metric, math.inf)
+        if limit > 0:
+            return abs(value) / limit
+        return math.inf if value else 0.0
+
+    def worst(self) -> str:
+        """The metric furthest beyond (or closest to) its limit; failed ones first."""
+        pool = self.failed or [m for m in self.metrics if m in self.limits]
+        return max(pool, key=self.ratio) if pool else "rel_rmse"
+
+    def divergence(self) -> Divergence:
+        metric = self.worst()
+        return Divergence(
+            module=self.module,
+            phase=self.phase,
+            metric=metric,
+            value=self.metrics.get(metric, math.nan),
+            limit=self.limits.get(metric, math.nan),
+            call=self.call,
+            tensor=self.tensor,
+            reference=self.reference.get(metric),
+            isolated=self.isolated,
+            message=self.message,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["passed"] = self.passed
+        return out
+
+
+def judge(
+    target: torch.Tensor,
+    reference: torch.Tensor,
+    golden: torch.Tensor,
+    tol: Tolerance,
+    *,
+    strict_dtype: bool,
+    bias: bool,
+    row: Row,
+) -> Row:
+    """Fill `row` with the metrics of target and reference against golden, and the verdict."""
+    row.dtype, row.shape = str(reference.dtype).replace("torch.", ""), list(reference.shape)
+    if tuple(target.shape) != tuple(reference.shape) or target.numel() != golden.numel():
+        row.failed.append("shape")
+        row.message = (
+            f"shape {tuple(target.shape)} on the target, {tuple(reference.shape)} on the "
+            "reference"
+        )
+        return row
+    if strict_dtype and target.dtype != reference.dtype:
+        row.failed.append("dtype")
+        row.metrics["dtype"], row.limits["dtype"] = 1.0, 0.0
+        row.message = f"dtype {target.dtype} on the target, {reference.dtype} on the reference"
+    u = unit_roundoff(reference.dtype)
+    floor = error_floor(reference.dtype) * tol.floor
+    t, r, g = metrics.as_f64(target), metrics.as_f64(reference), metrics.as_f64(golden)
+    bad = metrics.nonfinite(t, r, g)
+    if bad:
+        row.failed.append("nonfinite")
+        row.metrics["nonfinite"], row.limits["nonfinite"] = float(bad), 0.0
+        row.message = f"{bad} NaN/Inf on the target where the reference is finite"
+    ok = torch.isfinite(r) & torch.isfinite(g)
+    scale = math.sqrt(float(torch.dot(g[ok], g[ok])) / max(int(ok.sum()), 1))
+    r_err = (r - g)[ok]
+    rms_r = math.sqrt(float(torch.dot(r_err, r_err)) / max(r_err.numel(), 1))
+    tau = 4 * tol.k * rms_r + floor * (g.abs() + scale)  # per element: rounding scales with |g|
+    mt, mr = metrics.errors(t, g, tau), metrics.errors(r, g, tau)
+    k = tol.k
+    noise = 6 * mt["rel_rmse"] / math.sqrt(max(t.numel(), 1)) + 2 * u
+    limits = {
+        "rel_rmse": k * mr["rel_rmse"] + floor,
+        "cos_err": k * k * mr["cos_err"] + floor * floor / 2,
+        "max_rel": 2 * k * mr["max_rel"] + 2 * floor,
+        "share": k * mr["share"] + max(SHARE_FLOOR, SHARE_COUNT / max(t.numel(), 1)),
+    }
+    if bias:
+        limits["mean_err"] = k * abs(mr["mean_err"]) + noise
+        limits["scale_err"] = k * abs(mr["scale_err"]) + noise
+    row.metrics.update(mt)
+    row.reference.update(mr)
+    row.limits.update(limits)
+    row.failed += [m for m, limit in limits.items() if abs(mt[m]) > limit]
+    return row

@@ -1,0 +1,237 @@
+"""The case registry and the model zoo: filters, errors, every case on the CPU, golden files."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from align.cases import get_case, is_case, list_cases
+from align.errors import AlignError, UnknownCaseError
+from align.golden import PRECISIONS, golden_dir, load_golden
+
+ZOO = {
+    "classification": [
+        "cspresnext50",
+        "densenet121",
+        "efficientnet_b4",
+        "hrnet_w18",
+        "mobilenetv2",
+        "mobilenetv3_small",
+        "resnet50",
+        "resnet50_cifar100",
+        "resnetv1d152",
+        "resnext50_32x4d",
+        "seresnet50",
+        "shufflenetv2_1x",
+        "spnasnet_100",
+    ],
+    "detection": [
+        "fcos_r50",
+        "retinanet_r50",
+        "solov2_r50",
+        "ssd300",
+        "ssd512",
+        "ssdlite_mobilenetv2",
+    ],
+}
+ALL_ZOO = sorted(ZOO["classification"] + ZOO["detection"])
+RUNNABLE = [n for n in ALL_ZOO if not get_case(n).skip]
+# Cases whose CPU forward + backward at the test size takes over ~10 s on two cores.
+SLOW = {"ssd512"}
+
+
+def _param(name: str) -> object:
+    return pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
+
+
+# -- the registry -------------------------------------------------------------------------
+
+
+def test_the_seed_zoo_is_registered_exactly() -> None:
+    for family, names in ZOO.items():
+        assert [n for n in list_cases() if get_case(n).family == family] == names
+    assert len(ALL_ZOO) == 19
+
+
+def test_list_cases_filters_with_fnmatch() -> None:
+    assert list_cases("resnet*") == ["resnet50", "resnet50_cifar100", "resnetv1d152"]
+    assert list_cases("ssd*") == ["ssd300", "ssd512", "ssdlite_mobilenetv2"]
+    assert list_cases(["hrnet*", "*_r50"]) == ["fcos_r50", "hrnet_w18", "retinanet_r50", "solov2_r50"]
+    assert list_cases("no-such-*") == []
+    assert list_cases() == sorted(list_cases())
+
+
+def test_list_cases_exclusions() -> None:
+    assert list_cases("resnet*", exclude="*cifar*") == ["resnet50", "resnetv1d152"]
+    assert list_cases("ssd*", exclude=["ssd3*", "ssdlite*"]) == ["ssd512"]
+    assert list_cases("resnet50", exclude="resnet50") == []
+
+
+def test_get_case_unknown_name_lists_the_known_ones() -> None:
+    with pytest.raises(UnknownCaseError) as info:
+        get_case("resnet51")
+    err = info.value
+    assert isinstance(err, AlignError) and isinstance(err, KeyError)
+    text = str(err)
+    assert text.startswith("unknown case 'resnet51'; registered cases: ")
+    for name in ALL_ZOO:
+        assert name in text
+    assert "python -m align.list" in text
+    assert not is_case("resnet51") and is_case("resnet50")
+
+
+@pytest.mark.parametrize("name", ALL_ZOO)
+def test_case_metadata(name: str) -> None:
+    case = get_case(name)
+    assert case.name == name
+    assert case.figures, "every seed model has a documented figure"
+    assert case.recipe is not None and case.recipe.source
+    assert case.source_model and case.task in {"classification", "detection", "instance_segmentation"}
+    assert case.test_batch >= 1 and len(case.input_size) == 3
+    assert case.loss_fn is not None or case.skip
+
+
+# -- every case on the CPU ----------------------------------------------------------------
+
+
+def _call(model: nn.Module, inputs: object) -> object:
+    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+
+
+@pytest.mark.parametrize("name", [_param(n) for n in RUNNABLE])
+def test_case_runs_forward_and_backward_on_cpu(name: str) -> None:
+    case = get_case(name)
+    torch.manual_seed(0)
+    model = case.build()
+    assert model.training, "cases run in train mode (BatchNorm on batch statistics)"
+    for module in model.modules():  # drop rates 0: devices must run the same computation
+        if isinstance(module, nn.Dropout) or type(module).__name__ == "DropPath":
+            assert getattr(module, "p", getattr(module, "drop_prob", 0.0)) == 0.0, module
+    inputs = case.make_inputs(case.test_batch, 0)
+    loss = case.loss_fn(_call(model, inputs), inputs)
+    assert loss.dim() == 0 and math.isfinite(loss.item())
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads), "every trainable parameter gets a grad"
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def _flat_tensors(x: object) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, dict):
+        return [t for k in sorted(x) for t in _flat_tensors(x[k])]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _flat_tensors(v)]
+    return []
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_inputs_are_fixed_by_the_seed(name: str) -> None:
+    case = get_case(name)
+    a = _flat_tensors(case.make_inputs(2, 0))
+    b = _flat_tensors(case.make_inputs(2, 0))
+    c = _flat_tensors(case.make_inputs(2, 1))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
+    floats = [t for t in a if t.is_floating_point()]
+    assert floats and all(t.dtype == torch.float32 for t in floats)
+    images = a[0] if case.family == "classification" else a[0][None]
+    assert tuple(images.shape[1:]) == case.input_size
+
+
+@pytest.mark.parametrize("name", ZOO["classification"])
+def test_classification_loss_is_device_and_dtype_agnostic(name: str) -> None:
+    case = get_case(name)
+    inputs = case.make_inputs(4, 0)
+    logits = torch.randn(4, 100 if "cifar" in name else 1000, generator=torch.Generator().manual_seed(1))
+    ref = case.loss_fn(logits, inputs)
+    loss64 = case.loss_fn(logits.double(), inputs.double())
+    assert loss64.dtype == torch.float64
+    assert abs(loss64.item() - ref.item()) < 1e-5
+    for dtype in (torch.bfloat16, torch.float16):  # a cast never changes the labels
+        low = case.loss_fn(logits.to(dtype), inputs.to(dtype))
+        assert low.dtype == torch.float32 and abs(low.item() - ref.item()) < 0.05
+    meta = case.loss_fn(logits.to("meta"), inputs)  # labels follow the output's device
+    assert meta.device.type == "meta"
+
+
+def test_detection_loss_sums_the_loss_dict() -> None:
+    case = get_case("retinanet_r50")
+    losses = {"classification": torch.tensor(1.5), "bbox_regression": torch.tensor(0.25)}
+    assert case.loss_fn(losses, None).item() == 1.75
+    with pytest.raises(AlignError, match="dict of losses"):
+        case.loss_fn(torch.tensor(1.0), None)
+
+
+def test_detection_targets_are_valid_boxes() -> None:
+    for name in RUNNABLE:
+        case = get_case(name)
+        if case.family != "detection":
+            continue
+        images, targets = case.make_inputs(2, 0)
+        _, height, width = case.input_size
+        assert len(images) == len(targets) == 2
+        for image, target in zip(images, targets):
+            assert image.shape == (3, height, width) and 0 <= image.min() and image.max() <= 1
+            boxes, labels = target["boxes"], target["labels"]
+            assert boxes.dtype == torch.float32 and labels.dtype == torch.int64
+            assert (boxes[:, 2:] > boxes[:, :2]).all()
+            assert (boxes[:, 0::2] <= width).all() and (boxes[:, 1::2] <= height).all()
+            assert ((labels >= 1) & (labels <= 90)).all()
+
+
+def test_cifar_variant_has_the_cifar_stem() -> None:
+    case = get_case("resnet50_cifar100")
+    model = case.build()
+    assert isinstance(model.conv1, nn.Conv2d)
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert model.conv1.padding == (1, 1) and model.conv1.in_channels == 3
+    assert isinstance(model.maxpool, nn.Identity)
+    assert model.fc.out_features == 100
+    assert case.input_size == (3, 32, 32)
+    seen = {}
+    model.layer1.register_forward_hook(lambda m, i, o: seen.setdefault("layer1", o.shape))
+    out = model(case.make_inputs(2, 0))
+    assert out.shape == (2, 100)
+    assert seen["layer1"][-2:] == (32, 32), "no downsampling before layer1"
+
+
+def test_solov2_skips_with_its_reason() -> None:
+    case = get_case("solov2_r50")
+    assert case.skip and "mmcv" in case.skip
+    with pytest.raises(AlignError, match="solov2_r50 cannot run here"):
+        case.build()
+    with pytest.raises(AlignError, match="solov2_r50 cannot run here"):
+        case.make_inputs(1, 0)
+
+
+# -- golden files -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list_cases())
+def test_every_case_reads_its_figures_from_its_golden_file(name: str) -> None:
+    golden = load_golden(name)
+    case = get_case(name)
+    assert golden.figures == case.figures
+    if name in ALL_ZOO:
+        assert golden.recipe_source == case.recipe.source, "golden [recipe] source drifted"
+        for precision in PRECISIONS:
+            assert precision in golden.tolerances, f"{name}: no [tolerance.{precision}]"
+
+
+def test_every_golden_file_belongs_to_a_case() -> None:
+    files = {p.stem for p in golden_dir().glob("*.toml")}
+    assert files == set(list_cases())
+
+
+@pytest.mark.parametrize("name", ALL_ZOO)
+def test_every_tolerance_value_says_where_it_comes_from(name: str) -> None:
+    text = (golden_dir() / f"{name}.toml").read_text()
+    value_lines = [ln for ln in text.splitlines() if ln.split("=")[0].strip() in ("k", "floor")]
+    assert value_lines
+    for line in value_lines:
+        assert "#" in line, f"{name}: tolerance without a comment: {line!r}"

@@ -1,0 +1,58 @@
+"""`python -m align.list`: the zoo as a table."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from align.cases import get_case, list_cases
+from align.list import format_table, main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_table_has_every_case_figure_and_condition(capsys) -> None:
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["case", "source", "model", "task", "figure", "conditions"]
+    for name in list_cases():
+        case = get_case(name)
+        assert f"\n{name} " in out and case.source_model in out
+        for fig in case.figures:
+            assert f"{fig.metric} {fig.value:g}" in out
+            assert fig.conditions in out
+    assert f"{len(list_cases())} cases, 1 skipped here" in out
+
+
+def test_pattern_filters_and_skip_reason_is_shown(capsys) -> None:
+    assert main(["solov2*", "ssd3*"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split()[0] for line in out.splitlines()[2:] if line and not line[0].isspace()]
+    assert rows[:2] == ["solov2_r50", "ssd300"]
+    assert f"  skip: {get_case('solov2_r50').skip}" in out
+    assert "mask_ap 34.7" in out and "box_ap 25.6" in out
+    assert "2 cases, 1 skipped here" in out
+
+
+def test_repeated_conditions_are_printed_once() -> None:
+    table = format_table(["resnet50"])
+    assert table.count("resnet50_8xb32_in1k") == 1
+    assert "top1 76.4" in table and "top5 93.21" in table
+
+
+def test_exclude_and_no_match_exit_zero(capsys) -> None:
+    assert main(["resnet*", "--exclude", "*cifar*"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet50_cifar100" not in out and "resnetv1d152" in out
+    assert main(["no-such-case"]) == 0
+    assert "no case matches no-such-case" in capsys.readouterr().err
+
+
+def test_module_entry_point() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "align.list", "hrnet*"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "hrnet_w18" in proc.stdout and "timm:hrnet_w18" in proc.stdout
