@@ -68,8 +68,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--emulate",
         default=_DEFAULTS["emulate"],
         metavar="PROFILE",
-        help="numerics profile the cpu-target variants emulate (align.emulate) "
-        "(default: npu-fp32)",
+        help="numerics profile the cpu-target variants emulate (align.emulate) (default: npu-fp32)",
     )
     group.addoption(
         "--align-report",
@@ -167,38 +166,20 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture(scope="session")
 def align_devices() -> dict[str, Any]:
     """Device discovery, once per session: kind -> status with `.available`, `.reason`."""
-    try:
-        from align.devices import discover
-    except ImportError:  # TODO: remove once align.devices.discover is always present
-        return _fallback_discover()
+    from align.devices import discover
+
     return discover()
 
 
-def _fallback_discover() -> dict[str, Any]:
-    import importlib.util
-    from types import SimpleNamespace
-
-    import torch
-
-    cuda = torch.cuda.is_available()
-    npu = importlib.util.find_spec("torch_npu") is not None
-    return {
-        "cpu": SimpleNamespace(available=True, reason=""),
-        "cuda": SimpleNamespace(
-            available=cuda, reason="" if cuda else "torch.cuda.is_available() is False"
-        ),
-        "npu": SimpleNamespace(
-            available=False,
-            reason="align.devices is missing" if npu else "torch_npu is not installed",
-        ),
-    }
-
+_REPORTS = pytest.StashKey[dict]()  # (case, target, precision, reference) -> Report
 
 _NO_DEVICE = {"cpu": "CPU", "cuda": "CUDA GPU", "npu": "NPU", "mps": "MPS"}
 
 
 @pytest.fixture
-def align_target(align_params: AlignParams, align_devices: dict[str, Any], request: pytest.FixtureRequest) -> str:
+def align_target(
+    align_params: AlignParams, align_devices: dict[str, Any], request: pytest.FixtureRequest
+) -> str:
     """The target device of this variant; skips (at setup) when it or the reference is absent."""
     config = request.config
     variant = align_params.variant
@@ -221,10 +202,17 @@ def reproduce_command(request: pytest.FixtureRequest) -> str:
     """The one command that reruns this test alone, with the align options it ran under."""
     config = request.config
     parts = ["pytest", request.node.nodeid]
-    for opt, dest in (("--reference", "reference"), ("--target", "target"), ("--emulate", "emulate")):
+    for opt, dest in (
+        ("--reference", "reference"),
+        ("--target", "target"),
+        ("--emulate", "emulate"),
+    ):
         value = config.getoption(dest)
         if value != _DEFAULTS[dest]:
             parts += [opt, value]
+    precision = request.getfixturevalue("align_params").precision
+    if precision not in _parse_precisions(_DEFAULTS["precision"]):
+        parts += ["--precision", precision]  # else the node id is not collected
     return shlex.join(parts)
 
 
@@ -247,27 +235,35 @@ def run_alignment(
         record_property("align_target", align_target)
         record_property("align_phase", p.phase)
         record_property("align_precision", p.precision)
-        report = align.check(
-            p.case,
-            None,
-            reference=config.getoption("reference"),
-            target=align_target,
-            precision=p.precision,
-            phases=(p.phase,),
-            seed=0,
-            emulate=config.getoption("emulate") if p.variant == "cpu" else None,
-        )
+        # forward and backward of one case share one check (backward needs the forward)
+        cache = config.stash.setdefault(_REPORTS, {})
+        key = (p.case, align_target, p.precision, config.getoption("reference"))
+        if key not in cache:
+            cache[key] = align.check(
+                p.case,
+                None,
+                reference=config.getoption("reference"),
+                target=align_target,
+                precision=p.precision,
+                phases=PHASES,
+                seed=0,
+                emulate=config.getoption("emulate") if p.variant == "cpu" else None,
+            )
+        report = cache[key].select(p.phase)
         report_dir = config.getoption("align_report")
         if report_dir:
             from align.pytest_results import record_result
 
-            meta = {"variant": p.variant, "target": align_target, "phase": p.phase,
-                    "precision": p.precision, "reproduce": reproduce_command(request)}
+            meta = {
+                "variant": p.variant,
+                "target": align_target,
+                "phase": p.phase,
+                "precision": p.precision,
+                "reproduce": reproduce_command(request),
+            }
             record_result(request.node, {**report.to_dict(), **meta}, report_dir)
         if not report.passed:
-            pytest.fail(
-                f"{report}\n\nreproduce alone: {reproduce_command(request)}", pytrace=False
-            )
+            pytest.fail(f"{report}\n\nreproduce alone: {reproduce_command(request)}", pytrace=False)
         return report
 
     return run

@@ -1,7 +1,7 @@
 """align: cross-device accuracy alignment and regression testing for PyTorch models.
 
-    report = align.check("resnet50", precision="amp-bf16")
-    print(report)                      # verdict, first divergence, culprit layers
+report = align.check("resnet50", precision="amp-bf16")
+print(report)                      # verdict, first divergence, culprit layers
 """
 
 from align.devices import guard_npu_autoload

@@ -95,13 +95,18 @@ def check(
     sensitivity: bool = False,
     batch: int | None = None,
     image_size: int | None = None,
+    train_options: Any = None,
+    target_train_options: Any = None,
 ) -> Report:
     """Run `model` on the reference, the target and a float64 golden, and judge the target.
 
     `model` is an nn.Module or a registered case / timm model name (then `inputs`, the
     loss and the tolerances come from the case). `emulate` makes a CPU target emulate a
     device's number formats (align.emulate); the reference then runs at the same
-    precision and the target in channels_last, so it differs as a device's kernels would.
+    precision and the target with oneDNN off (ATen's own kernels), so it differs as a
+    device's kernels would.
+    `train_options` / `target_train_options` (align.training.TrainOptions) set how the
+    "train" phase trains; the target's default to the reference's.
     """
     from align.models import resolve_model
 
@@ -109,7 +114,9 @@ def check(
     phases = _phases(phases)
     policy = get_policy(precision)
     resolved = resolve_model(model, inputs, loss_fn, seed, batch, image_size)
-    tol = _tolerance(tolerance if tolerance is not None else resolved.tolerance(phases, policy.name), policy)
+    tol = _tolerance(
+        tolerance if tolerance is not None else resolved.tolerance(phases, policy.name), policy
+    )
     ref_dev, tgt_dev = resolve(reference), resolve(target)
     target_numerics = emulate
     if emulate and tgt_dev.type != "cpu":
@@ -131,15 +138,17 @@ def check(
     }
     report = Report(meta=meta)
     if emulation is not None:
-        report.notes.append(
-            f"the reference runs at the target's precision: {emulation.describe()}"
-        )
+        report.notes.append(f"the reference runs at the target's precision: {emulation.describe()}")
     timings: dict[str, float] = {}
     grad = "backward" in phases
     if grad or "forward" in phases:
         common = dict(
-            policy=policy, backward=grad, loss_fn=resolved.loss_fn, seed=seed,
-            loss_scale=policy.check_loss_scale, emulation=emulation,
+            policy=policy,
+            backward=grad,
+            loss_fn=resolved.loss_fn,
+            seed=seed,
+            loss_scale=policy.check_loss_scale,
+            emulation=emulation,
         )
         t0 = time.perf_counter()
         ref_run = run_model(resolved.model, resolved.inputs, device=ref_dev, **common)
@@ -149,23 +158,43 @@ def check(
             target_model if target_model is not None else resolved.model,
             resolved.inputs,
             device=tgt_dev,
-            channels_last=bool(emulate),
+            native_kernels=bool(emulate),
             **common,
         )
         timings["target"] = time.perf_counter() - t0
         if _identical(ref_run.trace, tgt_run.trace):
             report.notes.append("the target reproduced the reference bit for bit")
         else:
-            _judge_runs(report, resolved, ref_run, tgt_run, phases, tol, policy, name_map,
-                        isolate_modules, sensitivity, timings)
+            _judge_runs(
+                report,
+                resolved,
+                ref_run,
+                tgt_run,
+                phases,
+                tol,
+                policy,
+                name_map,
+                isolate_modules,
+                sensitivity,
+                timings,
+            )
     if "train" in phases:
         from align.training import short_train
 
         t0 = time.perf_counter()
         report.train = short_train(
-            resolved, target_model=target_model, reference=ref_dev, target=tgt_dev,
-            policy=policy, steps=steps, seed=seed, tol=tol, emulation=emulation,
-            channels_last=bool(emulate),
+            resolved,
+            target_model=target_model,
+            reference=ref_dev,
+            target=tgt_dev,
+            policy=policy,
+            steps=steps,
+            seed=seed,
+            tol=tol,
+            emulation=emulation,
+            native_kernels=bool(emulate),
+            options=train_options,
+            target_options=target_train_options,
         )
         timings["train"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
@@ -177,25 +206,51 @@ def check(
     return report
 
 
-def _judge_runs(report, resolved, ref_run: Run, tgt_run: Run, phases, tol, policy, name_map,
-                isolate_modules, sensitivity, timings) -> None:
+def _judge_runs(
+    report,
+    resolved,
+    ref_run: Run,
+    tgt_run: Run,
+    phases,
+    tol,
+    policy,
+    name_map,
+    isolate_modules,
+    sensitivity,
+    timings,
+) -> None:
     t0 = time.perf_counter()
     gold_run = run_model(
-        resolved.model, resolved.inputs, device=torch.device("cpu"), policy=get_policy("fp64"),
-        backward="backward" in phases, loss_fn=resolved.loss_fn, seed=ref_run.seed,
+        resolved.model,
+        resolved.inputs,
+        device=torch.device("cpu"),
+        policy=get_policy("fp64"),
+        backward="backward" in phases,
+        loss_fn=resolved.loss_fn,
+        seed=ref_run.seed,
         loss_scale=ref_run.loss_scale,
     )
     timings["golden"] = time.perf_counter() - t0
     strict = policy.name == "fp32"
     report.rows = compare_traces(
-        ref_run.trace, tgt_run.trace, gold_run.trace, tol=tol, phases=phases,
-        strict_dtype=strict, name_map=name_map,
+        ref_run.trace,
+        tgt_run.trace,
+        gold_run.trace,
+        tol=tol,
+        phases=phases,
+        strict_dtype=strict,
+        name_map=name_map,
     )
     if isolate_modules:
         t0 = time.perf_counter()
         report.local_rows, report.culprits, notes = isolate(
-            ref_run, tgt_run, gold_run, tol=tol, backward="backward" in phases,
-            strict_dtype=strict, name_map=name_map,
+            ref_run,
+            tgt_run,
+            gold_run,
+            tol=tol,
+            backward="backward" in phases,
+            strict_dtype=strict,
+            name_map=name_map,
         )
         report.notes += notes
         timings["isolation"] = time.perf_counter() - t0
@@ -227,8 +282,10 @@ def compare(
     Traces may be directories written by `Trace.save` or msprobe dumps. Without a
     golden the reference stands in for it and only dtype floors remain as limits.
     """
-    traces = [t if isinstance(t, Trace) or t is None else load_trace(t)
-              for t in (reference, target, golden)]
+    traces = [
+        t if isinstance(t, Trace) or t is None else load_trace(t)
+        for t in (reference, target, golden)
+    ]
     ref, tgt, gold = traces
     precision = ref.meta.get("precision") or "fp32"
     policy = get_policy(precision) if precision != "unknown" else get_policy("fp32")
@@ -242,21 +299,33 @@ def compare(
     phases = _phases(phases)
     tol = _tolerance(tolerance, policy)
     started = time.perf_counter()
-    rows = compare_traces(ref, tgt, gold, tol=tol, phases=phases,
-                          strict_dtype=policy.name == "fp32", name_map=name_map)
-    report = Report(rows=rows, meta={
-        "case": ref.meta.get("case"),
-        "model": ref.meta.get("model", ""),
-        "phases": list(phases),
-        "precision": policy.name,
-        "reference": ref.meta.get("device", "?"),
-        "target": tgt.meta.get("device", "?"),
-        "emulate": tgt.meta.get("emulate"),
-        "tolerance": vars(tol),
-        "timings": {"compare": time.perf_counter() - started},
-        "environment": {"reference": ref.meta.get("environment"),
-                        "target": tgt.meta.get("environment")},
-    })
+    rows = compare_traces(
+        ref,
+        tgt,
+        gold,
+        tol=tol,
+        phases=phases,
+        strict_dtype=policy.name == "fp32",
+        name_map=name_map,
+    )
+    report = Report(
+        rows=rows,
+        meta={
+            "case": ref.meta.get("case"),
+            "model": ref.meta.get("model", ""),
+            "phases": list(phases),
+            "precision": policy.name,
+            "reference": ref.meta.get("device", "?"),
+            "target": tgt.meta.get("device", "?"),
+            "emulate": tgt.meta.get("emulate"),
+            "tolerance": vars(tol),
+            "timings": {"compare": time.perf_counter() - started},
+            "environment": {
+                "reference": ref.meta.get("environment"),
+                "target": tgt.meta.get("environment"),
+            },
+        },
+    )
     if gold is None:
         report.notes.append(
             "no golden trace: the reference stood in for it, so limits are dtype floors "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from align import environment
@@ -215,13 +217,43 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)  # seeds the CPU and every accelerator generator
 
 
-def _to_channels_last(x: Any) -> Any:
-    return tree_map(
-        lambda t: t.contiguous(memory_format=torch.channels_last)
-        if isinstance(t, torch.Tensor) and t.dim() == 4
-        else t,
-        x,
-    )
+def numerics(
+    policy: Policy,
+    device: torch.device,
+    emulation: Any = None,
+    autocast: bool = True,
+    native_kernels: bool = False,
+) -> contextlib.ExitStack:
+    """Emulated number formats (or float64 kept), then the policy's autocast.
+
+    `native_kernels` turns oneDNN off, so CPU convolutions run ATen's own kernels: another
+    kernel library with another summation order, as a device's would be.
+    """
+    stack = contextlib.ExitStack()
+    if native_kernels:
+        stack.enter_context(warnings.catch_warnings())  # oneDNN's TF32-on-XPU notice
+        warnings.simplefilter("ignore", UserWarning)
+        stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
+    if emulation is not None:
+        stack.enter_context(emulation.mode())
+    if policy.name == "fp64":
+        stack.enter_context(KeepFloat64())
+    if autocast:
+        stack.enter_context(policy.autocast(device))
+    return stack
+
+
+class KeepFloat64(TorchDispatchMode):
+    """Keeps a golden run in float64: casts and factories asking for a lower float dtype
+    (a loss that calls `.float()`, a model that builds anchors in float32) get float64."""
+
+    LOWER = (torch.float32, torch.float16, torch.bfloat16)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if kwargs.get("dtype") in self.LOWER:
+            kwargs = {**kwargs, "dtype": torch.float64}
+        return func(*args, **kwargs)
 
 
 @dataclass
@@ -234,40 +266,25 @@ class Run:
     trace: Trace
     specs: dict[int, CallSpec]
     emulation: Any = None  # align.emulate.Emulation or None
-    channels_last: bool = False
+    native_kernels: bool = False
     loss_scale: float = 1.0
     seed: int = 0
 
-    def numerics(self):
-        """Context for running code as this run did: emulation then autocast."""
-        stack = contextlib.ExitStack()
-        if self.emulation is not None:
-            stack.enter_context(self.emulation.mode())
-        stack.enter_context(self.policy.autocast(self.device))
-        return stack
+    def numerics(self, autocast: bool = True) -> contextlib.ExitStack:
+        """Context for running code as this run did."""
+        return numerics(self.policy, self.device, self.emulation, autocast, self.native_kernels)
 
     def place(self, t: torch.Tensor) -> torch.Tensor:
         """A private copy of a recorded tensor on this run's device (float64 if golden)."""
         dtype = torch.float64 if self.policy.name == "fp64" and t.is_floating_point() else None
-        out = t.to(device=self.device, dtype=dtype, copy=True)
-        if self.channels_last and out.dim() == 4:
-            out = out.contiguous(memory_format=torch.channels_last)
-        return out
+        return t.to(device=self.device, dtype=dtype, copy=True)
 
 
-def prepare(
-    model: nn.Module,
-    device: torch.device,
-    policy: Policy,
-    channels_last: bool = False,
-) -> nn.Module:
+def prepare(model: nn.Module, device: torch.device, policy: Policy) -> nn.Module:
     """A private copy of `model` on `device` cast by `policy` (the caller's is untouched)."""
     private = copy.deepcopy(model)
     policy.prepare(private)
-    private.to(device)
-    if channels_last:
-        private.to(memory_format=torch.channels_last)
-    return private
+    return private.to(device)
 
 
 def run_model(
@@ -281,19 +298,21 @@ def run_model(
     seed: int,
     loss_scale: float = 1.0,
     emulation: Any = None,
-    channels_last: bool = False,
+    native_kernels: bool = False,
 ) -> Run:
     """Run a private copy of `model` once (forward, loss, backward) with every hook on."""
-    private = prepare(model, device, policy, channels_last)
-    run = Run(private, device, policy, Trace([], {}), {}, emulation, channels_last, loss_scale, seed)
+    private = prepare(model, device, policy)
+    run = Run(
+        private, device, policy, Trace([], {}), {}, emulation, native_kernels, loss_scale, seed
+    )
     x = policy.cast_inputs(inputs, device)
-    if channels_last:
-        x = _to_channels_last(x)
     if backward:
         x = tree_map(
-            lambda t: t.requires_grad_(True)
-            if isinstance(t, torch.Tensor) and t.is_floating_point()
-            else t,
+            lambda t: (
+                t.requires_grad_(True)
+                if isinstance(t, torch.Tensor) and t.is_floating_point()
+                else t
+            ),
             x,
         )
     loss_fn = loss_fn or projection_loss(seed)
@@ -306,7 +325,7 @@ def run_model(
         recorder.remove()  # the loss is not a module call
         loss = None
         if backward:
-            with run.emulation.mode() if emulation is not None else contextlib.nullcontext():
+            with run.numerics(autocast=False):
                 loss = loss_fn(output, x)
                 (loss * loss_scale).backward()
             for name, param in private.named_parameters():
@@ -322,7 +341,7 @@ def run_model(
         "loss": None if loss is None else float(loss.detach().float()),
         "loss_scale": loss_scale,
         "emulate": None if emulation is None else emulation.name,
-        "channels_last": channels_last,
+        "native_kernels": native_kernels,
         "model": type(model).__name__,
         "backward": backward,
         "seconds": time.perf_counter() - started,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Callable
 
 from align.errors import AlignError
@@ -23,13 +24,18 @@ def _guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | N
         except AlignError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_ERROR
+        except Exception:  # a bug must not exit 1, which means "not aligned"
+            traceback.print_exc()
+            print("error: internal error in align (traceback above)", file=sys.stderr)
+            return EXIT_ERROR
 
     return run
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--precision", default="fp32",
-                        help="fp32, amp-fp16, amp-bf16, o2-fp16 (O1/O2 aliases)")
+    parser.add_argument(
+        "--precision", default="fp32", help="fp32, amp-fp16, amp-bf16, o2-fp16 (O1/O2 aliases)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=None, help="batch size of the inputs")
     parser.add_argument("--size", type=int, default=None, help="image size (classification)")
@@ -47,9 +53,12 @@ def check_main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", default="cpu", help="reference device (default: cpu)")
     p.add_argument("--phases", default="forward,backward", help="forward,backward,train")
     p.add_argument("--steps", type=int, default=5, help="optimizer steps of the train phase")
-    p.add_argument("--emulate", default=None,
-                   help="CPU target emulating a device's numerics (npu-fp32, cuda-fp32, ...); "
-                        "default npu-fp32 when the target is the reference's CPU; 'none' for off")
+    p.add_argument(
+        "--emulate",
+        default=None,
+        help="CPU target emulating a device's numerics (npu-fp32, cuda-fp32, ...); "
+        "default npu-fp32 when the target is the reference's CPU; 'none' for off",
+    )
     p.add_argument("--json", default=None, help="write the result JSON here")
     p.add_argument("--dump", default=None, help="also write reference/target/golden traces here")
     _common(p)
@@ -58,14 +67,25 @@ def check_main(argv: list[str] | None = None) -> int:
     target = resolve(args.target)
     if emulate is None and target.type == "cpu" and resolve(args.reference).type == "cpu":
         emulate = "npu-fp32"
-        print("no accelerator here: the target is the CPU emulating npu-fp32 numerics "
-              "(--emulate none to turn off)")
+        print(
+            "no accelerator here: the target is the CPU emulating npu-fp32 numerics "
+            "(--emulate none to turn off)"
+        )
     if emulate == "none":
         emulate = None
+    _seed_weights(args.seed)
     report = align.check(
-        args.model, reference=args.reference, target=str(target), precision=args.precision,
-        phases=args.phases, seed=args.seed, steps=args.steps, emulate=emulate,
-        sensitivity=bool(emulate), batch=args.batch, image_size=args.size,
+        args.model,
+        reference=args.reference,
+        target=str(target),
+        precision=args.precision,
+        phases=args.phases,
+        seed=args.seed,
+        steps=args.steps,
+        emulate=emulate,
+        sensitivity=bool(emulate),
+        batch=args.batch,
+        image_size=args.size,
     )
     print(report)
     if args.json:
@@ -87,13 +107,30 @@ def _dump_all(args: argparse.Namespace, target: str, emulate: str | None) -> Non
         print(f"{role} trace: {path}")
 
 
+def _seed_weights(seed: int) -> None:
+    """Seed the random initialisation of a named model, so that every process (a dump on
+    each machine, a check) builds the same weights: torch's default seed is random per
+    process."""
+    import torch
+
+    torch.manual_seed(seed)
+
+
 def _dump(model: str, device: str, precision: str, emulate, args, out):
     import align
     from align.models import resolve_model
 
+    _seed_weights(args.seed)
     resolved = resolve_model(model, None, None, args.seed, args.batch, args.size)
-    trace = align.capture(resolved.model, resolved.inputs, device=device, precision=precision,
-                          loss_fn=resolved.loss_fn, seed=args.seed, emulate=emulate)
+    trace = align.capture(
+        resolved.model,
+        resolved.inputs,
+        device=device,
+        precision=precision,
+        loss_fn=resolved.loss_fn,
+        seed=args.seed,
+        emulate=emulate,
+    )
     trace.meta["case"] = resolved.case
     return trace.save(out)
 
@@ -106,8 +143,11 @@ def dump_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="directory to write the trace to")
     p.add_argument("--device", default="auto")
     p.add_argument("--emulate", default=None)
-    p.add_argument("--golden", action="store_true",
-                   help="the float64 CPU golden run (ignores --device/--precision)")
+    p.add_argument(
+        "--golden",
+        action="store_true",
+        help="the float64 CPU golden run (ignores --device/--precision)",
+    )
     _common(p)
     args = p.parse_args(argv)
     device, precision = ("cpu", "fp64") if args.golden else (args.device, args.precision)
@@ -124,7 +164,9 @@ def compare_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m align.compare", description=compare_main.__doc__)
     p.add_argument("reference", help="reference trace directory (align or msprobe dump)")
     p.add_argument("target", help="target trace directory (align or msprobe dump)")
-    p.add_argument("--golden", default=None, help="float64 golden trace (python -m align.dump --golden)")
+    p.add_argument(
+        "--golden", default=None, help="float64 golden trace (python -m align.dump --golden)"
+    )
     p.add_argument("--json", default=None, help="write the result JSON here")
     args = p.parse_args(argv)
     report = align.compare(args.reference, args.target, args.golden)

@@ -114,13 +114,24 @@ def compare_traces(
             row = Row(owner, 0, "param_grad", name.rsplit(".", 1)[-1], "", [])
             if tname not in tgt.param_grads:
                 row.failed.append("missing")
-                row.message = f"parameter {name} has a gradient on the reference, none on the target"
+                row.message = (
+                    f"parameter {name} has a gradient on the reference, none on the target"
+                )
                 rows.append(row)
                 continue
             gkey = gold.param_grads[name]
             rows.append(
-                _judged(ref, tgt, gold, ref.param_grads[name], tgt.param_grads[tname], gkey,
-                        tol, strict_dtype, row)
+                _judged(
+                    ref,
+                    tgt,
+                    gold,
+                    ref.param_grads[name],
+                    tgt.param_grads[tname],
+                    gkey,
+                    tol,
+                    strict_dtype,
+                    row,
+                )
             )
     return rows
 
@@ -141,4 +152,4 @@ def _judged(ref, tgt, gold, rkey, tkey, gkey, tol, strict_dtype, row: Row) -> Ro
             f"{tuple(t.shape)} on the target, {tuple(g.shape)} in the golden run; "
             "the runs did not compute the same thing (same model, inputs and batch?)"
         )
-    return judge(t, r, g, tol, strict_dtype=strict_dtype, bias=False, row=row)
+    return judge(t, r, g, tol, strict_dtype=strict_dtype, local=False, row=row)

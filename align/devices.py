@@ -138,9 +138,7 @@ def resolve(spec: str):
         spec = best_device()
     kind, _, index = spec.partition(":")
     if kind not in KINDS or (index and not index.isdigit()) or (index and kind in ("cpu", "mps")):
-        raise AlignError(
-            f"unknown device {spec!r}: use cpu, cuda, cuda:N, npu, npu:N, mps or auto"
-        )
+        raise AlignError(f"unknown device {spec!r}: use cpu, cuda, cuda:N, npu, npu:N, mps or auto")
     status = discover()[kind]
     if not status.available:
         raise DeviceUnavailableError(f"device {spec!r} is not usable here: {status.reason}")

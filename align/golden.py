@@ -79,8 +79,7 @@ class Golden:
         precision = _ALIASES.get(precision, precision)
         if precision not in PRECISIONS:
             raise AlignError(
-                f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)} "
-                "(aliases O1, O2)"
+                f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)} (aliases O1, O2)"
             )
         if phase not in PHASES:
             raise AlignError(f"unknown phase {phase!r}; known: {', '.join(PHASES)}")
@@ -192,3 +191,9 @@ def _check_tolerance_table(bad: Any, where: str, table: Any) -> None:
             raise bad(f"{where}.{key}: unknown key (known: {', '.join(_TOLERANCE_KEYS)})")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise bad(f"{where}.{key} must be a non-negative number, got {value!r}")
+
+
+if __name__ == "__main__":
+    from align.calibrate import main
+
+    sys.exit(main())

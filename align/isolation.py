@@ -77,9 +77,7 @@ class Isolator:
         for pos, call in enumerate(ref.trace.calls):
             if call.parent is not None:
                 self.children[call.parent].append(pos)
-        self.modules = {
-            id(run): dict(run.model.named_modules()) for run in (ref, tgt, gold)
-        }
+        self.modules = {id(run): dict(run.model.named_modules()) for run in (ref, tgt, gold)}
 
     def _module_name(self, run: Run, name: str) -> str | None:
         return self.name_map.get(name, name) if run is self.tgt else name
@@ -126,14 +124,14 @@ class Isolator:
         wrt = [t for _, t in grad_leaves] + [p for _, p in params]
         if not pairs or not wrt:
             return local
-        with run.numerics():
+        with run.numerics(autocast=False):
             grads = torch.autograd.grad(
                 [o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True
             )
         for (j, _), g in zip(grad_leaves, grads):
             if g is not None:
                 local.backward[f"grad_input[{j}]"] = g
-        for (n, _), g in zip(params, grads[len(grad_leaves):]):
+        for (n, _), g in zip(params, grads[len(grad_leaves) :]):
             if g is not None:
                 local.params[n] = g
         for label, payload in self._payloads.items():
@@ -172,7 +170,8 @@ class Isolator:
             floats = [o for o in outs if o.is_floating_point()]
             tensor_grads = [g for k, g in zip(call.inputs, call.grad_inputs) if k is not None]
             grads_in = [
-                run.place(trace.tensor(k)).to(f.dtype) if k is not None and f.requires_grad
+                run.place(trace.tensor(k)).to(f.dtype)
+                if k is not None and f.requires_grad
                 else None
                 for f, k in zip(feeds, tensor_grads + [None] * len(feeds))
             ]
@@ -250,7 +249,7 @@ def _judge_local(call: Call, r: _Local, t: _Local, g: _Local, tol, strict_dtype)
             row.message = f"{label} is produced on the reference but not on the target"
             yield row
             continue
-        yield judge(tt, rt, gt, tol, strict_dtype=strict_dtype, bias=True, row=row)
+        yield judge(tt, rt, gt, tol, strict_dtype=strict_dtype, local=True, row=row)
 
 
 def _culprits(calls: list[Call], failing: dict[int, Row]) -> list[int]:

@@ -30,10 +30,18 @@ def as_f64(t: torch.Tensor) -> torch.Tensor:
 
 def nonfinite(x: torch.Tensor, *finite_in: torch.Tensor) -> int:
     """Elements of x that are NaN/Inf where every tensor in `finite_in` is finite."""
+    if _all_finite(x):
+        return 0
     bad = ~torch.isfinite(x)
     for other in finite_in:
         bad &= torch.isfinite(other)
     return int(bad.sum())
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """True when no element is NaN/Inf, known from one sum (a fast path: a NaN or an Inf
+    makes the sum non-finite; a sum that overflows only sends the caller to the mask)."""
+    return math.isfinite(float(x.sum()))
 
 
 def _ratio(num: float, den: float) -> float:
@@ -52,10 +60,11 @@ def errors(
     """
     if x.shape != g.shape:
         raise ValueError(f"shape mismatch: {tuple(x.shape)} vs {tuple(g.shape)}")
-    keep = torch.isfinite(x) & torch.isfinite(g)
-    if not bool(keep.all()):
-        x, g = x[keep], g[keep]
-        tau = tau[keep] if isinstance(tau, torch.Tensor) else tau
+    if not (_all_finite(x) and _all_finite(g)):
+        keep = torch.isfinite(x) & torch.isfinite(g)
+        if not bool(keep.all()):
+            x, g = x[keep], g[keep]
+            tau = tau[keep] if isinstance(tau, torch.Tensor) else tau
     n = x.numel()
     if n == 0:
         return dict.fromkeys(NAMES, 0.0)

@@ -104,12 +104,15 @@ def get_policy(name: str) -> Policy:
     return POLICIES[key]
 
 
-# Relative error a correct kernel may show even where the reference is exact: summation
-# order alone moves fp32 results by tens of u on reductions of thousands of terms, while
-# a low-precision result is dominated by one rounding of its own output.
+# Relative error a correct kernel may show even where the reference is exact. Summation
+# order alone moves an fp32 reduction of n terms by ~u*sqrt(n) of the sum of magnitudes,
+# and gradient sums cancel: BatchNorm parameter gradients of a channels_last run were
+# measured 6e-6 off where the contiguous reference was 1.3e-6 off. 1e-5 stays 30x below
+# the faults align must catch (0.03% and up). A low-precision result is dominated by
+# one rounding of its own output.
 ERROR_FLOOR = {
     torch.float64: 1e-13,
-    torch.float32: 2e-6,
+    torch.float32: 1e-5,
     torch.bfloat16: 4e-3,
     torch.float16: 1e-3,
 }

@@ -61,6 +61,21 @@ class Report:
             return Divergence(**self.train["first_divergence"])
         return None
 
+    def select(self, phase: str) -> Report:
+        """The same report judged on one phase only ("backward" includes param_grad)."""
+        keep = {"forward": ("forward",), "backward": ("backward", "param_grad")}.get(
+            phase, (phase,)
+        )
+        return Report(
+            rows=[r for r in self.rows if r.phase in keep],
+            local_rows=[r for r in self.local_rows if r.phase in keep],
+            culprits=[c for c in self.culprits if c.phase in keep],
+            meta={**self.meta, "phases": [phase]},
+            notes=self.notes,
+            train=self.train if phase == "train" else None,
+            sensitivity=self.sensitivity,
+        )
+
     def worst(self, n: int = 10) -> list[Row]:
         """The n whole-network rows closest to (or furthest beyond) their limits."""
         return sorted(self.rows, key=lambda r: r.ratio(r.worst()), reverse=True)[:n]

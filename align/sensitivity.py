@@ -30,7 +30,12 @@ def emulation_sensitivity(ref: Run, gold: Run, top: int = 20) -> list[dict[str, 
         e = metrics.errors(metrics.as_f64(emulated.forward["output[0]"]), g)["rel_rmse"]
         f = metrics.errors(metrics.as_f64(fp32.forward["output[0]"]), g)["rel_rmse"]
         out.append(
-            {"module": call.label, "cls": call.cls, "emulated": e, "fp32": f,
-             "ratio": e / f if f > 0 else float("inf")}
+            {
+                "module": call.label,
+                "cls": call.cls,
+                "emulated": e,
+                "fp32": f,
+                "ratio": e / f if f > 0 else float("inf"),
+            }
         )
     return sorted(out, key=lambda s: s["emulated"], reverse=True)[:top]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from align.capture import call_model, prepare, projection_loss
+from align.capture import call_model, numerics, prepare, projection_loss
 from align.precision import Policy, error_floor, get_policy
 from align.verdict import Row, Tolerance, judge
 
@@ -58,23 +58,30 @@ def _param_groups(model: nn.Module, opts: TrainOptions) -> list[dict[str, Any]]:
 
 
 def _trajectory(
-    model: nn.Module, batches: list[Any], loss_fn, device: torch.device, policy: Policy,
-    opts: TrainOptions, seed: int, emulation=None, channels_last: bool = False,
+    model: nn.Module,
+    batches: list[Any],
+    loss_fn,
+    device: torch.device,
+    policy: Policy,
+    opts: TrainOptions,
+    seed: int,
+    emulation=None,
+    native_kernels: bool = False,
 ) -> dict[str, Any]:
     """Train a private copy for len(batches) steps; per-step figures and final state."""
-    private = prepare(model, device, policy, channels_last)
+    private = prepare(model, device, policy)
     master = private
     if policy.name == "o2-fp16":  # fp32 master weights, half model (apex O2)
         master = copy.deepcopy(model).to(device)
     optimizer = torch.optim.SGD(_param_groups(master, opts), lr=opts.lr, momentum=opts.momentum)
-    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**12,
-                                  enabled=policy.check_loss_scale != 1.0)
+    scaler = torch.amp.GradScaler(
+        device.type, init_scale=2.0**12, enabled=policy.check_loss_scale != 1.0
+    )
     steps = []
     for step, batch in enumerate(batches):
         x = policy.cast_inputs(batch, device)
         torch.manual_seed(seed + step)
-        ctx = emulation.mode() if emulation is not None else torch.autocast("cpu", enabled=False)
-        with ctx:
+        with numerics(policy, device, emulation, False, native_kernels):
             with policy.autocast(device):
                 out = call_model(private, x)
             loss = loss_fn(out, x)
@@ -87,7 +94,9 @@ def _trajectory(
         if opts.unscale_before_clip:
             scaler.unscale_(optimizer)
         grads = [p.grad for p in master.parameters() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]))
+        norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])
+        )
         if opts.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(master.parameters(), opts.clip_grad)
         before = [p.detach().clone() for p in master.parameters()]
@@ -97,16 +106,22 @@ def _trajectory(
             with torch.no_grad():
                 for p, q in zip(master.parameters(), private.parameters()):
                     q.copy_(p)
-        update = math.sqrt(sum(float((p.detach().double() - b.double()).pow(2).sum())
-                               for p, b in zip(master.parameters(), before)))
+        update = math.sqrt(
+            sum(
+                float((p.detach().double() - b.double()).pow(2).sum())
+                for p, b in zip(master.parameters(), before)
+            )
+        )
         scale = scaler.get_scale() if scaler.is_enabled() else 1.0
         if not opts.unscale_before_clip:
             norm = norm / scale  # report the true gradient norm even when clipping saw it scaled
-        steps.append({"loss": float(loss.detach()), "grad_norm": float(norm),
-                      "update_norm": update})
+        steps.append(
+            {"loss": float(loss.detach()), "grad_norm": float(norm), "update_norm": update}
+        )
     state = {f"param:{n}": p.detach() for n, p in master.named_parameters()}
-    state.update({f"buffer:{n}": b.detach() for n, b in private.named_buffers()
-                  if b.is_floating_point()})
+    state.update(
+        {f"buffer:{n}": b.detach() for n, b in private.named_buffers() if b.is_floating_point()}
+    )
     return {"steps": steps, "state": state}
 
 
@@ -128,19 +143,33 @@ def compare_trajectories(
             # One scalar per step is one noisy draw: judge against the reference's running
             # worst, plus a floor that compounds with the steps taken.
             limit = tol.k * envelope[q] + floor * (1 + i)
-            entry[q] = {"target": t[q], "reference": r[q], "golden": g[q],
-                        "deviation": dt, "limit": limit}
+            entry[q] = {
+                "target": t[q],
+                "reference": r[q],
+                "golden": g[q],
+                "deviation": dt,
+                "limit": limit,
+            }
             if (dt > limit or not math.isfinite(t[q])) and first is None:
-                first = {"module": "", "phase": "train", "metric": f"{q}_deviation",
-                         "value": dt, "limit": limit, "call": 0, "tensor": f"step {i} {q}",
-                         "reference": dr, "message": f"step {i}: {q} deviates from golden"}
+                first = {
+                    "module": "",
+                    "phase": "train",
+                    "metric": f"{q}_deviation",
+                    "value": dt,
+                    "limit": limit,
+                    "call": 0,
+                    "tensor": f"step {i} {q}",
+                    "reference": dr,
+                    "message": f"step {i}: {q} deviates from golden",
+                }
         table.append(entry)
     rows: list[Row] = []
     for name, g in gold["state"].items():
         module, _, leaf = name.partition(":")[2].rpartition(".")
         row = Row(module, 0, "train", f"final {name.partition(':')[0]} {leaf}", "", [])
-        judge(tgt["state"][name], ref["state"][name], g, tol, strict_dtype=False, bias=False,
-              row=row)
+        judge(
+            tgt["state"][name], ref["state"][name], g, tol, strict_dtype=False, local=False, row=row
+        )
         rows.append(row)
     failing = [r for r in rows if r.failed]
     if first is None and failing:
@@ -148,26 +177,50 @@ def compare_trajectories(
     summary = "trajectories agree" if first is None else f"first divergence: {first['tensor']}"
     if first is not None and first.get("module"):
         summary += f" in {first['module']}"
-    return {"passed": first is None, "steps": table, "first_divergence": first,
-            "state_rows": [r.to_dict() for r in failing], "summary": summary,
-            "steps_run": len(table)}
+    return {
+        "passed": first is None,
+        "steps": table,
+        "first_divergence": first,
+        "state_rows": [r.to_dict() for r in failing],
+        "summary": summary,
+        "steps_run": len(table),
+    }
 
 
 def short_train(
-    resolved, *, target_model, reference: torch.device, target: torch.device, policy: Policy,
-    steps: int, seed: int, tol: Tolerance, emulation=None, channels_last: bool = False,
-    options: TrainOptions | None = None, target_options: TrainOptions | None = None,
+    resolved,
+    *,
+    target_model,
+    reference: torch.device,
+    target: torch.device,
+    policy: Policy,
+    steps: int,
+    seed: int,
+    tol: Tolerance,
+    emulation=None,
+    native_kernels: bool = False,
+    options: TrainOptions | None = None,
+    target_options: TrainOptions | None = None,
 ) -> dict[str, Any]:
     """Train reference, target and golden for `steps` steps and judge the target."""
     opts = options or _recipe_options(resolved.case)
     batches = _batches(resolved, steps, seed)
     loss_fn = resolved.loss_fn or projection_loss(seed)
-    gold = _trajectory(resolved.model, batches, loss_fn, torch.device("cpu"), get_policy("fp64"),
-                       opts, seed)
+    gold = _trajectory(
+        resolved.model, batches, loss_fn, torch.device("cpu"), get_policy("fp64"), opts, seed
+    )
     ref = _trajectory(resolved.model, batches, loss_fn, reference, policy, opts, seed, emulation)
-    tgt = _trajectory(target_model if target_model is not None else resolved.model, batches,
-                      loss_fn, target, policy, target_options or opts, seed, emulation,
-                      channels_last)
+    tgt = _trajectory(
+        target_model if target_model is not None else resolved.model,
+        batches,
+        loss_fn,
+        target,
+        policy,
+        target_options or opts,
+        seed,
+        emulation,
+        native_kernels,
+    )
     # Emulated HF32/TF32 math rounds to 10 mantissa bits: that, not fp32, sets the floor.
     unit = 2.0**-11 if emulation is not None else error_floor(policy.low_precision)
     floor = 4 * unit
@@ -184,8 +237,12 @@ def _recipe_options(case: str | None) -> TrainOptions:
         return TrainOptions()
     # The recipe's lr is for its global batch; a check's batch of 2 takes it scaled down.
     scale = 2 / (recipe.batch_per_card * recipe.cards)
-    return replace(TrainOptions(), lr=recipe.lr * scale, momentum=recipe.momentum,
-                   weight_decay=recipe.weight_decay)
+    return replace(
+        TrainOptions(),
+        lr=recipe.lr * scale,
+        momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay,
+    )
 
 
 def _batches(resolved, steps: int, seed: int) -> list[Any]:

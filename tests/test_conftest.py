@@ -3,6 +3,7 @@ device skips. Each test runs pytest in a subprocess on the real cases/ directory
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,10 @@ ZOO = [n for n in list_cases() if get_case(n).family in ("classification", "dete
 def pytest_run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -28,7 +32,14 @@ def test_markers_and_options_are_documented() -> None:
         assert f"@pytest.mark.{marker}:" in proc.stdout
     proc = pytest_run("--help")
     assert "align: cross-device accuracy alignment" in proc.stdout
-    for option in ("--target", "--reference", "--precision", "--case", "--emulate", "--align-report"):
+    for option in (
+        "--target",
+        "--reference",
+        "--precision",
+        "--case",
+        "--emulate",
+        "--align-report",
+    ):
         assert option in proc.stdout
 
 
@@ -42,15 +53,19 @@ def test_npu_marker_collects_every_npu_variant() -> None:
 
 
 def test_case_and_precision_options_shape_the_parametrization() -> None:
-    proc = pytest_run("--collect-only", "-q", "--case", "resnet50", "--precision", "O1,fp32", "cases/")
-    ids = sorted(line.split("[")[1].rstrip("]") for line in proc.stdout.splitlines() if "[" in line)
+    proc = pytest_run(
+        "--collect-only", "-q", "--case", "resnet50", "--precision", "O1,fp32", "cases/"
+    )
+    lines = [line for line in proc.stdout.splitlines() if "::test_alignment[" in line]
+    ids = sorted(line.split("[", 1)[1].rstrip("]") for line in lines)
+    # test_detection.py matches no case: pytest's empty parameter set, one skipped item
+    assert ids.pop(0) == "NOTSET"
     assert ids == sorted(
         f"resnet50-{v}-{ph}-{pr}"
         for v in ("cpu", "cuda", "npu")
         for ph in ("forward", "backward")
         for pr in ("amp-fp16", "fp32")
     )
-    assert "align: reference=cpu target=auto precision=amp-fp16,fp32 case=resnet50" in proc.stdout
 
 
 def test_unknown_precision_is_a_usage_error() -> None:
@@ -61,9 +76,52 @@ def test_unknown_precision_is_a_usage_error() -> None:
 
 def test_absent_device_and_skipped_case_skip_with_their_reasons() -> None:
     proc = pytest_run(
-        "-rs", "-m", "npu", "--precision", "fp32", "-k", "resnet50-npu or solov2_r50", "cases/"
+        "-rs", "-m", "npu", "--precision", "fp32", "-k", "[resnet50-npu or solov2_r50", "cases/"
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "align: reference=cpu target=auto precision=fp32 case=* emulate=npu-fp32" in proc.stdout
     assert "4 skipped" in proc.stdout
-    assert proc.stdout.count("no NPU: ") == 2  # resnet50 forward and backward, at setup
+    # resnet50 forward and backward skip at setup, with the discovery's reason
+    assert (
+        "SKIPPED [2] cases/test_classification.py:11: no NPU: torch_npu is not installed"
+        in proc.stdout
+    )
     assert "solov2_r50: needs mmdet 3.3 with the full, compiled mmcv" in proc.stdout
+
+
+FAKE_CHECK = """
+import align
+
+
+class FailingReport:
+    passed = False
+
+    def __str__(self):
+        return "align: NOT ALIGNED (fake report)"
+
+    def to_dict(self):
+        return {"passed": False}
+
+
+def pytest_configure(config):
+    align.check = lambda *args, **kwargs: FailingReport()
+"""
+
+
+def test_a_failure_prints_the_report_and_the_command_that_reruns_it(tmp_path: Path) -> None:
+    (tmp_path / "fake_align_check.py").write_text(FAKE_CHECK)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "fake_align_check",
+         "-q", "-m", "cpu", "-k", "[resnet50-cpu-forward", "--precision", "O2",
+         "--emulate", "npu-bf16", "cases/test_classification.py"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )  # fmt: skip
+    assert proc.returncode == pytest.ExitCode.TESTS_FAILED, proc.stdout + proc.stderr
+    assert "align: NOT ALIGNED (fake report)" in proc.stdout
+    assert (
+        "reproduce alone: pytest "
+        "'cases/test_classification.py::test_alignment[resnet50-cpu-forward-o2-fp16]' "
+        "--emulate npu-bf16 --precision o2-fp16"
+    ) in proc.stdout
+    assert "1 failed" in proc.stdout

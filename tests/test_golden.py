@@ -97,7 +97,10 @@ def test_missing_file_names_the_path(tmp_path: Path) -> None:
         ("figures = 3", "array of tables"),
         ('[[figures]]\nmetric = "top1"\nsource = "s"', "figures[0] lacks value"),
         ('[[figures]]\nmetric = "top1"\nvalue = "76"\nsource = "s"', "must be a number"),
-        ('[[figures]]\nmetric = "top1"\nvalue = 1\nsource = "s"\ncolour = 1', "unknown keys colour"),
+        (
+            '[[figures]]\nmetric = "top1"\nvalue = 1\nsource = "s"\ncolour = 1',
+            "unknown keys colour",
+        ),
         ("notes = 3", "`notes` must be"),
         ("[tolerance.fp64]\nk = 1", "tolerance.fp64: not a precision"),
         ("[tolerance.fp32]\nkk = 1", "tolerance.fp32.kk: unknown key"),

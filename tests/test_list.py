@@ -15,7 +15,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_table_has_every_case_figure_and_condition(capsys) -> None:
     assert main([]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0].split() == ["case", "source", "model", "task", "figure", "conditions"]
+    assert out.splitlines()[0].split() == [
+        "case",
+        "source",
+        "model",
+        "task",
+        "figure",
+        "conditions",
+    ]
     for name in list_cases():
         case = get_case(name)
         assert f"\n{name} " in out and case.source_model in out
@@ -52,7 +59,10 @@ def test_exclude_and_no_match_exit_zero(capsys) -> None:
 def test_module_entry_point() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "align.list", "hrnet*"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "hrnet_w18" in proc.stdout and "timm:hrnet_w18" in proc.stdout

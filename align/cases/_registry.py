@@ -68,12 +68,16 @@ def register_case(fn: Callable[[], Case]) -> Callable[[], Case]:
 
 
 def _load_families() -> None:
-    import align.cases  # noqa: F401  (importing the package registers every family)
+    """Import every family module once: their @register_case entries fill the registry."""
+    import importlib
+
+    from align.cases import FAMILIES
+
+    for family in FAMILIES:
+        importlib.import_module(f"align.cases.{family}")
 
 
-def list_cases(
-    filter: str | Iterable[str] = "*", exclude: str | Iterable[str] = ()
-) -> list[str]:
+def list_cases(filter: str | Iterable[str] = "*", exclude: str | Iterable[str] = ()) -> list[str]:
     """Sorted names of registered cases matching fnmatch `filter` and none of `exclude`.
 
     Example: list_cases("resnet*", exclude="*cifar*") -> ["resnet50", "resnetv1d152"]

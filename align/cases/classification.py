@@ -53,7 +53,9 @@ def pseudo_labels(images: torch.Tensor, num_classes: int) -> torch.Tensor:
     return (bits * weights).sum(dim=1) % num_classes
 
 
-def classification_loss(num_classes: int, output: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+def classification_loss(
+    num_classes: int, output: torch.Tensor, inputs: torch.Tensor
+) -> torch.Tensor:
     """Cross-entropy of `output` logits against `pseudo_labels(inputs)`, on output's device.
 
     Half-precision logits are upcast to float32 (as AMP computes the loss); float64
@@ -118,7 +120,9 @@ def _timm_classifier(name: str, timm_name: str, recipe: Recipe, **kw: object) ->
     return _classifier(name, f"timm:{timm_name}", partial(_timm, timm_name), recipe, **kw)
 
 
-def _imagenet(config: str, cards: int, batch_per_card: int, image_size: int = 224, **kw: object) -> Recipe:
+def _imagenet(
+    config: str, cards: int, batch_per_card: int, image_size: int = 224, **kw: object
+) -> Recipe:
     """An ImageNet recipe whose `source` names the mmcls config file."""
     return Recipe(
         dataset="imagenet",
@@ -175,7 +179,7 @@ def hrnet_w18() -> Case:
 
 @register_case
 def resnetv1d152() -> Case:
-    """ResNetV1D-152 (mmcls resnetv1d152_8xb32_in1k) as timm's resnet152d (deep stem, avg-pool shortcut)."""
+    """ResNetV1D-152 (mmcls resnetv1d152_8xb32_in1k) as timm's resnet152d (the ResNet-D)."""
     recipe = _imagenet(
         "resnet/resnetv1d152_8xb32_in1k.py (schedules/imagenet_bs256.py)",
         8,
@@ -324,10 +328,11 @@ def spnasnet_100() -> Case:
         lr=0.01,
         momentum=0.9,
         weight_decay=1e-4,
-        schedule="step",
+        # Nor the schedule; cosine is timm train.py's default (--sched cosine).
+        schedule="cosine",
         source="seeds/004 Ascend ModelZoo SPNASNet_100 (timm-based) training-script "
         "defaults: lr 0.01, momentum 0.9, weight decay 1e-4, 100 epochs, 8 cards; "
-        "batch per card and schedule not documented",
+        "batch per card (128) and schedule (cosine) not documented: timm train.py defaults",
     )
     return _timm_classifier("spnasnet_100", "spnasnet_100", recipe, tags=("timm",))
 

@@ -146,7 +146,7 @@ class _MobileNetV2SSDLiteFeatures(nn.Module):
 
 
 def _ssdlite_mobilenetv2() -> nn.Module:
-    """SSDLite 320 px with a MobileNetV2 backbone, as mmdet ssdlite_mobilenetv2_scratch_600e_coco."""
+    """SSDLite 320 px, MobileNetV2 backbone: mmdet ssdlite_mobilenetv2_scratch_600e_coco."""
     from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
     from torchvision.models.detection.ssd import SSD
     from torchvision.models.detection.ssdlite import SSDLiteHead
@@ -239,7 +239,7 @@ def ssd300() -> Case:
         recipe,
         size=300,
         test_batch=1,
-        tags=("torchvision",),
+        tags=("torchvision", "slow"),  # slow: its float64 golden fwd+bwd takes ~8 CPU-s
     )
 
 
@@ -259,7 +259,7 @@ def ssd512() -> Case:
         recipe,
         size=512,
         test_batch=1,
-        tags=("torchvision",),
+        tags=("torchvision", "slow"),  # slow: its float64 golden fwd+bwd takes ~20 CPU-s
     )
 
 
@@ -300,7 +300,7 @@ _FPN_TEST_SIZE = 128
 
 @register_case
 def retinanet_r50() -> Case:
-    """RetinaNet R50-FPN (mmdet retinanet_r50_fpn_fp16_1x_coco) as torchvision's retinanet_resnet50_fpn."""
+    """RetinaNet R50-FPN (mmdet retinanet_r50_fpn_fp16_1x_coco): torchvision's."""
     recipe = _coco(
         "retinanet/retinanet_r50_fpn_fp16_1x_coco.py (retinanet_r50_fpn_1x_coco.py, "
         "schedules/schedule_1x.py)",
@@ -335,7 +335,7 @@ def retinanet_r50() -> Case:
 
 @register_case
 def fcos_r50() -> Case:
-    """FCOS R50-FPN (mmdet fcos_r50_caffe_fpn_gn-head_fp16_1x_bs8x8_coco) as torchvision's fcos_resnet50_fpn."""
+    """FCOS R50-FPN (mmdet fcos_r50_caffe_fpn_gn-head_fp16_1x_bs8x8_coco): torchvision's."""
     recipe = _coco(
         "fcos/fcos_r50_caffe_fpn_gn-head_fp16_1x_bs8x8_coco.py "
         "(fcos_r50_caffe_fpn_gn-head_1x_coco.py)",

@@ -13,6 +13,7 @@ mean with scipy's Student t, the spread of the runs measured rather than assumed
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -136,7 +137,7 @@ def judge_runs(metric: str, documented: float, values: list[float], noise: Noise
         return judge_run(metric, documented, values[0], noise)
     k = len(values)
     mean = sum(values) / k
-    sd = stats.tstd(values)
+    sd = statistics.stdev(values)
     mean_var, doc_var = sd**2 / k, noise.eval_std**2 + noise.run_std**2
     se = math.sqrt(mean_var + doc_var)
     df = (mean_var + doc_var) ** 2 / (mean_var**2 / (k - 1)) if mean_var > 0 else math.inf

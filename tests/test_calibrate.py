@@ -1,0 +1,30 @@
+"""`python -m align.golden calibrate`: measured noise becomes a reviewed tolerance diff."""
+
+import shutil
+
+from align import calibrate
+from align.golden import golden_dir, load_golden
+
+
+def test_calibrate_rewrites_only_the_tolerance_tables(tmp_path, monkeypatch):
+    tmp_path = tmp_path / "golden"
+    shutil.copytree(golden_dir(), tmp_path)  # the registry reads every case's file
+    monkeypatch.setenv("ALIGN_GOLDEN_DIR", str(tmp_path))
+    monkeypatch.setattr(calibrate, "SEEDS", (0,))
+    before = load_golden("digits")
+    ks = calibrate.calibrate("digits", ["fp32"])
+    after = load_golden("digits")
+    assert after.figures == before.figures  # documented figures untouched
+    assert after.tolerance("forward", "fp32")["k"] == ks["fp32"] >= 2.0
+    text = (tmp_path / "digits.toml").read_text()
+    assert "# calibrated" in text and "seed 0" in text
+    block = calibrate.render("fp32", 2.5, {"again": 1.0})
+    calibrate.rewrite(tmp_path / "digits.toml", "fp32", block)  # replaced, not appended
+    assert load_golden("digits").tolerance("forward", "fp32")["k"] == 2.5
+    assert (tmp_path / "digits.toml").read_text().count("[tolerance.fp32]") == 1
+
+
+def test_proposal_never_below_default_and_has_margin():
+    assert calibrate.proposal("fp32", {"a": 0.5}) == 2.0
+    assert calibrate.proposal("fp32", {"a": 1.9, "b": 3.0}) == 4.5
+    assert calibrate.proposal("amp-bf16", {}) == 3.0
