@@ -99,6 +99,12 @@ class Recorder:
             handle.remove()
         self._handles.clear()
 
+    def release(self) -> None:
+        """Drop the live tensors kept for dedup: their autograd graphs hold hooks that point
+        back here, a cycle through C++ that Python's gc cannot free (a leak per run)."""
+        self._seen.clear()
+        self._grads.clear()
+
     def store(self, t: torch.Tensor) -> str:
         """Key of a snapshot of `t`; the same contents are stored once."""
         content = _content_key(t)
@@ -152,6 +158,7 @@ class Recorder:
 
     def _post(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: Any):
         pos = self._stack.pop()
+        self.trace.forward_order.append(pos)
         call = self.trace.calls[pos]
         leaves, spec = tree_flatten(output)
         keys: list[str | None] = []
@@ -333,6 +340,7 @@ def run_model(
                     recorder.trace.param_grads[name] = recorder._store_grad(param.grad)
     finally:
         recorder.remove()
+        recorder.release()
     trace = recorder.trace
     trace.meta = {
         "device": str(device),

@@ -42,7 +42,9 @@ def _target_index(ref: Trace, tgt: Trace, name_map: dict[str, str | None]) -> di
 def _pairs(ref: Trace, phases: tuple[str, ...]) -> Iterator[tuple[str, Call, str, int]]:
     """(phase, call, slot, i) for every recorded tensor, in execution order."""
     if "forward" in phases:
-        for call in ref.calls:
+        # in the order calls returned: a child's output is judged before its container's
+        order = ref.forward_order or range(len(ref.calls))
+        for call in (ref.calls[pos] for pos in order):
             for i in range(len(call.outputs)):
                 yield "forward", call, "outputs", i
     if "backward" in phases:

@@ -102,14 +102,18 @@ class Isolator:
             leaves.append(t)
         args, kwargs = tree_unflatten(leaves, spec.in_spec)
         local = _Local()
-        replays = self._install_replays(run, pos, modules, local)
+        replaced: list[tuple[torch.nn.Module, Any]] = []
         try:
+            self._install_replays(run, pos, modules, local, replaced)
             torch.manual_seed(run.seed)
             with run.numerics():
                 out = module(*args, **kwargs)
         finally:
-            for child in replays:
-                del child.forward
+            for child, previous in replaced:  # restore a forward the user set on the instance
+                if previous is None:
+                    del child.forward
+                else:
+                    child.forward = previous
         outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         for i, o in enumerate(outs):
             local.forward[f"output[{i}]"] = o.detach()
@@ -140,19 +144,20 @@ class Isolator:
                     local.backward[f"grad_to:{label}[{m}]"] = g
         return local
 
-    def _install_replays(self, run: Run, pos: int, modules, local: _Local) -> list:
+    def _install_replays(self, run: Run, pos: int, modules, local: _Local, replaced) -> None:
         """Replace the children called by call `pos` with replays of their records."""
         trace = self.ref.trace
         queues: dict[str, deque[int]] = defaultdict(deque)
         for child_pos in self.children[pos]:
             queues[trace.calls[child_pos].module].append(child_pos)
         self._payloads: dict[str, _Payload] = {}
-        installed = []
         for name, queue in queues.items():
-            child = modules[self._module_name(run, name)]
+            mapped = self._module_name(run, name)
+            if mapped is None:
+                raise RuntimeError(f"{name} has no counterpart in the target (name_map)")
+            child = modules[mapped]
+            replaced.append((child, child.__dict__.get("forward")))
             child.forward = self._replay_fn(run, name, queue, local)
-            installed.append(child)
-        return installed
 
     def _replay_fn(self, run: Run, name: str, queue: deque, local: _Local):
         trace = self.ref.trace

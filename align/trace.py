@@ -107,6 +107,7 @@ class Trace:
     tensors: Any  # dict[str, Tensor] in memory, _DiskTensors when loaded
     param_grads: dict[str, str] = field(default_factory=dict)
     backward_order: list[int] = field(default_factory=list)  # call positions
+    forward_order: list[int] = field(default_factory=list)  # calls in the order they returned
     meta: dict[str, Any] = field(default_factory=dict)
 
     def tensor(self, key: str) -> torch.Tensor:
@@ -150,6 +151,7 @@ class Trace:
                 "calls": [asdict(c) for c in self.calls],
                 "param_grads": self.param_grads,
                 "backward_order": self.backward_order,
+                "forward_order": self.forward_order,
                 "meta": self.meta,
                 "tensors": index,
             }
@@ -258,6 +260,7 @@ def load_trace(directory: str | os.PathLike) -> Trace:
             tensors=_DiskTensors(root, index),
             param_grads=dict(manifest.get("param_grads", {})),
             backward_order=list(manifest.get("backward_order", [])),
+            forward_order=list(manifest.get("forward_order", [])),
             meta=dict(manifest.get("meta", {})),
         )
         _validate(trace, index)

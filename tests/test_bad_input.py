@@ -62,7 +62,9 @@ def test_target_returning_another_shape_is_an_error(net, x):
 
     target = Flat()
     target.load_state_dict(net.state_dict())
-    with pytest.raises(MismatchError, match=r"shape \(6, 4\) on the reference, \(24,\) on the target"):
+    with pytest.raises(
+        MismatchError, match=r"shape \(6, 4\) on the reference, \(24,\) on the target"
+    ):
         check(net, x, target_model=target)
 
 
@@ -99,8 +101,11 @@ class Body(nn.Module):
 def test_target_missing_a_submodule_is_an_error_naming_it(net, x):
     target = FunctionalNorm()
     target.load_state_dict(net.state_dict(), strict=False)
-    with pytest.raises(MismatchError, match=r"1 module call\(s\) of the reference are missing in "
-                       r"the target: norm\b") as info:
+    with pytest.raises(
+        MismatchError,
+        match=r"1 module call\(s\) of the reference are missing in "
+        r"the target: norm\b",
+    ) as info:
         check(net, x, target_model=target)
     assert "name_map" in str(info.value)  # says how to map renamed or fused modules
 
@@ -231,7 +236,9 @@ def test_model_of_another_type():
 
 def _hooks(model: nn.Module) -> int:
     return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        len(m._forward_hooks)
+        + len(m._forward_pre_hooks)
+        + len(m._backward_hooks)
         + len(getattr(m, "_backward_pre_hooks", {}))
         + len(getattr(m, "_forward_hooks_with_kwargs", {}))
         + len(getattr(m, "_state_dict_hooks", {}))
@@ -245,7 +252,9 @@ def _snapshot(model: nn.Module):
         "dtypes": {k: v.dtype for k, v in model.state_dict().items()},
         "strides": {k: v.stride() for k, v in model.state_dict().items()},
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "grad": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "grad": {
+            n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
+        },
         "training": {n: m.training for n, m in model.named_modules()},
         "hooks": _hooks(model),
         "forward": {n: "forward" in m.__dict__ for n, m in model.named_modules()},
@@ -294,3 +303,28 @@ def test_check_in_eval_mode_keeps_eval_mode(net, x):
     before = _snapshot(net)
     check(net, x, target_model=copy.deepcopy(net), precision="amp-bf16")
     _assert_same(before, _snapshot(net))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="capture leak: Recorder._seen/_grads keep the recorded tensors alive, and their "
+    "autograd graphs hold the tensor hooks (partials of the Recorder): a cycle through C++ "
+    "that Python's gc cannot break, so every check with backward leaks its whole trace "
+    "(~600 MB per check of resnet18 at 64 px; test_faults.py is OOM-killed at 13.5 GB in one "
+    "process). Clearing recorder._seen and recorder._grads at the end of run_model fixes it",
+)
+@pytest.mark.filterwarnings("ignore")  # gc.get_objects() meets deprecated objects
+def test_check_does_not_leak_tensors(net, x):
+    import gc
+
+    def live() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    target = copy.deepcopy(net)
+    target.norm.eps = 1e-2
+    check(net, x, target_model=target)
+    before = live()
+    for _ in range(3):
+        check(net, x, target_model=target)
+    assert live() <= before, f"{live() - before} tensors leaked by 3 checks"

@@ -294,13 +294,13 @@ def test_compare_of_dumps_at_different_precisions_is_an_error(dumps):
         # fails (1e-2: HF32's own error, ~1e-3, hides a 1e-3 gain in the whole network)
         ("layer3.0.conv2", (False, ("layer3.0.conv2", "forward", "output[0]"))),
     ],
-    ids=["channels_last-aligned", "channels_last-one-module-off-by-1e-2"],
+    ids=["native-kernels-aligned", "native-kernels-one-module-off-by-1e-2"],
 )
 def test_dump_and_compare_across_processes_gives_the_in_process_verdict(
     dumps, tmp_path, broken, expected
 ):
     """reference and golden dumped by the CLI in their own processes; the target, as
-    align.check runs it (channels_last, emulating npu-fp32), captured here. The CLI
+    align.check runs it (oneDNN off, emulating npu-fp32), captured here. The CLI
     compare of the dumps, align.compare in this process and align.check on the same model
     and inputs (isolation off) must agree on every row and on the verdict."""
     resolved = _resolved()
@@ -309,9 +309,10 @@ def test_dump_and_compare_across_processes_gives_the_in_process_verdict(
         target_model.get_submodule(broken).register_forward_hook(
             lambda module, args, out: out * (1 + 1e-2)
         )
-    cl_model = copy.deepcopy(target_model).to(memory_format=torch.channels_last)
-    cl_inputs = resolved.inputs.contiguous(memory_format=torch.channels_last)
-    target = align.capture(cl_model, cl_inputs, device="cpu", emulate=EMULATE)
+    # what align.check's emulated target runs: ATen's own CPU kernels (oneDNN off), no CLI
+    # option dumps that, so it is captured here
+    with torch.backends.mkldnn.flags(enabled=False):
+        target = align.capture(target_model, resolved.inputs, device="cpu", emulate=EMULATE)
     target.save(tmp_path / "tgt")
 
     out = tmp_path / "compare.json"

@@ -257,7 +257,11 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor]:
         spec = MODELS[name]
         torch.manual_seed(0)
         model = timm.create_model(
-            name, pretrained=False, num_classes=10, drop_rate=0.0, drop_path_rate=0.0,
+            name,
+            pretrained=False,
+            num_classes=10,
+            drop_rate=0.0,
+            drop_path_rate=0.0,
             **spec.kwargs,
         ).train()
         gen = torch.Generator().manual_seed(1)
@@ -268,8 +272,14 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor]:
 
 def check(model, x, target, precision, phases=("forward", "backward"), **kw):
     return align.check(
-        model, x, target_model=target, reference="cpu", target="cpu", precision=precision,
-        phases=phases, **kw,
+        model,
+        x,
+        target_model=target,
+        reference="cpu",
+        target="cpu",
+        precision=precision,
+        phases=phases,
+        **kw,
     )
 
 
@@ -322,43 +332,40 @@ SE_BIAS_BF16 = (
     "blocks.0.0.se.conv_reduce param_grad bias (8 elements): cos_err {cos} > limit 0.00271 "
     "(reference 0.000301) while rel_rmse {rel} (reference 0.196, limit 0.588)"
 )
+_SHARE = (
+    "false alarm (isolation), share floor: {numbers}; with no outlier on the reference the "
+    "share limit is the bare floor 0.1%, which does not grow with a target error that is "
+    "within k on rel_rmse"
+)
 KNOWN_FALSE_ALARMS = {
-    ("resnet18", "fp32", "emulate"): _SMALL.format(
-        numbers="layer4.1.bn2 backward grad_input[0] (2x512x2x2, whole network, HF32 on both "
-        "sides): rel_rmse 0.0838 > limit 0.0799 (reference 0.0399), cos_err 0.0035 > 0.00319"
+    ("resnet18", "amp-bf16", "emulate"): _SHARE.format(
+        numbers="a false culprit, conv1 backward grad_input[0] (2x3x64x64, ATen's own bf16 "
+        "conv backward vs oneDNN's): share 0.00122 > limit 0.001 (reference 0) while rel_rmse "
+        "0.00502 < limit 0.007 (reference 0.00233)"
     ),
-    ("mobilenetv3_small_100", "fp32", "emulate"): _ZERO_GRAD.format(
-        what="blocks.0.0.bn2.bias's gradient",
-        numbers="in isolation a false culprit, blocks.0.0.bn2 param_grad bias (16 elements): "
-        "rel_rmse 0.00164 > limit 0.00116 (reference 0.000574), cos_err 1.17e-06 > 6.5e-07",
+    ("mobilenetv3_small_100", "fp32", "emulate"): _SMALL.format(
+        numbers="blocks.3.1.bn2.act backward grad_input[0] (2x144x4x4, whole network, HF32 "
+        "on both sides): max_rel 0.114 > limit 0.106 (reference 0.0264); blocks.3.1.bn2 "
+        "param_grad weight (144): max_rel 0.0805 > 0.0754 (reference 0.0188)"
     ),
     ("mobilenetv3_small_100", "fp32", "channels_last"): _ZERO_GRAD.format(
         what="blocks.0.0.bn2.bias's gradient",
         numbers="rel_rmse 1.05e9 > limit 9.26e8 (reference 4.63e8); also "
         + _SMALL.format(
             numbers="blocks.0.0.se.conv_expand backward grad_input[0] (16 elements): cos_err "
-            "1.89e-10 > limit 1.46e-10 (reference 2.4e-11)"
+            "1.89e-10 > limit 1.46e-10 (reference 2.4e-11); blocks.1.1.bn1 param_grad weight "
+            "(88): cos_err 1.53e-4 > 1.3e-4 (reference 3.26e-5)"
         ),
     ),
-    ("test_efficientnet", "fp32", "emulate"): _SMALL.format(
-        numbers="blocks.3.0.se.conv_reduce param_grad bias (8 elements): rel_rmse 0.0066 > "
-        "limit 0.00616 (reference 0.00307), cos_err 2.08e-05 > 1.74e-05"
+    ("mobilenetv3_small_100", "amp-bf16", "channels_last"): _ZERO_GRAD.format(
+        what="blocks.4.2.bn3.bias's gradient",
+        numbers="rel_rmse 8.55e12 > limit 7.69e12 (reference 2.56e12); also "
+        + _COS.format(numbers=SE_BIAS_BF16.format(cos="0.00464", rel="0.199")),
     ),
-    **{
-        ("mobilenetv3_small_100", "amp-bf16", kind): _ZERO_GRAD.format(
-            what="blocks.4.2.bn3.bias's gradient",
-            numbers="rel_rmse 8.55e12 > limit 7.69e12 (reference 2.56e12); also "
-            + _COS.format(numbers=SE_BIAS_BF16.format(cos="0.00464", rel="0.199")),
-        )
-        for kind in ("emulate", "channels_last")
-    },
-    **{
-        ("test_efficientnet", "amp-bf16", kind): _ZERO_GRAD.format(
-            what="blocks.4.0.bn3.bias's gradient",
-            numbers="rel_rmse 1.16e13 > limit 8.23e12 (reference 2.74e12)",
-        )
-        for kind in ("emulate", "channels_last")
-    },
+    ("test_efficientnet", "amp-bf16", "channels_last"): _ZERO_GRAD.format(
+        what="blocks.4.0.bn3.bias's gradient",
+        numbers="rel_rmse 1.16e13 > limit 8.23e12 (reference 2.74e12)",
+    ),
     # the fp16 conv is more accurate in isolation (output rel_rmse 0.0017 vs 0.0024), but
     # its different rounding changes the propagated bf16 noise upstream
     ("mobilenetv3_small_100", "amp-bf16", "fp16_kernel"): _COS.format(
@@ -378,7 +385,11 @@ def cases():
         for precision in PRECISIONS:
             for fid, (fault, where) in faults.items():
                 yield pytest.param(
-                    name, precision, fault, where, id=f"{name}-{precision}-{fid}",
+                    name,
+                    precision,
+                    fault,
+                    where,
+                    id=f"{name}-{precision}-{fid}",
                     marks=_marks(name, precision, fid),
                 )
 
@@ -428,8 +439,13 @@ def noise_cases():
     for name in MODELS:
         for precision in PRECISIONS:
             for kind in ("emulate", "channels_last"):
-                yield pytest.param(name, precision, kind, id=f"{name}-{precision}-{kind}",
-                                   marks=_marks(name, precision, kind))
+                yield pytest.param(
+                    name,
+                    precision,
+                    kind,
+                    id=f"{name}-{precision}-{kind}",
+                    marks=_marks(name, precision, kind),
+                )
 
 
 @pytest.mark.parametrize("name,precision,kind", list(noise_cases()))
@@ -476,4 +492,4 @@ def test_faults_leave_the_reference_model_alone():
         for m in model.modules():
             assert type(m).__module__.split(".")[0] in ("timm", "torch"), type(m)
             assert "forward" not in m.__dict__
-        assert not math.isclose(sum(float(p.sum()) for p in model.parameters()), 0.0)
+        assert not math.isclose(sum(float(p.detach().sum()) for p in model.parameters()), 0.0)

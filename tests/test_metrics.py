@@ -19,16 +19,12 @@ from align import metrics
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-SETTINGS = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 UNSIGNED = tuple(m for m in metrics.NAMES if m not in metrics.SIGNED)
 
 # Values as the harness feeds them: float32/bf16 results widened to float64, in a range
 # where squares neither overflow nor underflow float64 (see test_tiny_values_underflow).
-finite32 = st.floats(
-    min_value=-1e4, max_value=1e4, allow_nan=False, allow_infinity=False, width=32
-)
+finite32 = st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, allow_infinity=False, width=32)
 # Multiples of 2**-10 in [-1, 1]: sums, differences, products and powers-of-two scalings
 # of these are exact in float64, so properties can be checked for equality.
 grid = st.integers(min_value=-1024, max_value=1024).map(lambda i: i / 1024.0)
@@ -68,8 +64,9 @@ def test_identical_tensors_are_perfect(xg):
 @given(pair(), st.randoms(use_true_random=False))
 def test_joint_permutation_invariance(xg, rnd):
     x, g = xg
-    tau = (x - g).abs().mean() * torch.rand(x.numel(), generator=torch.Generator().manual_seed(1),
-                                            dtype=torch.float64)
+    tau = (x - g).abs().mean() * torch.rand(
+        x.numel(), generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
     perm = list(range(x.numel()))
     rnd.shuffle(perm)
     p = torch.tensor(perm)
@@ -210,8 +207,7 @@ def test_nonfinite_counts_x_only_where_the_others_are_finite(xs, data):
     x, ta, tb = (torch.tensor(v, dtype=torch.float64) for v in (xs, a, b))
     expected_alone = sum(not math.isfinite(v) for v in xs)
     expected = sum(
-        not math.isfinite(v) and math.isfinite(p) and math.isfinite(q)
-        for v, p, q in zip(xs, a, b)
+        not math.isfinite(v) and math.isfinite(p) and math.isfinite(q) for v, p, q in zip(xs, a, b)
     )
     assert metrics.nonfinite(x) == expected_alone
     assert metrics.nonfinite(x, ta, tb) == expected

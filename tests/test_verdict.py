@@ -55,8 +55,14 @@ def test_same_noise_as_the_reference_passes(seed, rel):
     r, t = noisy(g, rel, 2 * seed), noisy(g, rel, 2 * seed + 1)
     verdict = run(t, r, g, local=True)
     assert verdict.passed, explain(verdict)
-    assert set(verdict.limits) == {"rel_rmse", "cos_err", "max_rel", "share", "mean_err",
-                                   "scale_err"}
+    assert set(verdict.limits) == {
+        "rel_rmse",
+        "cos_err",
+        "max_rel",
+        "share",
+        "mean_err",
+        "scale_err",
+    }
     assert set(run(t, r, g, local=False).limits) == {"rel_rmse", "cos_err", "max_rel"}
 
 
@@ -141,9 +147,9 @@ def test_a_gain_hidden_in_bf16_level_noise_fails_scale_err(seed):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="verdict bug: the local bias limits add 2*unit_roundoff(reference dtype) = 2**-7 = 0.78% "
-    "for bf16 tensors, so a 0.3% gain on a bf16 output of 4096 elements passes although "
-    "its standard error is ~4e-5 (scale_err 0.003 <= limit ~0.0081)",
+    reason="verdict bug: the local bias limits add 2*unit_roundoff(reference dtype) = 2**-7 "
+    "= 0.78% for bf16 tensors, so a 0.3% gain on a bf16 output of 4096 elements passes "
+    "although its standard error is ~5e-5 (scale_err 0.003 <= limit ~0.0085)",
 )
 @pytest.mark.parametrize("seed", range(2))
 def test_a_gain_hidden_in_bf16_rounding_fails_scale_err(seed):
@@ -151,7 +157,9 @@ def test_a_gain_hidden_in_bf16_rounding_fails_scale_err(seed):
     g = golden(seed=seed)
     r = g.to(torch.bfloat16)
     t = (1.003 * noisy(g, 1e-4, seed, torch.float64)).to(torch.bfloat16)
-    assert run(t, r, g, k=3.0, strict_dtype=False, local=False).passed  # hidden as a whole-network row
+    assert run(
+        t, r, g, k=3.0, strict_dtype=False, local=False
+    ).passed  # hidden as a whole-network row
     verdict = run(t, r, g, k=3.0, strict_dtype=False, local=True)
     assert verdict.metrics["scale_err"] == pytest.approx(0.003, abs=3e-4)
     assert 2 * unit_roundoff(torch.bfloat16) > 0.003  # the floor that hides it
@@ -229,7 +237,12 @@ def test_divergence_picks_the_worst_failing_metric():
     r.failed = ["rel_rmse", "cos_err", "scale_err"]  # ratios 3, 10, 2 (|value| for signed)
     d = r.divergence()
     assert isinstance(d, Divergence)
-    assert (d.module, d.phase, d.call, d.tensor) == ("blocks.1.conv", "backward", 2, "grad_input[0]")
+    assert (d.module, d.phase, d.call, d.tensor) == (
+        "blocks.1.conv",
+        "backward",
+        2,
+        "grad_input[0]",
+    )
     assert (d.metric, d.value, d.limit, d.reference) == ("cos_err", 1e-3, 1e-4, 1e-5)
     r.metrics["scale_err"] = -0.5  # ratio 50: a signed metric counts by its magnitude
     assert r.divergence().metric == "scale_err"
@@ -261,3 +274,38 @@ def test_divergence_of_a_judged_row_is_its_worst_failure():
     ratios = {m: abs(verdict.metrics[m]) / verdict.limits[m] for m in verdict.failed}
     assert verdict.divergence().metric == max(ratios, key=ratios.get)
     assert verdict.divergence().reference == verdict.reference[verdict.divergence().metric]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="verdict weakness: the cos_err limit is k^2 x the reference's cos_err only; a "
+    "reference whose 20% error is a pure gain has cos_err ~1e-16, so a target with an equal "
+    "20% error in another direction fails (cos_err 0.0194 > limit 5e-11) although its "
+    "rel_rmse equals the reference's (0.2, limit 0.6); seen on real models as "
+    "blocks.0.0.se.conv_reduce param_grad bias in mobilenetv3 amp-bf16",
+)
+def test_an_error_as_large_as_the_references_in_another_direction_passes():
+    g = golden(8, 0)
+    r = (1.2 * g).float()  # the reference: 20% gain, no direction error
+    d = torch.randn(8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    d -= (d @ g) / (g @ g) * g  # orthogonal to g
+    t = (g + 0.2 * g.norm() * d / d.norm()).float()  # the target: 20%, all direction
+    verdict = run(t, r, g, k=3.0, strict_dtype=False, local=False)
+    assert verdict.metrics["rel_rmse"] == pytest.approx(verdict.reference["rel_rmse"], rel=1e-3)
+    assert verdict.passed, explain(verdict)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="verdict weakness: k times ONE draw of the reference's error; on 8-element "
+    "tensors (SE biases, small BN parameters) a target with exactly the reference's noise "
+    "distribution fails 3% of the time at k=2 (rel_rmse 1.7%, cos_err 3.0% of 300 seeds), "
+    "and a network has dozens of such tensors",
+)
+def test_same_noise_on_small_tensors_rarely_fails():
+    failed = 0
+    for seed in range(300):
+        g = golden(8, seed)
+        r, t = noisy(g, 1e-3, 2 * seed), noisy(g, 1e-3, 2 * seed + 1)
+        failed += not run(t, r, g, local=False).passed
+    assert failed <= 1, f"{failed} of 300 same-noise targets failed"
