@@ -87,17 +87,18 @@ def compare_traces(
     gold_calls = _target_index(ref, golden, {}) if golden is not None else None
     gold = golden if golden is not None else ref
     rows: list[Row] = []
-    seen: set[str] = set()
+    seen: set[tuple] = set()
     for phase, call, slot, i in _pairs(ref, phases):
         if call.key not in tgt_calls:
             continue
         rkey = getattr(call, slot)[i]
-        if rkey is None or rkey in seen:
-            continue
-        seen.add(rkey)
         tcall = tgt_calls[call.key]
         label = f"{LABELS[slot]}[{i}]"
         tkeys = getattr(tcall, slot)
+        pair = (rkey, tkeys[i] if i < len(tkeys) else None)
+        if rkey is None or pair in seen:
+            continue  # the same tensor on both sides, already judged under an inner module
+        seen.add(pair)
         gkey = getattr(gold_calls[call.key], slot)[i] if gold_calls else rkey
         row = Row(call.module, call.index, phase, label, "", [])
         if i >= len(tkeys) or tkeys[i] is None or gkey is None:

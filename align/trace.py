@@ -217,8 +217,9 @@ def _validate(trace: Trace, index: Any) -> None:
             or not all(k is None or isinstance(k, str) for s in slots for k in s)
         ):
             raise TypeError(f"malformed call record {asdict(call)}")
-    if not all(isinstance(p, int) and 0 <= p < n for p in trace.backward_order):
-        raise ValueError("'backward_order' must list positions of calls")
+    for order in ("backward_order", "forward_order"):
+        if not all(isinstance(p, int) and 0 <= p < n for p in getattr(trace, order)):
+            raise ValueError(f"'{order}' must list positions of calls")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in trace.param_grads.items()):
         raise TypeError("'param_grads' must map parameter names to tensor keys")
 

@@ -246,6 +246,7 @@ def _crafted(source: Trace, scale: dict[str, float]) -> Trace:
         tensors=tensors,
         param_grads=dict(source.param_grads),
         backward_order=list(source.backward_order),
+        forward_order=list(source.forward_order),
         meta=dict(source.meta),
     )
 

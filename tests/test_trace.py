@@ -85,6 +85,7 @@ def _mixed() -> Trace:
         tensors=tensors,
         param_grads={"a.weight": "t3", "b.c.bias": "t7"},
         backward_order=[0, 1],
+        forward_order=[1, 2, 3, 0],
         meta={"device": "cpu", "precision": "fp32", "seed": 3, "nested": {"x": [1, 2.5, None]}},
     )
 
@@ -93,6 +94,7 @@ def _same_records(a: Trace, b: Trace) -> None:
     assert b.calls == a.calls
     assert b.param_grads == a.param_grads
     assert b.backward_order == a.backward_order
+    assert b.forward_order == a.forward_order
     assert b.keys() == a.keys()
     for key in a.keys():
         x, y = a.tensor(key), b.tensor(key)
@@ -390,6 +392,8 @@ def test_a_manifest_that_is_not_an_object(dump):
         ("param_grads", {"a.weight": 3}),
         ("backward_order", [0, 99]),
         ("backward_order", ["first"]),
+        ("forward_order", [0, -1]),
+        ("forward_order", "0123"),
         ("meta", [1, 2]),
     ],
 )
