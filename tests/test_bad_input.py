@@ -155,13 +155,6 @@ def test_nan_from_the_target_fails_nonfinite_and_names_the_module(net, x, nan_ta
     assert "NaN/Inf on the target where the reference is finite" in culprit.message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="verdict bug: comparison._pairs yields forward outputs in pre-hook (call start) "
-    "order and dedups shared tensors keeping the first, so the root model and the "
-    "containers come before their children: first_divergence is '<model>' (16 NaN in the "
-    "logits) instead of 'body.2', which produced them",
-)
 def test_nan_first_divergence_is_the_module_that_produced_it(net, x, nan_target):
     report = check(net, x, target_model=nan_target, isolate_modules=False)
     assert report.first_divergence.module == "body.2", str(report.first_divergence)
@@ -305,14 +298,6 @@ def test_check_in_eval_mode_keeps_eval_mode(net, x):
     _assert_same(before, _snapshot(net))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="capture leak: Recorder._seen/_grads keep the recorded tensors alive, and their "
-    "autograd graphs hold the tensor hooks (partials of the Recorder): a cycle through C++ "
-    "that Python's gc cannot break, so every check with backward leaks its whole trace "
-    "(~600 MB per check of resnet18 at 64 px; test_faults.py is OOM-killed at 13.5 GB in one "
-    "process). Clearing recorder._seen and recorder._grads at the end of run_model fixes it",
-)
 @pytest.mark.filterwarnings("ignore")  # gc.get_objects() meets deprecated objects
 def test_check_does_not_leak_tensors(net, x):
     import gc

@@ -102,6 +102,9 @@ class FailingReport:
     def to_dict(self):
         return {"passed": False}
 
+    def select(self, phase):
+        return self
+
 
 def pytest_configure(config):
     align.check = lambda *args, **kwargs: FailingReport()

@@ -463,13 +463,6 @@ def test_device_like_noise_passes(name, precision, kind):
 # -- a forward patched on the instance ------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="isolation bug: _Isolator.run removes replays with `del child.forward`, which "
-    "also deletes a forward the user set on the instance; after the parent block is "
-    "isolated, the faulty conv runs its class forward, so it is never found (culprits [] "
-    "although layer2.0.conv1's output has rel_rmse 0.003 vs limit ~1e-5)",
-)
 def test_forward_patched_on_the_instance_is_localized():
     model, x = build("resnet18")
     target = copy.deepcopy(model)

@@ -114,12 +114,12 @@ def test_ten_times_the_noise_fails_rel_rmse(seed, rel):
 
 
 def test_a_few_large_errors_fail_share():
-    """0.5% of the elements 20x off: the RMS hardly moves, the share of outliers does."""
+    """2% of the elements 10x off: the RMS stays within k, the share of outliers does not."""
     g = golden()
     r, t = noisy(g, 1e-3, 0), noisy(g, 1e-3, 1)
-    idx = torch.arange(0, N, 200)
+    idx = torch.arange(0, N, 50)
     signs = torch.tensor([1.0, -1.0]).repeat(len(idx))[: len(idx)]
-    t[idx] += 20e-3 * signs
+    t[idx] += 10e-3 * signs
     verdict = run(t, r, g, local=True)
     assert "rel_rmse" not in verdict.failed, explain(verdict)
     assert "share" in verdict.failed, explain(verdict)
@@ -145,12 +145,6 @@ def test_a_gain_hidden_in_bf16_level_noise_fails_scale_err(seed):
     assert run(t, r, g, local=True).failed == ["scale_err"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="verdict bug: the local bias limits add 2*unit_roundoff(reference dtype) = 2**-7 "
-    "= 0.78% for bf16 tensors, so a 0.3% gain on a bf16 output of 4096 elements passes "
-    "although its standard error is ~5e-5 (scale_err 0.003 <= limit ~0.0085)",
-)
 @pytest.mark.parametrize("seed", range(2))
 def test_a_gain_hidden_in_bf16_rounding_fails_scale_err(seed):
     """The amp-bf16 case: both outputs are bf16 (rounding noise ~0.2%), the target 0.3% high."""
@@ -276,14 +270,6 @@ def test_divergence_of_a_judged_row_is_its_worst_failure():
     assert verdict.divergence().reference == verdict.reference[verdict.divergence().metric]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="verdict weakness: the cos_err limit is k^2 x the reference's cos_err only; a "
-    "reference whose 20% error is a pure gain has cos_err ~1e-16, so a target with an equal "
-    "20% error in another direction fails (cos_err 0.0194 > limit 5e-11) although its "
-    "rel_rmse equals the reference's (0.2, limit 0.6); seen on real models as "
-    "blocks.0.0.se.conv_reduce param_grad bias in mobilenetv3 amp-bf16",
-)
 def test_an_error_as_large_as_the_references_in_another_direction_passes():
     g = golden(8, 0)
     r = (1.2 * g).float()  # the reference: 20% gain, no direction error
