@@ -156,9 +156,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             for phase in PHASES:
                 for precision in config._align_precisions:  # type: ignore[attr-defined]
                     p = AlignParams(name, variant, phase, precision)
-                    known = KNOWN_FALSE_ALARMS.get((name, variant, phase, precision))
-                    extra = [pytest.mark.xfail(reason=known, strict=False)] if known else []
-                    params.append(pytest.param(p, id=p.id, marks=[*marks, *extra]))
+                    params.append(pytest.param(p, id=p.id, marks=marks))
     metafunc.parametrize("align_params", params)
 
 
@@ -172,34 +170,6 @@ def align_devices() -> dict[str, Any]:
 
     return discover()
 
-
-# Clean targets the verdict still flags (measured 2026-11-21, seed 0, CPU emulating
-# npu-fp32 with ATen's native kernels). Each is a verdict weakness to fix, not a model
-# fault: a single draw of the reference's error sets the limit, so on small or cancelling
-# gradients an honest kernel difference can exceed k (see the closing note of issue 2).
-_SINGLE_DRAW = "verdict false alarm on a clean target (single-draw reference error): "
-KNOWN_FALSE_ALARMS: dict[tuple[str, str, str, str], str] = {
-    ("densenet121", "cpu", "backward", "fp32"): _SINGLE_DRAW
-    + "denselayer16.conv2 grad_output cos_err 0.00167 > 0.000631",
-    ("efficientnet_b4", "cpu", "backward", "amp-bf16"): _SINGLE_DRAW
-    + "blocks.0.1.se.conv_reduce bias cos_err 0.982 > 0.98; scale_err of an SE weight grad",
-    ("mobilenetv3_small", "cpu", "backward", "fp32"): _SINGLE_DRAW
-    + "blocks.2.1.se.act1 grad_input cos_err 0.000895 > 0.000785",
-    ("resnetv1d152", "cpu", "backward", "amp-bf16"): _SINGLE_DRAW
-    + "layer1.0.downsample.1 weight grad share 0.04 > 0.01 (reference 0)",
-    ("fcos_r50", "cpu", "backward", "fp32"): _SINGLE_DRAW
-    + "gradient w.r.t. the target boxes (an input that should not be judged) 0.0528 > 0.0446",
-    ("fcos_r50", "cpu", "backward", "amp-bf16"): _SINGLE_DRAW
-    + "cls_logits weight grad scale_err 1.4e-4 > 9.8e-5",
-    ("retinanet_r50", "cpu", "backward", "fp32"): _SINGLE_DRAW
-    + "gradient w.r.t. the target boxes, which the verdict should not judge",
-    ("retinanet_r50", "cpu", "backward", "amp-bf16"): _SINGLE_DRAW
-    + "cls_logits weight grad scale_err 1.3e-4 > 8.4e-5",
-    ("ssdlite_mobilenetv2", "cpu", "forward", "amp-bf16"): _SINGLE_DRAW
-    + "loss rel_rmse 0.0164 > 0.012 (anchor matching is discontinuous)",
-    ("ssdlite_mobilenetv2", "cpu", "backward", "amp-bf16"): _SINGLE_DRAW
-    + "head.classification_head weight grad scale_err 1.8e-4 > 7.6e-5",
-}
 
 _REPORTS = pytest.StashKey[dict]()  # (case, target, precision, reference) -> Report
 

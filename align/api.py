@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,7 @@ def check(
     name_map: dict[str, str | None] | None = None,
     isolate_modules: bool = True,
     sensitivity: bool = False,
+    draws: int = 2,
     batch: int | None = None,
     image_size: int | None = None,
     train_options: Any = None,
@@ -105,6 +107,8 @@ def check(
     device's number formats (align.emulate); the reference then runs at the same
     precision and the target with oneDNN off (ATen's own kernels), so it differs as a
     device's kernels would.
+    `draws` honest draws of the reference (align.jitter) set how much its error varies;
+    0 judges against the reference's single draw.
     `train_options` / `target_train_options` (align.training.TrainOptions) set how the
     "train" phase trains; the target's default to the reference's.
     """
@@ -149,6 +153,7 @@ def check(
             seed=seed,
             loss_scale=policy.check_loss_scale,
             emulation=emulation,
+            grad_inputs=resolved.grad_inputs,
         )
         t0 = time.perf_counter()
         ref_run = run_model(resolved.model, resolved.inputs, device=ref_dev, **common)
@@ -176,6 +181,7 @@ def check(
                 name_map,
                 isolate_modules,
                 sensitivity,
+                draws,
                 timings,
             )
     if "train" in phases:
@@ -217,21 +223,48 @@ def _judge_runs(
     name_map,
     isolate_modules,
     sensitivity,
+    draws: int,
     timings,
 ) -> None:
+    backward = "backward" in phases
     t0 = time.perf_counter()
     gold_run = run_model(
         resolved.model,
         resolved.inputs,
         device=torch.device("cpu"),
         policy=get_policy("fp64"),
-        backward="backward" in phases,
+        backward=backward,
         loss_fn=resolved.loss_fn,
         seed=ref_run.seed,
         loss_scale=ref_run.loss_scale,
+        grad_inputs=resolved.grad_inputs,
     )
     timings["golden"] = time.perf_counter() - t0
+
+    @functools.cache
+    def draw_traces() -> list[Trace]:
+        t0 = time.perf_counter()
+        made = [
+            run_model(
+                resolved.model,
+                resolved.inputs,
+                device=ref_run.device,
+                policy=policy,
+                backward=backward,
+                loss_fn=resolved.loss_fn,
+                seed=ref_run.seed,
+                loss_scale=ref_run.loss_scale,
+                emulation=ref_run.emulation,
+                jitter=ref_run.draw(n).jitter,
+                grad_inputs=resolved.grad_inputs,
+            ).trace
+            for n in range(draws)
+        ]
+        timings["draws"] = time.perf_counter() - t0
+        return made
+
     strict = policy.name == "fp32"
+    t0 = time.perf_counter()
     report.rows = compare_traces(
         ref_run.trace,
         tgt_run.trace,
@@ -240,7 +273,14 @@ def _judge_runs(
         phases=phases,
         strict_dtype=strict,
         name_map=name_map,
+        draws=draw_traces,
     )
+    timings["compare"] = time.perf_counter() - t0 - timings.get("draws", 0.0)
+    if "draws" in timings:
+        report.notes.append(
+            f"tensors failing against the reference's error were judged again against the "
+            f"largest of the reference's and {draws} honest draws' (align.jitter)"
+        )
     if isolate_modules:
         t0 = time.perf_counter()
         report.local_rows, report.culprits, notes = isolate(
@@ -248,9 +288,10 @@ def _judge_runs(
             tgt_run,
             gold_run,
             tol=tol,
-            backward="backward" in phases,
+            backward=backward,
             strict_dtype=strict,
             name_map=name_map,
+            draws=draws,
         )
         report.notes += notes
         timings["isolation"] = time.perf_counter() - t0
@@ -307,6 +348,7 @@ def compare(
         phases=phases,
         strict_dtype=policy.name == "fp32",
         name_map=name_map,
+        draws=ref.draws,
     )
     report = Report(
         rows=rows,
@@ -331,6 +373,12 @@ def compare(
             "no golden trace: the reference stood in for it, so limits are dtype floors "
             "only; dump a float64 golden (python -m align.dump MODEL --golden) for a "
             "verdict relative to the reference's own error"
+        )
+    if gold is not None and not ref.draws:
+        report.notes.append(
+            "the reference's error is a single draw (its dump has no honest draws): on "
+            "small or cancelling gradients that can flag an honest target; dump the "
+            "reference with --draws 2"
         )
     if ref.meta.get("seed") != tgt.meta.get("seed"):
         report.notes.append(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable
@@ -181,10 +182,12 @@ class Recorder:
 
     def _grad_out(self, pos: int, i: int, grad: torch.Tensor) -> None:
         self._mark(pos)
+        self.trace.backward_events.append((pos, "grad_outputs", i))
         self.trace.calls[pos].grad_outputs[i] = self._store_grad(grad)
 
     def _grad_in(self, pos: int, i: int, grad: torch.Tensor) -> None:
         self._mark(pos)
+        self.trace.backward_events.append((pos, "grad_inputs", i))
         self.trace.calls[pos].grad_inputs[i] = self._store_grad(grad)
 
 
@@ -230,11 +233,13 @@ def numerics(
     emulation: Any = None,
     autocast: bool = True,
     native_kernels: bool = False,
+    jitter: int | None = None,
 ) -> contextlib.ExitStack:
     """Emulated number formats (or float64 kept), then the policy's autocast.
 
     `native_kernels` turns oneDNN off, so CPU convolutions run ATen's own kernels: another
-    kernel library with another summation order, as a device's would be.
+    kernel library with another summation order, as a device's would be. `jitter` (a
+    seed) makes this an honest draw of the run's rounding noise (align.jitter).
     """
     stack = contextlib.ExitStack()
     if native_kernels:
@@ -247,6 +252,10 @@ def numerics(
         stack.enter_context(KeepFloat64())
     if autocast:
         stack.enter_context(policy.autocast(device))
+    if jitter is not None:
+        from align.jitter import Jitter
+
+        stack.enter_context(Jitter(jitter))
     return stack
 
 
@@ -276,10 +285,17 @@ class Run:
     native_kernels: bool = False
     loss_scale: float = 1.0
     seed: int = 0
+    jitter: int | None = None  # the seed of an honest draw (align.jitter), None for a plain run
 
     def numerics(self, autocast: bool = True) -> contextlib.ExitStack:
         """Context for running code as this run did."""
-        return numerics(self.policy, self.device, self.emulation, autocast, self.native_kernels)
+        return numerics(
+            self.policy, self.device, self.emulation, autocast, self.native_kernels, self.jitter
+        )
+
+    def draw(self, n: int) -> Run:
+        """This run's n-th honest draw: the same model and record, rounding jittered."""
+        return dataclasses.replace(self, jitter=self.seed * 1000 + n + 1)
 
     def place(self, t: torch.Tensor) -> torch.Tensor:
         """A private copy of a recorded tensor on this run's device (float64 if golden)."""
@@ -306,21 +322,36 @@ def run_model(
     loss_scale: float = 1.0,
     emulation: Any = None,
     native_kernels: bool = False,
+    jitter: int | None = None,
+    grad_inputs: Callable[[Any], Any] | None = None,
 ) -> Run:
-    """Run a private copy of `model` once (forward, loss, backward) with every hook on."""
+    """Run a private copy of `model` once (forward, loss, backward) with every hook on.
+
+    Backward differentiates every floating input, or only those `grad_inputs(inputs)`
+    returns (a detector's images, not its target boxes).
+    """
     private = prepare(model, device, policy)
     run = Run(
-        private, device, policy, Trace([], {}), {}, emulation, native_kernels, loss_scale, seed
+        private,
+        device,
+        policy,
+        Trace([], {}),
+        {},
+        emulation,
+        native_kernels,
+        loss_scale,
+        seed,
+        jitter,
     )
     x = policy.cast_inputs(inputs, device)
     if backward:
-        x = tree_map(
+        tree_map(
             lambda t: (
                 t.requires_grad_(True)
                 if isinstance(t, torch.Tensor) and t.is_floating_point()
                 else t
             ),
-            x,
+            grad_inputs(x) if grad_inputs is not None else x,
         )
     loss_fn = loss_fn or projection_loss(seed)
     recorder = Recorder(private, backward)
@@ -350,6 +381,7 @@ def run_model(
         "loss_scale": loss_scale,
         "emulate": None if emulation is None else emulation.name,
         "native_kernels": native_kernels,
+        "jitter": jitter,
         "model": type(model).__name__,
         "backward": backward,
         "seconds": time.perf_counter() - started,
@@ -369,26 +401,32 @@ def capture(
     loss_fn: LossFn | None = None,
     seed: int = 0,
     emulate: str | None = None,
+    draws: int = 0,
+    grad_inputs: Callable[[Any], Any] | None = None,
 ) -> Trace:
     """Record every module call of one run of `model` on `device` under `precision`.
 
-    Save it with `trace.save(dir)` and compare it elsewhere with `align.compare`.
+    Save it with `trace.save(dir)` and compare it elsewhere with `align.compare`. A
+    reference dump should carry `draws` honest draws (align.jitter, 2 is plenty): the
+    comparison then scales its limits by the largest of their errors.
     """
     from align.devices import resolve
 
     policy = get_policy(precision)
-    emulation = _emulation(emulate)
-    run = run_model(
-        model,
-        inputs,
+    settings = dict(
         device=resolve(device),
         policy=policy,
         backward=backward,
         loss_fn=loss_fn,
         seed=seed,
         loss_scale=policy.check_loss_scale,
-        emulation=emulation,
+        emulation=_emulation(emulate),
+        grad_inputs=grad_inputs,
     )
+    run = run_model(model, inputs, **settings)
+    run.trace.draws = [
+        run_model(model, inputs, jitter=run.draw(n).jitter, **settings).trace for n in range(draws)
+    ]
     return run.trace
 
 

@@ -73,7 +73,6 @@ def check_main(argv: list[str] | None = None) -> int:
         )
     if emulate == "none":
         emulate = None
-    _seed_weights(args.seed)
     report = align.check(
         args.model,
         reference=args.reference,
@@ -98,29 +97,19 @@ def check_main(argv: list[str] | None = None) -> int:
 def _dump_all(args: argparse.Namespace, target: str, emulate: str | None) -> None:
     from pathlib import Path
 
-    for role, device, precision, emu in (
-        ("reference", args.reference, args.precision, emulate),
-        ("target", target, args.precision, emulate),
-        ("golden", "cpu", "fp64", None),
+    for role, device, precision, emu, draws in (
+        ("reference", args.reference, args.precision, emulate, 2),
+        ("target", target, args.precision, emulate, 0),
+        ("golden", "cpu", "fp64", None, 0),
     ):
-        path = _dump(args.model, device, precision, emu, args, Path(args.dump) / role)
+        path = _dump(args.model, device, precision, emu, args, Path(args.dump) / role, draws)
         print(f"{role} trace: {path}")
 
 
-def _seed_weights(seed: int) -> None:
-    """Seed the random initialisation of a named model, so that every process (a dump on
-    each machine, a check) builds the same weights: torch's default seed is random per
-    process."""
-    import torch
-
-    torch.manual_seed(seed)
-
-
-def _dump(model: str, device: str, precision: str, emulate, args, out):
+def _dump(model: str, device: str, precision: str, emulate, args, out, draws: int = 0):
     import align
     from align.models import resolve_model
 
-    _seed_weights(args.seed)
     resolved = resolve_model(model, None, None, args.seed, args.batch, args.size)
     trace = align.capture(
         resolved.model,
@@ -130,6 +119,8 @@ def _dump(model: str, device: str, precision: str, emulate, args, out):
         loss_fn=resolved.loss_fn,
         seed=args.seed,
         emulate=emulate,
+        draws=draws,
+        grad_inputs=resolved.grad_inputs,
     )
     trace.meta["case"] = resolved.case
     return trace.save(out)
@@ -148,10 +139,19 @@ def dump_main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the float64 CPU golden run (ignores --device/--precision)",
     )
+    p.add_argument(
+        "--draws",
+        type=int,
+        default=0,
+        help="honest draws to add (align.jitter): give the reference's dump 2, so the "
+        "comparison does not rest on one draw of its rounding noise",
+    )
     _common(p)
     args = p.parse_args(argv)
+    if args.draws < 0 or (args.golden and args.draws):
+        raise AlignError("--draws is a count >= 0, for the reference's dump (not --golden)")
     device, precision = ("cpu", "fp64") if args.golden else (args.device, args.precision)
-    path = _dump(args.model, device, precision, args.emulate, args, args.out)
+    path = _dump(args.model, device, precision, args.emulate, args, args.out, args.draws)
     print(f"trace written to {path}")
     return EXIT_ALIGNED
 

@@ -8,11 +8,14 @@ module. Structural differences (missing modules, shapes) are errors, never a pas
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+
+import torch
 
 from align.errors import MismatchError
 from align.trace import Call, Trace
-from align.verdict import Row, Tolerance, judge
+from align.verdict import Row, Tolerance, judge_robustly
 
 
 def _target_index(ref: Trace, tgt: Trace, name_map: dict[str, str | None]) -> dict:
@@ -48,11 +51,24 @@ def _pairs(ref: Trace, phases: tuple[str, ...]) -> Iterator[tuple[str, Call, str
             for i in range(len(call.outputs)):
                 yield "forward", call, "outputs", i
     if "backward" in phases:
-        for pos in ref.backward_order:
-            call = ref.calls[pos]
-            for slot in ("grad_outputs", "grad_inputs"):
-                for i in range(len(getattr(call, slot))):
-                    yield "backward", call, slot, i
+        for pos, slot, i in backward_events(ref):
+            yield "backward", ref.calls[pos], slot, i
+
+
+def backward_events(ref: Trace) -> list[tuple[int, str, int]]:
+    """(call position, slot, index) of every gradient, in the order backward made them.
+
+    Traces without recorded events (msprobe dumps, older traces) fall back to each call's
+    output gradients then input gradients, in the order backward first reached the call.
+    """
+    if ref.backward_events:
+        return list(ref.backward_events)
+    return [
+        (pos, slot, i)
+        for pos in ref.backward_order
+        for slot in ("grad_outputs", "grad_inputs")
+        for i in range(len(getattr(ref.calls[pos], slot)))
+    ]
 
 
 LABELS = {"outputs": "output", "grad_outputs": "grad_output", "grad_inputs": "grad_input"}
@@ -76,15 +92,19 @@ def compare_traces(
     phases: tuple[str, ...] = ("forward", "backward"),
     strict_dtype: bool = True,
     name_map: dict[str, str | None] | None = None,
+    draws: Sequence[Trace] | Callable[[], Sequence[Trace]] = (),
 ) -> list[Row]:
     """Judge every tensor of `tgt` against `golden` relative to `ref`, in execution order.
 
-    Without a golden trace the reference stands in for it, so only dtype floors remain as
-    limits: expect false alarms on deep layers and say so to the user.
+    `draws` are honest draws of the reference run (align.jitter), or a function making
+    them, called only if a tensor fails against the reference alone: that tensor is then
+    judged again with the reference's error as the largest of theirs. Without a golden
+    trace the reference stands in for it, so only dtype floors remain as limits.
     """
     name_map = name_map or {}
     tgt_calls = _target_index(ref, tgt, name_map)
     gold_calls = _target_index(ref, golden, {}) if golden is not None else None
+    honest = _Draws(ref, draws)
     gold = golden if golden is not None else ref
     rows: list[Row] = []
     seen: set[tuple] = set()
@@ -107,8 +127,21 @@ def compare_traces(
             row.message = f"{call.label} {label} exists on the reference but not on {where}"
             rows.append(row)
             continue
-        rows.append(_judged(ref, tgt, gold, rkey, tkeys[i], gkey, tol, strict_dtype, row))
+        row = _judged(
+            ref,
+            tgt,
+            gold,
+            rkey,
+            tkeys[i],
+            gkey,
+            tol,
+            strict_dtype,
+            row,
+            partial(honest.of_call, call.key, slot, i),
+        )
+        rows.append(row)
     if "backward" in phases:
+        param_rows: list[Row] = []
         for name in param_order(ref):
             tname = _param_name(name, name_map)
             if tname is None:
@@ -120,10 +153,10 @@ def compare_traces(
                 row.message = (
                     f"parameter {name} has a gradient on the reference, none on the target"
                 )
-                rows.append(row)
+                param_rows.append(row)
                 continue
             gkey = gold.param_grads[name]
-            rows.append(
+            param_rows.append(
                 _judged(
                     ref,
                     tgt,
@@ -134,9 +167,54 @@ def compare_traces(
                     tol,
                     strict_dtype,
                     row,
+                    partial(honest.of_param, name),
                 )
             )
+        rows = _with_param_grads(rows, param_rows)
     return rows
+
+
+def _with_param_grads(rows: list[Row], param_rows: list[Row]) -> list[Row]:
+    """Each parameter gradient placed right after its module's last backward tensor: where
+    backward computed it (a leaf's weight gradient comes with its input gradient)."""
+    last = {r.module: n for n, r in enumerate(rows) if r.phase == "backward"}
+    after: dict[int, list[Row]] = {}
+    tail = []
+    for row in param_rows:
+        if row.module in last:
+            after.setdefault(last[row.module], []).append(row)
+        else:
+            tail.append(row)
+    merged = []
+    for n, row in enumerate(rows):
+        merged.append(row)
+        merged += after.get(n, [])
+    return merged + tail
+
+
+class _Draws:
+    """The reference's honest draws, made or loaded the first time a tensor needs them."""
+
+    def __init__(self, ref: Trace, source: Sequence[Trace] | Callable[[], Sequence[Trace]]):
+        self.ref, self.source = ref, source
+        self._calls: list[tuple[Trace, dict]] | None = None
+
+    def _traces(self) -> list[tuple[Trace, dict]]:
+        if self._calls is None:
+            traces = self.source() if callable(self.source) else self.source
+            self._calls = [(d, _target_index(self.ref, d, {})) for d in traces]
+        return self._calls
+
+    def of_call(self, key: tuple[str, int], slot: str, i: int) -> list[torch.Tensor]:
+        found = []
+        for draw, calls in self._traces():
+            keys = getattr(calls[key], slot)
+            if i < len(keys) and keys[i] is not None:
+                found.append(draw.tensor(keys[i]))
+        return found
+
+    def of_param(self, name: str) -> list[torch.Tensor]:
+        return [d.tensor(d.param_grads[name]) for d, _ in self._traces() if name in d.param_grads]
 
 
 def _param_name(name: str, name_map: dict[str, str | None]) -> str | None:
@@ -147,7 +225,7 @@ def _param_name(name: str, name_map: dict[str, str | None]) -> str | None:
     return name
 
 
-def _judged(ref, tgt, gold, rkey, tkey, gkey, tol, strict_dtype, row: Row) -> Row:
+def _judged(ref, tgt, gold, rkey, tkey, gkey, tol, strict_dtype, row: Row, draws) -> Row:
     r, t, g = ref.tensor(rkey), tgt.tensor(tkey), gold.tensor(gkey)
     if tuple(t.shape) != tuple(r.shape) or tuple(g.shape) != tuple(r.shape):
         raise MismatchError(
@@ -155,4 +233,6 @@ def _judged(ref, tgt, gold, rkey, tkey, gkey, tol, strict_dtype, row: Row) -> Ro
             f"{tuple(t.shape)} on the target, {tuple(g.shape)} in the golden run; "
             "the runs did not compute the same thing (same model, inputs and batch?)"
         )
-    return judge(t, r, g, tol, strict_dtype=strict_dtype, local=False, row=row)
+    return judge_robustly(
+        t, r, g, tol, strict_dtype=strict_dtype, local=False, row=row, draws=draws
+    )

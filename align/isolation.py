@@ -15,7 +15,9 @@ upstream first. Where target and reference agree bit for bit the golden is not r
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +26,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from align.capture import Run
 from align.trace import Call
-from align.verdict import Divergence, Row, Tolerance, judge
+from align.verdict import Divergence, Row, Tolerance, judge_robustly
 
 
 @dataclass
@@ -77,7 +79,7 @@ class Isolator:
         for pos, call in enumerate(ref.trace.calls):
             if call.parent is not None:
                 self.children[call.parent].append(pos)
-        self.modules = {id(run): dict(run.model.named_modules()) for run in (ref, tgt, gold)}
+        self.modules = {id(run.model): dict(run.model.named_modules()) for run in (ref, tgt, gold)}
 
     def _module_name(self, run: Run, name: str) -> str | None:
         return self.name_map.get(name, name) if run is self.tgt else name
@@ -86,7 +88,7 @@ class Isolator:
         """One isolated call of the recorded call at `pos` on `run`."""
         trace, spec = self.ref.trace, self.ref.specs[pos]
         call = trace.calls[pos]
-        modules = self.modules[id(run)]
+        modules = self.modules[id(run.model)]
         module = modules[self._module_name(run, call.module)]
         want_grad = self.backward and any(k is not None for k in call.grad_outputs)
         leaves: list[Any] = []
@@ -143,6 +145,10 @@ class Isolator:
                 if g is not None:
                     local.backward[f"grad_to:{label}[{m}]"] = g
         return local
+
+    def draws(self, pos: int, n: int) -> list[_Local]:
+        """The isolated call at `pos` on n honest draws of the reference (align.jitter)."""
+        return [self.run(self.ref.draw(k), pos) for k in range(n)]
 
     def _install_replays(self, run: Run, pos: int, modules, local: _Local, replaced) -> None:
         """Replace the children called by call `pos` with replays of their records."""
@@ -214,8 +220,14 @@ def isolate(
     backward: bool,
     strict_dtype: bool,
     name_map: dict[str, str | None] | None = None,
+    draws: int = 0,
 ) -> tuple[list[Row], list[Divergence], list[str]]:
-    """Judge every recorded module call alone. Returns (rows, culprits, notes)."""
+    """Judge every recorded module call alone. Returns (rows, culprits, notes).
+
+    Each call that the target does not reproduce bit for bit also runs on the golden,
+    and where one of its tensors fails, on `draws` honest draws of the reference
+    (align.jitter) to judge that tensor again.
+    """
     iso = Isolator(ref, tgt, gold, backward, name_map)
     rows: list[Row] = []
     failing: dict[int, Row] = {}
@@ -232,7 +244,8 @@ def isolate(
         except Exception as exc:  # a module we cannot re-run alone is reported, not fatal
             notes.append(f"{call.label} not isolated: {type(exc).__name__}: {exc}")
             continue
-        for row in _judge_local(call, r_local, t_local, g_local, tol, strict_dtype):
+        made = functools.cache(functools.partial(iso.draws, pos, draws))
+        for row in _judge_local(call, r_local, t_local, g_local, made, tol, strict_dtype):
             rows.append(row)
             if row.failed:
                 worst = failing.get(pos)
@@ -242,10 +255,22 @@ def isolate(
     return rows, culprits, notes
 
 
-def _judge_local(call: Call, r: _Local, t: _Local, g: _Local, tol, strict_dtype):
+def _judge_local(
+    call: Call,
+    r: _Local,
+    t: _Local,
+    g: _Local,
+    draws: Callable[[], list[_Local]],
+    tol,
+    strict_dtype,
+):
     ref_items = {(p, n): x for p, n, x in r.items()}
     tgt_items = {(p, n): x for p, n, x in t.items()}
     gold_items = {(p, n): x for p, n, x in g.items()}
+
+    def honest(phase: str, label: str) -> list[torch.Tensor]:
+        return [x for d in draws() for p, n, x in d.items() if (p, n) == (phase, label)]
+
     for (phase, label), rt in ref_items.items():
         row = Row(call.module, call.index, phase, label, "", [], isolated=True)
         tt, gt = tgt_items.get((phase, label)), gold_items.get((phase, label))
@@ -254,7 +279,16 @@ def _judge_local(call: Call, r: _Local, t: _Local, g: _Local, tol, strict_dtype)
             row.message = f"{label} is produced on the reference but not on the target"
             yield row
             continue
-        yield judge(tt, rt, gt, tol, strict_dtype=strict_dtype, local=True, row=row)
+        yield judge_robustly(
+            tt,
+            rt,
+            gt,
+            tol,
+            strict_dtype=strict_dtype,
+            local=True,
+            row=row,
+            draws=functools.partial(honest, phase, label),
+        )
 
 
 def _culprits(calls: list[Call], failing: dict[int, Row]) -> list[int]:

@@ -30,7 +30,7 @@ def as_f64(t: torch.Tensor) -> torch.Tensor:
 
 def nonfinite(x: torch.Tensor, *finite_in: torch.Tensor) -> int:
     """Elements of x that are NaN/Inf where every tensor in `finite_in` is finite."""
-    if _all_finite(x):
+    if all_finite(x):
         return 0
     bad = ~torch.isfinite(x)
     for other in finite_in:
@@ -38,7 +38,7 @@ def nonfinite(x: torch.Tensor, *finite_in: torch.Tensor) -> int:
     return int(bad.sum())
 
 
-def _all_finite(x: torch.Tensor) -> bool:
+def all_finite(x: torch.Tensor) -> bool:
     """True when no element is NaN/Inf, known from one sum (a fast path: a NaN or an Inf
     makes the sum non-finite; a sum that overflows only sends the caller to the mask)."""
     return math.isfinite(float(x.sum()))
@@ -47,7 +47,61 @@ def _all_finite(x: torch.Tensor) -> bool:
 def _ratio(num: float, den: float) -> float:
     if den > 0:
         return num / den
-    return 0.0 if num == 0 else math.inf
+    return 0.0 if num == 0 else math.copysign(math.inf, num)
+
+
+class Against:
+    """The golden side of a comparison, computed once for every tensor judged against it."""
+
+    def __init__(self, g: torch.Tensor):
+        self.g = g
+        self.gg = float(torch.dot(g, g))
+        self.abs_g = g.abs()
+        self.max_g = float(self.abs_g.max()) if g.numel() else 0.0
+
+    def errors(self, x: torch.Tensor, tau: float | torch.Tensor = math.inf) -> dict[str, float]:
+        """All metrics of x against this golden (both finite, flat float64, same size)."""
+        found, abs_d, _ = self.partial(x)
+        found["share"] = self.share(abs_d, tau)
+        return found
+
+    def partial(self, x: torch.Tensor) -> tuple[dict[str, float], torch.Tensor, float]:
+        """Every metric but `share`; |x - g| to count `share` with once tau is known; and
+        the RMS of x - g."""
+        n, gg = x.numel(), self.gg
+        if n == 0:
+            return {m: 0.0 for m in NAMES if m != "share"}, x.new_zeros(0), 0.0
+        d = x - self.g
+        dd = float(torch.dot(d, d))
+        dg = float(torch.dot(d, self.g))
+        xg = dg + gg
+        xx = dd + 2 * dg + gg
+        if xx > 0 and gg > 0:
+            # 1 - cos = (|d|^2 |g|^2 - <d,g>^2) / (|x||g| (|x||g| + <x,g>)): no cancellation
+            # for small errors, where 1 - <x,g>/(|x||g|) keeps only a digit or two
+            norms = math.sqrt(xx * gg)
+            den = norms * (norms + xg)
+            cos_err = max(0.0, dd * gg - dg * dg) / den if den > 0 else 1.0 - xg / norms
+        else:
+            cos_err = 0.0 if xx == gg else 1.0  # both zero: same direction; one zero: none
+        mean = float(d.sum()) / n
+        abs_d = d.abs_()
+        return (
+            {
+                "rel_rmse": math.sqrt(_ratio(dd, gg)),
+                "cos_err": min(2.0, max(0.0, cos_err)),
+                "max_rel": _ratio(float(abs_d.max()), self.max_g),
+                "mean_err": _ratio(mean, math.sqrt(gg / n)),
+                "scale_err": _ratio(dg, gg),
+            },
+            abs_d,
+            math.sqrt(dd / n),
+        )
+
+    @staticmethod
+    def share(abs_d: torch.Tensor, tau: float | torch.Tensor) -> float:
+        """Fraction of elements whose |x - g| exceeds tau."""
+        return float((abs_d > tau).sum()) / abs_d.numel() if abs_d.numel() else 0.0
 
 
 def errors(
@@ -60,31 +114,9 @@ def errors(
     """
     if x.shape != g.shape:
         raise ValueError(f"shape mismatch: {tuple(x.shape)} vs {tuple(g.shape)}")
-    if not (_all_finite(x) and _all_finite(g)):
+    if not (all_finite(x) and all_finite(g)):
         keep = torch.isfinite(x) & torch.isfinite(g)
         if not bool(keep.all()):
             x, g = x[keep], g[keep]
             tau = tau[keep] if isinstance(tau, torch.Tensor) else tau
-    n = x.numel()
-    if n == 0:
-        return dict.fromkeys(NAMES, 0.0)
-    d = x - g
-    gg = float(torch.dot(g, g))
-    dd = float(torch.dot(d, d))
-    xx = float(torch.dot(x, x))
-    dg = float(torch.dot(d, g))
-    xg = dg + gg
-    if xx > 0 and gg > 0:
-        cos = xg / math.sqrt(xx * gg)
-    else:
-        cos = 1.0 if xx == gg else 0.0  # both zero: same direction; one zero: none
-    abs_d = d.abs()
-    max_g = float(g.abs().max())
-    return {
-        "rel_rmse": math.sqrt(_ratio(dd, gg)),
-        "cos_err": max(0.0, 1.0 - cos),
-        "max_rel": _ratio(float(abs_d.max()), max_g),
-        "share": float((abs_d > tau).sum()) / n,
-        "mean_err": _ratio(float(d.sum()) / n, math.sqrt(gg / n)),
-        "scale_err": _ratio(dg, gg),
-    }
+    return Against(g).errors(x, tau)

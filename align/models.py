@@ -21,6 +21,7 @@ class Resolved:
     loss_fn: Any
     case: str | None
     label: str
+    grad_inputs: Any = None  # which inputs backward differentiates (None: every float)
 
     def tolerance(self, phases: tuple[str, ...], precision: str) -> dict | None:
         """Tolerance from the case's golden file (None for a plain module)."""
@@ -62,6 +63,9 @@ def resolve_model(
         raise AlignError(f"model must be an nn.Module or a name, not {type(model).__name__}")
     from align.cases import get_case, is_case
 
+    # a named model's random weights come from `seed`, so that every process (a dump on
+    # each machine, a check) builds the same model: torch's default seed is per process
+    torch.manual_seed(seed)
     if is_case(model):
         case = get_case(model)
         if case.skip:
@@ -73,7 +77,9 @@ def resolve_model(
             inputs = case.make_inputs(batch or case.test_batch, seed)
             if image_size is not None:
                 inputs = torch.nn.functional.interpolate(inputs, size=(image_size, image_size))
-        return Resolved(built, inputs, loss_fn or case.loss_fn, case.name, case.source_model)
+        return Resolved(
+            built, inputs, loss_fn or case.loss_fn, case.name, case.source_model, case.grad_inputs
+        )
     return _timm_model(model, inputs, loss_fn, seed, batch, image_size)
 
 

@@ -32,6 +32,7 @@ _SHARD_NAME = re.compile(r"^tensors-\d{5}\.safetensors$")
 # The tensor lists a Call carries, in the order a record is reported.
 FORWARD_SLOTS = ("inputs", "outputs")
 BACKWARD_SLOTS = ("grad_outputs", "grad_inputs")
+DRAWS = "draws"  # subdirectory of a dump holding its honest draws
 
 
 @dataclass
@@ -107,8 +108,13 @@ class Trace:
     tensors: Any  # dict[str, Tensor] in memory, _DiskTensors when loaded
     param_grads: dict[str, str] = field(default_factory=dict)
     backward_order: list[int] = field(default_factory=list)  # call positions
+    # (call position, slot, index) of each gradient in the order backward produced it
+    backward_events: list[tuple[int, str, int]] = field(default_factory=list)
     forward_order: list[int] = field(default_factory=list)  # calls in the order they returned
     meta: dict[str, Any] = field(default_factory=dict)
+    # honest draws of this run (align.jitter), saved in draws/<n>/: align.compare takes
+    # the reference's error as the largest of its and theirs
+    draws: list[Trace] = field(default_factory=list)
 
     def tensor(self, key: str) -> torch.Tensor:
         return self.tensors[key]
@@ -145,17 +151,7 @@ class Trace:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            index = self._write_shards(tmp)
-            manifest = {
-                "format": FORMAT,
-                "calls": [asdict(c) for c in self.calls],
-                "param_grads": self.param_grads,
-                "backward_order": self.backward_order,
-                "forward_order": self.forward_order,
-                "meta": self.meta,
-                "tensors": index,
-            }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+            self._write(tmp)
             old = tmp.with_name(tmp.name + ".old")
             if target.exists():
                 os.rename(target, old)  # keep the previous dump until the new one is in place
@@ -170,6 +166,26 @@ class Trace:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return target
+
+    def _write(self, directory: Path) -> None:
+        """Shards, manifest and draws into an empty `directory`."""
+        index = self._write_shards(directory)
+        for n, draw in enumerate(self.draws):
+            sub = directory / DRAWS / str(n)
+            sub.mkdir(parents=True)
+            draw._write(sub)
+        manifest = {
+            "format": FORMAT,
+            "calls": [asdict(c) for c in self.calls],
+            "param_grads": self.param_grads,
+            "backward_order": self.backward_order,
+            "backward_events": self.backward_events,
+            "forward_order": self.forward_order,
+            "meta": self.meta,
+            "tensors": index,
+            "draws": len(self.draws),
+        }
+        (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
 
     def _write_shards(self, directory: Path) -> dict[str, dict[str, Any]]:
         index: dict[str, dict[str, Any]] = {}
@@ -220,6 +236,12 @@ def _validate(trace: Trace, index: Any) -> None:
     for order in ("backward_order", "forward_order"):
         if not all(isinstance(p, int) and 0 <= p < n for p in getattr(trace, order)):
             raise ValueError(f"'{order}' must list positions of calls")
+    for event in trace.backward_events:
+        pos, slot, i = event
+        if not (
+            isinstance(pos, int) and 0 <= pos < n and slot in BACKWARD_SLOTS and isinstance(i, int)
+        ) or not 0 <= i < len(getattr(trace.calls[pos], slot)):
+            raise ValueError(f"'backward_events' entry {event} names no recorded gradient")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in trace.param_grads.items()):
         raise TypeError("'param_grads' must map parameter names to tensor keys")
 
@@ -261,6 +283,7 @@ def load_trace(directory: str | os.PathLike) -> Trace:
             tensors=_DiskTensors(root, index),
             param_grads=dict(manifest.get("param_grads", {})),
             backward_order=list(manifest.get("backward_order", [])),
+            backward_events=[tuple(e) for e in manifest.get("backward_events", [])],
             forward_order=list(manifest.get("forward_order", [])),
             meta=dict(manifest.get("meta", {})),
         )
@@ -279,4 +302,8 @@ def load_trace(directory: str | os.PathLike) -> Trace:
     missing = trace.keys() - set(index)
     if missing:
         raise TraceError(f"{path}: records refer to tensors not in the dump: {sorted(missing)[:5]}")
+    draws = manifest.get("draws", 0)
+    if not isinstance(draws, int) or draws < 0:
+        raise TraceError(f"{path}: 'draws' must be a count, not {draws!r}")
+    trace.draws = [load_trace(root / DRAWS / str(n)) for n in range(draws)]
     return trace

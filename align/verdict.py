@@ -16,6 +16,7 @@ bias floor also holds 12 standard errors of the mean of that noise (rel_rmse / s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -118,6 +119,25 @@ class Row:
         return out
 
 
+def _k(k: float, reference_rel: float, floor: float, local: bool) -> float:
+    """k, raised where the reference's error says the tensor is ill-conditioned.
+
+    Where the exact result is ~0 (a gradient that cancels), both errors are pure roundoff
+    of different summation orders: allow twice the usual spread. A propagated error grows
+    towards that regime: the more the reference's error exceeds the dtype floor, the more
+    it is an amplified sum of a few upstream roundings, and the more two honest devices'
+    ratio varies (measured: DenseNet-121's last BatchNorm over 2x2x2 values, fp32
+    gradients with 2% error, an honest native-kernel target at 2.8x the reference). So
+    for whole-network tensors k rises log-linearly from k at the floor to 2k at
+    NOISE_DOMINATED; isolated modules keep k up to there (their draws cover the spread).
+    """
+    if reference_rel > NOISE_DOMINATED:
+        return 2 * k
+    if local or reference_rel <= floor or floor <= 0:
+        return k
+    return k * 2 ** (math.log(reference_rel / floor) / math.log(NOISE_DOMINATED / floor))
+
+
 def _multiplier(metric: str, k: float, local: bool = True) -> float:
     """How the reference's error is scaled into the limit: k, k^2 for cos_err, and for the
     noisiest, max_rel, 2k on isolated modules and 4k on propagated errors."""
@@ -145,8 +165,13 @@ def judge(
     strict_dtype: bool,
     local: bool,
     row: Row,
+    draws: Sequence[torch.Tensor] = (),
 ) -> Row:
-    """Fill `row` with the metrics of target and reference against golden, and the verdict."""
+    """Fill `row` with the metrics of target and reference against golden, and the verdict.
+
+    `draws` are honest draws of the reference (align.jitter); the reference's error on
+    each metric is then the largest of the reference's and the draws'.
+    """
     row.dtype, row.shape = str(reference.dtype).replace("torch.", ""), list(reference.shape)
     if tuple(target.shape) != tuple(reference.shape) or target.numel() != golden.numel():
         row.failed.append("shape")
@@ -159,18 +184,29 @@ def judge(
         row.metrics["dtype"], row.limits["dtype"] = 1.0, 0.0
         row.message = f"dtype {target.dtype} on the target, {reference.dtype} on the reference"
     floor = error_floor(reference.dtype) * tol.floor
-    t, r, g = metrics.as_f64(target), metrics.as_f64(reference), metrics.as_f64(golden)
-    bad = metrics.nonfinite(t, r, g)
-    if bad:
-        row.failed.append("nonfinite")
-        row.metrics["nonfinite"], row.limits["nonfinite"] = float(bad), 0.0
-        row.message = f"{bad} NaN/Inf on the target where the reference is finite"
-    ok = torch.isfinite(r) & torch.isfinite(g)
-    scale = math.sqrt(float(torch.dot(g[ok], g[ok])) / max(int(ok.sum()), 1))
-    r_err = (r - g)[ok]
-    rms_r = math.sqrt(float(torch.dot(r_err, r_err)) / max(r_err.numel(), 1))
-    tau = 4 * tol.k * rms_r + floor * (g.abs() + scale)  # per element: rounding scales with |g|
-    mt, mr = metrics.errors(t, g, tau), metrics.errors(r, g, tau)
+    t, g = metrics.as_f64(target), metrics.as_f64(golden)
+    honest = [metrics.as_f64(h) for h in (reference, *draws) if h.shape == reference.shape]
+    if not all(metrics.all_finite(x) for x in (t, g, *honest)):  # else no mask is needed
+        bad = metrics.nonfinite(t, honest[0], g)
+        if bad:
+            row.failed.append("nonfinite")
+            row.metrics["nonfinite"], row.limits["nonfinite"] = float(bad), 0.0
+            row.message = f"{bad} NaN/Inf on the target where the reference is finite"
+        keep = torch.isfinite(t) & torch.isfinite(g)
+        for h in honest:
+            keep &= torch.isfinite(h)
+        t, g, honest = t[keep], g[keep], [h[keep] for h in honest]
+    against = metrics.Against(g)
+    scale = math.sqrt(against.gg / max(g.numel(), 1))
+    mt, abs_t, _ = against.partial(t)
+    judged = [against.partial(h) for h in honest]
+    rms_r = max(rms for _, _, rms in judged)
+    # per element: k times the reference's spread plus rounding that scales with |g|
+    tau = (against.abs_g + scale).mul_(floor).add_(4 * tol.k * rms_r)
+    mt["share"] = against.share(abs_t, tau)
+    for found, abs_h, _ in judged:
+        found["share"] = against.share(abs_h, tau)
+    mr = _envelope([found for found, _, _ in judged])
     # Standard error of a mean of n rounding errors, times BIAS_SIGMAS: rounding errors of
     # one tensor are correlated (shared weights, shared inputs), so n overstates the
     # independent draws; 12 sigmas measured quiet on honest kernel differences.
@@ -179,13 +215,11 @@ def judge(
     if local:  # element-level and bias metrics: only where errors are local rounding noise
         floors["share"] = max(SHARE_FLOOR, SHARE_COUNT / max(t.numel(), 1))
         floors.update(mean_err=noise, scale_err=noise)
-    # Where the exact result is ~0 (a gradient that cancels), both errors are pure roundoff
-    # of different summation orders: a single draw each, so allow twice the usual spread.
-    k = tol.k * (2 if mr["rel_rmse"] > NOISE_DOMINATED else 1)
+    k = _k(tol.k, mr["rel_rmse"], floor, local)
     # A reference error that happens to be a pure gain has cos_err ~ 0: use its rel_rmse too.
     mr_cos = max(mr["cos_err"], mr["rel_rmse"] ** 2 / 2)
     limits = {
-        m: _multiplier(m, k, local) * (mr_cos if m == "cos_err" else abs(mr[m])) + f
+        m: _multiplier(m, k, local) * (mr_cos if m == "cos_err" else mr[m]) + f
         for m, f in floors.items()
     }
     row.metrics.update(mt)
@@ -193,7 +227,44 @@ def judge(
     row.limits.update(limits)
     row.failed += [m for m, limit in limits.items() if abs(mt[m]) > limit]
     row.needed_k = max(
-        _needed_k(m, abs(mt[m]) - f, mr_cos if m == "cos_err" else abs(mr[m]), local)
+        _needed_k(m, abs(mt[m]) - f, mr_cos if m == "cos_err" else mr[m], local)
         for m, f in floors.items()
     )
     return row
+
+
+def judge_robustly(
+    target: torch.Tensor,
+    reference: torch.Tensor,
+    golden: torch.Tensor,
+    tol: Tolerance,
+    *,
+    strict_dtype: bool,
+    local: bool,
+    row: Row,
+    draws: Callable[[], Sequence[torch.Tensor]],
+) -> Row:
+    """`judge` against the reference alone, and where that fails, again against the
+    reference and its honest draws (made only then: they cost a run each)."""
+    judged = judge(target, reference, golden, tol, strict_dtype=strict_dtype, local=local, row=row)
+    if judged.passed:
+        return judged
+    honest = draws()
+    if not honest:
+        return judged
+    again = Row(row.module, row.call, row.phase, row.tensor, "", [], isolated=row.isolated)
+    return judge(
+        target,
+        reference,
+        golden,
+        tol,
+        strict_dtype=strict_dtype,
+        local=local,
+        row=again,
+        draws=honest,
+    )
+
+
+def _envelope(draws: list[dict[str, float]]) -> dict[str, float]:
+    """Per metric, the largest magnitude over the honest draws (signed ones as magnitudes)."""
+    return {m: max(abs(d[m]) for d in draws) for m in draws[0]}

@@ -54,7 +54,6 @@ def _assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -
 
 def _resolved():
     """The model and inputs a `python -m align.dump NAME --seed 0` process builds."""
-    torch.manual_seed(SEED)  # what the CLI does before building a named model
     return resolve_model(NAME, None, None, SEED, BATCH, SIZE)
 
 
@@ -199,11 +198,11 @@ def test_argparse_usage_errors_exit_2(tmp_path):
 
 @pytest.fixture(scope="module")
 def dumps(tmp_path_factory) -> dict[str, Path]:
-    """reference and target dumped by two processes (same command), and the golden."""
+    """reference (with two honest draws) and target dumped by two processes, and the golden."""
     root = tmp_path_factory.mktemp("dumps")
     out = {name: root / name for name in ("ref", "tgt", "golden")}
     runs = {
-        "ref": ["--device", "cpu", "--emulate", EMULATE],
+        "ref": ["--device", "cpu", "--emulate", EMULATE, "--draws", "2"],
         "tgt": ["--device", "cpu", "--emulate", EMULATE],
         "golden": ["--golden"],
     }
@@ -228,6 +227,8 @@ def test_the_same_dump_in_two_processes_is_bit_identical(dumps, tmp_path):
     assert proc.returncode == 0, _explain(proc)
     result = json.loads(out.read_text())
     assert result["schema"] == "align.check/1" and result["passed"] is True
+    assert len(ref.draws) == 2 and not tgt.draws
+    # nothing fails against the reference alone, so its draws are never consulted
     assert all(r["metrics"] == r["reference"] for r in result["rows"])
 
 

@@ -261,11 +261,6 @@ def test_nonzero_against_zero_golden(xg):
     assert metrics.errors(x, z)["share"] == 0.0  # default tau = inf: nothing beyond it
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="verdict bug: metrics._ratio returns +inf for any nonzero numerator over a zero "
-    "denominator, so the signed mean_err of x < 0 against g == 0 is +inf, not -inf",
-)
 def test_negative_offset_against_zero_golden_is_negative():
     x = torch.tensor([-1.0, -2.0], dtype=torch.float64)
     assert metrics.errors(x, torch.zeros_like(x))["mean_err"] == -math.inf

@@ -94,6 +94,7 @@ def _same_records(a: Trace, b: Trace) -> None:
     assert b.calls == a.calls
     assert b.param_grads == a.param_grads
     assert b.backward_order == a.backward_order
+    assert b.backward_events == a.backward_events
     assert b.forward_order == a.forward_order
     assert b.keys() == a.keys()
     for key in a.keys():
@@ -145,6 +146,29 @@ def test_round_trip_of_a_captured_model(tmp_path):
     assert loaded.meta["seed"] == 0 and loaded.meta["precision"] == "fp32"
     assert loaded.meta["loss"] == original.meta["loss"]
     assert set(loaded.param_grads) == {n for n, _ in Net().named_parameters()}
+
+
+def test_honest_draws_round_trip_and_differ_from_the_run(tmp_path):
+    torch.manual_seed(0)
+    original = align.capture(Net(), torch.randn(4, 6), device="cpu", draws=2)
+    assert len(original.draws) == 2 and original.backward_events
+    loaded = load_trace(original.save(tmp_path / "dump"))
+    assert len(loaded.draws) == 2
+    for mine, theirs in zip(original.draws, loaded.draws):
+        _same_records(mine, theirs)
+        assert theirs.meta["jitter"] is not None
+    key = original.calls[-1].outputs[0]
+    a, b = loaded.tensor(key), loaded.draws[0].tensor(loaded.draws[0].calls[-1].outputs[0])
+    assert not torch.equal(a, b)  # jittered by about one unit roundoff
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_dump_missing_a_draw_is_refused(tmp_path):
+    torch.manual_seed(0)
+    path = align.capture(Net(), torch.randn(4, 6), device="cpu", draws=1).save(tmp_path / "d")
+    shutil.rmtree(path / "draws" / "0")
+    with pytest.raises(TraceError, match="draws"):
+        load_trace(path)
 
 
 def test_a_loaded_trace_saves_again_identically(tmp_path):

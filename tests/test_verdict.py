@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from align.precision import error_floor, unit_roundoff
-from align.verdict import Divergence, Row, Tolerance, judge
+from align.verdict import Divergence, Row, Tolerance, _k, judge
 
 N = 4096
 
@@ -33,9 +33,11 @@ def row(**kw) -> Row:
     return Row(kw.pop("module", "layer1.conv"), 0, kw.pop("phase", "forward"), "output[0]", "", [])
 
 
-def run(t, r, g, *, k=2.0, strict_dtype=True, local=True) -> Row:
+def run(t, r, g, *, k=2.0, strict_dtype=True, local=True, draws=()) -> Row:
     """judge() as isolation calls it by default (local: share and the bias metrics too)."""
-    return judge(t, r, g, Tolerance(k=k), strict_dtype=strict_dtype, local=local, row=row())
+    return judge(
+        t, r, g, Tolerance(k=k), strict_dtype=strict_dtype, local=local, row=row(), draws=draws
+    )
 
 
 def explain(r: Row) -> str:
@@ -105,12 +107,24 @@ def test_exact_reference_still_allows_rounding_level_noise():
 def test_ten_times_the_noise_fails_rel_rmse(seed, rel):
     g = golden(seed=seed)
     r, t = noisy(g, rel, 2 * seed), noisy(g, 10 * rel, 2 * seed + 1)
-    verdict = run(t, r, g, local=False)
-    assert "rel_rmse" in verdict.failed, explain(verdict)
-    assert verdict.metrics["rel_rmse"] == pytest.approx(10 * rel, rel=0.1)
+    for local in (True, False):
+        verdict = run(t, r, g, local=local)
+        assert "rel_rmse" in verdict.failed, explain(verdict)
+        assert verdict.metrics["rel_rmse"] == pytest.approx(10 * rel, rel=0.1)
+    verdict = run(t, r, g, local=True)  # isolated: exactly k
     assert verdict.limits["rel_rmse"] == pytest.approx(
         2 * verdict.reference["rel_rmse"] + error_floor(torch.float32)
     )
+
+
+def test_k_of_propagated_errors_rises_with_the_reference_error():
+    """Whole-network tensors: k at the dtype floor, 2k at NOISE_DOMINATED, log-linear."""
+    floor = error_floor(torch.float32)
+    ks = [_k(2.0, rel, floor, local=False) for rel in (floor, 1e-4, 1e-3, 1e-2, 0.1, 0.5)]
+    assert ks[0] == 2.0 and ks[-1] == pytest.approx(4.0)
+    assert ks == sorted(ks) and len(set(ks)) == len(ks)
+    assert _k(2.0, 1e-2, floor, local=True) == 2.0  # isolated: k until noise dominates
+    assert _k(2.0, 0.6, floor, local=True) == _k(2.0, 0.6, floor, local=False) == 4.0
 
 
 def test_a_few_large_errors_fail_share():
@@ -281,17 +295,42 @@ def test_an_error_as_large_as_the_references_in_another_direction_passes():
     assert verdict.passed, explain(verdict)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="verdict weakness: k times ONE draw of the reference's error; on 8-element "
-    "tensors (SE biases, small BN parameters) a target with exactly the reference's noise "
-    "distribution fails 3% of the time at k=2 (rel_rmse 1.7%, cos_err 3.0% of 300 seeds), "
-    "and a network has dozens of such tensors",
-)
 def test_same_noise_on_small_tensors_rarely_fails():
+    """One draw on 8 elements (SE biases, small BN parameters), whole network: at k=2 a
+    same-noise target failed 3% of the time; k rising with the reference's error (here
+    100x the floor) keeps that under 1 in 300."""
     failed = 0
     for seed in range(300):
         g = golden(8, seed)
         r, t = noisy(g, 1e-3, 2 * seed), noisy(g, 1e-3, 2 * seed + 1)
         failed += not run(t, r, g, local=False).passed
     assert failed <= 1, f"{failed} of 300 same-noise targets failed"
+
+
+def test_same_noise_on_small_tensors_passes_with_two_honest_draws():
+    """Isolated (k not raised): the largest of three draws' errors (align.jitter)."""
+    failed = 0
+    for seed in range(300):
+        g = golden(8, seed)
+        r, t = noisy(g, 1e-3, 4 * seed), noisy(g, 1e-3, 4 * seed + 1)
+        draws = [noisy(g, 1e-3, 4 * seed + 2), noisy(g, 1e-3, 4 * seed + 3)]
+        failed += not run(t, r, g, local=True, draws=draws).passed
+    assert failed <= 1, f"{failed} of 300 same-noise targets failed"
+
+
+def test_draws_do_not_hide_a_fault():
+    """A gain fault of 10x the noise still fails when the limits come from three draws."""
+    g = golden(seed=3)
+    draws = [noisy(g, 1e-4, n) for n in range(3)]
+    t = (g * (1 + 1e-3)).float()
+    verdict = run(t, draws[0], g, draws=draws[1:])
+    assert not verdict.passed and "scale_err" in verdict.failed, explain(verdict)
+
+
+def test_the_reference_column_is_the_envelope_of_the_draws():
+    g = golden(seed=4)
+    r, big = noisy(g, 1e-5, 0), noisy(g, 1e-4, 1)
+    verdict = run(noisy(g, 1e-5, 2), r, g, draws=[big])
+    alone = run(noisy(g, 1e-5, 2), big, g)
+    assert verdict.reference["rel_rmse"] == pytest.approx(alone.reference["rel_rmse"])
+    assert verdict.limits["rel_rmse"] == pytest.approx(alone.limits["rel_rmse"])

@@ -38,6 +38,7 @@ class Case:
     make_inputs(batch, seed): inputs for align.check (tensor, tuple or dict).
     loss_fn(output, inputs): scalar loss for backward/train; None = align's default.
     skip: a reason the case cannot run here (then tests skip with it, never pass).
+    grad_inputs(inputs): the inputs backward differentiates; None = every floating one.
     """
 
     name: str
@@ -53,6 +54,7 @@ class Case:
     test_batch: int = 2
     skip: str | None = None
     tags: tuple[str, ...] = field(default_factory=tuple)
+    grad_inputs: Callable[[Any], Any] | None = None
 
 
 _cases: dict[str, Case] = {}
