@@ -2,6 +2,7 @@
 
     python -m align.run resnet50 --epochs 200 --cards 8 --data PATH --device npu
     python -m align.run digits --cards 2            # the embedded case: about a minute on a CPU
+    python -m align.run retinanet_r50 --cards 8 --device npu --data /data/coco --repeat 3
     python -m align.run --compare work_dirs/a/result.json work_dirs/b/result.json
 
 Exit status: 0 the documented figure is confirmed, 1 it is not, 2 a usage, data or
@@ -32,7 +33,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cards", type=int, help="workers per node (default: the recipe's cards)")
     p.add_argument("--device", help="cpu, cuda or npu (default: the best present)")
     p.add_argument("--precision", help="fp32, amp-fp16, amp-bf16, o2-fp16 (O1, O2)")
-    p.add_argument("--data", help="dataset root (ImageNet folders, CIFAR-100, COCO)")
+    p.add_argument(
+        "--data", help="dataset root: ImageNet folders, CIFAR-100, COCO (detection cases)"
+    )
     p.add_argument("--batch-size", type=int, help="per card (default: the recipe's)")
     p.add_argument("--lr", type=float, help="default: the recipe's, scaled to the global batch")
     p.add_argument("--work-dir", help="default: work_dirs/<case>")
@@ -84,6 +87,7 @@ def _train(args: argparse.Namespace) -> int:
         node_rank=args.node_rank,
         master_addr=args.master_addr,
         master_port=args.master_port,
+        runs=args.repeat,
     )
     if args.repeat == 1:
         out = full_run.run(opts)

@@ -215,7 +215,8 @@ def judge(
     if local:  # element-level and bias metrics: only where errors are local rounding noise
         floors["share"] = max(SHARE_FLOOR, SHARE_COUNT / max(t.numel(), 1))
         floors.update(mean_err=noise, scale_err=noise)
-    k = _k(tol.k, mr["rel_rmse"], floor, local)
+    ramp = _k(1.0, mr["rel_rmse"], floor, local)
+    k = tol.k * ramp
     # A reference error that happens to be a pure gain has cos_err ~ 0: use its rel_rmse too.
     mr_cos = max(mr["cos_err"], mr["rel_rmse"] ** 2 / 2)
     limits = {
@@ -226,11 +227,28 @@ def judge(
     row.reference.update(mr)
     row.limits.update(limits)
     row.failed += [m for m, limit in limits.items() if abs(mt[m]) > limit]
-    row.needed_k = max(
+    linear = max(
         _needed_k(m, abs(mt[m]) - f, mr_cos if m == "cos_err" else mr[m], local)
         for m, f in floors.items()
+        if m != "share"
     )
+    row.needed_k = linear / ramp
+    if local:
+        allowed = int(floors["share"] * abs_t.numel())
+        row.needed_k = max(row.needed_k, _share_k(abs_t, against, scale, floor, rms_r, allowed))
     return row
+
+
+def _share_k(abs_t, against: metrics.Against, scale, floor, rms_r, allowed: int) -> float:
+    """The k from which at most `allowed` target elements exceed tau(k), tau growing with k
+    (an upper bound of share's needed k: it leaves out the reference's own share)."""
+    if allowed >= abs_t.numel():
+        return 0.0
+    beyond = abs_t - (against.abs_g + scale) * floor
+    worst = float(torch.topk(beyond, allowed + 1).values[-1])
+    if worst <= 0:
+        return 0.0
+    return worst / (4 * rms_r) if rms_r > 0 else math.inf
 
 
 def judge_robustly(

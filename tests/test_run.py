@@ -100,7 +100,9 @@ def test_compare_judges_results_together(digits_run, tmp_path, capsys):
         (["no_such_case"], "unknown case"),
         (["digits", "--precision", "amp-fp16", "--device", "cpu"], "needs an accelerator"),
         (["digits", "--precision", "fp8"], "unknown precision"),
-        (["ssd300"], "does not train detection"),
+        (["ssd300", "--device", "cpu"], "needs an accelerator"),  # its recipe is amp-fp16
+        (["ssdlite_mobilenetv2", "--data", "/nonexistent/coco"], "/nonexistent/coco"),
+        (["solov2_r50"], "not instance_segmentation"),
         (["resnet50", "--data", "/nonexistent/imagenet"], "/nonexistent/imagenet"),
         (["resnet50"], "--data PATH"),
         (

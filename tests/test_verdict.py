@@ -334,3 +334,18 @@ def test_the_reference_column_is_the_envelope_of_the_draws():
     alone = run(noisy(g, 1e-5, 2), big, g)
     assert verdict.reference["rel_rmse"] == pytest.approx(alone.reference["rel_rmse"])
     assert verdict.limits["rel_rmse"] == pytest.approx(alone.limits["rel_rmse"])
+
+
+@pytest.mark.parametrize("local", [True, False])
+@pytest.mark.parametrize("rel,factor", [(1e-4, 3.0), (1e-2, 5.0), (0.7, 3.0)])
+def test_needed_k_is_where_the_verdict_flips(local, rel, factor):
+    """Row.needed_k (what calibration reads) is the k from which the target passes; exactly
+    that k on whole-network rows, an upper bound on isolated ones (share's bound leaves
+    out the reference's own share)."""
+    g = golden(seed=7)
+    r, t = noisy(g, rel, 11), noisy(g, factor * rel, 12)
+    need = run(t, r, g, k=1.0, local=local).needed_k
+    assert 1.0 < need < 10 * factor
+    assert run(t, r, g, k=need * 1.001, local=local).passed
+    if not local:
+        assert not run(t, r, g, k=need * 0.99, local=local).passed

@@ -20,7 +20,17 @@ from torch.utils.data import Dataset, TensorDataset
 
 from align.errors import AlignError
 
-__all__ = ["DatasetError", "Splits", "Augmented", "check", "load", "load_coco", "KINDS"]
+__all__ = [
+    "DatasetError",
+    "Splits",
+    "Augmented",
+    "check",
+    "load",
+    "load_coco",
+    "load_detection",
+    "collate_lists",
+    "KINDS",
+]
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # mmcls configs/_base_/datasets/cifar100_bs16.py (there in 0-255 units)
@@ -51,13 +61,21 @@ class Splits:
     val: Dataset
     num_classes: int
     loader_workers: int  # data-loader processes worth running per rank (0: in memory)
+    annotations: Path | None = None  # COCO ground truth of `val` (detection: for box AP)
 
 
 class Augmented(Dataset):
-    """`dataset` with `transform` applied under a torch seed fixed by (seed, epoch, index)."""
+    """`dataset` with `transform` applied under a torch seed fixed by (seed, epoch, index).
 
-    def __init__(self, dataset: Dataset, transform: Callable[[Any], Any], seed: int) -> None:
+    `joint`: the transform takes and returns (image, target), as detection's must, since
+    a flip or a crop moves the boxes with the image; else it takes the image alone.
+    """
+
+    def __init__(
+        self, dataset: Dataset, transform: Callable[..., Any], seed: int, *, joint: bool = False
+    ) -> None:
         self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
+        self.joint = joint
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose augmentation draws come next."""
@@ -70,7 +88,7 @@ class Augmented(Dataset):
         image, label = self.dataset[index]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**63)
-            return self.transform(image), label
+            return self.transform(image, label) if self.joint else (self.transform(image), label)
 
 
 def _error(kind: str, path: Path | None, problem: str) -> DatasetError:
@@ -101,7 +119,7 @@ def load(kind: str, root: str | os.PathLike[str] | None, image_size: int, seed: 
     if kind == "digits":
         return _digits(image_size)
     if kind == "coco":
-        raise AlignError("COCO is a detection dataset: use load_coco() for its splits")
+        raise AlignError("COCO is a detection dataset: use load_detection() for its splits")
     return {"imagenet": _image_folders, "cifar100": _cifar100}[kind](Path(root), image_size, seed)
 
 
@@ -216,7 +234,12 @@ def _check_coco(root: Path) -> None:
             raise _error("coco", root, f"no {annotations.relative_to(root)}")
 
 
-def load_coco(root: str | os.PathLike[str], split: str = "val") -> Dataset:
+def load_coco(
+    root: str | os.PathLike[str],
+    split: str = "val",
+    *,
+    target_keys: tuple[str, ...] = ("boxes", "labels", "image_id"),
+) -> Dataset:
     """A COCO split as (image tensor, {"boxes" xyxy, "labels", "image_id"}) pairs."""
     from torchvision import datasets
     from torchvision.transforms import v2 as T
@@ -231,6 +254,91 @@ def load_coco(root: str | os.PathLike[str], split: str = "val") -> Dataset:
         raise _error("coco", annotations, f"not a COCO instances file ({e})") from None
     transform = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True)])
     coco = datasets.CocoDetection(str(images), str(annotations), transforms=transform)
-    return datasets.wrap_dataset_for_transforms_v2(
-        coco, target_keys=("boxes", "labels", "image_id")
+    return datasets.wrap_dataset_for_transforms_v2(coco, target_keys=target_keys)
+
+
+DETECTION_AUGMENTS = ("flip", "ssd")
+
+
+def load_detection(
+    root: str | os.PathLike[str] | None,
+    seed: int,
+    *,
+    augment: str = "flip",
+    fill: tuple[float, ...] = (0.0, 0.0, 0.0),
+    repeat: int = 1,
+) -> Splits:
+    """COCO train2017 / val2017 for a torchvision detector: images in [0, 1], xyxy boxes,
+    COCO category ids as labels. The detector resizes and normalizes them itself.
+
+    Training follows mmdet's pipelines: crowd boxes and the images left without a box
+    are dropped (filter_empty_gt); "flip" is RandomFlip 0.5 (the FPN detectors' configs);
+    "ssd" puts PhotoMetricDistortion, Expand (filled with `fill`, the model's mean) and
+    MinIoURandomCrop before the flip, as the SSD configs do; `repeat` is RepeatDataset.
+    """
+    from torch.utils.data import ConcatDataset, Subset
+
+    if augment not in DETECTION_AUGMENTS:
+        raise AlignError(
+            f"unknown augmentation {augment!r}; known: {', '.join(DETECTION_AUGMENTS)}"
+        )
+    check("coco", root)
+    train = load_coco(root, "train", target_keys=("boxes", "labels", "image_id", "iscrowd"))
+    usable = [i for i, image_id in enumerate(train.ids) if _has_box(train.coco, image_id)]
+    if not usable:
+        raise _error("coco", _coco_paths(Path(root), "train")[1], "no image has a non-crowd box")
+    train_set: Dataset = Subset(train, usable)
+    if repeat > 1:
+        train_set = ConcatDataset([train_set] * repeat)
+    return Splits(
+        Augmented(train_set, _detection_transform(augment, fill), seed, joint=True),
+        load_coco(root, "val"),
+        num_classes=1 + max(train.coco.getCatIds(), default=0),
+        loader_workers=_loader_workers(),
+        annotations=_coco_paths(Path(root), "val")[1],
     )
+
+
+def _has_box(coco: Any, image_id: int) -> bool:
+    """Whether the image has a non-crowd box of at least a pixel on each side."""
+    return any(
+        not a.get("iscrowd", 0) and a["bbox"][2] >= 1 and a["bbox"][3] >= 1
+        for a in coco.imgToAnns[image_id]
+    )
+
+
+def _detection_transform(augment: str, fill: tuple[float, ...]) -> Callable[..., Any]:
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2 as T
+
+    steps: list[Callable[..., Any]] = [_drop_crowd]
+    if augment == "ssd":
+        steps += [
+            T.RandomPhotometricDistort(p=0.5),
+            T.RandomZoomOut(fill={tv_tensors.Image: tuple(fill), "others": 0}, side_range=(1, 4)),
+            T.RandomIoUCrop(),  # mmdet's min_ious (0.1 .. 0.9) and min_crop_size 0.3
+        ]
+    steps += [T.RandomHorizontalFlip(0.5), T.SanitizeBoundingBoxes(min_size=1.0), _plain]
+    return T.Compose(steps)
+
+
+def _drop_crowd(image: Any, target: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Leave out crowd boxes: mmdet ignores them in training, torchvision's detectors
+    would learn them as objects."""
+    from torchvision import tv_tensors
+
+    keep = ~torch.tensor(target.pop("iscrowd"), dtype=torch.bool)
+    boxes = tv_tensors.wrap(target["boxes"][keep], like=target["boxes"])
+    return image, {**target, "boxes": boxes, "labels": target["labels"][keep]}
+
+
+def _plain(image: Any, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Plain tensors for the detector (tv_tensors only matter to the transforms)."""
+    plain = {k: v.as_subclass(torch.Tensor) if torch.is_tensor(v) else v for k, v in target.items()}
+    return image.as_subclass(torch.Tensor), plain
+
+
+def collate_lists(batch: list[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
+    """(images, targets) as two lists: torchvision detectors take images of any size."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)

@@ -16,6 +16,7 @@ from align.train.options import RunOptions, scaled_recipe
 from align.train.verdict import Verdict, judge_run, judge_runs, noise_for
 
 TRAIN_DEVICES = ("cpu", "cuda", "npu")
+TRAIN_TASKS = ("classification", "detection")
 RESULT = "result.json"
 
 
@@ -36,19 +37,19 @@ def prepare(
     node_rank: int = 0,
     master_addr: str = "127.0.0.1",
     master_port: int | None = None,
+    runs: int = 1,
 ) -> RunOptions:
-    """Resolve and check a run before any worker starts; AlignError says what is wrong."""
+    """Resolve and check a run (one, or `runs` judged together) before any worker starts;
+    AlignError says what is wrong."""
     case = get_case(case_name)
-    if case.task != "classification":
+    if case.task not in TRAIN_TASKS:
         raise AlignError(
-            f"align.run does not train {case.task} cases yet ({case_name}): the COCO loader "
-            "(align.train.datasets.load_coco) and box-AP metric (align.train.metrics.CocoBoxAP) "
-            "exist, but the detection training loop (torchvision detector losses under "
-            "mmengine's Runner, with mmdet's iteration warmup and RepeatDataset) is not written"
+            f"align.run trains {' and '.join(TRAIN_TASKS)} cases, not {case.task} ({case_name})"
+            + (f": {case.skip}" if case.skip else "")
         )
     if case.recipe is None:
         raise AlignError(f"case {case_name!r} has no training recipe: nothing to run")
-    result.documented_figure(case_name, case.figures)  # fail now, not after training
+    figure = result.documented_figure(case_name, case.figures)  # fail now, not after training
     kind = _device_kind(device)
     if nnodes < 1 or not 0 <= node_rank < nnodes:
         raise AlignError(f"--node-rank {node_rank} must be in 0..{nnodes - 1} (--nnodes {nnodes})")
@@ -70,6 +71,7 @@ def prepare(
     )
     optim_wrapper(recipe, policy, kind)  # raises for a precision the device cannot train
     datasets.check(recipe.dataset, data)
+    noise_for(case_name, figure.metric, figure.value, 0, runs=runs)  # its noise is known
     work = Path(work_dir) if work_dir else Path("work_dirs") / case_name
     if resume and not (work / "last_checkpoint").is_file():
         raise AlignError(
@@ -104,15 +106,17 @@ def _device_kind(device: str | None) -> str:
     return kind
 
 
-def run(opts: RunOptions) -> dict[str, Any] | None:
-    """Train, judge and write `<work_dir>/result.json`; None on a node other than node 0."""
+def run(opts: RunOptions, runs: int = 1) -> dict[str, Any] | None:
+    """Train, judge and write `<work_dir>/result.json`; None on a node other than node 0.
+
+    `runs`: how many runs will be judged together (see `noise_for`)."""
     from align.train.launch import launch  # torch.distributed: imported only to run
 
     report = launch(opts)
     if report is None:
         return None
     figure = result.documented_figure(opts.case, get_case(opts.case).figures)
-    noise = noise_for(opts.case, figure.metric, figure.value, report["n_val"])
+    noise = noise_for(opts.case, figure.metric, figure.value, report["n_val"], runs=runs)
     verdict = judge_run(figure.metric, figure.value, report["final"][figure.metric], noise)
     out = result.build(opts, report, figure, verdict)
     result.write(opts.work_dir / RESULT, out)
@@ -124,7 +128,7 @@ def repeat(opts: RunOptions, k: int) -> tuple[list[dict[str, Any]], Verdict]:
     runs = []
     for seed in range(opts.seed, opts.seed + k):
         one = dataclasses.replace(opts, seed=seed, work_dir=opts.work_dir / f"seed{seed}")
-        out = run(one)
+        out = run(one, runs=k)
         if out is None:
             raise AlignError("--repeat is judged on node 0; this node only trained")
         runs.append(out)
@@ -139,5 +143,5 @@ def compare(results: list[dict[str, Any]]) -> Verdict:
     doc = results[0]["documented"]
     metric, documented = doc["metric"], doc["value"]
     n_val = results[0]["n_val"]
-    noise = noise_for(cases.pop(), metric, documented, n_val)
+    noise = noise_for(cases.pop(), metric, documented, n_val, runs=len(results))
     return judge_runs(metric, documented, [r["final"][metric] for r in results], noise)

@@ -27,14 +27,15 @@ class EpochRecorder(Hook):
 
     priority = "BELOW_NORMAL"  # after mmengine's timing hooks, before the checkpoint hook
 
-    def __init__(self) -> None:
+    def __init__(self, metric: str = "top1") -> None:
+        self.metric = metric  # a validation metric: an epoch that has it was validated
         self.epochs: list[dict[str, Any]] = []
         self.resumed_from: int | None = None
 
     def before_train(self, runner) -> None:
         if runner.epoch > 0:
             self.resumed_from = runner.epoch
-            if self.epochs and "top1" not in self.epochs[-1]:
+            if self.epochs and self.metric not in self.epochs[-1]:
                 runner.val_loop.run()
 
     def before_train_epoch(self, runner) -> None:

@@ -73,4 +73,5 @@ class CocoBoxAP(BaseMetric):
             evaluator.evaluate()
             evaluator.accumulate()
             evaluator.summarize()
-        return {"box_ap": 100.0 * evaluator.stats[0], "box_ap50": 100.0 * evaluator.stats[1]}
+        stats = [float(100.0 * s) for s in evaluator.stats[:2]]  # numpy scalars: not JSON
+        return {"box_ap": stats[0], "box_ap50": stats[1]}

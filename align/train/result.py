@@ -48,7 +48,7 @@ def build(opts: RunOptions, report: dict[str, Any], figure: Figure, verdict: Ver
         "precision": opts.recipe.precision,
         "precision_note": report["precision_note"],
         "environment": report["environment"],
-        "epochs": [{k: e.get(k) for k in _EPOCH_KEYS} for e in epochs],
+        "epochs": [{k: e[k] for k in _EPOCH_KEYS if k in e} for e in epochs],
         # Global training images per second over the epochs this process ran, as the
         # seeds' FPS columns count them (validation excluded).
         "images_per_s": images / seconds if seconds else None,
@@ -61,7 +61,17 @@ def build(opts: RunOptions, report: dict[str, Any], figure: Figure, verdict: Ver
     }
 
 
-_EPOCH_KEYS = ("epoch", "loss", "top1", "top5", "lr", "images_per_s", "seconds")
+_EPOCH_KEYS = (
+    "epoch",
+    "loss",
+    "top1",
+    "top5",
+    "box_ap",
+    "box_ap50",
+    "lr",
+    "images_per_s",
+    "seconds",
+)
 
 
 def write(path: Path, result: dict[str, Any]) -> None:

@@ -94,17 +94,28 @@ def recorded_spread(case: str) -> tuple[str, float, str] | None:
         ) from None
 
 
-def noise_for(case: str, metric: str, documented: float, n_val: int) -> Noise:
-    """The evaluation and run-to-run noise of `case`'s documented `metric`."""
+def noise_for(case: str, metric: str, documented: float, n_val: int, runs: int = 1) -> Noise:
+    """The evaluation and run-to-run noise of `case`'s documented `metric`.
+
+    A metric with no recorded spread and no default (box AP) can only be judged on
+    several runs (`runs` > 1): their own spread stands in for it (judge_runs with a zero
+    run_std is the one-sample t test), and each run alone is judged with no tolerance.
+    """
     e = eval_std(metric, documented, n_val)
     recorded = recorded_spread(case)
     if recorded is not None and recorded[0] == metric:
         return Noise(e, recorded[1], recorded[2])
     if metric in BINOMIAL_METRICS:
         return Noise(e, e, DEFAULT_RUN_STD_SOURCE)
-    raise AlignError(
+    missing = (
         f"golden/{case}.toml records no run-to-run spread for {metric} ([full_run] metric, "
-        "run_std, source) and there is no default for it: measure it with --repeat K"
+        "run_std, source)"
+    )
+    if runs > 1:
+        return Noise(e, 0.0, f"none: {missing}; the {runs} runs are judged on their own spread")
+    raise AlignError(
+        f"{missing} and there is no default for it: measure it with --repeat K (K >= 2, "
+        "judged on the runs' own spread) and record it there"
     )
 
 
@@ -176,6 +187,8 @@ def _dominant(eval_sd: float, run_sd: float, mean_sd: float | None = None) -> st
     if mean_sd is not None:
         parts["the spread of these runs' mean"] = mean_sd
     name = max(parts, key=parts.get)
+    if parts[name] == 0.0:
+        return "no noise is known, so any shortfall fails"
     advice = {
         "evaluation noise": "a larger val set, not more runs, would tighten it",
         "the documented run's run-to-run spread": "repeat the run (--repeat K) and judge the mean",

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 import os
 import sys
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -15,6 +17,10 @@ from align.train import compat, datasets
 from align.train.hooks import EpochRecorder, EpochSeed, FaultInjection, ProgressBar
 from align.train.optim import optim_wrapper, param_schedulers
 from align.train.options import RunOptions
+
+if TYPE_CHECKING:
+    from mmengine.evaluator import BaseMetric
+    from mmengine.model import BaseModel
 
 LOG_INTERVAL = 50  # iterations between mmengine's log lines in rankN.log
 
@@ -59,27 +65,63 @@ def _set_numerics(opts: RunOptions) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // opts.cards_per_node))
 
 
+@dataclass(frozen=True)
+class _Task:
+    """What a task (classification, detection) brings to the same training loop."""
+
+    splits: datasets.Splits
+    model: BaseModel
+    metric: BaseMetric
+    collate: Any  # mmengine's collate_fn: a config dict or a function
+    final: tuple[str, ...]  # the validation metrics a result reports, the first to judge
+
+
+def _task(opts: RunOptions) -> _Task:
+    """The data, model and metric of `opts.case`, with the same initial weights everywhere."""
+    from align.cases import get_case
+
+    case, recipe = get_case(opts.case), opts.recipe
+    torch.manual_seed(opts.seed)  # the same initial weights on every rank and every run
+    if case.task == "detection":
+        from torchvision.models.detection.ssd import SSD
+
+        from align.train.metrics import CocoBoxAP
+        from align.train.model import Detector, detector_at
+
+        net = detector_at(case.build(), recipe.image_size)
+        splits = datasets.load_detection(
+            opts.data,
+            opts.seed,
+            augment="ssd" if isinstance(net, SSD) else "flip",
+            fill=tuple(net.transform.image_mean),
+            repeat=recipe.repeat_dataset,
+        )
+        metric = CocoBoxAP(str(splits.annotations))
+        return _Task(splits, Detector(net), metric, datasets.collate_lists, ("box_ap", "box_ap50"))
+    from align.train.metrics import TopKAccuracy
+    from align.train.model import Classifier
+
+    model = Classifier(case.build(), recipe.label_smoothing)
+    splits = datasets.load(recipe.dataset, opts.data, recipe.image_size, opts.seed)
+    return _Task(splits, model, TopKAccuracy(), {"type": "default_collate"}, ("top1", "top5"))
+
+
 def _train(opts: RunOptions, rank: int, terminal: IO[str] | None) -> dict[str, Any] | None:
     from mmengine.evaluator import Evaluator
     from mmengine.hooks import SyncBuffersHook
     from mmengine.runner import Runner
 
-    from align.cases import get_case
     from align.environment import record as environment
-    from align.train.metrics import TopKAccuracy
-    from align.train.model import Classifier
 
     _set_numerics(opts)
     compat.init_process_group(opts.backend, opts.device, opts.timeout_s)
     recipe, world = opts.recipe, opts.world_size
-    splits = datasets.load(recipe.dataset, opts.data, recipe.image_size, opts.seed)
-    torch.manual_seed(opts.seed)  # the same initial weights on every rank and every run
-    model = compat.wrap_ddp(
-        Classifier(get_case(opts.case).build(), recipe.label_smoothing), opts.device
-    )
+    task = _task(opts)
+    splits = task.splits
+    model = compat.wrap_ddp(task.model, opts.device)
     iters_per_epoch = math.ceil(len(splits.train) / world) // recipe.batch_per_card
 
-    recorder = EpochRecorder()
+    recorder = EpochRecorder(task.final[0])
     # SyncBuffersHook averages BatchNorm statistics over ranks after each epoch, before
     # the checkpoint: every rank validates with the checkpointed statistics, so a resumed
     # run validates exactly as the uninterrupted one.
@@ -87,13 +129,16 @@ def _train(opts: RunOptions, rank: int, terminal: IO[str] | None) -> dict[str, A
     hooks += [ProgressBar(terminal)] if terminal is not None else []
     fault = FaultInjection.from_env()
     hooks += [fault] if fault is not None else []
+    loader = partial(
+        _loader, splits=splits, batch=recipe.batch_per_card, opts=opts, collate=task.collate
+    )
     runner = Runner(
         model=model,
         work_dir=str(opts.work_dir),
         experiment_name=f"{opts.case}-seed{opts.seed}",
-        train_dataloader=_loader(splits.train, splits, recipe.batch_per_card, opts, train=True),
-        val_dataloader=_loader(splits.val, splits, recipe.batch_per_card, opts, train=False),
-        val_evaluator=Evaluator([TopKAccuracy()]),
+        train_dataloader=loader(splits.train, train=True),
+        val_dataloader=loader(splits.val, train=False),
+        val_evaluator=Evaluator([task.metric]),
         train_cfg={"by_epoch": True, "max_epochs": recipe.epochs, "val_interval": 1},
         val_cfg={},
         optim_wrapper=optim_wrapper(recipe, recipe.precision, opts.device),
@@ -114,7 +159,7 @@ def _train(opts: RunOptions, rank: int, terminal: IO[str] | None) -> dict[str, A
     last = recorder.epochs[-1]
     return {
         "epochs": recorder.epochs,
-        "final": {"top1": last["top1"], "top5": last["top5"]},
+        "final": {name: last[name] for name in task.final},
         "n_val": len(splits.val),
         "precision_note": compat.precision_switch(recipe.precision, runner.optim_wrapper),
         "environment": environment({"train": opts.device}),
@@ -122,8 +167,10 @@ def _train(opts: RunOptions, rank: int, terminal: IO[str] | None) -> dict[str, A
     }
 
 
-def _loader(dataset, splits: datasets.Splits, batch: int, opts: RunOptions, *, train: bool) -> dict:
-    """mmengine dataloader config: seeded DefaultSampler, stacked batches, full last batch."""
+def _loader(
+    dataset, *, splits: datasets.Splits, batch: int, opts: RunOptions, collate: Any, train: bool
+) -> dict:
+    """mmengine dataloader config: seeded DefaultSampler, the task's collate, full last batch."""
     return {
         "dataset": dataset,
         "batch_size": batch,
@@ -132,5 +179,5 @@ def _loader(dataset, splits: datasets.Splits, batch: int, opts: RunOptions, *, t
         "pin_memory": opts.device != "cpu",
         "drop_last": train,
         "sampler": {"type": "DefaultSampler", "shuffle": train, "seed": opts.seed},
-        "collate_fn": {"type": "default_collate"},
+        "collate_fn": collate,
     }

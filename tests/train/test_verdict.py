@@ -100,8 +100,13 @@ def test_run_spread_comes_from_the_golden_file(tmp_path, monkeypatch):
     (tmp_path / "d.toml").write_text('case = "d"\n')
     default = noise_for("d", "top1", 76.0, 50_000)
     assert default.run_std == default.eval_std and default.run_std_source == DEFAULT_RUN_STD_SOURCE
-    with pytest.raises(AlignError, match="box_ap"):
+    with pytest.raises(AlignError, match="box_ap.*--repeat K"):
         noise_for("d", "box_ap", 36.6, 5_000)
+    several = noise_for("d", "box_ap", 36.6, 5_000, runs=3)  # judged on their own spread
+    assert (several.eval_std, several.run_std) == (0.0, 0.0) and "3 runs" in several.run_std_source
+    alone = judge_run("box_ap", 36.6, 36.5, several)
+    assert not alone.passed and "no noise is known" in alone.reason
+    assert judge_runs("box_ap", 36.6, [36.9, 36.2, 36.5], several).passed
 
     (tmp_path / "bad.toml").write_text('case = "bad"\n[full_run]\nmetric = "top1"\n')
     with pytest.raises(AlignError, match="run_std"):
