@@ -96,13 +96,24 @@ def render(precision: str, k: float, worst: dict[str, float]) -> str:
         if k == default
         else (f"{MARGIN} x the worst measured, above the default {default}")
     )
-    lines += [f"k = {k:g}      # {why}", "floor = 1.0  # 1x the dtype floor", ""]
+    lines += [f"k = {k:g}      # {why}", "floor = 1.0  # 1x the dtype floor", "", ""]
     return "\n".join(lines)
+
+
+UNCALIBRATED = (
+    "Not yet calibrated from measured noise on this model: the\n# values are align's "
+    "defaults; a calibration replaces them here, in a reviewed diff,\n# with the "
+    "measurement it came from."
+)
+CALIBRATED = (
+    "Tables with a '# calibrated' note come from\n# `python -m align.golden calibrate "
+    "CASE` (the measurement is in the note); the\n# others are align's defaults."
+)
 
 
 def rewrite(path: Path, precision: str, block: str) -> None:
     """Replace the `[tolerance.<precision>]` table (and its comments) in the TOML text."""
-    text = path.read_text()
+    text = path.read_text().replace(UNCALIBRATED, CALIBRATED)
     pattern = re.compile(rf"^\[tolerance\.{re.escape(precision)}\]\n(?:(?!\[).*\n?)*", re.MULTILINE)
     new = (
         pattern.sub(block, text, count=1)

@@ -227,7 +227,7 @@ def judge(
     # A reference error that happens to be a pure gain has cos_err ~ 0: use its rel_rmse too.
     mr_cos = max(mr["cos_err"], mr["rel_rmse"] ** 2 / 2)
     limits = {
-        m: _multiplier(m, k, local) * (mr_cos if m == "cos_err" else mr[m]) + f
+        m: _multiplier(m, k, local) * (mr_cos if m == "cos_err" else abs(mr[m])) + f
         for m, f in floors.items()
     }
     row.metrics.update(mt)
@@ -235,7 +235,7 @@ def judge(
     row.limits.update(limits)
     row.failed += [m for m, limit in limits.items() if abs(mt[m]) > limit]
     linear = max(
-        _needed_k(m, abs(mt[m]) - f, mr_cos if m == "cos_err" else mr[m], local)
+        _needed_k(m, abs(mt[m]) - f, mr_cos if m == "cos_err" else abs(mr[m]), local)
         for m, f in floors.items()
         if m != "share"
     )
@@ -291,5 +291,5 @@ def judge_robustly(
 
 
 def _envelope(draws: list[dict[str, float]]) -> dict[str, float]:
-    """Per metric, the largest magnitude over the honest draws (signed ones as magnitudes)."""
-    return {m: max(abs(d[m]) for d in draws) for m in draws[0]}
+    """Per metric, the value of largest magnitude over the honest draws (sign kept)."""
+    return {m: max((d[m] for d in draws), key=abs) for m in draws[0]}

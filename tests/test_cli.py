@@ -110,7 +110,6 @@ def _verdict(report_or_json) -> tuple:
 # -- align.check ------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_check_exits_0_when_aligned_and_writes_the_result(tmp_path):
     out = tmp_path / "results" / "check.json"
     proc = _cli("check", *MODEL, "--target", "cpu", "--json", out)
@@ -213,7 +212,6 @@ def dumps(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-@pytest.mark.slow
 def test_the_same_dump_in_two_processes_is_bit_identical(dumps, tmp_path):
     ref, tgt, golden = (load_trace(dumps[n]) for n in ("ref", "tgt", "golden"))
     assert _same_tensors(ref, tgt)  # the same weights, inputs and numerics in each process
@@ -252,7 +250,6 @@ def _crafted(source: Trace, scale: dict[str, float]) -> Trace:
     )
 
 
-@pytest.mark.slow
 def test_compare_exits_1_at_the_first_crafted_divergence(dumps, tmp_path):
     crafted = _crafted(
         load_trace(dumps["tgt"]),
@@ -277,7 +274,6 @@ def test_compare_exits_1_at_the_first_crafted_divergence(dumps, tmp_path):
     _assert_same_rows(in_process.rows, result["rows"])
 
 
-@pytest.mark.slow
 def test_compare_of_dumps_at_different_precisions_is_an_error(dumps):
     proc = _cli("compare", dumps["ref"], dumps["golden"])
     _assert_one_line_error(proc, "fp32", "fp64")
@@ -286,7 +282,6 @@ def test_compare_of_dumps_at_different_precisions_is_an_error(dumps):
 # -- the key cross-machine test ------------------------------------------------------------
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize(
     "broken, expected",

@@ -55,7 +55,6 @@ def test_digits_confirms_on_two_gloo_workers(digits_run):
     assert not list(work.glob(".result.json.*"))  # the atomic write left no temp file
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(digits_run, tmp_path):
     _, _, uninterrupted = digits_run
