@@ -107,7 +107,7 @@ class Isolator:
         replaced: list[tuple[torch.nn.Module, Any]] = []
         try:
             self._install_replays(run, pos, modules, local, replaced)
-            torch.manual_seed(run.seed)
+            _seed(run)
             with run.numerics():
                 out = module(*args, **kwargs)
         finally:
@@ -199,6 +199,15 @@ class Isolator:
             return tree_unflatten(rebuilt, spec.out_spec)
 
         return replay
+
+
+def _seed(run: Run) -> None:
+    """Seed the run's device as a whole run does; the CPU alone without touching the lazy
+    accelerator modules (torch.manual_seed formats a stack trace for each, every call)."""
+    if run.device.type == "cpu":
+        torch.default_generator.manual_seed(run.seed)
+    else:
+        torch.manual_seed(run.seed)
 
 
 def _identical(a: _Local, b: _Local) -> bool:

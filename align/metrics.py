@@ -28,6 +28,12 @@ def as_f64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
 
 
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """Flattened CPU view of `t` in its own dtype: arithmetic with a float64 golden promotes
+    it element by element, with no float64 copy of its own."""
+    return t.detach().to("cpu").reshape(-1)
+
+
 def nonfinite(x: torch.Tensor, *finite_in: torch.Tensor) -> int:
     """Elements of x that are NaN/Inf where every tensor in `finite_in` is finite."""
     if all_finite(x):

@@ -190,9 +190,11 @@ def judge(
         row.metrics["dtype"], row.limits["dtype"] = 1.0, 0.0
         row.message = f"dtype {target.dtype} on the target, {reference.dtype} on the reference"
     floor = error_floor(reference.dtype) * tol.floor
-    t, g = metrics.as_f64(target), metrics.as_f64(golden)
-    honest = [metrics.as_f64(h) for h in (reference, *draws) if h.shape == reference.shape]
-    if not all(metrics.all_finite(x) for x in (t, g, *honest)):  # else no mask is needed
+    t, g = metrics.flat(target), metrics.as_f64(golden)
+    honest = [metrics.flat(h) for h in (reference, *draws) if h.shape == reference.shape]
+    against = metrics.Against(g)
+    parts = [against.partial(x) for x in (t, *honest)] if math.isfinite(against.gg) else []
+    if not parts or not all(math.isfinite(rms) for _, _, rms in parts):  # NaN/Inf: mask
         bad = metrics.nonfinite(t, honest[0], g)
         if bad:
             row.failed.append("nonfinite")
@@ -201,14 +203,13 @@ def judge(
         keep = torch.isfinite(t) & torch.isfinite(g)
         for h in honest:
             keep &= torch.isfinite(h)
-        t, g, honest = t[keep], g[keep], [h[keep] for h in honest]
-    against = metrics.Against(g)
-    scale = math.sqrt(against.gg / max(g.numel(), 1))
-    mt, abs_t, _ = against.partial(t)
-    judged = [against.partial(h) for h in honest]
+        against = metrics.Against(g[keep])
+        parts = [against.partial(x[keep]) for x in (t, *honest)]
+    (mt, abs_t, _), judged = parts[0], parts[1:]
+    scale = math.sqrt(against.gg / max(against.g.numel(), 1))
     rms_r = max(rms for _, _, rms in judged)
     # per element: k times the reference's spread plus rounding that scales with |g|
-    tau = (against.abs_g + scale).mul_(floor).add_(4 * tol.k * rms_r)
+    tau = against.abs_g.mul(floor).add_(floor * scale + 4 * tol.k * rms_r)
     mt["share"] = against.share(abs_t, tau)
     for found, abs_h, _ in judged:
         found["share"] = against.share(abs_h, tau)
@@ -216,11 +217,11 @@ def judge(
     # Standard error of a mean of n rounding errors, times BIAS_SIGMAS: rounding errors of
     # one tensor are correlated (shared weights, shared inputs), so n overstates the
     # independent draws; 12 sigmas measured quiet on honest kernel differences.
-    independent = BIAS_SIGMAS * mt["rel_rmse"] / math.sqrt(max(t.numel(), 1))
+    independent = BIAS_SIGMAS * mt["rel_rmse"] / math.sqrt(max(abs_t.numel(), 1))
     noise = max(independent, BIAS_FRACTION * mr["rel_rmse"]) + 2 * UNIT_FP32
     floors = {"rel_rmse": floor, "cos_err": floor * floor / 2, "max_rel": 2 * floor}
     if local:  # element-level and bias metrics: only where errors are local rounding noise
-        floors["share"] = max(SHARE_FLOOR, SHARE_COUNT / max(t.numel(), 1))
+        floors["share"] = max(SHARE_FLOOR, SHARE_COUNT / max(abs_t.numel(), 1))
         floors.update(mean_err=noise, scale_err=noise)
     ramp = _k(1.0, mr["rel_rmse"], floor, local)
     k = tol.k * ramp
