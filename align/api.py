@@ -295,6 +295,13 @@ def _judge_runs(
         )
         report.notes += notes
         timings["isolation"] = time.perf_counter() - t0
+        if not report.culprits and any(r.failed for r in report.rows):
+            report.notes.append(
+                "the whole network diverges but every isolated module is right on the "
+                "reference's inputs: look for a discontinuity at the first divergence (a ReLU "
+                "input or a max-pool tie that honest rounding put on the other side) or for "
+                "errors that only add up across modules"
+            )
     if sensitivity and ref_run.emulation is not None:
         from align.sensitivity import emulation_sensitivity
 

@@ -24,6 +24,7 @@ from align.errors import AlignError
 from align.golden import DEFAULT_TOLERANCE, load_golden
 
 MARGIN = 1.5
+JUMP = 10.0  # x the default k: beyond it a tensor's error is a jump, not noise (see _split)
 SEEDS = (0, 1, 2)
 TARGETS = ("emulated npu-fp32, native kernels", "channels_last")
 
@@ -54,11 +55,13 @@ def _channels_last_inputs(module, args: tuple) -> tuple:
     )
 
 
-def measure(case: str, precision: str, seeds=SEEDS) -> dict[str, float]:
-    """Worst needed k over whole-network and isolated tensors, per honest target."""
+def measure(case: str, precision: str, seeds=SEEDS) -> tuple[dict[str, float], list[str]]:
+    """Worst needed k over whole-network and isolated tensors, per honest target; and the
+    jumps left out of it (tensors needing over JUMP x the default k, see `_split`)."""
     import align
 
     worst: dict[str, float] = {}
+    jumps: list[str] = []
     for label in TARGETS:
         for seed in seeds:
             report = align.check(
@@ -69,10 +72,33 @@ def measure(case: str, precision: str, seeds=SEEDS) -> dict[str, float]:
                 tolerance={"k": 1.0},
                 **_target(label, case, seed),
             )
-            rows = report.rows + report.local_rows
-            need = max((r.needed_k for r in rows if math.isfinite(r.needed_k)), default=0.0)
-            worst[f"{label}, seed {seed}"] = need
-    return worst
+            run = f"{label}, seed {seed}"
+            worst[run], jump = _split(report.rows + report.local_rows, precision)
+            jumps += [f"{run}: {jump}"] if jump else []
+    return worst, jumps
+
+
+def _split(rows: list, precision: str) -> tuple[float, str]:
+    """(worst needed k among noise-like tensors, a description of the jump if any).
+
+    A tensor needing more than JUMP x the default k is not noise: an honest target took
+    another branch of a discontinuous op (a ReLU input or a max-pool tie on the other side
+    of zero), and everything downstream in the whole network follows. No k is right for
+    that; it is reported, not averaged into the tolerance.
+    """
+    limit = JUMP * DEFAULT_TOLERANCE[precision]["k"]
+    needs = [r.needed_k for r in rows if math.isfinite(r.needed_k)]
+    noise = max((k for k in needs if k <= limit), default=0.0)
+    jumped = [r for r in rows if r.needed_k > limit]
+    if not jumped:
+        return noise, ""
+    first = jumped[0]
+    where = "isolated" if first.isolated else "whole network"
+    top = max(r.needed_k for r in jumped)
+    return noise, (
+        f"{len(jumped)} tensors from {first.module} {first.phase} {first.tensor} ({where}) "
+        f"need k up to {top:.3g}"
+    )
 
 
 def proposal(precision: str, worst: dict[str, float]) -> float:
@@ -82,7 +108,7 @@ def proposal(precision: str, worst: dict[str, float]) -> float:
     return max(default, math.ceil(MARGIN * measured * 2) / 2)
 
 
-def render(precision: str, k: float, worst: dict[str, float]) -> str:
+def render(precision: str, k: float, worst: dict[str, float], jumps: list[str] = ()) -> str:
     today = datetime.date.today().isoformat()
     lines = [
         f"[tolerance.{precision}]",
@@ -90,6 +116,12 @@ def render(precision: str, k: float, worst: dict[str, float]) -> str:
         "smallest k each honest target needed",
     ]
     lines += [f"#   {label}: {need:.3g}" for label, need in worst.items()]
+    if jumps:
+        lines += [
+            f"# left out as jumps, not noise (over {JUMP:g}x the default k: an honest target "
+            "took another branch of a discontinuous op, e.g. a ReLU input across zero):"
+        ]
+        lines += [f"#   {jump}" for jump in jumps]
     default = DEFAULT_TOLERANCE[precision]["k"]
     why = (
         "the default (measured noise stays below it)"
@@ -130,10 +162,10 @@ def calibrate(case: str, precisions: list[str], write: bool = True) -> dict[str,
     golden = load_golden(case)
     out = {}
     for precision in precisions:
-        worst = measure(case, precision)
+        worst, jumps = measure(case, precision)
         k = proposal(precision, worst)
         out[precision] = k
-        block = render(precision, k, worst)
+        block = render(precision, k, worst, jumps)
         print(block)
         if write:
             rewrite(golden.path, precision, block)

@@ -28,3 +28,21 @@ def test_proposal_never_below_default_and_has_margin():
     assert calibrate.proposal("fp32", {"a": 0.5}) == 2.0
     assert calibrate.proposal("fp32", {"a": 1.9, "b": 3.0}) == 4.5
     assert calibrate.proposal("amp-bf16", {}) == 3.0
+
+
+def test_a_jump_is_reported_not_averaged_into_k():
+    from align.verdict import Row
+
+    def row(module, need, isolated=False):
+        r = Row(module, 0, "backward", "grad_input[0]", "float32", [4], isolated=isolated)
+        r.needed_k = need
+        return r
+
+    rows = [row("a", 1.2), row("relu", 900.0), row("conv", 2000.0), row("b", 1.4, True)]
+    noise, jump = calibrate._split(rows, "fp32")
+    assert noise == 1.4
+    assert "2 tensors from relu backward grad_input[0] (whole network)" in jump
+    assert "2e+03" in jump
+    assert calibrate._split(rows[:1], "fp32") == (1.2, "")
+    text = calibrate.render("fp32", calibrate.proposal("fp32", {"s": noise}), {"s": noise}, [jump])
+    assert "left out as jumps" in text and "k = 2.5" in text

@@ -1,0 +1,27 @@
+"""align.check's report on a divergence that no module causes on its own."""
+
+import copy
+
+import torch
+from torch import nn
+
+import align
+
+
+def test_a_relu_flipped_by_honest_rounding_is_named_a_discontinuity():
+    """One pre-activation is -5e-7 on the reference; the target's bias is 1e-6 higher (far
+    below the fp32 floor on that layer's output): its ReLU lets that gradient through. The
+    whole network diverges from there, yet no module is wrong on its own."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        model[0].bias[0] -= model[0](x[:1])[0, 0] + 5e-7
+    target = copy.deepcopy(model)
+    with torch.no_grad():
+        target[0].bias[0] += 1e-6
+    report = align.check(model, x, target_model=target, target="cpu", draws=0)
+    assert not report.passed
+    assert report.first_divergence.module == "1" and report.first_divergence.phase == "backward"
+    assert report.culprits == []
+    assert any("discontinuity" in note for note in report.notes), report.notes
