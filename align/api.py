@@ -345,6 +345,10 @@ def compare(
     if phases is None:
         phases = ("forward", "backward") if ref.backward_order else ("forward",)
     phases = _phases(phases)
+    if tolerance is None and ref.meta.get("case"):
+        from align.golden import case_tolerance
+
+        tolerance = case_tolerance(ref.meta["case"], phases, policy.name)
     tol = _tolerance(tolerance, policy)
     started = time.perf_counter()
     rows = compare_traces(

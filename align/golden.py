@@ -197,3 +197,12 @@ if __name__ == "__main__":
     from align.calibrate import main
 
     sys.exit(main())
+
+
+def case_tolerance(case: str, phases: tuple[str, ...], precision: str) -> dict | None:
+    """The tolerance golden/<case>.toml sets for these phases and precision (None: none)."""
+    phase = "train" if tuple(phases) == ("train",) else "forward"
+    try:
+        return load_golden(case).tolerance(phase, precision)
+    except AlignError:
+        return None

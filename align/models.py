@@ -27,13 +27,9 @@ class Resolved:
         """Tolerance from the case's golden file (None for a plain module)."""
         if self.case is None:
             return None
-        from align.golden import load_golden
+        from align.golden import case_tolerance
 
-        phase = "train" if phases == ("train",) else "forward"
-        try:
-            return load_golden(self.case).tolerance(phase, precision)
-        except AlignError:
-            return None
+        return case_tolerance(self.case, phases, precision)
 
     def command(self, phases, precision: str, reference: str, target: str, emulate) -> str:
         """The one command that reproduces this check alone ('' for a plain module)."""
