@@ -73,31 +73,32 @@ def measure(case: str, precision: str, seeds=SEEDS) -> tuple[dict[str, float], l
                 **_target(label, case, seed),
             )
             run = f"{label}, seed {seed}"
-            worst[run], jump = _split(report.rows + report.local_rows, precision)
+            worst[run], jump = _split(report.rows, report.local_rows, precision)
             jumps += [f"{run}: {jump}"] if jump else []
     return worst, jumps
 
 
-def _split(rows: list, precision: str) -> tuple[float, str]:
+def _split(rows: list, local_rows: list, precision: str) -> tuple[float, str]:
     """(worst needed k among noise-like tensors, a description of the jump if any).
 
     A tensor needing more than JUMP x the default k is not noise: an honest target took
     another branch of a discontinuous op (a ReLU input or a max-pool tie on the other side
-    of zero), and everything downstream in the whole network follows. No k is right for
-    that; it is reported, not averaged into the tolerance.
+    of zero), and every later tensor of the whole network inherits it. No k is right for
+    that: the jump and what follows it are reported, not averaged into the tolerance.
     """
     limit = JUMP * DEFAULT_TOLERANCE[precision]["k"]
-    needs = [r.needed_k for r in rows if math.isfinite(r.needed_k)]
-    noise = max((k for k in needs if k <= limit), default=0.0)
-    jumped = [r for r in rows if r.needed_k > limit]
+    whole = [r for r in rows if math.isfinite(r.needed_k)]
+    cut = next((n for n, r in enumerate(whole) if r.needed_k > limit), len(whole))
+    kept = whole[:cut] + [r for r in local_rows if r.needed_k <= limit]
+    noise = max((r.needed_k for r in kept), default=0.0)
+    jumped = [r for r in local_rows if r.needed_k > limit] + whole[cut : cut + 1]
     if not jumped:
         return noise, ""
     first = jumped[0]
     where = "isolated" if first.isolated else "whole network"
-    top = max(r.needed_k for r in jumped)
     return noise, (
-        f"{len(jumped)} tensors from {first.module} {first.phase} {first.tensor} ({where}) "
-        f"need k up to {top:.3g}"
+        f"{first.module} {first.phase} {first.tensor} ({where}) needs k {first.needed_k:.3g}; "
+        f"{len(whole) - cut} whole-network tensors from there on left out"
     )
 
 

@@ -38,11 +38,11 @@ def test_a_jump_is_reported_not_averaged_into_k():
         r.needed_k = need
         return r
 
-    rows = [row("a", 1.2), row("relu", 900.0), row("conv", 2000.0), row("b", 1.4, True)]
-    noise, jump = calibrate._split(rows, "fp32")
-    assert noise == 1.4
-    assert "2 tensors from relu backward grad_input[0] (whole network)" in jump
-    assert "2e+03" in jump
-    assert calibrate._split(rows[:1], "fp32") == (1.2, "")
+    rows = [row("a", 1.2), row("relu", 900.0), row("conv", 15.0), row("fc", 2000.0)]
+    noise, jump = calibrate._split(rows, [row("b", 1.4, True)], "fp32")
+    assert noise == 1.4  # the tail after the jump (conv: 15) is left out with it
+    assert "relu backward grad_input[0] (whole network) needs k 900" in jump
+    assert "3 whole-network tensors from there on left out" in jump
+    assert calibrate._split(rows[:1], [], "fp32") == (1.2, "")
     text = calibrate.render("fp32", calibrate.proposal("fp32", {"s": noise}), {"s": noise}, [jump])
     assert "left out as jumps" in text and "k = 2.5" in text
