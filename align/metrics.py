@@ -81,13 +81,19 @@ class Against:
         dd = float(torch.dot(d, d))
         dg = float(torch.dot(d, self.g))
         xg = dg + gg
-        xx = dd + 2 * dg + gg
+        if dd < 1e-4 * gg:  # errors under 1%: |x|^2 from d and g loses nothing
+            xx = dd + 2 * dg + gg
+        else:  # large errors cancel in dd + 2<d,g> + gg: measure |x|^2 itself
+            x64 = x.to(torch.float64)
+            xx = float(torch.dot(x64, x64))
         if xx > 0 and gg > 0:
-            # 1 - cos = (|d|^2 |g|^2 - <d,g>^2) / (|x||g| (|x||g| + <x,g>)): no cancellation
+            # 1 - cos = G / (|x||g| (|x||g| + <x,g>)), G = |x|^2|g|^2 - <x,g>^2 = |d|^2|g|^2
+            # - <d,g>^2 (Gram determinant), from the smaller of d and x: no cancellation
             # for small errors, where 1 - <x,g>/(|x||g|) keeps only a digit or two
             norms = math.sqrt(xx * gg)
             den = norms * (norms + xg)
-            cos_err = max(0.0, dd * gg - dg * dg) / den if den > 0 else 1.0 - xg / norms
+            gram = dd * gg - dg * dg if dd <= xx else xx * gg - xg * xg
+            cos_err = max(0.0, gram) / den if den > 0 else 1.0 - xg / norms
         else:
             cos_err = 0.0 if xx == gg else 1.0  # both zero: same direction; one zero: none
         mean = float(d.sum()) / n
