@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -143,7 +144,7 @@ class Recorder:
             keys.append(self.store(leaf))
             if self.backward and leaf.requires_grad:
                 leaf = _Tap.apply(leaf)
-                leaf.register_hook(partial(self._grad_in, pos, i))
+                leaf.register_hook(partial(_weakly, weakref.ref(self), "_grad_in", pos, i))
                 tapped = True
             fed.append(leaf)
         call = Call(name, index, type(module).__name__, parent, inputs=keys)
@@ -169,7 +170,7 @@ class Recorder:
                 continue
             keys.append(self.store(leaf))
             if self.backward and leaf.requires_grad:
-                leaf.register_hook(partial(self._grad_out, pos, i))
+                leaf.register_hook(partial(_weakly, weakref.ref(self), "_grad_out", pos, i))
         call.outputs = keys
         call.grad_outputs = [None] * len(keys)
         self.specs[pos].out_spec = spec
@@ -189,6 +190,15 @@ class Recorder:
         self._mark(pos)
         self.trace.backward_events.append((pos, "grad_inputs", i))
         self.trace.calls[pos].grad_inputs[i] = self._store_grad(grad)
+
+
+def _weakly(recorder: weakref.ref, method: str, pos: int, i: int, grad: torch.Tensor) -> None:
+    """A tensor hook that reaches its Recorder through a weak reference: a model that keeps
+    a graph alive after the run (torchvision's detectors keep their batched ImageList)
+    would otherwise keep the Recorder, and every tensor it recorded, alive with it."""
+    alive = recorder()
+    if alive is not None:
+        getattr(alive, method)(pos, i, grad)
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:

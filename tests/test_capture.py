@@ -90,3 +90,31 @@ def test_call_model_feeds_tensor_tuple_or_dict(inputs):
             return x + 1
 
     assert call_model(F(), inputs).sum() == 6
+
+
+def test_a_model_that_keeps_its_graph_does_not_keep_the_record():
+    """torchvision's detectors hand back an ImageList whose graph outlives the run; the
+    tensor hooks on it must not keep the Recorder (and every tensor it recorded) alive."""
+    import gc
+
+    from align.capture import Recorder
+
+    kept = []
+
+    class Keeper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.lin(x)
+            kept.append(y)  # a graph that outlives the run
+            return y.relu()
+
+    gc.collect()
+    before = sum(isinstance(o, Recorder) for o in gc.get_objects())
+    for _ in range(3):
+        align.capture(Keeper(), torch.randn(2, 4))
+    gc.collect()
+    assert len(kept) == 3
+    assert sum(isinstance(o, Recorder) for o in gc.get_objects()) == before
