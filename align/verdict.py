@@ -5,12 +5,17 @@ relative to the reference device's own error at the same precision.
 
 for each metric of `align.metrics` (k squared for cos_err, which is quadratic in the
 error; for max_rel, the noisiest, 2k on isolated modules and 4k on propagated errors).
-Floors depend on the reference tensor's dtype, so
-exact reference results (ReLU, pooling, copies) still allow rounding-level noise
-(`precision.ERROR_FLOOR`). The element-level and signed bias metrics (share, mean_err,
-scale_err) are judged only on isolated modules, where errors are local rounding noise
-(propagated errors are correlated across elements, which makes them flaky); there the
-bias floor also holds 12 standard errors of the mean of that noise (rel_rmse / sqrt(n)).
+Floors depend on the reference tensor's dtype, so exact reference results (ReLU,
+pooling, copies) still allow rounding-level noise (`precision.ERROR_FLOOR`). The
+element-level and signed bias metrics (share, mean_err, scale_err) are judged only on
+isolated modules, where errors are local rounding noise (propagated errors are correlated
+across elements, which makes them flaky); there a bias must exceed 12 standard errors of
+the mean of that noise and 5% of the reference's error.
+
+The reference's error is one draw of its rounding noise; `judge_robustly` judges a
+failing tensor again against the largest error of the reference and its honest draws
+(align.jitter). On propagated tensors k rises with how ill-conditioned the reference's
+error says the tensor is (`_k`).
 """
 
 from __future__ import annotations
