@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from align import environment
-from align.capture import LossFn, Run, capture, run_model
+from align.capture import LossFn, Run, capture, honest_draws, run_model
 from align.comparison import compare_traces
 from align.devices import resolve
 from align.errors import AlignError, MismatchError
@@ -244,22 +244,14 @@ def _judge_runs(
     @functools.cache
     def draw_traces() -> list[Trace]:
         t0 = time.perf_counter()
-        made = [
-            run_model(
-                resolved.model,
-                resolved.inputs,
-                device=ref_run.device,
-                policy=policy,
-                backward=backward,
-                loss_fn=resolved.loss_fn,
-                seed=ref_run.seed,
-                loss_scale=ref_run.loss_scale,
-                emulation=ref_run.emulation,
-                jitter=ref_run.draw(n).jitter,
-                grad_inputs=resolved.grad_inputs,
-            ).trace
-            for n in range(draws)
-        ]
+        made = honest_draws(
+            resolved.model,
+            resolved.inputs,
+            ref_run,
+            draws,
+            loss_fn=resolved.loss_fn,
+            grad_inputs=resolved.grad_inputs,
+        )
         timings["draws"] = time.perf_counter() - t0
         return made
 

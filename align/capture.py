@@ -305,12 +305,46 @@ class Run:
 
     def draw(self, n: int) -> Run:
         """This run's n-th honest draw: the same model and record, rounding jittered."""
-        return dataclasses.replace(self, jitter=self.seed * 1000 + n + 1)
+        return dataclasses.replace(self, jitter=_jitter_seed(self.seed, n))
 
     def place(self, t: torch.Tensor) -> torch.Tensor:
         """A private copy of a recorded tensor on this run's device (float64 if golden)."""
         dtype = torch.float64 if self.policy.name == "fp64" and t.is_floating_point() else None
         return t.to(device=self.device, dtype=dtype, copy=True)
+
+
+def _jitter_seed(seed: int, n: int) -> int:
+    return seed * 1000 + n + 1
+
+
+def honest_draws(
+    model: nn.Module,
+    inputs: Any,
+    run: Run,
+    n: int,
+    *,
+    loss_fn: LossFn | None,
+    grad_inputs: Callable[[Any], Any] | None = None,
+) -> list[Trace]:
+    """n honest draws of `run` (align.jitter): the same model, inputs and numerics, with
+    every rounding jittered; each a whole run of its own."""
+    return [
+        run_model(
+            model,
+            inputs,
+            device=run.device,
+            policy=run.policy,
+            backward=run.trace.meta["backward"],
+            loss_fn=loss_fn,
+            seed=run.seed,
+            loss_scale=run.loss_scale,
+            emulation=run.emulation,
+            native_kernels=run.native_kernels,
+            jitter=_jitter_seed(run.seed, k),
+            grad_inputs=grad_inputs,
+        ).trace
+        for k in range(n)
+    ]
 
 
 def prepare(model: nn.Module, device: torch.device, policy: Policy) -> nn.Module:
@@ -423,7 +457,9 @@ def capture(
     from align.devices import resolve
 
     policy = get_policy(precision)
-    settings = dict(
+    run = run_model(
+        model,
+        inputs,
         device=resolve(device),
         policy=policy,
         backward=backward,
@@ -433,10 +469,9 @@ def capture(
         emulation=_emulation(emulate),
         grad_inputs=grad_inputs,
     )
-    run = run_model(model, inputs, **settings)
-    run.trace.draws = [
-        run_model(model, inputs, jitter=run.draw(n).jitter, **settings).trace for n in range(draws)
-    ]
+    run.trace.draws = honest_draws(
+        model, inputs, run, draws, loss_fn=loss_fn, grad_inputs=grad_inputs
+    )
     return run.trace
 
 
