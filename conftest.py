@@ -156,7 +156,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             for phase in PHASES:
                 for precision in config._align_precisions:  # type: ignore[attr-defined]
                     p = AlignParams(name, variant, phase, precision)
-                    params.append(pytest.param(p, id=p.id, marks=marks))
+                    slow = [pytest.mark.slow] if precision in case.slow_precisions else []
+                    params.append(pytest.param(p, id=p.id, marks=marks + slow))
     metafunc.parametrize("align_params", params)
 
 

@@ -164,6 +164,7 @@ def check(
             resolved.inputs,
             device=tgt_dev,
             native_kernels=bool(emulate),
+            replay=ref_run.decisions.choices,
             **common,
         )
         timings["target"] = time.perf_counter() - t0
@@ -238,8 +239,15 @@ def _judge_runs(
         seed=ref_run.seed,
         loss_scale=ref_run.loss_scale,
         grad_inputs=resolved.grad_inputs,
+        replay=ref_run.decisions.choices,
     )
     timings["golden"] = time.perf_counter() - t0
+    for who, run in (("target", tgt_run), ("golden", gold_run)):
+        if summary := run.decisions.summary():
+            report.notes.append(
+                f"the {who} would have made some discrete choices (sort, max, max-pool "
+                f"indices) otherwise: {summary}; it used the reference's (align.decisions)"
+            )
 
     @functools.cache
     def draw_traces() -> list[Trace]:
@@ -383,6 +391,18 @@ def compare(
             "small or cancelling gradients that can flag an honest target; dump the "
             "reference with --draws 2"
         )
+    for role, trace in (("target", tgt), ("golden", gold)):
+        if ref.decisions and trace is not None and trace.meta.get("decisions") != "replayed":
+            report.notes.append(
+                f"the {role} dump made its own discrete choices (sort, max-pool indices): "
+                f"where honest rounding breaks a near-tie otherwise, it shows as a jump; "
+                f"dump it with --decisions REFERENCE_DIR (align.decisions)"
+            )
+        elif trace is not None and trace.meta.get("decisions_differed"):
+            report.notes.append(
+                f"the {role} would have made some discrete choices otherwise: "
+                f"{trace.meta['decisions_differed']}; it used the reference's"
+            )
     if ref.meta.get("seed") != tgt.meta.get("seed"):
         report.notes.append(
             f"seeds differ (reference {ref.meta.get('seed')}, target {tgt.meta.get('seed')})"

@@ -55,12 +55,13 @@ def _channels_last_inputs(module, args: tuple) -> tuple:
     )
 
 
-def measure(case: str, precision: str, seeds=SEEDS) -> tuple[dict[str, float], list[str]]:
-    """Worst needed k over whole-network and isolated tensors, per honest target; and the
-    jumps left out of it (tensors needing over JUMP x the default k, see `_split`)."""
+def measure(case: str, precision: str, seeds=SEEDS) -> tuple[dict[str, float | None], list[str]]:
+    """Worst needed k over whole-network and isolated tensors, per honest target (None
+    where it reproduced the reference bit for bit: no measurement); and the jumps left
+    out of it (tensors needing over JUMP x the default k, see `_split`)."""
     import align
 
-    worst: dict[str, float] = {}
+    worst: dict[str, float | None] = {}
     jumps: list[str] = []
     for label in TARGETS:
         for seed in seeds:
@@ -73,8 +74,17 @@ def measure(case: str, precision: str, seeds=SEEDS) -> tuple[dict[str, float], l
                 **_target(label, case, seed),
             )
             run = f"{label}, seed {seed}"
+            if not report.rows and not report.local_rows:
+                worst[run] = None  # bit for bit: this target measures nothing here
+                continue
             worst[run], jump = _split(report.rows, report.local_rows, precision)
             jumps += [f"{run}: {jump}"] if jump else []
+    if all(w is None for w in worst.values()):
+        raise AlignError(
+            f"{case} {precision}: every honest target reproduced the reference bit for bit "
+            f"on this machine, so there is no noise to calibrate from; calibrate on a "
+            f"machine whose {precision} kernels differ (e.g. with a GPU or NPU target)"
+        )
     return worst, jumps
 
 
@@ -102,21 +112,24 @@ def _split(rows: list, local_rows: list, precision: str) -> tuple[float, str]:
     )
 
 
-def proposal(precision: str, worst: dict[str, float]) -> float:
+def proposal(precision: str, worst: dict[str, float | None]) -> float:
     """k to write: the default, or 1.5 x the worst measured if that is larger (halves)."""
     default = DEFAULT_TOLERANCE[precision]["k"]
-    measured = max(worst.values(), default=0.0)
+    measured = max((w for w in worst.values() if w is not None), default=0.0)
     return max(default, math.ceil(MARGIN * measured * 2) / 2)
 
 
-def render(precision: str, k: float, worst: dict[str, float], jumps: list[str] = ()) -> str:
+def render(precision: str, k: float, worst: dict[str, float | None], jumps: list[str] = ()) -> str:
     today = datetime.date.today().isoformat()
     lines = [
         f"[tolerance.{precision}]",
         f"# calibrated {today} on {platform.machine()} ({platform.processor() or 'cpu'}): "
         "smallest k each honest target needed",
     ]
-    lines += [f"#   {label}: {need:.3g}" for label, need in worst.items()]
+    lines += [
+        f"#   {label}: " + ("bit for bit, no measurement" if need is None else f"{need:.3g}")
+        for label, need in worst.items()
+    ]
     if jumps:
         lines += [
             f"# left out as jumps, not noise (over {JUMP:g}x the default k: an honest target "

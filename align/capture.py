@@ -29,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from align import environment
+from align.decisions import Choices, Decisions
 from align.errors import AlignError
 from align.precision import Policy, get_policy
 from align.trace import Call, Trace
@@ -296,6 +297,7 @@ class Run:
     loss_scale: float = 1.0
     seed: int = 0
     jitter: int | None = None  # the seed of an honest draw (align.jitter), None for a plain run
+    decisions: Decisions | None = None  # its discrete choices (align.decisions)
 
     def numerics(self, autocast: bool = True) -> contextlib.ExitStack:
         """Context for running code as this run did."""
@@ -342,6 +344,7 @@ def honest_draws(
             native_kernels=run.native_kernels,
             jitter=_jitter_seed(run.seed, k),
             grad_inputs=grad_inputs,
+            replay=run.decisions.choices,
         ).trace
         for k in range(n)
     ]
@@ -368,11 +371,13 @@ def run_model(
     native_kernels: bool = False,
     jitter: int | None = None,
     grad_inputs: Callable[[Any], Any] | None = None,
+    replay: Choices | None = None,
 ) -> Run:
     """Run a private copy of `model` once (forward, loss, backward) with every hook on.
 
     Backward differentiates every floating input, or only those `grad_inputs(inputs)`
-    returns (a detector's images, not its target boxes).
+    returns (a detector's images, not its target boxes). The run's discrete choices (sort,
+    max-pool indices) are recorded in `run.decisions`, or are `replay`'s (align.decisions).
     """
     private = prepare(model, device, policy)
     run = Run(
@@ -386,6 +391,7 @@ def run_model(
         loss_scale,
         seed,
         jitter,
+        Decisions(replay),
     )
     x = policy.cast_inputs(inputs, device)
     if backward:
@@ -402,12 +408,12 @@ def run_model(
     started = time.perf_counter()
     try:
         _seed_all(seed)
-        with run.numerics():
+        with run.decisions, run.numerics():
             output = call_model(private, x)
         recorder.remove()  # the loss is not a module call
         loss = None
         if backward:
-            with run.numerics(autocast=False):
+            with run.decisions, run.numerics(autocast=False):
                 loss = loss_fn(output, x)
                 (loss * loss_scale).backward()
             for name, param in private.named_parameters():
@@ -417,6 +423,7 @@ def run_model(
         recorder.remove()
         recorder.release()
     trace = recorder.trace
+    trace.decisions = run.decisions.choices
     trace.meta = {
         "device": str(device),
         "precision": policy.name,
@@ -426,6 +433,8 @@ def run_model(
         "emulate": None if emulation is None else emulation.name,
         "native_kernels": native_kernels,
         "jitter": jitter,
+        "decisions": "replayed" if replay is not None else "own",
+        "decisions_differed": run.decisions.summary(),
         "model": type(model).__name__,
         "backward": backward,
         "seconds": time.perf_counter() - started,
@@ -447,12 +456,15 @@ def capture(
     emulate: str | None = None,
     draws: int = 0,
     grad_inputs: Callable[[Any], Any] | None = None,
+    decisions_of: Trace | None = None,
 ) -> Trace:
     """Record every module call of one run of `model` on `device` under `precision`.
 
     Save it with `trace.save(dir)` and compare it elsewhere with `align.compare`. A
     reference dump should carry `draws` honest draws (align.jitter, 2 is plenty): the
-    comparison then scales its limits by the largest of their errors.
+    comparison then scales its limits by the largest of their errors. Target and golden
+    dumps should take the reference dump's discrete choices (`decisions_of`, see
+    align.decisions), so that near-ties are judged by the same choice on every side.
     """
     from align.devices import resolve
 
@@ -468,6 +480,7 @@ def capture(
         loss_scale=policy.check_loss_scale,
         emulation=_emulation(emulate),
         grad_inputs=grad_inputs,
+        replay=None if decisions_of is None else decisions_of.decisions,
     )
     run.trace.draws = honest_draws(
         model, inputs, run, draws, loss_fn=loss_fn, grad_inputs=grad_inputs

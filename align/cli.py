@@ -97,16 +97,24 @@ def check_main(argv: list[str] | None = None) -> int:
 def _dump_all(args: argparse.Namespace, target: str, emulate: str | None) -> None:
     from pathlib import Path
 
+    from align.trace import load_trace
+
+    reference = None  # target and golden take the reference's discrete choices
     for role, device, precision, emu, draws in (
         ("reference", args.reference, args.precision, emulate, 2),
         ("target", target, args.precision, emulate, 0),
         ("golden", "cpu", "fp64", None, 0),
     ):
-        path = _dump(args.model, device, precision, emu, args, Path(args.dump) / role, draws)
+        path = _dump(
+            args.model, device, precision, emu, args, Path(args.dump) / role, draws, reference
+        )
+        reference = reference or load_trace(path)
         print(f"{role} trace: {path}")
 
 
-def _dump(model: str, device: str, precision: str, emulate, args, out, draws: int = 0):
+def _dump(
+    model: str, device: str, precision: str, emulate, args, out, draws: int = 0, decisions_of=None
+):
     import align
     from align.models import resolve_model
 
@@ -121,6 +129,7 @@ def _dump(model: str, device: str, precision: str, emulate, args, out, draws: in
         emulate=emulate,
         draws=draws,
         grad_inputs=resolved.grad_inputs,
+        decisions_of=decisions_of,
     )
     trace.meta["case"] = resolved.case
     return trace.save(out)
@@ -146,12 +155,23 @@ def dump_main(argv: list[str] | None = None) -> int:
         help="honest draws to add (align.jitter): give the reference's dump 2, so the "
         "comparison does not rest on one draw of its rounding noise",
     )
+    p.add_argument(
+        "--decisions",
+        default=None,
+        metavar="REFERENCE_DIR",
+        help="take the discrete choices (sort, max, max-pool indices) of the reference's "
+        "dump, as target and golden dumps should (align.decisions): near-ties are then "
+        "judged by one choice, not flagged as jumps",
+    )
     _common(p)
     args = p.parse_args(argv)
     if args.draws < 0 or (args.golden and args.draws):
         raise AlignError("--draws is a count >= 0, for the reference's dump (not --golden)")
     device, precision = ("cpu", "fp64") if args.golden else (args.device, args.precision)
-    path = _dump(args.model, device, precision, args.emulate, args, args.out, args.draws)
+    from align.trace import load_trace
+
+    reference = None if args.decisions is None else load_trace(args.decisions)
+    path = _dump(args.model, device, precision, args.emulate, args, args.out, args.draws, reference)
     print(f"trace written to {path}")
     return EXIT_ALIGNED
 

@@ -33,6 +33,7 @@ _SHARD_NAME = re.compile(r"^tensors-\d{5}\.safetensors$")
 FORWARD_SLOTS = ("inputs", "outputs")
 BACKWARD_SLOTS = ("grad_outputs", "grad_inputs")
 DRAWS = "draws"  # subdirectory of a dump holding its honest draws
+DECISIONS = "decisions.safetensors"  # the run's discrete choices (align.decisions)
 
 
 @dataclass
@@ -115,6 +116,9 @@ class Trace:
     # honest draws of this run (align.jitter), saved in draws/<n>/: align.compare takes
     # the reference's error as the largest of its and theirs
     draws: list[Trace] = field(default_factory=list)
+    # (op, indices) of each sort / max / max-pool, in call order (align.decisions): what a
+    # target or golden dump replays from the reference's
+    decisions: list[tuple[str, torch.Tensor]] = field(default_factory=list)
 
     def tensor(self, key: str) -> torch.Tensor:
         return self.tensors[key]
@@ -174,6 +178,14 @@ class Trace:
             sub = directory / DRAWS / str(n)
             sub.mkdir(parents=True)
             draw._write(sub)
+        if self.decisions:
+            save_file(
+                {
+                    f"{n:05d}": t.detach().cpu().contiguous()
+                    for n, (_, t) in enumerate(self.decisions)
+                },
+                str(directory / DECISIONS),
+            )
         manifest = {
             "format": FORMAT,
             "calls": [asdict(c) for c in self.calls],
@@ -184,6 +196,7 @@ class Trace:
             "meta": self.meta,
             "tensors": index,
             "draws": len(self.draws),
+            "decisions": [op for op, _ in self.decisions],
         }
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
 
@@ -306,4 +319,21 @@ def load_trace(directory: str | os.PathLike) -> Trace:
     if not isinstance(draws, int) or draws < 0:
         raise TraceError(f"{path}: 'draws' must be a count, not {draws!r}")
     trace.draws = [load_trace(root / DRAWS / str(n)) for n in range(draws)]
+    trace.decisions = _load_decisions(root, manifest.get("decisions", []))
     return trace
+
+
+def _load_decisions(root: Path, ops: Any) -> list[tuple[str, torch.Tensor]]:
+    path = root / DECISIONS
+    if not isinstance(ops, list) or not all(isinstance(op, str) for op in ops):
+        raise TraceError(f"{root / MANIFEST}: 'decisions' must list op names, not {ops!r}")
+    if not ops:
+        return []
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return [(op, f.get_tensor(f"{n:05d}")) for n, op in enumerate(ops)]
+    except Exception as exc:  # missing file, truncated header, a missing entry
+        raise TraceError(
+            f"{path}: the dump's {len(ops)} discrete choices cannot be read ({exc}); "
+            "the dump is incomplete or corrupt: dump the reference again"
+        ) from exc

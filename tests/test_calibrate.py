@@ -46,3 +46,21 @@ def test_a_jump_is_reported_not_averaged_into_k():
     assert calibrate._split(rows[:1], [], "fp32") == (1.2, "")
     text = calibrate.render("fp32", calibrate.proposal("fp32", {"s": noise}), {"s": noise}, [jump])
     assert "left out as jumps" in text and "k = 2.5" in text
+
+
+def test_a_target_that_reproduces_the_reference_measures_nothing(monkeypatch):
+    import pytest
+
+    from align.errors import AlignError
+
+    assert calibrate.proposal("fp32", {"a": None, "b": 2.0}) == 3.0
+    text = calibrate.render("fp32", 2.0, {"emulated, seed 0": None, "cl, seed 0": 1.1})
+    assert "emulated, seed 0: bit for bit, no measurement" in text and "cl, seed 0: 1.1" in text
+
+    class Identical:
+        rows, local_rows = [], []
+
+    monkeypatch.setattr("align.check", lambda *a, **k: Identical())
+    monkeypatch.setattr(calibrate, "_target", lambda *a: {})
+    with pytest.raises(AlignError, match="bit for bit on this machine"):
+        calibrate.measure("digits", "amp-fp16", seeds=(0,))

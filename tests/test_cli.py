@@ -200,10 +200,10 @@ def dumps(tmp_path_factory) -> dict[str, Path]:
     """reference (with two honest draws) and target dumped by two processes, and the golden."""
     root = tmp_path_factory.mktemp("dumps")
     out = {name: root / name for name in ("ref", "tgt", "golden")}
-    runs = {
+    runs = {  # in this order: target and golden take the reference's discrete choices
         "ref": ["--device", "cpu", "--emulate", EMULATE, "--draws", "2"],
-        "tgt": ["--device", "cpu", "--emulate", EMULATE],
-        "golden": ["--golden"],
+        "tgt": ["--device", "cpu", "--emulate", EMULATE, "--decisions", out["ref"]],
+        "golden": ["--golden", "--decisions", out["ref"]],
     }
     for name, extra in runs.items():
         proc = _cli("dump", *MODEL, *extra, "--out", out[name])
@@ -309,7 +309,13 @@ def test_dump_and_compare_across_processes_gives_the_in_process_verdict(
     # what align.check's emulated target runs: ATen's own CPU kernels (oneDNN off), no CLI
     # option dumps that, so it is captured here
     with torch.backends.mkldnn.flags(enabled=False):
-        target = align.capture(target_model, resolved.inputs, device="cpu", emulate=EMULATE)
+        target = align.capture(
+            target_model,
+            resolved.inputs,
+            device="cpu",
+            emulate=EMULATE,
+            decisions_of=load_trace(dumps["ref"]),
+        )
     target.save(tmp_path / "tgt")
 
     out = tmp_path / "compare.json"

@@ -7,6 +7,7 @@ file, and nothing outside the dump directory may ever be opened.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -168,6 +169,47 @@ def test_a_dump_missing_a_draw_is_refused(tmp_path):
     path = align.capture(Net(), torch.randn(4, 6), device="cpu", draws=1).save(tmp_path / "d")
     shutil.rmtree(path / "draws" / "0")
     with pytest.raises(TraceError, match="draws"):
+        load_trace(path)
+
+
+class Pooled(nn.Module):
+    """A max-pool and a sort: two discrete choices a dump carries (align.decisions)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        y = nn.functional.max_pool2d(self.conv(x), 2)
+        return y.flatten(1).sort(dim=1).values
+
+
+def test_decisions_round_trip_and_a_target_dump_replays_them(tmp_path):
+    torch.manual_seed(0)
+    model, x = Pooled(), torch.randn(2, 1, 8, 8)
+    ref = align.capture(model, x, device="cpu")
+    assert [op for op, _ in ref.decisions] == [
+        "aten.max_pool2d_with_indices.default",
+        "aten.sort.default",
+    ]
+    loaded = load_trace(ref.save(tmp_path / "ref"))
+    assert [op for op, _ in loaded.decisions] == [op for op, _ in ref.decisions]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(ref.decisions, loaded.decisions))
+    flipped = copy.deepcopy(model)
+    with torch.no_grad():
+        flipped.conv.bias += 0.1 * torch.tensor([1.0, -1.0])  # reorders the sort
+    own = align.capture(flipped, x, device="cpu")
+    replayed = align.capture(flipped, x, device="cpu", decisions_of=loaded)
+    assert not torch.equal(own.decisions[1][1], ref.decisions[1][1])
+    assert torch.equal(replayed.decisions[1][1], ref.decisions[1][1])
+
+
+def test_a_dump_with_unreadable_decisions_is_refused(tmp_path):
+    torch.manual_seed(0)
+    path = align.capture(Pooled(), torch.randn(2, 1, 8, 8), device="cpu").save(tmp_path / "d")
+    data = (path / "decisions.safetensors").read_bytes()
+    (path / "decisions.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(TraceError, match="2 discrete choices cannot be read"):
         load_trace(path)
 
 

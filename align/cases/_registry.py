@@ -39,6 +39,7 @@ class Case:
     loss_fn(output, inputs): scalar loss for backward/train; None = align's default.
     skip: a reason the case cannot run here (then tests skip with it, never pass).
     grad_inputs(inputs): the inputs backward differentiates; None = every floating one.
+    slow_precisions: precisions whose tests are `slow` (the tag "slow" makes all of them).
     """
 
     name: str
@@ -55,6 +56,8 @@ class Case:
     skip: str | None = None
     tags: tuple[str, ...] = field(default_factory=tuple)
     grad_inputs: Callable[[Any], Any] | None = None
+    # precisions whose CPU check takes many minutes: their test variants are marked slow
+    slow_precisions: tuple[str, ...] = ()
 
 
 _cases: dict[str, Case] = {}

@@ -12,7 +12,7 @@ losses, so `make_inputs` returns that pair (`model(*inputs)`) and `loss_fn` sums
 dict. Images are uniform in [0, 1] (the models' transform normalizes them); boxes and
 labels come from the same seeded generator.
 
-SOLOv2 (mask AP) is registered but skips: see `solov2_r50`.
+SOLOv2 (mask AP) is mmdet's own (align/cases/solov2.py); it skips where mmcv's ops are missing.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from align.cases import solov2
 from align.cases._registry import Case, register_case
 from align.errors import AlignError
 from align.golden import load_golden
@@ -186,6 +187,7 @@ def _detector(
     size: int,
     test_batch: int = 2,
     tags: tuple[str, ...] = (),
+    slow_precisions: tuple[str, ...] = (),
 ) -> Case:
     return Case(
         name=name,
@@ -203,6 +205,7 @@ def _detector(
         input_size=(3, size, size),
         test_batch=test_batch,
         tags=tags,
+        slow_precisions=slow_precisions,
     )
 
 
@@ -268,7 +271,11 @@ def ssd512() -> Case:
         recipe,
         size=512,
         test_batch=1,
-        tags=("torchvision", "slow"),  # slow: its float64 golden fwd+bwd takes ~20 CPU-s
+        tags=("torchvision",),
+        # Its fp32 check takes ~2.5 min and 11 GB here. Under amp-bf16 the emulated target
+        # runs ATen's own bf16 convolution (oneDNN off), ~200x slower than oneDNN's on
+        # this CPU: VGG16 at 512 px took over 20 min, so only the nightly runs it.
+        slow_precisions=("amp-bf16",),
     )
 
 
@@ -305,6 +312,7 @@ def ssdlite_mobilenetv2() -> Case:
 # (min_size = max_size), so the whole FPN pyramid P3..P7 (16x16..1x1) still exists
 # and the 32..512 px anchors still match the 26..64 px boxes.
 _FPN_TEST_SIZE = 128
+_SOLOV2_TEST_SIZE = 128  # as the torchvision FPN detectors: every FPN level stays >= 4x4
 
 
 @register_case
@@ -381,26 +389,10 @@ def fcos_r50() -> Case:
     )
 
 
-# Measured in a throwaway venv (mmdet 3.3.0 from PyPI, torch 2.14.1, 2 cores), 20 min box.
-SOLOV2_SKIP = (
-    "needs mmdet 3.3 with the full, compiled mmcv (>=2.0.0rc4,<2.2.0). SOLOv2's own code "
-    "is plain PyTorch + mmcv.cnn, but `import mmdet.models` loads mmcv.ops (via "
-    "mmdet.models.layers.bbox_nms), and mmcv-lite 2.1.0 has no ops ('No module named "
-    "mmcv._ext'). PyPI ships mmcv 2.1.0 only as source: it does not build against torch "
-    "2.14 as published (its setup.py compiles with -std=c++17, torch 2.14's headers "
-    "require C++20); with that patched, the CPU-only build is 77 C++ files at ~30-60 "
-    "CPU-seconds each, about half an hour on 2 cores for every fresh machine, and its "
-    "completion is unverified (8/77 built before the time box ran out)"
-)
-
-
-def _solov2_unavailable(*_: object) -> Any:
-    raise AlignError(f"solov2_r50 cannot run here: {SOLOV2_SKIP}")
-
-
 @register_case
 def solov2_r50() -> Case:
-    """SOLOv2 R50-FPN (mmdet solov2_r50_fpn_1x_coco, mask AP): needs mmdet + compiled mmcv."""
+    """SOLOv2 R50-FPN (mmdet solov2_r50_fpn_1x_coco, mask AP): mmdet's own model, which
+    needs mmcv's compiled ops (align/cases/solov2.py); skips with the reason without them."""
     recipe = _coco(
         "solov2/solov2_r50_fpn_1x_coco.py (schedules/schedule_1x.py)",
         epochs=12,
@@ -420,13 +412,14 @@ def solov2_r50() -> Case:
         family="detection",
         source_model="mmdet:SOLOv2 (solov2_r50_fpn_1x_coco)",
         task="instance_segmentation",
-        build=_solov2_unavailable,
-        make_inputs=_solov2_unavailable,
-        loss_fn=None,
+        build=solov2.build,
+        make_inputs=partial(solov2.solov2_inputs, (_SOLOV2_TEST_SIZE,) * 2),
+        loss_fn=detection_loss,
+        grad_inputs=solov2.grad_images,
         figures=load_golden("solov2_r50").figures,
         recipe=recipe,
-        input_size=(3, 128, 128),
+        input_size=(3, _SOLOV2_TEST_SIZE, _SOLOV2_TEST_SIZE),
         test_batch=2,
-        skip=SOLOV2_SKIP,
+        skip=solov2.missing(),
         tags=("mmdet",),
     )

@@ -209,13 +209,15 @@ def test_cifar_variant_has_the_cifar_stem() -> None:
     assert seen["layer1"][-2:] == (32, 32), "no downsampling before layer1"
 
 
-def test_solov2_skips_with_its_reason() -> None:
-    case = get_case("solov2_r50")
-    assert case.skip and "mmcv" in case.skip
-    with pytest.raises(AlignError, match="solov2_r50 cannot run here"):
-        case.build()
-    with pytest.raises(AlignError, match="solov2_r50 cannot run here"):
-        case.make_inputs(1, 0)
+def test_solov2_without_mmcv_ops_skips_with_its_reason(monkeypatch) -> None:
+    from align.cases import solov2
+
+    assert get_case("solov2_r50").skip == solov2.missing()  # None where mmdet runs
+    monkeypatch.setattr(solov2.importlib.util, "find_spec", lambda name: None)
+    reason = solov2.missing()
+    assert "mmcv 2.1 with its compiled ops" in reason and "tools/install_mmdet.sh" in reason
+    with pytest.raises(AlignError, match="solov2_r50 cannot run here: needs mmdet"):
+        solov2.build()
 
 
 # -- golden files -------------------------------------------------------------------------

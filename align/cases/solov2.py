@@ -1,0 +1,116 @@
+"""SOLOv2 R50-FPN from mmdet 3.3 (mask AP), in the form align runs every detection case.
+
+mmdet is not a dependency of align: it needs mmcv with its compiled ops (`import
+mmdet.models` loads mmcv.ops), and PyPI ships mmcv 2.1 only as source.
+`tools/install_mmdet.sh` builds it (see there for what it costs); without it the case
+skips with that reason. The model comes from mmdet's own config file, as installed with
+mmdet, with the ImageNet checkpoint left out (no download; random init as every case).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from align.errors import AlignError
+
+CONFIG = "solov2/solov2_r50_fpn_1x_coco.py"
+NUM_CLASSES = 80  # mmdet's COCO classes
+
+
+def missing() -> str | None:
+    """Why SOLOv2 cannot run here, or None when mmdet and mmcv's compiled ops are there.
+    Looks for the files only: importing mmdet takes seconds, and the registry asks at load."""
+    build = "run tools/install_mmdet.sh (it builds mmcv 2.1's CPU ops from source)"
+    if importlib.util.find_spec("mmdet") is None or importlib.util.find_spec("mmcv") is None:
+        return (
+            f"needs mmdet 3.3 and mmcv 2.1 with its compiled ops, which are not installed "
+            f"(PyPI has mmcv 2.1 as source only): {build}"
+        )
+    package = Path(importlib.util.find_spec("mmcv").origin).parent
+    if not any(package.glob("_ext*.so")) and not any(package.glob("_ext*.pyd")):
+        return f"mmcv is installed without its compiled ops, which mmdet.models imports: {build}"
+    return None
+
+
+def build() -> nn.Module:
+    """The case's model; a clear error where mmdet or mmcv's ops are missing."""
+    reason = missing()
+    if reason:
+        raise AlignError(f"solov2_r50 cannot run here: {reason}")
+    return SOLOv2Losses()
+
+
+class SOLOv2Losses(nn.Module):
+    """mmdet's SOLOv2 taking `(images, targets)` as the torchvision detectors do and
+    returning its loss dict; each target holds `boxes`, `labels` (0..79) and `masks`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import mmdet
+        from mmdet.registry import MODELS
+        from mmdet.utils import register_all_modules
+        from mmengine.config import Config
+        from mmengine.logging import MMLogger
+
+        register_all_modules()
+        config = Path(mmdet.__file__).parent / ".mim" / "configs" / CONFIG
+        cfg = Config.fromfile(str(config)).model
+        cfg.pop("data_preprocessor")  # inputs come normalized, as align makes them
+        cfg.backbone.init_cfg = None  # the ImageNet checkpoint would be downloaded
+        self.detector = MODELS.build(cfg)
+        logger = MMLogger.get_current_instance()
+        level = logger.level
+        logger.setLevel(logging.WARNING)  # init_weights logs every parameter at INFO
+        try:
+            self.detector.init_weights()
+        finally:
+            logger.setLevel(level)
+
+    def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> Any:
+        from mmdet.structures import DetDataSample
+        from mmdet.structures.mask import BitmapMasks
+        from mmengine.structures import InstanceData
+
+        height, width = images.shape[-2:]
+        meta = {"img_shape": (height, width), "pad_shape": (height, width)}
+        samples = []
+        for target in targets:
+            sample = DetDataSample(metainfo={**meta, "batch_input_shape": (height, width)})
+            sample.gt_instances = InstanceData(
+                bboxes=target["boxes"],
+                labels=target["labels"],
+                masks=BitmapMasks(target["masks"].cpu().numpy(), height, width),
+            )
+            samples.append(sample)
+        return self.detector.loss(images, samples)
+
+
+def solov2_inputs(
+    size: tuple[int, int], batch: int, seed: int
+) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """`(images, targets)`: normalized images, and per image two boxes with labels in
+    0..79 and their masks (an ellipse inscribed in each box), fixed by `seed`."""
+    from align.cases.detection import detection_inputs
+
+    images, targets = detection_inputs(size, batch, seed)
+    ys = torch.arange(size[0], dtype=torch.float32).view(-1, 1) + 0.5
+    xs = torch.arange(size[1], dtype=torch.float32).view(1, -1) + 0.5
+    for target in targets:
+        target["labels"] = (target["labels"] - 1) % NUM_CLASSES
+        masks = []
+        for x1, y1, x2, y2 in target["boxes"].tolist():
+            cx, cy, rx, ry = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
+            masks.append(((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1.0)
+        target["masks"] = torch.stack(masks).to(torch.uint8)
+    return (torch.stack(images) - 0.45) / 0.225, targets
+
+
+def grad_images(inputs: tuple[torch.Tensor, Any]) -> torch.Tensor:
+    """Backward differentiates the images only, as for every detector."""
+    return inputs[0]
