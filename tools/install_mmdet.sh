@@ -8,9 +8,9 @@
 set -euo pipefail
 MMCV=2.1.0
 MMDET=3.3.0
-python - 2>/dev/null <<'PY' && { echo "mmdet $MMDET with mmcv's ops is already installed"; exit 0; }
-import importlib.metadata as m, pathlib, importlib.util as u
-assert m.version("mmdet") == "3.3.0" and m.version("mmcv") == "2.1.0"
+MMDET=$MMDET MMCV=$MMCV python - 2>/dev/null <<'PY' && { echo "mmdet $MMDET with mmcv's ops is already installed"; exit 0; }
+import importlib.metadata as m, importlib.util as u, os, pathlib
+assert m.version("mmdet") == os.environ["MMDET"] and m.version("mmcv") == os.environ["MMCV"]
 assert any(pathlib.Path(u.find_spec("mmcv").origin).parent.glob("_ext*.so"))
 PY
 work=$(mktemp -d)
@@ -25,7 +25,7 @@ tar xzf "$work/mmcv-$MMCV.tar.gz" -C "$work"
 sed -i "s/-std=c++17/-std=c++20/" "$work/mmcv-$MMCV/setup.py"
 start=$(date +%s)
 (cd "$work/mmcv-$MMCV" && MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
-  CFLAGS="-O0 -g0" CXXFLAGS="-O0 -g0" pip install -q --no-build-isolation --no-deps .)
+  CFLAGS="-O0 -g0" CXXFLAGS="-O0 -g0" pip wheel -q --no-build-isolation --no-deps -w "$work/wheel" .)
 unset PYTHONPATH
 echo "mmcv $MMCV ops built in $(( $(date +%s) - start )) s"
-pip install -q "mmdet==$MMDET" "mmcv==$MMCV"
+pip install -q "$work"/wheel/mmcv-*.whl "mmdet==$MMDET"

@@ -415,7 +415,7 @@ def solov2_r50() -> Case:
         build=solov2.build,
         make_inputs=partial(solov2.solov2_inputs, (_SOLOV2_TEST_SIZE,) * 2),
         loss_fn=detection_loss,
-        grad_inputs=solov2.grad_images,
+        grad_inputs=_images,
         figures=load_golden("solov2_r50").figures,
         recipe=recipe,
         input_size=(3, _SOLOV2_TEST_SIZE, _SOLOV2_TEST_SIZE),

@@ -61,7 +61,11 @@ class SOLOv2Losses(nn.Module):
         register_all_modules()
         config = Path(mmdet.__file__).parent / ".mim" / "configs" / CONFIG
         cfg = Config.fromfile(str(config)).model
-        cfg.pop("data_preprocessor")  # inputs come normalized, as align makes them
+        # its normalization, done here (images in [0, 1] as for every detection case); the
+        # BGR-to-RGB swap is moot on random images
+        pre = cfg.pop("data_preprocessor")
+        self.register_buffer("mean", torch.tensor(pre.mean).view(3, 1, 1) / 255.0, False)
+        self.register_buffer("std", torch.tensor(pre.std).view(3, 1, 1) / 255.0, False)
         cfg.backbone.init_cfg = None  # the ImageNet checkpoint would be downloaded
         self.detector = MODELS.build(cfg)
         logger = MMLogger.get_current_instance()
@@ -72,12 +76,13 @@ class SOLOv2Losses(nn.Module):
         finally:
             logger.setLevel(level)
 
-    def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> Any:
+    def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> Any:
         from mmdet.structures import DetDataSample
         from mmdet.structures.mask import BitmapMasks
         from mmengine.structures import InstanceData
 
-        height, width = images.shape[-2:]
+        batch = (torch.stack(images) - self.mean) / self.std
+        height, width = batch.shape[-2:]
         meta = {"img_shape": (height, width), "pad_shape": (height, width)}
         samples = []
         for target in targets:
@@ -88,14 +93,14 @@ class SOLOv2Losses(nn.Module):
                 masks=BitmapMasks(target["masks"].cpu().numpy(), height, width),
             )
             samples.append(sample)
-        return self.detector.loss(images, samples)
+        return self.detector.loss(batch, samples)
 
 
 def solov2_inputs(
     size: tuple[int, int], batch: int, seed: int
-) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
-    """`(images, targets)`: normalized images, and per image two boxes with labels in
-    0..79 and their masks (an ellipse inscribed in each box), fixed by `seed`."""
+) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """`(images, targets)` as for the torchvision detectors (align.cases.detection), with
+    labels in mmdet's 0..79 and a mask per box (the ellipse inscribed in it)."""
     from align.cases.detection import detection_inputs
 
     images, targets = detection_inputs(size, batch, seed)
@@ -108,9 +113,4 @@ def solov2_inputs(
             cx, cy, rx, ry = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
             masks.append(((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1.0)
         target["masks"] = torch.stack(masks).to(torch.uint8)
-    return (torch.stack(images) - 0.45) / 0.225, targets
-
-
-def grad_images(inputs: tuple[torch.Tensor, Any]) -> torch.Tensor:
-    """Backward differentiates the images only, as for every detector."""
-    return inputs[0]
+    return images, targets

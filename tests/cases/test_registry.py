@@ -186,7 +186,11 @@ def test_detection_targets_are_valid_boxes() -> None:
             assert boxes.dtype == torch.float32 and labels.dtype == torch.int64
             assert (boxes[:, 2:] > boxes[:, :2]).all()
             assert (boxes[:, 0::2] <= width).all() and (boxes[:, 1::2] <= height).all()
-            assert ((labels >= 1) & (labels <= 90)).all()
+            first = 0 if case.source_model.startswith("mmdet") else 1  # torchvision: 0 = bg
+            assert ((labels >= first) & (labels <= first + 89)).all()
+            if first == 0:
+                assert (labels <= 79).all()  # mmdet's 80 COCO classes
+                assert target["masks"].shape == (2, height, width)
 
 
 def test_cifar_variant_has_the_cifar_stem() -> None:

@@ -14,7 +14,7 @@ def test_solov2_is_mmdets_model_and_returns_its_losses():
     assert type(model.detector).__name__ == "SOLOv2"
     assert type(model.detector.mask_head).__name__ == "SOLOV2Head"
     images, targets = case.make_inputs(2, 0)
-    assert images.shape == (2, *case.input_size)
+    assert len(images) == 2 and images[0].shape == case.input_size
     masks = targets[0]["masks"]
     assert masks.dtype == torch.uint8 and masks.shape == (2, *case.input_size[1:])
     assert 0 < masks.float().mean() < 0.5  # ellipses inside 20-50% boxes
