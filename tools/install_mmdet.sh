@@ -17,8 +17,10 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 # mmcv's setup.py imports torch (so no build isolation: it must see the torch it builds
 # against) and pkg_resources, gone from setuptools 70 on; torch itself wants a newer
-# setuptools, so the old one is on PYTHONPATH for the build only
-pip install -q --target "$work/setuptools" "setuptools<70" wheel
+# setuptools, so the old one (and a wheel that still has bdist_wheel) is on PYTHONPATH
+# for the build only
+pip download -q --no-deps --only-binary :all: -d "$work/wheels" "setuptools<70" "wheel<0.44"
+for w in "$work"/wheels/*.whl; do python -m zipfile -e "$w" "$work/setuptools"; done
 export PYTHONPATH="$work/setuptools${PYTHONPATH:+:$PYTHONPATH}"
 pip download -q --no-deps --no-binary :all: --no-build-isolation -d "$work" "mmcv==$MMCV"
 tar xzf "$work/mmcv-$MMCV.tar.gz" -C "$work"
