@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from align import environment
+from align import decisions, environment
 from align.capture import LossFn, Run, capture, honest_draws, run_model
 from align.comparison import compare_traces
 from align.devices import resolve
@@ -244,10 +244,7 @@ def _judge_runs(
     timings["golden"] = time.perf_counter() - t0
     for who, run in (("target", tgt_run), ("golden", gold_run)):
         if summary := run.decisions.summary():
-            report.notes.append(
-                f"the {who} would have made some discrete choices (sort, max, max-pool "
-                f"indices) otherwise: {summary}; it used the reference's (align.decisions)"
-            )
+            report.notes.append(decisions.note(who, summary))
 
     @functools.cache
     def draw_traces() -> list[Trace]:
@@ -399,10 +396,7 @@ def compare(
                 f"dump it with --decisions REFERENCE_DIR (align.decisions)"
             )
         elif trace is not None and trace.meta.get("decisions_differed"):
-            report.notes.append(
-                f"the {role} would have made some discrete choices otherwise: "
-                f"{trace.meta['decisions_differed']}; it used the reference's"
-            )
+            report.notes.append(decisions.note(role, trace.meta["decisions_differed"]))
     if ref.meta.get("seed") != tgt.meta.get("seed"):
         report.notes.append(
             f"seeds differ (reference {ref.meta.get('seed')}, target {tgt.meta.get('seed')})"

@@ -97,18 +97,16 @@ def check_main(argv: list[str] | None = None) -> int:
 def _dump_all(args: argparse.Namespace, target: str, emulate: str | None) -> None:
     from pathlib import Path
 
-    from align.trace import load_trace
-
     reference = None  # target and golden take the reference's discrete choices
     for role, device, precision, emu, draws in (
         ("reference", args.reference, args.precision, emulate, 2),
         ("target", target, args.precision, emulate, 0),
         ("golden", "cpu", "fp64", None, 0),
     ):
-        path = _dump(
+        path, trace = _dump(
             args.model, device, precision, emu, args, Path(args.dump) / role, draws, reference
         )
-        reference = reference or load_trace(path)
+        reference = reference or trace
         print(f"{role} trace: {path}")
 
 
@@ -132,7 +130,7 @@ def _dump(
         decisions_of=decisions_of,
     )
     trace.meta["case"] = resolved.case
-    return trace.save(out)
+    return trace.save(out), trace
 
 
 @_guarded
@@ -171,7 +169,9 @@ def dump_main(argv: list[str] | None = None) -> int:
     from align.trace import load_trace
 
     reference = None if args.decisions is None else load_trace(args.decisions)
-    path = _dump(args.model, device, precision, args.emulate, args, args.out, args.draws, reference)
+    path, _ = _dump(
+        args.model, device, precision, args.emulate, args, args.out, args.draws, reference
+    )
     print(f"trace written to {path}")
     return EXIT_ALIGNED
 

@@ -136,6 +136,14 @@ class Decisions(TorchDispatchMode):
         return "; ".join(parts)
 
 
+def note(role: str, summary: str) -> str:
+    """The report's note on a run that replayed choices it would have made otherwise."""
+    return (
+        f"the {role} would have made some discrete choices (sort, max, max-pool indices) "
+        f"otherwise: {summary}; it used the reference's (align.decisions)"
+    )
+
+
 def _argument(func, args: tuple, kwargs: dict, name: str) -> Any:
     for i, arg in enumerate(func._schema.arguments):
         if arg.name == name:

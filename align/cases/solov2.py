@@ -27,12 +27,13 @@ def missing() -> str | None:
     """Why SOLOv2 cannot run here, or None when mmdet and mmcv's compiled ops are there.
     Looks for the files only: importing mmdet takes seconds, and the registry asks at load."""
     build = "run tools/install_mmdet.sh (it builds mmcv 2.1's CPU ops from source)"
-    if importlib.util.find_spec("mmdet") is None or importlib.util.find_spec("mmcv") is None:
+    mmcv = importlib.util.find_spec("mmcv")
+    if importlib.util.find_spec("mmdet") is None or mmcv is None:
         return (
             f"needs mmdet 3.3 and mmcv 2.1 with its compiled ops, which are not installed "
             f"(PyPI has mmcv 2.1 as source only): {build}"
         )
-    package = Path(importlib.util.find_spec("mmcv").origin).parent
+    package = Path(mmcv.origin).parent
     if not any(package.glob("_ext*.so")) and not any(package.glob("_ext*.pyd")):
         return f"mmcv is installed without its compiled ops, which mmdet.models imports: {build}"
     return None
