@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -11,17 +11,19 @@ import torch
 from torch import nn
 
 from align import decisions, environment
-from align.capture import LossFn, Run, capture, honest_draws, run_model
+from align.capture import LossFn, Run, capture, honest_draw, run_model
 from align.comparison import compare_traces
 from align.devices import resolve
 from align.errors import AlignError, MismatchError
 from align.isolation import isolate
+from align.jitter import Pool
 from align.precision import Policy, get_policy
 from align.result import Report
 from align.trace import Trace, load_trace
-from align.verdict import Tolerance
+from align.verdict import Row, Tolerance
 
 PHASES = ("forward", "backward", "train")
+IDENTICAL = "the target reproduced the reference bit for bit"
 
 __all__ = ["check", "capture", "compare"]
 
@@ -39,6 +41,9 @@ def _phases(phases: Any) -> tuple[str, ...]:
 def _tolerance(tolerance: Any, policy: Policy) -> Tolerance:
     if isinstance(tolerance, Tolerance):
         return tolerance
+    unknown = sorted(set(tolerance or {}) - {"k", "floor"})
+    if unknown:
+        raise AlignError(f"unknown tolerance key(s) {', '.join(map(str, unknown))}: known k, floor")
     return Tolerance(**{"k": policy.default_k, **(tolerance or {})})
 
 
@@ -75,6 +80,63 @@ def _identical(a: Trace, b: Trace) -> bool:
 
 def _same(x: torch.Tensor, y: torch.Tensor) -> bool:
     return x.dtype == y.dtype and x.shape == y.shape and torch.equal(x.cpu(), y.cpu())
+
+
+def _require_judged(rows: list[Row], phases: tuple[str, ...]) -> None:
+    """AlignError when a forward or backward phase judged no tensor: nothing compared must
+    never read as aligned."""
+    judged = {"backward" if r.phase == "param_grad" else r.phase for r in rows}
+    for phase in phases:
+        if phase != "train" and phase not in judged:
+            raise AlignError(
+                f"no tensor of phase {phase} was judged: the reference records none (or "
+                f"name_map maps every module away); dump the runs with that phase, or leave "
+                f"it out of phases"
+            )
+
+
+def _require_registered_case(role: str, case: Any) -> None:
+    """AlignError unless a dump's case is None or a registered case: the name picks the
+    golden file of tolerances, so a free string could pick any file on disk."""
+    from align.cases import is_case
+
+    if case is not None and not (isinstance(case, str) and is_case(case)):
+        raise AlignError(
+            f"the {role} dump names case {case!r}, which is not a registered case "
+            f"(python -m align.list): dump it again with python -m align.dump"
+        )
+
+
+def _float64_only(gold: Trace) -> Trace:
+    """The golden trace, refused unless it is a float64 run: its meta precision now, each
+    floating tensor as it is read (a float32 'golden' would make any target pass)."""
+    precision = gold.meta.get("precision")
+    if precision != "fp64":
+        raise AlignError(
+            f"the golden trace must be a float64 run (precision fp64), not precision "
+            f"{precision}: dump it with python -m align.dump MODEL --golden"
+        )
+    return dataclasses.replace(gold, tensors=_Float64Tensors(gold.tensors))
+
+
+class _Float64Tensors:
+    """A golden trace's tensors, each refused as it is read unless float64 (or integer)."""
+
+    def __init__(self, tensors: Any):
+        self.tensors = tensors
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        tensor = self.tensors[key]
+        if tensor.is_floating_point() and tensor.dtype != torch.float64:
+            raise AlignError(
+                f"golden tensor {key} is {str(tensor.dtype).replace('torch.', '')}, not "
+                f"float64: a golden run must be float64 throughout (python -m align.dump "
+                f"MODEL --golden)"
+            )
+        return tensor
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
 
 
 def check(
@@ -116,6 +178,10 @@ def check(
 
     started = time.perf_counter()
     phases = _phases(phases)
+    if "train" in phases:
+        from align.training import require_steps
+
+        require_steps(steps)
     policy = get_policy(precision)
     resolved = resolve_model(model, inputs, loss_fn, seed, batch, image_size)
     tol = _tolerance(
@@ -168,8 +234,9 @@ def check(
             **common,
         )
         timings["target"] = time.perf_counter() - t0
+        report.rows += [fault.row(isolated=False) for fault in tgt_run.decisions.faults]
         if _identical(ref_run.trace, tgt_run.trace):
-            report.notes.append("the target reproduced the reference bit for bit")
+            report.notes.append(IDENTICAL)
         else:
             _judge_runs(
                 report,
@@ -246,23 +313,23 @@ def _judge_runs(
         if summary := run.decisions.summary():
             report.notes.append(decisions.note(who, summary))
 
-    @functools.cache
-    def draw_traces() -> list[Trace]:
+    def draw_trace(k: int) -> Trace:
         t0 = time.perf_counter()
-        made = honest_draws(
+        made = honest_draw(
             resolved.model,
             resolved.inputs,
             ref_run,
-            draws,
+            k,
             loss_fn=resolved.loss_fn,
             grad_inputs=resolved.grad_inputs,
         )
-        timings["draws"] = time.perf_counter() - t0
+        timings["draws"] = timings.get("draws", 0.0) + time.perf_counter() - t0
         return made
 
+    draw_traces = Pool(draw_trace, draws)
     strict = policy.name == "fp32"
     t0 = time.perf_counter()
-    report.rows = compare_traces(
+    report.rows += compare_traces(
         ref_run.trace,
         tgt_run.trace,
         gold_run.trace,
@@ -272,11 +339,13 @@ def _judge_runs(
         name_map=name_map,
         draws=draw_traces,
     )
+    _require_judged(report.rows, phases)
     timings["compare"] = time.perf_counter() - t0 - timings.get("draws", 0.0)
     if "draws" in timings:
         report.notes.append(
             f"tensors failing against the reference's error were judged again against the "
-            f"largest of the reference's and {draws} honest draws' (align.jitter)"
+            f"largest of the reference's and {len(draw_traces.made)} honest draws' "
+            f"(align.jitter)"
         )
     if isolate_modules:
         t0 = time.perf_counter()
@@ -326,12 +395,30 @@ def compare(
 
     Traces may be directories written by `Trace.save` or msprobe dumps. Without a
     golden the reference stands in for it and only dtype floors remain as limits.
+    Dumps of align.Recorder (a training loop) are judged step by step (align.loop).
     """
+    from align import loop
+
+    if loop.is_dump(reference):
+        return loop.compare(reference, target, golden, tolerance=tolerance, name_map=name_map)
+    from align import msprobe
+
+    if not isinstance(reference, Trace) and not isinstance(target, Trace):
+        if msprobe.is_msprobe_dump(reference) and msprobe.is_msprobe_dump(target):
+            # steps/ranks paired, API calls aligned, statistics-only dumps judged as such
+            return msprobe.compare_dumps(
+                reference, target, golden, tolerance=tolerance, phases=phases, name_map=name_map
+            )
     traces = [
         t if isinstance(t, Trace) or t is None else load_trace(t)
         for t in (reference, target, golden)
     ]
     ref, tgt, gold = traces
+    for role, trace in (("reference", ref), ("target", tgt), ("golden", gold)):
+        if trace is not None:
+            _require_registered_case(role, trace.meta.get("case"))
+    if gold is not None:
+        gold = _float64_only(gold)
     precision = ref.meta.get("precision") or "fp32"
     policy = get_policy(precision) if precision != "unknown" else get_policy("fp32")
     if tgt.meta.get("precision") not in (None, precision):
@@ -358,6 +445,7 @@ def compare(
         name_map=name_map,
         draws=ref.draws,
     )
+    _require_judged(rows, phases)
     report = Report(
         rows=rows,
         meta={
@@ -376,6 +464,8 @@ def compare(
             },
         },
     )
+    if _identical(ref, tgt):
+        report.notes.append(IDENTICAL)
     if gold is None:
         report.notes.append(
             "no golden trace: the reference stood in for it, so limits are dtype floors "

@@ -97,6 +97,13 @@ class Recorder:
                 module.register_forward_hook(partial(self._post, name), with_kwargs=True)
             )
 
+    def current(self) -> tuple[str, int, int] | None:
+        """(module, call index, position) of the innermost module call running now."""
+        if not self._stack:
+            return None
+        call = self.trace.calls[self._stack[-1]]
+        return call.module, call.index, self._stack[-1]
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -319,35 +326,32 @@ def _jitter_seed(seed: int, n: int) -> int:
     return seed * 1000 + n + 1
 
 
-def honest_draws(
+def honest_draw(
     model: nn.Module,
     inputs: Any,
     run: Run,
-    n: int,
+    k: int,
     *,
     loss_fn: LossFn | None,
     grad_inputs: Callable[[Any], Any] | None = None,
-) -> list[Trace]:
-    """n honest draws of `run` (align.jitter): the same model, inputs and numerics, with
-    every rounding jittered; each a whole run of its own."""
-    return [
-        run_model(
-            model,
-            inputs,
-            device=run.device,
-            policy=run.policy,
-            backward=run.trace.meta["backward"],
-            loss_fn=loss_fn,
-            seed=run.seed,
-            loss_scale=run.loss_scale,
-            emulation=run.emulation,
-            native_kernels=run.native_kernels,
-            jitter=_jitter_seed(run.seed, k),
-            grad_inputs=grad_inputs,
-            replay=run.decisions.choices,
-        ).trace
-        for k in range(n)
-    ]
+) -> Trace:
+    """Honest draw k of `run` (align.jitter): the same model, inputs, numerics and
+    decisions, with every rounding jittered; a whole run of its own."""
+    return run_model(
+        model,
+        inputs,
+        device=run.device,
+        policy=run.policy,
+        backward=run.trace.meta["backward"],
+        loss_fn=loss_fn,
+        seed=run.seed,
+        loss_scale=run.loss_scale,
+        emulation=run.emulation,
+        native_kernels=run.native_kernels,
+        jitter=_jitter_seed(run.seed, k),
+        grad_inputs=grad_inputs,
+        replay=run.decisions.choices,
+    ).trace
 
 
 def prepare(model: nn.Module, device: torch.device, policy: Policy) -> nn.Module:
@@ -405,6 +409,7 @@ def run_model(
         )
     loss_fn = loss_fn or projection_loss(seed)
     recorder = Recorder(private, backward)
+    run.decisions.where = recorder.current
     started = time.perf_counter()
     try:
         _seed_all(seed)
@@ -482,9 +487,10 @@ def capture(
         grad_inputs=grad_inputs,
         replay=None if decisions_of is None else decisions_of.decisions,
     )
-    run.trace.draws = honest_draws(
-        model, inputs, run, draws, loss_fn=loss_fn, grad_inputs=grad_inputs
-    )
+    run.trace.draws = [
+        honest_draw(model, inputs, run, k, loss_fn=loss_fn, grad_inputs=grad_inputs)
+        for k in range(draws)
+    ]
     return run.trace
 
 

@@ -182,8 +182,12 @@ def compare_main(argv: list[str] | None = None) -> int:
     import align
 
     p = argparse.ArgumentParser(prog="python -m align.compare", description=compare_main.__doc__)
-    p.add_argument("reference", help="reference trace directory (align or msprobe dump)")
-    p.add_argument("target", help="target trace directory (align or msprobe dump)")
+    p.add_argument(
+        "reference", help="reference dump directory (align trace, align.Recorder loop, msprobe)"
+    )
+    p.add_argument(
+        "target", help="target dump directory (align trace, align.Recorder loop, msprobe)"
+    )
     p.add_argument(
         "--golden", default=None, help="float64 golden trace (python -m align.dump --golden)"
     )

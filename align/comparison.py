@@ -8,12 +8,13 @@ module. Structural differences (missing modules, shapes) are errors, never a pas
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 
 import torch
 
 from align.errors import MismatchError
+from align.jitter import Pool
 from align.trace import Call, Trace
 from align.verdict import Row, Tolerance, judge_robustly
 
@@ -92,14 +93,15 @@ def compare_traces(
     phases: tuple[str, ...] = ("forward", "backward"),
     strict_dtype: bool = True,
     name_map: dict[str, str | None] | None = None,
-    draws: Sequence[Trace] | Callable[[], Sequence[Trace]] = (),
+    draws: Sequence[Trace] | Pool[Trace] = (),
 ) -> list[Row]:
     """Judge every tensor of `tgt` against `golden` relative to `ref`, in execution order.
 
-    `draws` are honest draws of the reference run (align.jitter), or a function making
-    them, called only if a tensor fails against the reference alone: that tensor is then
-    judged again with the reference's error as the largest of theirs. Without a golden
-    trace the reference stands in for it, so only dtype floors remain as limits.
+    `draws` are honest draws of the reference run (align.jitter), or a `jitter.Pool`
+    making them, drawn from only if a tensor fails against the reference alone: that
+    tensor is then judged again with the reference's error as the largest of theirs.
+    Without a golden trace the reference stands in for it, so only dtype floors remain
+    as limits.
     """
     name_map = name_map or {}
     tgt_calls = _target_index(ref, tgt, name_map)
@@ -193,28 +195,35 @@ def _with_param_grads(rows: list[Row], param_rows: list[Row]) -> list[Row]:
 
 
 class _Draws:
-    """The reference's honest draws, made or loaded the first time a tensor needs them."""
+    """The reference's honest draws per tensor, made or loaded when a tensor needs them
+    (`round_` as in verdict.judge_robustly)."""
 
-    def __init__(self, ref: Trace, source: Sequence[Trace] | Callable[[], Sequence[Trace]]):
-        self.ref, self.source = ref, source
-        self._calls: list[tuple[Trace, dict]] | None = None
+    def __init__(self, ref: Trace, source: Sequence[Trace] | Pool[Trace]):
+        self.ref = ref
+        if not isinstance(source, Pool):  # a dump's draws: what it has, all at once
+            given = list(source)
+            source = Pool(lambda k: given[k] if k < len(given) else None, len(given))
+        self.pool = source
+        self._index: dict[int, dict] = {}
 
-    def _traces(self) -> list[tuple[Trace, dict]]:
-        if self._calls is None:
-            traces = self.source() if callable(self.source) else self.source
-            self._calls = [(d, _target_index(self.ref, d, {})) for d in traces]
-        return self._calls
+    def _traces(self, round_: int) -> list[tuple[Trace, dict]]:
+        traces = self.pool(round_)
+        for n, d in enumerate(traces):
+            if n not in self._index:
+                self._index[n] = _target_index(self.ref, d, {})
+        return [(d, self._index[n]) for n, d in enumerate(traces)]
 
-    def of_call(self, key: tuple[str, int], slot: str, i: int) -> list[torch.Tensor]:
+    def of_call(self, key: tuple[str, int], slot: str, i: int, round_: int) -> list[torch.Tensor]:
         found = []
-        for draw, calls in self._traces():
+        for draw, calls in self._traces(round_):
             keys = getattr(calls[key], slot)
             if i < len(keys) and keys[i] is not None:
                 found.append(draw.tensor(keys[i]))
         return found
 
-    def of_param(self, name: str) -> list[torch.Tensor]:
-        return [d.tensor(d.param_grads[name]) for d, _ in self._traces() if name in d.param_grads]
+    def of_param(self, name: str, round_: int) -> list[torch.Tensor]:
+        traces = self._traces(round_)
+        return [d.tensor(d.param_grads[name]) for d, _ in traces if name in d.param_grads]
 
 
 def _param_name(name: str, name_map: dict[str, str | None]) -> str | None:

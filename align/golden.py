@@ -13,6 +13,7 @@ The case registry reads its figures from here, so a figure lives in exactly one 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -189,8 +190,17 @@ def _check_tolerance_table(bad: Any, where: str, table: Any) -> None:
     for key, value in table.items():
         if key not in _TOLERANCE_KEYS:
             raise bad(f"{where}.{key}: unknown key (known: {', '.join(_TOLERANCE_KEYS)})")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise bad(f"{where}.{key} must be a non-negative number, got {value!r}")
+        if problem := tolerance_problem(value):
+            raise bad(f"{where}.{key} {problem}")
+
+
+def tolerance_problem(value: Any) -> str | None:
+    """Why `value` cannot be a tolerance (k or floor), or None: a NaN, an infinite or a
+    non-positive k or floor would let every target pass (or none), so none is ever used."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and math.isfinite(value) and value > 0:
+        return None
+    return f"must be a finite number > 0 (a non-negative number, not 0, NaN or inf), got {value!r}"
 
 
 if __name__ == "__main__":
@@ -199,10 +209,8 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-def case_tolerance(case: str, phases: tuple[str, ...], precision: str) -> dict | None:
-    """The tolerance golden/<case>.toml sets for these phases and precision (None: none)."""
+def case_tolerance(case: str, phases: tuple[str, ...], precision: str) -> dict[str, float]:
+    """The tolerance golden/<case>.toml sets for these phases and precision; a missing or
+    malformed file is an AlignError naming it, never the defaults in silence."""
     phase = "train" if tuple(phases) == ("train",) else "forward"
-    try:
-        return load_golden(case).tolerance(phase, precision)
-    except AlignError:
-        return None
+    return load_golden(case).tolerance(phase, precision)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict, deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +24,9 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from align.capture import Run
+from align.decisions import Choices, Decisions, is_random
+from align.jitter import Pool
+from align.precision import kernel_accuracy
 from align.trace import Call
 from align.verdict import Divergence, Row, Tolerance, judge_robustly
 
@@ -57,6 +59,7 @@ class _Local:
     forward: dict[str, torch.Tensor] = field(default_factory=dict)
     backward: dict[str, torch.Tensor] = field(default_factory=dict)
     params: dict[str, torch.Tensor] = field(default_factory=dict)
+    decisions: Decisions | None = None
 
     def items(self):
         for phase, tensors in (
@@ -80,6 +83,22 @@ class Isolator:
             if call.parent is not None:
                 self.children[call.parent].append(pos)
         self.modules = {id(run.model): dict(run.model.named_modules()) for run in (ref, tgt, gold)}
+        # each call's random draws in the whole reference run, replayed when it runs alone
+        self.draws_of: dict[int, Choices] = defaultdict(list)
+        if ref.decisions is not None:
+            for (key, t), owner in zip(ref.decisions.log, ref.decisions.owners):
+                if owner is not None and is_random(key):
+                    self.draws_of[owner].append((key, t))
+        self.decided: dict[int, Choices] = {}  # the reference's decisions in isolation
+
+    def _decisions(self, run: Run, pos: int) -> Decisions:
+        """The reference alone replays its whole run's draws of this call and records its
+        own branches and indices; every other run replays what it decided."""
+        call = self.ref.trace.calls[pos]
+        here = (call.module, call.index, pos)
+        if run is self.ref:
+            return Decisions(self.draws_of.get(pos, []), where=lambda: here)
+        return Decisions(self.decided.get(pos, []), where=lambda: here)
 
     def _module_name(self, run: Run, name: str) -> str | None:
         return self.name_map.get(name, name) if run is self.tgt else name
@@ -103,12 +122,12 @@ class Isolator:
                 t = t.clone()  # a non-leaf, so in-place modules (ReLU(inplace)) may run
             leaves.append(t)
         args, kwargs = tree_unflatten(leaves, spec.in_spec)
-        local = _Local()
+        local = _Local(decisions=self._decisions(run, pos))
         replaced: list[tuple[torch.nn.Module, Any]] = []
         try:
             self._install_replays(run, pos, modules, local, replaced)
             _seed(run)
-            with run.numerics():
+            with local.decisions, run.numerics():
                 out = module(*args, **kwargs)
         finally:
             for child, previous in replaced:  # restore a forward the user set on the instance
@@ -120,7 +139,7 @@ class Isolator:
         for i, o in enumerate(outs):
             local.forward[f"output[{i}]"] = o.detach()
         if not want_grad:
-            return local
+            return self._decided(run, pos, local)
         pairs = [
             (o, run.place(trace.tensor(k)).to(o.dtype))
             for o, k in zip(outs, call.grad_outputs)
@@ -129,8 +148,8 @@ class Isolator:
         params = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
         wrt = [t for _, t in grad_leaves] + [p for _, p in params]
         if not pairs or not wrt:
-            return local
-        with run.numerics(autocast=False):
+            return self._decided(run, pos, local)
+        with local.decisions, run.numerics(autocast=False):
             grads = torch.autograd.grad(
                 [o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True
             )
@@ -144,11 +163,12 @@ class Isolator:
             for m, g in enumerate(payload.received):
                 if g is not None:
                     local.backward[f"grad_to:{label}[{m}]"] = g
-        return local
+        return self._decided(run, pos, local)
 
-    def draws(self, pos: int, n: int) -> list[_Local]:
-        """The isolated call at `pos` on n honest draws of the reference (align.jitter)."""
-        return [self.run(self.ref.draw(k), pos) for k in range(n)]
+    def _decided(self, run: Run, pos: int, local: _Local) -> _Local:
+        if run is self.ref:
+            self.decided[pos] = local.decisions.log
+        return local
 
     def _install_replays(self, run: Run, pos: int, modules, local: _Local, replaced) -> None:
         """Replace the children called by call `pos` with replays of their records."""
@@ -247,14 +267,18 @@ def isolate(
         try:
             r_local = iso.run(ref, pos)
             t_local = iso.run(tgt, pos)
+            for fault in t_local.decisions.faults:  # replayed draws hide it from the values
+                failing[pos] = fault.row(isolated=True)
+                rows.append(failing[pos])
             if _identical(r_local, t_local):
                 continue
             g_local = iso.run(gold, pos)
         except Exception as exc:  # a module we cannot re-run alone is reported, not fatal
             notes.append(f"{call.label} not isolated: {type(exc).__name__}: {exc}")
             continue
-        made = functools.cache(functools.partial(iso.draws, pos, draws))
-        for row in _judge_local(call, r_local, t_local, g_local, made, tol, strict_dtype):
+        made = Pool(lambda k, pos=pos: iso.run(iso.ref.draw(k), pos), draws)
+        accuracy = kernel_accuracy(r_local.decisions.ran)
+        for row in _judge_local(call, r_local, t_local, g_local, made, tol, strict_dtype, accuracy):
             rows.append(row)
             if row.failed:
                 worst = failing.get(pos)
@@ -269,16 +293,17 @@ def _judge_local(
     r: _Local,
     t: _Local,
     g: _Local,
-    draws: Callable[[], list[_Local]],
+    draws: Pool[_Local],
     tol,
     strict_dtype,
+    accuracy: float,
 ):
     ref_items = {(p, n): x for p, n, x in r.items()}
     tgt_items = {(p, n): x for p, n, x in t.items()}
     gold_items = {(p, n): x for p, n, x in g.items()}
 
-    def honest(phase: str, label: str) -> list[torch.Tensor]:
-        return [x for d in draws() for p, n, x in d.items() if (p, n) == (phase, label)]
+    def honest(phase: str, label: str, round_: int) -> list[torch.Tensor]:
+        return [x for d in draws(round_) for p, n, x in d.items() if (p, n) == (phase, label)]
 
     for (phase, label), rt in ref_items.items():
         row = Row(call.module, call.index, phase, label, "", [], isolated=True)
@@ -297,6 +322,7 @@ def _judge_local(
             local=True,
             row=row,
             draws=functools.partial(honest, phase, label),
+            accuracy=accuracy,
         )
 
 

@@ -118,6 +118,52 @@ ERROR_FLOOR = {
 }
 
 
+# How far an honest kernel may be from the exact result, in roundings (unit roundoffs of
+# its dtype, about `ERROR_FLOOR`): the accuracy vendors document. Arithmetic and
+# conversions are correctly rounded (IEEE 754-2019 section 4.3: half an ulp, one
+# rounding). Transcendental functions are not: the CUDA C++ Programming Guide's
+# "Mathematical Functions" appendix gives expf, logf, tanhf, erff, rsqrtf 2 ulp (the fast
+# intrinsics more), and 2 ulp are 4 roundings. Reductions (convolutions, matmuls, norms,
+# sums, average pools) may sum in any order: their output is one rounding away from the
+# sum the kernel formed, and the order adds about as much again on well-conditioned sums
+# (Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed., section 4.2); an
+# ill-conditioned sum is measured by the reference's own error and its honest draws.
+# Used twice: as the floor of an isolated module (`kernel_accuracy`), and as the size of
+# each op's nudge in an honest draw (align.jitter), which then stands for another honest
+# device rather than for the reference's own rounding.
+KERNEL_ACCURACY = {"arithmetic": 1.0, "reduction": 2.0, "transcendental": 4.0}
+TRANSCENDENTAL_OPS = frozenset(
+    """exp exp2 expm1 log log1p log2 log10 pow sigmoid sigmoid_backward silu silu_backward
+    gelu gelu_backward tanh tanh_backward erf erfc erfinv mish mish_backward softplus
+    softplus_backward elu elu_backward _softmax _softmax_backward_data _log_softmax
+    _log_softmax_backward_data rsqrt sin cos tan asin acos atan sinh cosh
+    _scaled_dot_product_flash_attention_for_cpu _scaled_dot_product_efficient_attention
+    _scaled_dot_product_flash_attention""".split()
+)
+REDUCTION_OPS = frozenset(
+    """convolution convolution_backward mm addmm bmm baddbmm dot mv sum mean var std
+    var_mean native_batch_norm native_batch_norm_backward _native_batch_norm_legit
+    _native_batch_norm_legit_no_training batch_norm_backward native_layer_norm
+    native_layer_norm_backward native_group_norm native_group_norm_backward
+    avg_pool2d avg_pool2d_backward _adaptive_avg_pool2d _adaptive_avg_pool2d_backward
+    avg_pool3d adaptive_avg_pool3d cumsum linalg_vector_norm norm""".split()
+)
+
+
+def op_accuracy(op: str) -> float:
+    """The documented accuracy, in roundings, of the aten op (overload packet) `op`."""
+    if op in TRANSCENDENTAL_OPS:
+        return KERNEL_ACCURACY["transcendental"]
+    if op in REDUCTION_OPS:
+        return KERNEL_ACCURACY["reduction"]
+    return KERNEL_ACCURACY["arithmetic"]
+
+
+def kernel_accuracy(ops: set[str]) -> float:
+    """The documented accuracy, in roundings, of a computation that ran these aten ops."""
+    return max((op_accuracy(op) for op in ops), default=KERNEL_ACCURACY["arithmetic"])
+
+
 def error_floor(dtype: torch.dtype) -> float:
     """Relative error floor of a floating dtype (fp32's for anything unknown)."""
     return ERROR_FLOOR.get(dtype, ERROR_FLOOR[torch.float32])

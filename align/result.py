@@ -117,7 +117,7 @@ class Report:
         if self.culprits:
             lines.append("culprits (wrong on their own, fed the reference's inputs):")
             lines += _table([_div_cells(c) for c in self.culprits])
-        elif not self.passed:
+        elif not self.passed and self.local_rows:  # no isolation ran (dumps): nothing to say
             lines.append("culprits: none found in isolation (the error builds up across layers)")
         if self.train:
             lines.append(_train_line(self.train))

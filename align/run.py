@@ -16,6 +16,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from align.arguments import positive_float, positive_int
+from align.cli import _guarded
 from align.errors import AlignError
 
 EXIT_CONFIRMED, EXIT_NOT_CONFIRMED, EXIT_ERROR = 0, 1, 2
@@ -29,37 +31,44 @@ def parser() -> argparse.ArgumentParser:
         "judge the final Top-1 / AP against the documented figure.",
     )
     p.add_argument("case", nargs="?", help="a registered case (python -m align.list)")
-    p.add_argument("--epochs", type=int, help="default: the recipe's")
-    p.add_argument("--cards", type=int, help="workers per node (default: the recipe's cards)")
+    p.add_argument("--epochs", type=positive_int, help="default: the recipe's")
+    p.add_argument(
+        "--cards", type=positive_int, help="workers per node (default: the recipe's cards)"
+    )
     p.add_argument("--device", help="cpu, cuda or npu (default: the best present)")
     p.add_argument("--precision", help="fp32, amp-fp16, amp-bf16, o2-fp16 (O1, O2)")
     p.add_argument(
         "--data", help="dataset root: ImageNet folders, CIFAR-100, COCO (detection cases)"
     )
-    p.add_argument("--batch-size", type=int, help="per card (default: the recipe's)")
-    p.add_argument("--lr", type=float, help="default: the recipe's, scaled to the global batch")
+    p.add_argument("--batch-size", type=positive_int, help="per card (default: the recipe's)")
+    p.add_argument(
+        "--lr", type=positive_float, help="default: the recipe's, scaled to the global batch"
+    )
     p.add_argument("--work-dir", help="default: work_dirs/<case>")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument(
-        "--repeat", type=int, default=1, metavar="K", help="K runs, seeds seed..seed+K-1"
+        "--repeat", type=positive_int, default=1, metavar="K", help="K runs, seeds seed..seed+K-1"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--nnodes", type=positive_int, default=1)
     p.add_argument("--node-rank", type=int, default=0)
     p.add_argument("--master-addr", default="127.0.0.1")
-    p.add_argument("--master-port", type=int, help="rendezvous port (several nodes: 29500)")
+    p.add_argument(
+        "--master-port", type=positive_int, help="rendezvous port (several nodes: 29500)"
+    )
     p.add_argument(
         "--compare", nargs="+", metavar="RESULT", help="judge result.json files together"
     )
     return p
 
 
+@_guarded  # a bug exits 2 with its traceback, never 1 ("not confirmed")
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = parser().parse_args(argv)
     try:
         return _compare(args.compare) if args.compare else _train(args)
-    except AlignError as e:
+    except (AlignError, OSError) as e:  # OSError: a work dir or result that cannot be written
         print(f"align.run: error: {e}", file=sys.stderr)
         return EXIT_ERROR
 
@@ -69,8 +78,8 @@ def _train(args: argparse.Namespace) -> int:
 
     if not args.case:
         raise AlignError("name a case (python -m align.list shows them) or use --compare")
-    if args.repeat < 1 or (args.repeat > 1 and args.resume):
-        raise AlignError("--repeat K needs K >= 1 and cannot be combined with --resume")
+    if args.repeat > 1 and args.resume:
+        raise AlignError("--repeat K cannot be combined with --resume")
     opts = full_run.prepare(
         args.case,
         epochs=args.epochs,

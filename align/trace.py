@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,31 +145,7 @@ class Trace:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write safetensors shards and the manifest atomically (a complete dump or none)."""
-        target = Path(os.path.abspath(directory))  # "." has no name to make a sibling of
-        if target.exists() or target.is_symlink():
-            if not target.is_dir() or (any(target.iterdir()) and not (target / MANIFEST).is_file()):
-                raise TraceError(
-                    f"{target}: exists and is not an align trace (no {MANIFEST}); refusing "
-                    "to replace it: write the trace to a new or empty directory"
-                )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            self._write(tmp)
-            old = tmp.with_name(tmp.name + ".old")
-            if target.exists():
-                os.rename(target, old)  # keep the previous dump until the new one is in place
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                if old.exists():
-                    os.rename(old, target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return target
+        return replace_dir(directory, self._write, MANIFEST, "trace")
 
     def _write(self, directory: Path) -> None:
         """Shards, manifest and draws into an empty `directory`."""
@@ -223,6 +199,38 @@ class Trace:
                 flush()
         flush()
         return index
+
+
+def replace_dir(
+    directory: str | os.PathLike, write: Callable[[Path], None], marker: str, what: str
+) -> Path:
+    """Fill a temporary sibling of `directory` with `write(tmp)`, then rename it into place:
+    the directory is complete or untouched. A non-empty one without `marker` is refused."""
+    target = Path(os.path.abspath(directory))  # "." has no name to make a sibling of
+    if target.exists() or target.is_symlink():
+        if not target.is_dir() or (any(target.iterdir()) and not (target / marker).is_file()):
+            raise TraceError(
+                f"{target}: exists and is not an align {what} (no {marker}); refusing "
+                f"to replace it: write the {what} to a new or empty directory"
+            )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(tmp)
+        old = tmp.with_name(tmp.name + ".old")
+        if target.exists():
+            os.rename(target, old)  # keep the previous dump until the new one is in place
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old.exists():
+                os.rename(old, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
 def _validate(trace: Trace, index: Any) -> None:

@@ -1,10 +1,14 @@
 """Short-train alignment: N optimizer steps on reference, target and a float64 golden.
 
 Identical initial weights and batches; the case's optimizer (SGD with its recipe's
-momentum and weight decay) and the precision policy's loss scaling (torch.amp.GradScaler,
-the machinery mmengine's AmpOptimWrapper uses in full runs). Per step we record the
-loss, the gradient norm (after unscaling) and the norm of the parameter update; after
-the last step the parameters and BatchNorm running statistics. Trajectories of training
+momentum and weight decay) or the user's (`TrainOptions.optimizer`, a factory of param
+groups; the target may take another one, a device's fused optimizer against the stock
+one), an optional scheduler, and the precision policy's loss scaling
+(torch.amp.GradScaler, the machinery mmengine's AmpOptimWrapper uses in full runs) or
+the user's initial scale. Per step we record the loss, the gradient norm (after
+unscaling) and the norm of the parameter update; after the last step the parameters,
+BatchNorm running statistics and the optimizer's state (momentum buffers, Adam moments),
+each named by its parameter and param group. Trajectories of training
 diverge, so the target's deviation from golden is judged against the reference's
 deviation over the same steps, never against a fixed threshold.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -20,8 +25,10 @@ import torch
 from torch import nn
 
 from align.capture import call_model, numerics, prepare, projection_loss
+from align.decisions import Choices, Decisions
+from align.errors import AlignError
 from align.precision import Policy, error_floor, get_policy
-from align.verdict import Row, Tolerance, judge
+from align.verdict import Row, Tolerance, judge, require_finite
 
 QUANTITIES = ("loss", "grad_norm", "update_norm")
 
@@ -36,6 +43,12 @@ class TrainOptions:
     norm_decay: bool = False  # weight decay on norm and bias parameters (mmcls: off)
     clip_grad: float | None = 10.0
     unscale_before_clip: bool = True
+    # the user's pieces: optimizer(param_groups) -> Optimizer (default: SGD with lr and
+    # momentum above), scheduler(optimizer) -> LRScheduler stepped after every step, and
+    # the GradScaler's initial scale (default: the precision policy's: fp16 scales 2^12)
+    optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = None
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None
+    loss_scale: float | None = None
 
 
 def _param_groups(model: nn.Module, opts: TrainOptions) -> list[dict[str, Any]]:
@@ -67,21 +80,36 @@ def _trajectory(
     seed: int,
     emulation=None,
     native_kernels: bool = False,
+    replay: list[Choices] | None = None,
 ) -> dict[str, Any]:
-    """Train a private copy for len(batches) steps; per-step figures and final state."""
+    """Train a private copy for len(batches) steps; per-step figures and final state.
+
+    Each step's decisions (dropout masks, ReLU branches: align.decisions) are recorded in
+    the result's "decisions", or replayed from `replay`, the reference's.
+    """
     private = prepare(model, device, policy)
     master = private
     if policy.name == "o2-fp16":  # fp32 master weights, half model (apex O2)
         master = copy.deepcopy(model).to(device)
-    optimizer = torch.optim.SGD(_param_groups(master, opts), lr=opts.lr, momentum=opts.momentum)
+    groups = _param_groups(master, opts)
+    if opts.optimizer is None:
+        optimizer = torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum)
+    else:
+        optimizer = opts.optimizer(groups)
+    scheduler = None if opts.scheduler is None else opts.scheduler(optimizer)
+    scaled = opts.loss_scale is not None or policy.check_loss_scale != 1.0
     scaler = torch.amp.GradScaler(
-        device.type, init_scale=2.0**12, enabled=policy.check_loss_scale != 1.0
+        device.type,
+        init_scale=2.0**12 if opts.loss_scale is None else opts.loss_scale,
+        enabled=scaled and policy.name != "fp64",  # the golden is exact: nothing to scale
     )
-    steps = []
+    steps, decided = [], []
     for step, batch in enumerate(batches):
         x = policy.cast_inputs(batch, device)
         torch.manual_seed(seed + step)
-        with numerics(policy, device, emulation, False, native_kernels):
+        decisions = Decisions(None if replay is None else replay[step])
+        decided.append(decisions.log)
+        with decisions, numerics(policy, device, emulation, False, native_kernels):
             with policy.autocast(device):
                 out = call_model(private, x)
             loss = loss_fn(out, x)
@@ -102,6 +130,8 @@ def _trajectory(
         before = [p.detach().clone() for p in master.parameters()]
         scaler.step(optimizer)
         scaler.update()
+        if scheduler is not None:
+            scheduler.step()
         if master is not private:
             with torch.no_grad():
                 for p, q in zip(master.parameters(), private.parameters()):
@@ -122,7 +152,21 @@ def _trajectory(
     state.update(
         {f"buffer:{n}": b.detach() for n, b in private.named_buffers() if b.is_floating_point()}
     )
-    return {"steps": steps, "state": state}
+    state.update(optimizer_state(optimizer, master))
+    return {"steps": steps, "state": state, "decisions": decided}
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
+    """The optimizer's floating state tensors (momentum buffers, exp_avg, exp_avg_sq...),
+    keyed `optimizer:<param>.<state> (group N)`: what a fused optimizer computes otherwise."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    found = {}
+    for g, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim():
+                    found[f"optimizer:{names.get(id(p), '?')}.{key} (group {g})"] = value.detach()
+    return found
 
 
 def _deviation(a: float, g: float) -> float:
@@ -167,6 +211,12 @@ def compare_trajectories(
     for name, g in gold["state"].items():
         module, _, leaf = name.partition(":")[2].rpartition(".")
         row = Row(module, 0, "train", f"final {name.partition(':')[0]} {leaf}", "", [])
+        if name not in tgt["state"]:
+            row.failed.append("missing")
+            row.message = f"the target's training has no {name} (another optimizer?)"
+            rows.append(row)
+            continue
+        require_finite(row, [("reference", ref["state"][name]), ("golden", g)])
         judge(
             tgt["state"][name], ref["state"][name], g, tol, strict_dtype=False, local=False, row=row
         )
@@ -185,6 +235,16 @@ def compare_trajectories(
         "summary": summary,
         "steps_run": len(table),
     }
+
+
+def require_steps(steps: object) -> None:
+    """AlignError unless `steps` is a whole number >= 1: a train phase of no steps judges
+    nothing, and nothing judged is no verdict."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise AlignError(
+            f"steps must be an integer >= 1 for the train phase, got {steps!r}: "
+            "pass --steps N (default 5)"
+        )
 
 
 def short_train(
@@ -206,10 +266,17 @@ def short_train(
     opts = options or _recipe_options(resolved.case)
     batches = _batches(resolved, steps, seed)
     loss_fn = resolved.loss_fn or projection_loss(seed)
-    gold = _trajectory(
-        resolved.model, batches, loss_fn, torch.device("cpu"), get_policy("fp64"), opts, seed
-    )
     ref = _trajectory(resolved.model, batches, loss_fn, reference, policy, opts, seed, emulation)
+    gold = _trajectory(
+        resolved.model,
+        batches,
+        loss_fn,
+        torch.device("cpu"),
+        get_policy("fp64"),
+        opts,
+        seed,
+        replay=ref["decisions"],
+    )
     tgt = _trajectory(
         target_model if target_model is not None else resolved.model,
         batches,
@@ -220,6 +287,7 @@ def short_train(
         seed,
         emulation,
         native_kernels,
+        replay=ref["decisions"],
     )
     # Emulated HF32/TF32 math rounds to 10 mantissa bits: that, not fp32, sets the floor.
     unit = 2.0**-11 if emulation is not None else error_floor(policy.low_precision)

@@ -28,6 +28,9 @@ from typing import Any
 import torch
 
 from align import metrics
+from align.errors import AlignError
+from align.golden import tolerance_problem
+from align.jitter import GRAY_ZONE
 from align.precision import error_floor
 
 SHARE_FLOOR = 1e-2  # a hundredth of the elements may exceed tau without a reason
@@ -50,6 +53,13 @@ class Tolerance:
     k: float = 2.0
     floor: float = 1.0
 
+    def __post_init__(self) -> None:
+        """Refuse a k or floor that is not a finite positive number: NaN or inf would pass
+        every target."""
+        for key in ("k", "floor"):
+            if problem := tolerance_problem(getattr(self, key)):
+                raise AlignError(f"tolerance {key} {problem}")
+
 
 @dataclass(frozen=True)
 class Divergence:
@@ -67,7 +77,7 @@ class Divergence:
     message: str = ""
 
     def __str__(self) -> str:
-        where = (self.module or "<model>") + (f"#{self.call}" if self.call else "")
+        where = _where(self.module, self.call)
         ref = "" if self.reference is None else f" (reference {self.reference:.3g})"
         text = (
             f"{where} {self.phase} {self.tensor}: {self.metric} {self.value:.3g} "
@@ -177,11 +187,17 @@ def judge(
     local: bool,
     row: Row,
     draws: Sequence[torch.Tensor] = (),
+    accuracy: float = 1.0,
 ) -> Row:
     """Fill `row` with the metrics of target and reference against golden, and the verdict.
 
     `draws` are honest draws of the reference (align.jitter); the reference's error on
-    each metric is then the largest of the reference's and the draws'.
+    each metric is then the largest of the reference's and the draws'. `accuracy` scales
+    the dtype floor by what the kernels that made the tensor may honestly differ by
+    (`precision.kernel_accuracy`: 4 where transcendental functions ran). NaN/Inf on the
+    target where the others are finite fail `nonfinite`, as does a tensor with no element
+    finite on every side; callers refuse NaN/Inf in the reference or golden first
+    (`require_finite`, in `judge_robustly`).
     """
     row.dtype, row.shape = str(reference.dtype).replace("torch.", ""), list(reference.shape)
     if tuple(target.shape) != tuple(reference.shape) or target.numel() != golden.numel():
@@ -194,7 +210,7 @@ def judge(
         row.failed.append("dtype")
         row.metrics["dtype"], row.limits["dtype"] = 1.0, 0.0
         row.message = f"dtype {target.dtype} on the target, {reference.dtype} on the reference"
-    floor = error_floor(reference.dtype) * tol.floor
+    floor = error_floor(reference.dtype) * tol.floor * accuracy
     t, g = metrics.flat(target), metrics.as_f64(golden)
     honest = [metrics.flat(h) for h in (reference, *draws) if h.shape == reference.shape]
     against = metrics.Against(g)
@@ -208,6 +224,10 @@ def judge(
         keep = torch.isfinite(t) & torch.isfinite(g)
         for h in honest:
             keep &= torch.isfinite(h)
+        if not bad and not bool(keep.any()):  # nothing left to judge is never a pass
+            row.failed.append("nonfinite")
+            row.metrics["nonfinite"], row.limits["nonfinite"] = float(t.numel()), 0.0
+            row.message = "no element is finite on target, reference and golden alike"
         against = metrics.Against(g[keep])
         parts = [against.partial(x[keep]) for x in (t, *honest)]
     (mt, abs_t, _), judged = parts[0], parts[1:]
@@ -273,27 +293,48 @@ def judge_robustly(
     strict_dtype: bool,
     local: bool,
     row: Row,
-    draws: Callable[[], Sequence[torch.Tensor]],
+    draws: Callable[[int], Sequence[torch.Tensor]],
+    accuracy: float = 1.0,
 ) -> Row:
     """`judge` against the reference alone, and where that fails, again against the
-    reference and its honest draws (made only then: they cost a run each)."""
-    judged = judge(target, reference, golden, tol, strict_dtype=strict_dtype, local=local, row=row)
-    if judged.passed:
-        return judged
-    honest = draws()
-    if not honest:
-        return judged
-    again = Row(row.module, row.call, row.phase, row.tensor, "", [], isolated=row.isolated)
-    return judge(
-        target,
-        reference,
-        golden,
-        tol,
-        strict_dtype=strict_dtype,
-        local=local,
-        row=again,
-        draws=honest,
-    )
+    reference and its honest draws (made only then: they cost a run each): `draws(0)` the
+    first ones, and while the tensor still fails by less than jitter.GRAY_ZONE times its
+    limit, `draws(1)`, more of them. NaN/Inf in the reference, the golden or a draw is an
+    AlignError (`require_finite`)."""
+    require_finite(row, [("reference", reference), ("golden", golden)])
+    kw = dict(strict_dtype=strict_dtype, local=local, accuracy=accuracy)
+    judged = judge(target, reference, golden, tol, row=row, **kw)
+    used = 0
+    for round_ in (0, 1):
+        if judged.passed or (round_ and judged.ratio(judged.worst()) > GRAY_ZONE):
+            return judged
+        honest = draws(round_)
+        if len(honest) <= used:
+            return judged  # no more draws to be had
+        used = len(honest)
+        where = [(f"honest draw {n} of the reference", h) for n, h in enumerate(honest)]
+        require_finite(row, where)
+        judged = Row(row.module, row.call, row.phase, row.tensor, "", [], isolated=row.isolated)
+        judged = judge(target, reference, golden, tol, row=judged, draws=honest, **kw)
+    return judged
+
+
+def require_finite(row: Row, sides: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """AlignError naming the tensor of `row` when a side the target is measured by (the
+    golden, the reference, a draw) holds NaN/Inf: the limit is then undefined there, and
+    masking those elements would let a verdict pass unearned."""
+    for who, x in sides:
+        if bad := metrics.nonfinite(metrics.flat(x)):
+            raise AlignError(
+                f"the {who} holds {bad} NaN/Inf of {x.numel()} elements in "
+                f"{_where(row.module, row.call)} {row.phase} {row.tensor}: no verdict can be "
+                f"earned against it; find why that run overflowed, or dump it again"
+            )
+
+
+def _where(module: str, call: int) -> str:
+    """A module call as reports name it: `layer1.conv`, `layer1.conv#2`, `<model>`."""
+    return (module or "<model>") + (f"#{call}" if call else "")
 
 
 def _envelope(draws: list[dict[str, float]]) -> dict[str, float]:

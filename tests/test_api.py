@@ -8,10 +8,12 @@ from torch import nn
 import align
 
 
-def test_a_relu_flipped_by_honest_rounding_is_named_a_discontinuity():
+def test_a_relu_flipped_by_honest_rounding_takes_the_references_branch():
     """One pre-activation is -5e-7 on the reference; the target's bias is 1e-6 higher (far
-    below the fp32 floor on that layer's output): its ReLU lets that gradient through. The
-    whole network diverges from there, yet no module is wrong on its own."""
+    below the fp32 floor on that layer's output): on its own its ReLU would let that
+    gradient through and the whole network would diverge from there. The flip is a
+    decision replayed from the reference (align.decisions), reported with its distance
+    from the breakpoint, and the check passes."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     x = torch.randn(2, 4)
@@ -21,10 +23,12 @@ def test_a_relu_flipped_by_honest_rounding_is_named_a_discontinuity():
     with torch.no_grad():
         target[0].bias[0] += 1e-6
     report = align.check(model, x, target_model=target, target="cpu", draws=0)
-    assert not report.passed
-    assert report.first_divergence.module == "1" and report.first_divergence.phase == "backward"
-    assert report.culprits == []
-    assert any("discontinuity" in note for note in report.notes), report.notes
+    assert report.passed, str(report)
+    note = next(n for n in report.notes if "target would have made" in n)
+    assert "relu 1 of 16" in note, note
+    a_leak = copy.deepcopy(target)  # the same flip, and a leaky slope: still a fault
+    a_leak[1] = nn.LeakyReLU(0.01)
+    assert not align.check(model, x, target_model=a_leak, target="cpu", draws=0).passed
 
 
 def test_compare_of_a_case_dump_uses_the_golden_tolerance():

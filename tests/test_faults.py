@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import align
+from align.testing import FAULTS, module
 
 timm = pytest.importorskip("timm")
 
@@ -35,134 +35,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-# -- faults ---------------------------------------------------------------------------------
-
-
-def module(model: nn.Module, name: str) -> nn.Module:
-    return dict(model.named_modules())[name]
-
-
-def override_forward(m: nn.Module, forward, tag: str) -> None:
-    """Give `m` a subclass of its class with another forward (deep-copy safe)."""
-    cls = type(m)
-    m.__class__ = type(f"{tag}{cls.__name__}", (cls,), {"forward": forward})
-
-
-def kernel_gain(model: nn.Module, name: str) -> None:
-    """A forward kernel off by 0.3%."""
-    base = type(module(model, name)).forward
-
-    def forward(self, *args, **kwargs):
-        return base(self, *args, **kwargs) * 1.003
-
-    override_forward(module(model, name), forward, "Gain")
-
-
-def weight_via_fp16(model: nn.Module, name: str) -> None:
-    """A parameter conversion error: the weight went through fp16 and back."""
-    w = module(model, name).weight
-    with torch.no_grad():
-        w.copy_(w.half().float())
-
-
-def norm_gain(model: nn.Module, name: str) -> None:
-    """A norm's affine weight off by 1% (BN running stats are unused in train mode)."""
-    with torch.no_grad():
-        module(model, name).weight.mul_(1.01)
-
-
-class LeakyReLU(nn.Module):
-    def forward(self, x):
-        return F.leaky_relu(x, 0.01)
-
-
-class SteepSiLU(nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(1.02 * x)
-
-
-class ShiftedHardswish(nn.Module):
-    def forward(self, x):
-        return x * F.relu6(x + 3.05) / 6
-
-
-class TanhGELU(nn.Module):
-    def forward(self, x):
-        return F.gelu(x, approximate="tanh")
-
-
-CLOSE_ACTIVATION = {
-    nn.ReLU: LeakyReLU,
-    nn.SiLU: SteepSiLU,
-    nn.Hardswish: ShiftedHardswish,
-    nn.GELU: TanhGELU,
-}
-
-
-def activation(model: nn.Module, name: str) -> None:
-    """Another activation formula, close to the original."""
-    parent, _, leaf = name.rpartition(".")
-    old = module(model, name)
-    setattr(module(model, parent) if parent else model, leaf, CLOSE_ACTIVATION[type(old)]())
-
-
-def fp16_kernel(model: nn.Module, name: str) -> None:
-    """A Linear / conv kernel that silently computes in fp16."""
-
-    def forward(self, x):
-        autocast = torch.is_autocast_enabled("cpu")
-        out_dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
-        bias = None if self.bias is None else self.bias.half()
-        with torch.autocast("cpu", enabled=False):
-            if isinstance(self, nn.Linear):
-                y = F.linear(x.half(), self.weight.half(), bias)
-            else:
-                y = self._conv_forward(x.half(), self.weight.half(), bias)
-        return y.to(out_dtype)
-
-    override_forward(module(model, name), forward, "Half")
-
-
-def norm_eps(model: nn.Module, name: str) -> None:
-    """A norm layer with eps 1e-2 instead of 1e-5."""
-    m = module(model, name)
-    assert isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm)), type(m)
-    m.eps = 1e-2
-
-
-class _GradGain(torch.autograd.Function):
-    """Identity forward; backward scales the gradient by 1.01."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * 1.01
-
-
-def backward_gain(model: nn.Module, name: str) -> None:
-    """A module whose forward is exact and whose backward is 1% off."""
-    base = type(module(model, name)).forward
-
-    def forward(self, *args, **kwargs):
-        return _GradGain.apply(base(self, *args, **kwargs))
-
-    override_forward(module(model, name), forward, "GradGain")
-
-
-FAULTS = {
-    "kernel_gain": kernel_gain,
-    "weight_via_fp16": weight_via_fp16,
-    "norm_gain": norm_gain,
-    "activation": activation,
-    "fp16_kernel": fp16_kernel,
-    "norm_eps": norm_eps,
-    "backward_gain": backward_gain,
-}
 
 
 # -- models ---------------------------------------------------------------------------------

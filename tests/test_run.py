@@ -110,7 +110,7 @@ def test_compare_judges_results_together(digits_run, tmp_path, capsys):
         ),
         (["digits", "--device", "cuda"], "not usable here"),
         (["digits", "--nnodes", "2", "--node-rank", "2"], "--node-rank"),
-        (["--compare", "/nonexistent/result.json"], "cannot read result"),
+        (["--compare", "/nonexistent/result.json"], "not a readable JSON result"),
     ],
 )
 def test_usage_data_and_environment_errors_exit_2(args, message, capsys):
@@ -118,3 +118,111 @@ def test_usage_data_and_environment_errors_exit_2(args, message, capsys):
         pytest.importorskip("torch").cuda.is_available() and pytest.skip("cuda is present")
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--cards", "-1", "-1 is not a positive integer"),
+        ("--cards", "0", "0 is not a positive integer"),  # was silently the recipe's cards
+        ("--epochs", "0", "0 is not a positive integer"),  # was silently the recipe's epochs
+        ("--batch-size", "0", "0 is not a positive integer"),
+        ("--repeat", "0", "0 is not a positive integer"),
+        ("--nnodes", "0", "0 is not a positive integer"),
+        ("--master-port", "0", "0 is not a positive integer"),  # was silently 29500
+        ("--epochs", "two", "'two' is not an integer"),
+        ("--lr", "-1", "-1 is not a positive finite number"),
+        ("--lr", "0", "0 is not a positive finite number"),
+        ("--lr", "nan", "nan is not a positive finite number"),
+        ("--lr", "fast", "'fast' is not a number"),
+    ],
+)
+def test_numbers_out_of_range_are_usage_errors(option, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["digits", option, value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    last = err.splitlines()[-1]  # argparse: the usage line, then this one
+    assert last.startswith(f"python -m align.run: error: argument {option}: {message}")
+
+
+def test_a_work_dir_that_is_a_file_is_named(tmp_path, capsys):
+    occupied = tmp_path / "a_file"
+    occupied.write_text("")
+    for work in (occupied, occupied / "sub"):
+        assert main(["digits", "--work-dir", str(work)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"align.run: error: --work-dir {work}: not a writable directory")
+        assert len(err.splitlines()) == 1
+    process = subprocess.run(
+        [sys.executable, "-m", "align.run", "digits", "--work-dir", str(occupied)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert process.returncode == 2, process.stderr
+    assert "not a writable directory" in process.stderr and "Traceback" not in process.stderr
+
+
+def _digits_result(**changes) -> dict:
+    """A well-formed digits result of python -m align.run (no training needed to judge it)."""
+    result = {
+        "schema": "align.run/1",
+        "kind": "run",
+        "case": "digits",
+        "device": "cpu",
+        "world_size": 2,
+        "precision": "fp32",
+        "epochs": [{"epoch": 1, "loss": 0.2, "top1": 99.7}],
+        "final": {"top1": 99.7},
+        "n_val": 1797,
+        "documented": {"metric": "top1", "value": 99.61, "source": "align measurement"},
+        "verdict": {"passed": True, "reason": "confirmed"},
+    }
+    return {**result, **changes}
+
+
+def test_compare_accepts_a_well_formed_result(tmp_path):
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(_digits_result()))
+    assert main(["--compare", str(path), str(path)]) == 0
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "not a readable JSON result (Expecting property name"),
+        ("[1, 2]", "a result must be a JSON object"),
+        (("final", '{"top1": 1e400}'), "number 1e400 is out of float range"),
+        (("n_val", "1" + "0" * 400), "number 10000000000000000000... is out of float range"),
+        ("[" * 100_000 + "]" * 100_000, "nested deeper than 32 levels"),  # RecursionError
+        (("epochs", "[" * 900 + "]" * 900), "nested deeper than 32 levels"),
+        ({"case": 5}, "field 'case' should be str, not int"),
+        ({"final": [99.7]}, "field 'final' should be dict, not list"),
+        ({"final": {"top1": "99.7"}}, "that metric in final as a finite number"),
+        ({"final": {"top5": 99.7}}, "that metric in final as a finite number"),
+        ({"documented": {"value": 99.61}}, "needs the documented figure"),
+        ({"documented": {"metric": "top1", "value": None}}, "needs the documented figure"),
+        ({"n_val": "1797"}, "field 'n_val' should be int, not str"),
+        ({"n_val": 0}, "n_val (the number of validation images) must be positive"),
+        ({"verdict": None}, "required field 'verdict' is missing"),
+        ({"kind": "repeat"}, "is not a result of python -m align.run"),
+        (
+            {"schema": "align.check/1", "passed": True, "phases": ["forward"]},  # align.check's
+            "is not a result of python -m align.run",
+        ),
+    ],
+)
+def test_compare_refuses_crafted_results(tmp_path, capsys, content, message):
+    if isinstance(content, dict):  # a well-formed result with these fields changed
+        content = json.dumps(_digits_result(**content))
+    elif isinstance(content, tuple):  # a well-formed result with this field's JSON text
+        field, text = content
+        content = json.dumps(_digits_result(**{field: "TEXT"})).replace('"TEXT"', text)
+    path = tmp_path / "result.json"
+    path.write_text(content)
+    assert main(["--compare", str(path), str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"align.run: error: {path}") and message in err, err
+    assert len(err.splitlines()) == 1

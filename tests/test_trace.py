@@ -105,7 +105,7 @@ def _same_records(a: Trace, b: Trace) -> None:
 
 
 def _shards(directory: Path) -> list[Path]:
-    return sorted(directory.glob("*.safetensors"))
+    return sorted(directory.glob("tensors-*.safetensors"))  # decisions.safetensors: no shard
 
 
 def _manifest(directory: Path) -> dict:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import align
-from align.training import TrainOptions
+from align.training import TrainOptions, optimizer_state
 
 
 def _net():
@@ -107,3 +107,60 @@ def test_loss_scale_not_unscaled_before_clipping_fails():
     )
     assert not report.passed
     assert report.first_divergence.tensor == "step 0 update_norm"
+
+
+# -- the user's training pieces ---------------------------------------------------------------
+
+
+def _adamw(eps: float = 1e-8):
+    return lambda groups: torch.optim.AdamW(groups, lr=1e-2, eps=eps)
+
+
+def _cosine(optimizer):
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=6)
+
+
+def test_the_users_optimizer_and_scheduler_train_and_their_state_is_judged():
+    opts = TrainOptions(optimizer=_adamw(), scheduler=_cosine)
+    report = align.check(
+        _net(), X, target="cpu", phases=("train",), steps=4, loss_fn=_loss, train_options=opts
+    )
+    assert report.passed, str(report)
+    net = _net()
+    opt = _adamw()([{"params": list(net.parameters())}])
+    net(X).sum().backward()
+    opt.step()
+    assert any(k.endswith(".exp_avg_sq (group 0)") for k in optimizer_state(opt, net))
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        TrainOptions(optimizer=_adamw(eps=1e-3)),  # a fused optimizer with another epsilon
+        TrainOptions(optimizer=lambda g: torch.optim.Adam(g, lr=1e-2)),  # L2, not decoupled
+        TrainOptions(optimizer=lambda g: torch.optim.SGD(g, lr=1e-2, momentum=0.9)),
+    ],
+    ids=["eps", "adam_l2", "sgd"],
+)
+def test_a_target_optimizer_that_differs_fails_and_names_the_parameter(target):
+    report = align.check(
+        _net(),
+        X,
+        target="cpu",
+        phases=("train",),
+        steps=3,
+        loss_fn=_loss,
+        train_options=TrainOptions(optimizer=_adamw()),
+        target_train_options=target,
+    )
+    assert not report.passed
+    first = report.train["first_divergence"]
+    assert first["tensor"].startswith("step 0") or "optimizer" in str(report.train), first
+
+
+def test_a_loss_scale_of_the_users_own_trains_aligned():
+    opts = TrainOptions(loss_scale=2.0**10)
+    report = align.check(
+        _net(), X, target="cpu", phases=("train",), steps=3, loss_fn=_loss, train_options=opts
+    )
+    assert report.passed, str(report)

@@ -1,9 +1,10 @@
 """Image classification cases: the ImageNet models of the mmcls NPU page and the
 Ascend ModelZoo pages (seeds 000, 002, 003, 004), built from timm or torchvision.
 
-Every model is built with random init (pretrained=False: no download), dropout and
-drop-path at 0 (so two devices run the same computation), in train mode (BatchNorm on
-batch statistics, as in training). Inputs are images ~ N(0, 1) from a seeded
+Every model is built with random init (pretrained=False: no download), with its recipe's
+dropout and drop-path rates (their masks are drawn on the reference and replayed on the
+other runs: align.decisions), in train mode (BatchNorm on batch statistics, as in
+training). Inputs are images ~ N(0, 1) from a seeded
 torch.Generator; the loss is cross-entropy against labels derived from those images.
 
 Test sizes (`input_size`, `test_batch`) are capped like timm's own tests: the CPU check
@@ -66,10 +67,10 @@ def classification_loss(
     return F.cross_entropy(logits, labels)
 
 
-def _timm(name: str, **kwargs: object) -> nn.Module:
+def _timm(name: str, drop_rate: float = 0.0, **kwargs: object) -> nn.Module:
     import timm  # heavy: imported when a model is built, not when the registry loads
 
-    return timm.create_model(name, pretrained=False, drop_rate=0.0, **kwargs).train()
+    return timm.create_model(name, pretrained=False, drop_rate=drop_rate, **kwargs).train()
 
 
 def _torchvision(name: str, **kwargs: object) -> nn.Module:
@@ -116,8 +117,12 @@ def _classifier(
     )
 
 
-def _timm_classifier(name: str, timm_name: str, recipe: Recipe, **kw: object) -> Case:
-    return _classifier(name, f"timm:{timm_name}", partial(_timm, timm_name), recipe, **kw)
+def _timm_classifier(
+    name: str, timm_name: str, recipe: Recipe, drops: dict[str, float] | None = None, **kw: object
+) -> Case:
+    """A timm model; `drops` are the recipe's drop_rate / drop_path_rate."""
+    build = partial(_timm, timm_name, **(drops or {}))
+    return _classifier(name, f"timm:{timm_name}", build, recipe, **kw)
 
 
 def _imagenet(
@@ -269,7 +274,11 @@ def mobilenetv3_small() -> Case:
         step_size=2,
         gamma=0.973,
     )
-    return _timm_classifier("mobilenetv3_small", "mobilenetv3_small_100", recipe, tags=("timm",))
+    # the config's head: StackedLinearClsHead(dropout_rate=0.2)
+    drops = {"drop_rate": 0.2}
+    return _timm_classifier(
+        "mobilenetv3_small", "mobilenetv3_small_100", recipe, drops, tags=("timm",)
+    )
 
 
 @register_case
@@ -298,7 +307,9 @@ def efficientnet_b4() -> Case:
     )
     # 64 px instead of 380: the net is resolution-agnostic (global pool), the stride-32
     # map stays 2x2, and its 32 MBConv blocks keep the float64 golden run affordable.
-    return _timm_classifier("efficientnet_b4", "efficientnet_b4", recipe, tags=("timm",))
+    # the config's backbone drop_path_rate=0.2 and head dropout 0.4 (timm's b4 recipe too)
+    drops = {"drop_rate": 0.4, "drop_path_rate": 0.2}
+    return _timm_classifier("efficientnet_b4", "efficientnet_b4", recipe, drops, tags=("timm",))
 
 
 @register_case

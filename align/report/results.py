@@ -8,13 +8,13 @@ precision, kind): the rows the history keeps and the nights are compared on.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError
+from align.report.files import read_json
 
 CHECK = "align.check/1"
 RUN = "align.run/1"
@@ -107,7 +107,7 @@ def load_results(directory: str | Path) -> list[Result]:
     root = Path(directory)
     if not root.is_dir():
         raise AlignError(f"{root}: not a directory of result files")
-    results = [_load(path, root) for path in sorted(root.rglob("*.json")) if path.is_file()]
+    results = [load_result(path, root) for path in sorted(root.rglob("*.json")) if path.is_file()]
     if not results:
         raise AlignError(f"{root}: no result files (*.json) found")
     seen: dict[tuple[str, str, str, str], str] = {}
@@ -122,16 +122,14 @@ def load_results(directory: str | Path) -> list[Result]:
     return results
 
 
-def _load(path: Path, root: Path) -> Result:
-    source = str(path.relative_to(root))
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AlignError(f"{path}: not a readable JSON result ({exc})") from exc
+def load_result(path: Path, root: Path | None = None) -> Result:
+    """One result file, validated; `root`: the directory its `source` is relative to."""
+    source = str(path.relative_to(root)) if root else str(path)
+    data = read_json(path)
     if not isinstance(data, dict):
         raise AlignError(f"{path}: a result must be a JSON object")
     schema = data.get("schema")
-    if schema not in KINDS:
+    if not isinstance(schema, str) or schema not in KINDS:
         raise AlignError(
             f"{path}: schema {schema!r} is not one of {sorted(KINDS)}; only align results "
             "belong in the results directory"
@@ -212,7 +210,10 @@ def _check_outcomes(fields: _Fields, source: str) -> tuple[Outcome, ...]:
     fields.get("environment", dict, {})
     fields.get("timings", dict, {})
     train = fields.get("train", dict, {})
-    fields.get("steps", list, [], where=train)
+    for step in fields.get("steps", list, [], where=train):
+        if not isinstance(step, dict):
+            raise AlignError(f"{fields.path}: train.steps should be a list of objects")
+        fields.get("loss", dict, {}, where=step)
     declared = fields.get("phases", list, [])
     if not all(isinstance(p, str) for p in declared):
         raise AlignError(f"{fields.path}: phases should be a list of names")
@@ -270,6 +271,7 @@ def _run_outcomes(fields: _Fields, source: str) -> tuple[Outcome, ...]:
     for key in ("device", "created"):
         fields.get(key, str, "")
     fields.get("world_size", int, 1)
+    fields.get("n_val", int, 0)
     fields.get("environment", dict, {})
     metric = documented.get("metric") if isinstance(documented.get("metric"), str) else None
     metric = metric or next(iter(final), None)

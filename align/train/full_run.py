@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ def prepare(
     kind = _device_kind(device)
     if nnodes < 1 or not 0 <= node_rank < nnodes:
         raise AlignError(f"--node-rank {node_rank} must be in 0..{nnodes - 1} (--nnodes {nnodes})")
-    per_node = cards or max(1, case.recipe.cards // nnodes)
+    per_node = cards if cards is not None else max(1, case.recipe.cards // nnodes)
     if kind != "cpu" and per_node > devices.discover()[kind].count:
         raise AlignError(
             f"--cards {per_node}: only {devices.discover()[kind].count} {kind} device(s) here"
@@ -78,6 +79,7 @@ def prepare(
             f"--resume: no checkpoint in {work} (mmengine writes last_checkpoint there after "
             "each epoch); run without --resume to start from scratch"
         )
+    _check_writable(work)
     return RunOptions(
         case=case_name,
         recipe=recipe,
@@ -94,6 +96,19 @@ def prepare(
         master_addr=master_addr,
         master_port=master_port,
     )
+
+
+def _check_writable(work: Path) -> None:
+    """Create the work dir if needed and write a file there, or say why it cannot be used."""
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=work).close()
+    except OSError as e:
+        why = "a file of that name is in the way" if work.is_file() else e.strerror
+        raise AlignError(
+            f"--work-dir {work}: not a writable directory ({why}); name a directory this "
+            "user can write (checkpoints, logs and result.json go there)"
+        ) from None
 
 
 def _device_kind(device: str | None) -> str:

@@ -9,10 +9,16 @@ stopped, and the error names the rank, its message and its log.
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -21,7 +27,10 @@ from align.train.options import RunOptions
 from align.train.worker import run_worker
 
 DEFAULT_MASTER_PORT = 29500  # torchrun's
-SHUTDOWN_TIMEOUT_S = 30  # SIGTERM to SIGKILL for the ranks left when one fails
+# The signals torch's elastic agent takes over for good when it starts the workers
+# (PContext.start in torch/distributed/elastic/multiprocessing/api.py): these four, and
+# in newer torch (2.14 here) those TORCHELASTIC_SIGNALS_TO_HANDLE names, these by default.
+ELASTIC_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
 
 
 class WorkerFailedError(AlignError):
@@ -48,7 +57,6 @@ def launch_config(opts: RunOptions) -> LaunchConfig:
         monitor_interval=0.5,
         start_method="spawn",
         logs_specs=DefaultLogsSpecs(log_dir=str(opts.work_dir / "elastic")),
-        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
         **rendezvous,
     )
 
@@ -60,12 +68,38 @@ def launch(opts: RunOptions) -> dict[str, Any] | None:
     level = elastic_log.level
     elastic_log.setLevel(logging.CRITICAL)  # its failure lines are replaced by ours
     try:
-        results = elastic_launch(launch_config(opts), run_worker)(opts)
+        with _signal_handlers_restored():
+            results = elastic_launch(launch_config(opts), run_worker)(opts)
     except ChildFailedError as e:
         raise WorkerFailedError(describe_failure(e, opts)) from None
+    except SignalException as e:  # Ctrl-C or a kill: the agent has stopped the ranks
+        raise AlignError(
+            f"stopped by {e.sigval.name}; this node's ranks were stopped. Add --resume to "
+            f"continue from the last checkpoint in {opts.work_dir}"
+        ) from None
     finally:
         elastic_log.setLevel(level)
     return results.get(0)
+
+
+@contextmanager
+def _signal_handlers_restored() -> Iterator[None]:
+    """Put back the handlers the elastic agent replaces, so that after a launch Ctrl-C and
+    SIGTERM reach the caller (pytest, a notebook) again instead of torch's handler."""
+    names = [*ELASTIC_SIGNALS, *os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE", "").split(",")]
+    signals = {getattr(signal, name.strip(), None) for name in names}
+    saved = {
+        sig: signal.getsignal(sig)
+        for sig in signals
+        if isinstance(sig, signal.Signals)
+        and threading.current_thread() is threading.main_thread()  # else torch sets none
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:  # None: set outside Python, cannot be put back
+                signal.signal(sig, handler)
 
 
 def describe_failure(error: ChildFailedError, opts: RunOptions) -> str:

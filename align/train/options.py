@@ -69,13 +69,13 @@ def scaled_recipe(
     The linear scaling rule (Goyal et al. 2017, mmengine's auto_scale_lr) keeps the
     documented schedule meaningful when fewer cards or smaller batches are at hand.
     """
-    cards = cards or recipe.cards
-    batch_per_card = batch_per_card or recipe.batch_per_card
+    cards = recipe.cards if cards is None else cards
+    batch_per_card = recipe.batch_per_card if batch_per_card is None else batch_per_card
     if lr is None:
         lr = recipe.lr * (cards * batch_per_card) / (recipe.cards * recipe.batch_per_card)
     return dataclasses.replace(
         recipe,
-        epochs=epochs or recipe.epochs,
+        epochs=recipe.epochs if epochs is None else epochs,
         cards=cards,
         batch_per_card=batch_per_card,
         lr=lr,

@@ -12,6 +12,7 @@ from typing import Any
 
 from align.cases import Figure
 from align.errors import AlignError
+from align.report.results import load_result
 from align.train.options import RunOptions
 from align.train.verdict import Verdict
 
@@ -89,18 +90,21 @@ def write(path: Path, result: dict[str, Any]) -> None:
 
 
 def read(path: Path) -> dict[str, Any]:
-    """A run result written by `write`; AlignError naming the file if it is not one."""
-    try:
-        result = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise AlignError(f"cannot read result {path}: {e}") from None
-    if (
-        not isinstance(result, dict)
-        or result.get("schema") != SCHEMA
-        or result.get("kind") != "run"
-    ):
+    """A run result as align.report validates it, with the figures a verdict needs; else
+    AlignError naming the file."""
+    loaded = load_result(Path(path))
+    data = loaded.data
+    if loaded.kind != "run" or data.get("kind") != "run":
         raise AlignError(f"{path} is not a result of python -m align.run ({SCHEMA}, kind run)")
-    return result
+    (run,) = loaded.outcomes
+    if data["documented"].get("metric") != run.metric or run.value is None or run.limit is None:
+        raise AlignError(
+            f"{path}: needs the documented figure (documented.metric and a finite "
+            "documented.value) and that metric in final as a finite number"
+        )
+    if data["n_val"] < 1:
+        raise AlignError(f"{path}: n_val (the number of validation images) must be positive")
+    return data
 
 
 def summary(result: dict[str, Any]) -> str:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
+
+import pytest
 
 from align.report.cli import main
 
@@ -48,6 +51,30 @@ def test_malformed_result_exits_2_naming_the_file(tmp_path, night_one, capsys):
         err.startswith("align.report: error: ") and "broken.json: not a readable JSON result" in err
     )
     assert "Traceback" not in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "h.sqlite").exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (str(10**400), "number 10000000000000000000... is out of float range"),  # int > float
+        ("1e400", "number 1e400 is out of float range"),  # a literal json reads as inf
+        ("[" * 100_000 + "]" * 100_000, "nested deeper than 32 levels"),  # RecursionError
+    ],
+)
+def test_crafted_numbers_and_nesting_exit_2_naming_the_file(
+    tmp_path, night_one, make_check, value, message, capsys
+):
+    result = make_check("crafted")
+    result["rows"][0]["metrics"]["rel_rmse"] = "VALUE"
+    text = json.dumps(result).replace('"VALUE"', value)
+    (night_one / "crafted.json").write_text(text)
+    assert _run(night_one, tmp_path, "2025-01-01") == 2
+    err = capsys.readouterr().err
+    assert (
+        err == f"align.report: error: {night_one / 'crafted.json'}: not a readable JSON "
+        f"result ({message})\n"
+    )
     assert not (tmp_path / "out").exists() and not (tmp_path / "h.sqlite").exists()
 
 

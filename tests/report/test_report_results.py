@@ -65,11 +65,17 @@ def test_failure_no_row_explains_fails_every_phase(tmp_path, make_check, write):
         ({"rows": [{"module": "a"}]}, "required field 'phase' is missing"),
         ({"verdict": {}}, "required field 'passed' is missing"),
         ({"world_size": True}, "field 'world_size' should be int, not bool"),
+        ({"n_val": "50000"}, "field 'n_val' should be int, not str"),
+        ({"schema": ["align.check/1"]}, r"schema \['align.check/1'\] is not one of"),
+        ({"train": {"steps": [1]}}, "train.steps should be a list of objects"),
+        ({"train": {"steps": [{"loss": 2.3}]}}, "field 'loss' should be dict, not float"),
+        ('{"schema": "align.check/1", "x": 1e400}', "number 1e400 is out of float range"),
+        ("[" * 100_000 + "]" * 100_000, "nested deeper than 32 levels"),
     ],
 )
 def test_malformed_results_name_the_file(tmp_path, make_check, make_run, content, message):
     if isinstance(content, dict):  # a valid result with these fields overridden
-        base = make_run() if {"verdict", "world_size"} & content.keys() else make_check()
+        base = make_run() if {"verdict", "world_size", "n_val"} & content.keys() else make_check()
         content = json.dumps({**base, **content})
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "bad.json").write_text(content)
