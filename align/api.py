@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,14 @@ from align.jitter import Pool
 from align.precision import Policy, get_policy
 from align.result import Report
 from align.trace import Trace, load_trace
-from align.verdict import Row, Tolerance
+from align.verdict import NO_SIGNAL_MESSAGE, Row, Tolerance
 
 PHASES = ("forward", "backward", "train")
 IDENTICAL = "the target reproduced the reference bit for bit"
 
 __all__ = ["check", "capture", "compare"]
+
+log = logging.getLogger(__name__)  # stage lines; the command line shows them on stderr
 
 
 def _phases(phases: Any) -> tuple[str, ...]:
@@ -93,6 +96,19 @@ def _require_judged(rows: list[Row], phases: tuple[str, ...]) -> None:
                 f"name_map maps every module away); dump the runs with that phase, or leave "
                 f"it out of phases"
             )
+
+
+def _no_signal_notes(rows: list[Row]) -> list[str]:
+    """The note on whole-network tensors left unjudged for carrying no signal."""
+    quiet = [r for r in rows if r.message == NO_SIGNAL_MESSAGE]
+    if not quiet:
+        return []
+    shown = ", ".join(f"{r.module or '<model>'} {r.phase} {r.tensor}" for r in quiet[:3])
+    return [
+        f"{len(quiet)} whole-network tensor(s) carry no signal at this precision (the "
+        f"reference misses them by more than their size: a cancelling sum, a BatchNorm over "
+        f"a few values), reported, not judged: {shown}{' ...' if len(quiet) > 3 else ''}"
+    ]
 
 
 def _require_registered_case(role: str, case: Any) -> None:
@@ -222,9 +238,11 @@ def check(
             grad_inputs=resolved.grad_inputs,
         )
         t0 = time.perf_counter()
+        log.info("reference run: %s on %s at %s", resolved.label, ref_dev, policy.name)
         ref_run = run_model(resolved.model, resolved.inputs, device=ref_dev, **common)
         timings["reference"] = time.perf_counter() - t0
         t0 = time.perf_counter()
+        log.info("target run on %s%s", tgt_dev, f" emulating {emulate}" if emulate else "")
         tgt_run = run_model(
             target_model if target_model is not None else resolved.model,
             resolved.inputs,
@@ -256,6 +274,7 @@ def check(
         from align.training import short_train
 
         t0 = time.perf_counter()
+        log.info("short training: %d steps on the reference, the target and the golden", steps)
         report.train = short_train(
             resolved,
             target_model=target_model,
@@ -272,6 +291,7 @@ def check(
         )
         timings["train"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
+    log.info("done in %.0f s", timings["total"])
     meta["timings"] = timings
     meta["environment"] = environment.record(
         {"reference": str(ref_dev), "target": str(tgt_dev), "golden": "cpu float64"}
@@ -296,6 +316,7 @@ def _judge_runs(
 ) -> None:
     backward = "backward" in phases
     t0 = time.perf_counter()
+    log.info("golden run: float64 on cpu")
     gold_run = run_model(
         resolved.model,
         resolved.inputs,
@@ -315,6 +336,7 @@ def _judge_runs(
 
     def draw_trace(k: int) -> Trace:
         t0 = time.perf_counter()
+        log.info("honest draw %d of the reference (tensors fail against its error)", k + 1)
         made = honest_draw(
             resolved.model,
             resolved.inputs,
@@ -329,6 +351,7 @@ def _judge_runs(
     draw_traces = Pool(draw_trace, draws)
     strict = policy.name == "fp32"
     t0 = time.perf_counter()
+    log.info("comparison of the target with the golden, relative to the reference")
     report.rows += compare_traces(
         ref_run.trace,
         tgt_run.trace,
@@ -341,6 +364,7 @@ def _judge_runs(
     )
     _require_judged(report.rows, phases)
     timings["compare"] = time.perf_counter() - t0 - timings.get("draws", 0.0)
+    report.notes += _no_signal_notes(report.rows)
     if "draws" in timings:
         report.notes.append(
             f"tensors failing against the reference's error were judged again against the "
@@ -349,6 +373,7 @@ def _judge_runs(
         )
     if isolate_modules:
         t0 = time.perf_counter()
+        log.info("isolation: %d module calls re-run alone", len(ref_run.trace.calls))
         report.local_rows, report.culprits, notes = isolate(
             ref_run,
             tgt_run,
@@ -448,6 +473,7 @@ def compare(
     _require_judged(rows, phases)
     report = Report(
         rows=rows,
+        notes=_no_signal_notes(rows),
         meta={
             "case": ref.meta.get("case"),
             "model": ref.meta.get("model", ""),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+from pathlib import Path
 
 
 def positive_int(text: str) -> int:
@@ -27,3 +29,59 @@ def positive_float(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"{text} is not a positive finite number")
     return value
+
+
+def precision(text: str) -> str:
+    """A precision to check at, by its canonical name (aliases O1, O2, bf16, ... resolved
+    through align.precision), for argparse's `type=`: fp64 is the golden's, never asked for."""
+    from align.errors import AlignError
+    from align.precision import POLICIES, get_policy
+
+    try:
+        name = get_policy(text).name
+    except AlignError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if name == "fp64":
+        known = ", ".join(p for p in POLICIES if p != "fp64")
+        raise argparse.ArgumentTypeError(
+            f"fp64 is not a precision to check: the golden run is always float64; choose "
+            f"the precision of the reference and the target ({known})"
+        )
+    return name
+
+
+def precisions(text: str) -> list[str]:
+    """A comma-separated list of precisions (see `precision`), for argparse's `type=`."""
+    return [precision(part) for part in text.split(",")]
+
+
+def writable_file(text: str) -> Path:
+    """A file path that can be written (created, with its missing parent directories), for
+    argparse's `type=`: checked before the work, not found out after it."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a directory; give a file path")
+    _creatable(path, path.absolute().parent)
+    return path
+
+
+def writable_dir(text: str) -> Path:
+    """A directory path that exists or can be created, for argparse's `type=`."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a file; give a directory path")
+    _creatable(path, path.absolute())
+    return path
+
+
+def _creatable(path: Path, parent: Path) -> None:
+    """Refuse `path` when `parent`, or its nearest existing ancestor, is a file or is not
+    writable."""
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"cannot write {path}: {parent} is a file, not a directory"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {path}: {parent} is not writable")

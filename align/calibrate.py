@@ -14,19 +14,23 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import math
 import platform
 import re
-import sys
 from pathlib import Path
 
-from align.errors import AlignError
+from align.arguments import precisions
+from align.cli import Command
+from align.errors import AlignError, ExitCode
 from align.golden import DEFAULT_TOLERANCE, load_golden
 
 MARGIN = 1.5
 JUMP = 10.0  # x the default k: beyond it a tensor's error is a jump, not noise (see _split)
 SEEDS = (0, 1, 2)
 TARGETS = ("emulated npu-fp32, native kernels", "channels_last")
+
+log = logging.getLogger(__name__)
 
 
 def _target(label: str, case: str, seed: int) -> dict:
@@ -65,6 +69,7 @@ def measure(case: str, precision: str, seeds=SEEDS) -> tuple[dict[str, float | N
     jumps: list[str] = []
     for label in TARGETS:
         for seed in seeds:
+            log.info("calibrating %s %s: %s, seed %d", case, precision, label, seed)
             report = align.check(
                 case,
                 target="cpu",
@@ -187,17 +192,34 @@ def calibrate(case: str, precisions: list[str], write: bool = True) -> dict[str,
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m align.golden", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("calibrate", help="measure noise and write tolerances for a case")
-    c.add_argument("case")
-    c.add_argument("--precision", default="fp32,amp-bf16")
-    c.add_argument("--dry-run", action="store_true", help="print, do not write the file")
-    args = p.parse_args(argv)
-    try:
-        calibrate(args.case, args.precision.split(","), write=not args.dry_run)
-    except AlignError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of align calibrate."""
+    parser.add_argument("case", help="a registered case (align list)")
+    parser.add_argument(
+        "--precision",
+        type=precisions,
+        default="fp32,amp-bf16",
+        help="comma-separated: fp32, amp-fp16, amp-bf16, o2-fp16 (aliases O1, O2, bf16)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print, do not write the file")
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from align.cases import get_case
+
+    get_case(args.case)  # an unknown case is refused before minutes of work
+    calibrate(args.case, args.precision, write=not args.dry_run)
+    return ExitCode.PASSED
+
+
+CALIBRATE = Command(
+    "calibrate",
+    "measure a case's honest noise; write its tolerances to golden/<case>.toml",
+    _arguments,
+    _calibrate,
+    examples=("resnet50 --precision fp32,bf16 --dry-run",),
+    details="Checks the reference against honest targets (emulated npu-fp32, channels_last) "
+    f"on {len(SEEDS)} seeds and proposes k = max(default, {MARGIN} x the worst k needed); "
+    "the golden file's tables are rewritten with the measurement in comments. Minutes per "
+    "precision.",
+)

@@ -1,8 +1,8 @@
-"""python -m align.check (see align.cli.check_main)."""
+"""python -m align.check: `align check` (align.cli.CHECK) under its module's name."""
 
 import sys
 
-from align.cli import check_main
+from align.cli import CHECK
 
 if __name__ == "__main__":
-    sys.exit(check_main())
+    sys.exit(CHECK.main())

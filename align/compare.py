@@ -1,8 +1,8 @@
-"""python -m align.compare (see align.cli.compare_main)."""
+"""python -m align.compare: `align compare` (align.cli.COMPARE) under its module's name."""
 
 import sys
 
-from align.cli import compare_main
+from align.cli import COMPARE
 
 if __name__ == "__main__":
-    sys.exit(compare_main())
+    sys.exit(COMPARE.main())

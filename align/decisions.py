@@ -87,6 +87,7 @@ class Piece:
     branch: Callable[..., torch.Tensor]
     value: Callable[..., torch.Tensor]
     gap: Callable[..., torch.Tensor]
+    decided: int = 0  # the argument whose side of the breakpoint is the branch (its scale)
 
 
 def _u8(*masks: torch.Tensor) -> torch.Tensor:
@@ -193,16 +194,19 @@ PIECES: dict[Any, Piece] = {
         lambda g, s, t: s > t,
         lambda r, g, s, t: torch.where(r, g, 0),
         lambda g, s, t: _nearest(s, t),
+        decided=1,
     ),
     aten.hardtanh_backward.default: Piece(
         lambda g, x, lo, hi: (x > lo) & (x < hi),
         lambda r, g, x, lo, hi: torch.where(r, g, 0),
         lambda g, x, lo, hi: _nearest(x, lo, hi),
+        decided=1,
     ),
     aten.leaky_relu_backward.default: Piece(
         lambda g, x, slope, is_result: x > 0,
         lambda r, g, x, slope, is_result: torch.where(r, g, g * slope),
         lambda g, x, slope, is_result: x.abs(),
+        decided=1,
     ),
     aten.hardswish_backward.default: Piece(
         lambda g, x: _u8(x >= -3, x > 3),
@@ -210,11 +214,13 @@ PIECES: dict[Any, Piece] = {
             g.dtype
         ),
         lambda g, x: _nearest(x, -3, 3),
+        decided=1,
     ),
     aten.hardsigmoid_backward.default: Piece(
         lambda g, x: (x > -3) & (x < 3),
         lambda r, g, x: torch.where(r, g / 6, 0).to(g.dtype),
         lambda g, x: _nearest(x, -3, 3),
+        decided=1,
     ),
 }
 # Ops whose output is the branch itself (comparisons feeding `where`, sign): the record
@@ -377,7 +383,7 @@ class Decisions(TorchDispatchMode):
         if not n:
             return out
         source = (original, *args[1:]) if inplace else args
-        self._gap(func, piece.gap(*source, **kwargs), flips, source[0])
+        self._gap(func, piece.gap(*source, **kwargs), flips, source[piece.decided])
         fixed = piece.value(recorded, *source, **kwargs)
         if func in _OUTPUT_IS_BRANCH:
             fixed = fixed.to(out.dtype)

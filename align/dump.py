@@ -1,8 +1,8 @@
-"""python -m align.dump (see align.cli.dump_main)."""
+"""python -m align.dump: `align dump` (align.cli.DUMP) under its module's name."""
 
 import sys
 
-from align.cli import dump_main
+from align.cli import DUMP
 
 if __name__ == "__main__":
-    sys.exit(dump_main())
+    sys.exit(DUMP.main())

@@ -16,17 +16,13 @@ from __future__ import annotations
 import math
 import os
 import sys
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from align.errors import AlignError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10: the same parser, as a package
-    import tomli as tomllib
 
 if TYPE_CHECKING:
     from align.cases._registry import Figure
@@ -203,14 +199,14 @@ def tolerance_problem(value: Any) -> str | None:
     return f"must be a finite number > 0 (a non-negative number, not 0, NaN or inf), got {value!r}"
 
 
-if __name__ == "__main__":
-    from align.calibrate import main
-
-    sys.exit(main())
-
-
 def case_tolerance(case: str, phases: tuple[str, ...], precision: str) -> dict[str, float]:
     """The tolerance golden/<case>.toml sets for these phases and precision; a missing or
     malformed file is an AlignError naming it, never the defaults in silence."""
     phase = "train" if tuple(phases) == ("train",) else "forward"
     return load_golden(case).tolerance(phase, precision)
+
+
+if __name__ == "__main__":  # python -m align.golden calibrate CASE = align calibrate CASE
+    from align.cli import main
+
+    sys.exit(main(prog="python -m align.golden", only=("calibrate",)))

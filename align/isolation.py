@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from align.capture import Run
 from align.decisions import Choices, Decisions, is_random
+from align.errors import AlignError
 from align.jitter import Pool
 from align.precision import kernel_accuracy
 from align.trace import Call
@@ -278,7 +279,14 @@ def isolate(
             continue
         made = Pool(lambda k, pos=pos: iso.run(iso.ref.draw(k), pos), draws)
         accuracy = kernel_accuracy(r_local.decisions.ran)
-        for row in _judge_local(call, r_local, t_local, g_local, made, tol, strict_dtype, accuracy):
+        try:
+            judged = list(
+                _judge_local(call, r_local, t_local, g_local, made, tol, strict_dtype, accuracy)
+            )
+        except AlignError as exc:  # NaN/Inf on the reference's own isolated run: no yardstick
+            notes.append(f"{call.label} not judged in isolation: {exc}")
+            continue
+        for row in judged:
             rows.append(row)
             if row.failed:
                 worst = failing.get(pos)

@@ -1,80 +1,136 @@
-"""`python -m align.list [PATTERN ...]`: the case zoo as a table.
+"""`align list [PATTERN ...]` (= `python -m align.list`): the case zoo, no wider than 100.
 
-One row per documented figure: case, source model, task, figure, conditions; a case
-that cannot run here gets a `skip:` line with the reason. PATTERNs are fnmatch
-wildcards (default: every case). Exits 0.
+One line per case (name, task, source model), then each documented figure with its
+conditions (figures measured under the same conditions share a line); a case that cannot
+run here gets a `skip:` line with the reason. A footer explains the source pages' marks,
+`(*)`, `(**)`, from the cases' golden files. PATTERNs are fnmatch wildcards (default:
+every case). Exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+import textwrap
 from collections.abc import Sequence
 
-from align.cases import get_case, list_cases
+from align.cli import Command
+from align.errors import ExitCode
 
-__all__ = ["main", "format_table"]
+__all__ = ["LIST", "format_marks", "format_table", "main"]
 
-_HEADER = ("case", "source model", "task", "figure", "conditions")
+WIDTH = 100
+_HEADER = ("case", "task", "source model")
+_MARK = re.compile(r"\((\*+)\)")  # a source page's footnote mark at the start of a text
 
 
-def _rows(names: Sequence[str]) -> list[tuple[str, ...] | str]:
-    rows: list[tuple[str, ...] | str] = []
-    for name in names:
-        case = get_case(name)
-        first = (case.name, case.source_model, case.task)
-        blank = ("", "", "")
-        previous = None
-        for i, fig in enumerate(case.figures or ()):
-            conditions = "" if fig.conditions == previous else fig.conditions
-            rows.append((*(first if i == 0 else blank), f"{fig.metric} {fig.value:g}", conditions))
-            previous = fig.conditions
-        if not case.figures:
-            rows.append((*first, "-", "(no documented figure)"))
-        if case.skip:
-            rows.append(f"  skip: {case.skip}")
-    return rows
+def _wrap(text: str, first: str, rest: str) -> list[str]:
+    """`text` in lines of at most WIDTH, starting with `first`, continued after `rest`
+    (long words such as config names are kept whole, so they can be searched for)."""
+    return textwrap.wrap(
+        text,
+        WIDTH,
+        initial_indent=first,
+        subsequent_indent=rest,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
 
 
 def format_table(names: Sequence[str]) -> str:
-    """The table for the cases called `names`, as printed by `python -m align.list`."""
-    rows = _rows(names)
-    table = [_HEADER, *[r for r in rows if isinstance(r, tuple)]]
-    widths = [max(len(r[i]) for r in table) for i in range(len(_HEADER) - 1)]
+    """The table for the cases called `names`, as printed by `align list`."""
+    from align.cases import get_case
 
-    def line(row: tuple[str, ...]) -> str:
-        cells = [c.ljust(w) for c, w in zip(row, widths)] + [row[-1]]
-        return "  ".join(cells).rstrip()
+    cases = [get_case(name) for name in names]
+    widths = [
+        max(len(_HEADER[0]), *(len(c.name) for c in cases)),
+        max(len(_HEADER[1]), *(len(c.task) for c in cases)),
+    ]
+    left = sum(widths) + 2 * len(widths)  # where the source model column starts
 
-    out = [line(_HEADER), line(tuple("-" * w for w in widths) + ("-" * 10,))]
-    out += [r if isinstance(r, str) else line(r) for r in rows]
+    def row(*cells: str) -> list[str]:
+        start = "  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  "
+        return _wrap(cells[-1], start, " " * left)
+
+    out = row(*_HEADER) + ["  ".join("-" * w for w in [*widths, WIDTH - left])]
+    for case in cases:
+        out += row(case.name, case.task, case.source_model)
+        groups: list[tuple[list[str], str]] = []  # figures sharing conditions, in order
+        for fig in case.figures:
+            label = f"{fig.metric} {fig.value:g}"
+            if groups and groups[-1][1] == fig.conditions:
+                groups[-1][0].append(label)
+            else:
+                groups.append(([label], fig.conditions))
+        for labels, conditions in groups:
+            out += _wrap(
+                f"{', '.join(labels)}: {conditions or '(no conditions given)'}", "  ", "      "
+            )
+        if not case.figures:
+            out.append("  (no documented figure)")
+        if case.skip:
+            out += _wrap(f"skip: {case.skip}", "  ", "      ")
     return "\n".join(out)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Print the zoo (cases matching the PATTERNs) and return the exit code 0."""
-    parser = argparse.ArgumentParser(
-        prog="python -m align.list",
-        description="List align's cases with their documented figures and conditions.",
-    )
+def format_marks(names: Sequence[str]) -> str:
+    """What the marks `(*)`, `(**)` before the conditions of these cases' figures mean,
+    from their golden files' notes ("" when none is marked)."""
+    from align.cases import get_case
+    from align.golden import load_golden
+
+    lines = []
+    for name in names:
+        marks = {m.group(0) for f in get_case(name).figures if (m := _MARK.match(f.conditions))}
+        for mark in sorted(marks):
+            notes = [n for n in load_golden(name).notes if n.startswith(mark)]
+            text = notes[0][len(mark) :].strip() if notes else "not explained in its golden file"
+            lines += _wrap(f"{mark} {name}: {text}", "  ", "      ")
+    if not lines:
+        return ""
+    return "\n".join(["marks of the source pages, from golden/<case>.toml notes:", *lines])
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "patterns", nargs="*", default=["*"], metavar="PATTERN", help="fnmatch wildcard (default *)"
     )
     parser.add_argument(
         "--exclude", action="append", default=[], metavar="PATTERN", help="leave these out"
     )
-    args = parser.parse_args(argv)
+
+
+def _list(args: argparse.Namespace) -> int:
+    from align.cases import get_case, list_cases
+
     names = list_cases(args.patterns, exclude=args.exclude)
     if not names:
         print(
             f"no case matches {' '.join(args.patterns)}; registered: {', '.join(list_cases())}",
             file=sys.stderr,
         )
-        return 0
+        return ExitCode.PASSED
     print(format_table(names))
     skipped = sum(1 for n in names if get_case(n).skip)
     print(f"\n{len(names)} cases" + (f", {skipped} skipped here" if skipped else ""))
-    return 0
+    if marks := format_marks(names):
+        print(marks)
+    return ExitCode.PASSED
+
+
+LIST = Command(
+    "list",
+    "list the cases with their documented figures and conditions",
+    _arguments,
+    _list,
+    examples=("", "'resnet*' --exclude '*cifar*'"),
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m align.list`: print the zoo and return the exit code 0."""
+    return LIST.main(argv)
 
 
 if __name__ == "__main__":

@@ -93,7 +93,8 @@ class Against:
             norms = math.sqrt(xx * gg)
             den = norms * (norms + xg)
             gram = dd * gg - dg * dg if dd <= xx else xx * gg - xg * xg
-            cos_err = max(0.0, gram) / den if den > 0 else 1.0 - xg / norms
+            # (an obtuse angle has no cancellation in 1 - cos, and den ~ 0 near cos = -1)
+            cos_err = max(0.0, gram) / den if xg > 0 and den > 0 else 1.0 - xg / norms
         else:
             cos_err = 0.0 if xx == gg else 1.0  # both zero: same direction; one zero: none
         mean = float(d.sum()) / n

@@ -1,7 +1,8 @@
-"""Pytest side of `--align-report DIR`: one result JSON per test and its JUnit properties.
+"""What align's pytest plugin records of each check: JUnit properties and result files.
 
-conftest.py calls `record_result(item, report.to_dict() + metadata, directory)` for each
-alignment test; `python -m align.report DIR` then reads the directory.
+align/pytest_plugin.py adds `junit_properties(result)` to the test's report and, with
+`--align-report DIR`, writes the result with `write_result(name, result, DIR)`;
+`python -m align.report DIR` then reads the directory.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from align.report.files import write_atomic
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _NAME_CHARS = 120
+# what ran, as JUnit properties (align_case, align_target...) when the result has them
+_RUN_KEYS = ("case", "model", "variant", "target", "phase", "precision", "reproduce")
 
 
 def result_filename(nodeid: str) -> str:
@@ -30,13 +33,17 @@ def _divergence_text(div: dict[str, Any]) -> str:
     return " ".join(str(div.get(k)) for k in ("module", "phase", "tensor") if div.get(k))
 
 
-def record_result(item: Any, report_dict: dict[str, Any], directory: str | os.PathLike) -> Path:
-    """Write the result atomically to `directory` and add its key figures as JUnit properties."""
-    result = {**report_dict, "nodeid": item.nodeid}
-    path = write_atomic(
-        Path(directory) / result_filename(item.nodeid), json.dumps(result, indent=1, default=str)
-    )
-    properties = [("align_passed", str(bool(result.get("passed"))).lower())]
+def write_result(name: str, result: dict[str, Any], directory: str | os.PathLike) -> Path:
+    """Write `result` atomically to `directory` under `result_filename(name)`."""
+    path = Path(directory) / result_filename(name)
+    return write_atomic(path, json.dumps(result, indent=1, default=str))
+
+
+def junit_properties(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """The result's key figures as JUnit properties: what ran, verdict, culprit, first
+    divergence and the command that reproduces it."""
+    properties = [(f"align_{key}", str(result[key])) for key in _RUN_KEYS if result.get(key)]
+    properties.append(("align_passed", str(bool(result.get("passed"))).lower()))
     culprits = result.get("culprits") or []
     if culprits:
         properties.append(("align_culprit", _divergence_text(culprits[0])))
@@ -48,5 +55,4 @@ def record_result(item: Any, report_dict: dict[str, Any], directory: str | os.Pa
             ("align_first_divergence_value", str(first.get("value"))),
             ("align_first_divergence_limit", str(first.get("limit"))),
         ]
-    item.user_properties.extend(properties)
-    return path
+    return properties

@@ -94,7 +94,7 @@ class Report:
             "train": self.train,
             "environment": self.meta.get("environment", {}),
             "notes": self.notes,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(),
         }
 
     def save(self, path: str | os.PathLike) -> Path:

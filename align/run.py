@@ -1,4 +1,4 @@
-"""python -m align.run: train a case as documented and confirm its documented figure.
+"""`align run` (= python -m align.run): train a case as documented and confirm its figure.
 
     python -m align.run resnet50 --epochs 200 --cards 8 --data PATH --device npu
     python -m align.run digits --cards 2            # the embedded case: about a minute on a CPU
@@ -13,30 +13,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from align.arguments import positive_float, positive_int
-from align.cli import _guarded
-from align.errors import AlignError
-
-EXIT_CONFIRMED, EXIT_NOT_CONFIRMED, EXIT_ERROR = 0, 1, 2
+from align.cli import Command
+from align.errors import AlignError, ExitCode
 
 
-def parser() -> argparse.ArgumentParser:
-    """The command line of python -m align.run."""
-    p = argparse.ArgumentParser(
-        prog="python -m align.run",
-        description="Train a registered case with its documented recipe on K cards and "
-        "judge the final Top-1 / AP against the documented figure.",
-    )
-    p.add_argument("case", nargs="?", help="a registered case (python -m align.list)")
+def _arguments(p: argparse.ArgumentParser) -> None:
+    """The options of align run."""
+    p.add_argument("case", nargs="?", help="a registered case (align list)")
     p.add_argument("--epochs", type=positive_int, help="default: the recipe's")
     p.add_argument(
         "--cards", type=positive_int, help="workers per node (default: the recipe's cards)"
     )
     p.add_argument("--device", help="cpu, cuda or npu (default: the best present)")
-    p.add_argument("--precision", help="fp32, amp-fp16, amp-bf16, o2-fp16 (O1, O2)")
+    p.add_argument("--precision", help="fp32, amp-fp16, amp-bf16, o2-fp16 (aliases O1, O2, bf16)")
     p.add_argument(
         "--data", help="dataset root: ImageNet folders, CIFAR-100, COCO (detection cases)"
     )
@@ -59,18 +52,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compare", nargs="+", metavar="RESULT", help="judge result.json files together"
     )
-    return p
 
 
-@_guarded  # a bug exits 2 with its traceback, never 1 ("not confirmed")
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the exit status."""
-    args = parser().parse_args(argv)
-    try:
-        return _compare(args.compare) if args.compare else _train(args)
-    except (AlignError, OSError) as e:  # OSError: a work dir or result that cannot be written
-        print(f"align.run: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+def _run(args: argparse.Namespace) -> int:
+    return _compare(args.compare) if args.compare else _train(args)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -102,10 +87,10 @@ def _train(args: argparse.Namespace) -> int:
         out = full_run.run(opts)
         if out is None:
             print(f"node {opts.node_rank} finished; node 0 writes the result and the verdict")
-            return EXIT_CONFIRMED
+            return ExitCode.PASSED
         print(result.summary(out))
         print(f"  result: {opts.work_dir / full_run.RESULT}")
-        return EXIT_CONFIRMED if out["verdict"]["passed"] else EXIT_NOT_CONFIRMED
+        return ExitCode.of(out["verdict"]["passed"])
     runs, verdict = full_run.repeat(opts, args.repeat)
     for out in runs:
         print(result.summary(out))
@@ -118,7 +103,7 @@ def _train(args: argparse.Namespace) -> int:
             "case": opts.case,
             "results": [str(opts.work_dir / f"seed{r['seed']}" / full_run.RESULT) for r in runs],
             "verdict": verdict.to_dict(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
         },
     )
     return _print_verdict(verdict, summary_path)
@@ -137,7 +122,28 @@ def _print_verdict(verdict, path: Path | None) -> int:
         print("  values: " + ", ".join(f"{v:.2f}" for v in verdict.runs["values"]))
     if path is not None:
         print(f"  written: {path}")
-    return EXIT_CONFIRMED if verdict.passed else EXIT_NOT_CONFIRMED
+    return ExitCode.of(verdict.passed)
+
+
+RUN = Command(
+    "run",
+    "train a case by its recipe on K cards; confirm its documented figure",
+    _arguments,
+    _run,
+    examples=(
+        "digits --cards 2                 # the embedded case: about a minute on a CPU",
+        "resnet50 --epochs 200 --cards 8 --device npu --data /data/imagenet",
+        "--compare work_dirs/a/result.json work_dirs/b/result.json",
+    ),
+    details="Judges the final Top-1 / box AP against the documented figure, with evaluation "
+    "noise and run-to-run spread taken into account; result.json in the work dir holds the "
+    "per-epoch metrics.",
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m align.run`: run the command line and return the exit status."""
+    return RUN.main(argv)
 
 
 if __name__ == "__main__":

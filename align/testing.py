@@ -225,4 +225,30 @@ def dropout_scale(model: nn.Module, name: str) -> None:
     setattr(module(model, parent) if parent else model, leaf, _Dropout(old.p))
 
 
-FAULTS["dropout_scale"] = dropout_scale
+def output_offset(model: nn.Module, name: str) -> None:
+    """A kernel whose output is shifted by 0.2% of its RMS (a bias bug)."""
+    base = type(module(model, name)).forward
+
+    def forward(self, *args, **kwargs):
+        out = base(self, *args, **kwargs)
+        return out + 2e-3 * out.detach().float().pow(2).mean().sqrt().to(out.dtype)
+
+    override_forward(module(model, name), forward, "Offset")
+
+
+class _ShiftedReLU(nn.Module):
+    """A ReLU whose breakpoint moved to +0.05."""
+
+    def forward(self, x):
+        return F.threshold(x, 0.05, 0.0)
+
+
+def moved_breakpoint(model: nn.Module, name: str) -> None:
+    """A ReLU whose kernel cuts at 0.05 instead of 0."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(module(model, parent) if parent else model, leaf, _ShiftedReLU())
+
+
+FAULTS.update(
+    dropout_scale=dropout_scale, output_offset=output_offset, moved_breakpoint=moved_breakpoint
+)

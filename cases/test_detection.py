@@ -1,13 +1,19 @@
 """Alignment of the detection cases (align/cases/detection.py), in train mode (losses).
 
-Parametrized by the root conftest from the registry: case x device variant (cpu / cuda /
-npu, each with its marker) x phase x --precision. A case that cannot run here
-(solov2_r50) skips with its reason.
+Parametrized from the registry as timm's tests are from `list_models`; align's pytest
+plugin adds the device variant (cpu / cuda / npu, each with its marker), the phase and
+the precisions of --align-precision. A case that cannot run here (solov2_r50) skips
+with its reason.
 """
 
-FAMILY = "detection"
+from collections.abc import Callable
+
+import pytest
+
+from align.cases import list_cases
 
 
-def test_alignment(align_params, run_alignment):
+@pytest.mark.parametrize("align_case", list_cases(family="detection"))
+def test_alignment(align_case: str, run_alignment: Callable[[], object]) -> None:
     """The target matches the reference against the float64 golden (align.check)."""
     run_alignment()

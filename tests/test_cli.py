@@ -1,4 +1,4 @@
-"""The command lines as a user runs them: python -m align.check / align.dump / align.compare.
+"""The command lines as a user runs them: `align SUB` and its shims `python -m align.SUB`.
 
 Exit codes: 0 aligned, 1 not aligned, 2 usage, data or environment error (one `error:`
 line, no traceback). The cross-machine test dumps traces in separate processes and checks
@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
+import re
 import subprocess
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
 import torch
 
 import align
+from align import calibrate
+from align.cli import CHECK, commands, main
 from align.models import resolve_model
 from align.trace import Call, Trace, load_trace
 
@@ -35,6 +40,16 @@ def _cli(tool: str, *args: str, timeout: float = 600) -> subprocess.CompletedPro
         capture_output=True,
         text=True,
         timeout=timeout,
+    )
+
+
+def _align(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`align ARGS` through the console script installed next to this Python."""
+    script = Path(sys.executable).with_name("align")
+    if not script.exists():
+        pytest.skip("the align script is not installed: pip install -e .")
+    return subprocess.run(
+        [str(script), *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -115,6 +130,15 @@ def test_check_exits_0_when_aligned_and_writes_the_result(tmp_path):
     proc = _cli("check", *MODEL, "--target", "cpu", "--json", out)
     assert proc.returncode == 0, _explain(proc)
     assert "align: ALIGNED" in proc.stdout
+    # progress on stderr, one time-stamped line per stage; stdout holds the report alone
+    progress = re.compile(r"^\d\d:\d\d:\d\d (.*)$", re.MULTILINE)
+    stages = ["reference run: ", "target run on cpu emulating npu-fp32", "golden run: "]
+    stages += ["comparison ", "isolation: ", "done in "]
+    lines = progress.findall(proc.stderr)
+    assert len(lines) == len(stages), _explain(proc)
+    assert all(line.startswith(stage) for line, stage in zip(lines, stages)), _explain(proc)
+    assert re.fullmatch(r"isolation: [1-9]\d* module calls re-run alone", lines[4])
+    assert not progress.search(proc.stdout)
     assert "emulating npu-fp32" in proc.stdout  # the CPU target says what it stands for
     result = json.loads(out.read_text())
     assert result["schema"] == "align.check/1"
@@ -190,6 +214,196 @@ def test_dump_refuses_to_overwrite_a_directory_that_is_not_a_dump(tmp_path):
 def test_argparse_usage_errors_exit_2(tmp_path):
     proc = _cli("dump", NAME)  # --out missing
     assert proc.returncode == 2 and "--out" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- one command: `align SUB`, its help, its python -m shims, its bad inputs -----------------
+
+NAMES = [command.name for command in commands()]
+SHIMS = {name: f"python -m align.{name}" for name in NAMES}
+SHIMS["calibrate"] = "python -m align.golden calibrate"
+FORMS = ["align", "python -m"]
+
+
+def _form(form: str, name: str, *args: str) -> subprocess.CompletedProcess:
+    """`align NAME ARGS` or its shim (python -m align.NAME ARGS) run as a user runs them."""
+    if form == "align":
+        return _align(name, *args, timeout=300)
+    shim = SHIMS[name].split()[2:]  # after "python -m"
+    return subprocess.run(
+        [sys.executable, "-m", *shim, *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_align_script_comes_from_pyproject():
+    (script,) = entry_points(group="console_scripts", name="align")
+    assert script.value == "align.cli:main"
+
+
+def test_align_help_lists_every_command_on_one_line():
+    proc = _align("--help")
+    assert proc.returncode == 0, _explain(proc)
+    lines = proc.stdout.splitlines()
+    assert NAMES == ["check", "compare", "dump", "list", "run", "report", "calibrate"]
+    for command in commands():
+        assert f"  {command.name:<10} {command.summary}" in lines, proc.stdout
+    assert max(map(len, lines)) <= 100
+    assert "`python -m align.COMMAND` runs the same command" in " ".join(proc.stdout.split())
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", NAMES)
+def test_each_command_help_has_a_description_and_an_example(form, name):
+    command = next(c for c in commands() if c.name == name)
+    proc = _form(form, name, "--help")
+    assert proc.returncode == 0, _explain(proc)
+    prog = f"align {name}" if form == "align" else SHIMS[name]
+    assert proc.stdout.startswith(f"usage: {prog} ")
+    assert f"\n{command.summary}\n" in proc.stdout  # the description, not only the options
+    assert "example" in proc.stdout and f"\n  {prog} {command.examples[0]}" in proc.stdout
+
+
+def test_align_sub_and_python_m_align_sub_print_the_same():
+    script, shim = _align("list", "hrnet*"), _cli("list", "hrnet*")
+    assert script.returncode == shim.returncode == 0, _explain(script) + _explain(shim)
+    assert script.stdout == shim.stdout and "timm:hrnet_w18" in script.stdout
+
+
+def test_align_without_a_command_is_a_usage_error():
+    proc = _align()
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, _explain(proc)
+    assert "required: COMMAND" in proc.stderr and "align --help" in proc.stderr
+
+
+BAD_INPUTS = {  # name: (command, its arguments, fragments of the one error line)
+    "batch-negative": (["check", "resnet50", "--batch", "-1"], ["--batch", "-1 is not a positive"]),
+    "batch-0": (["check", "resnet50", "--batch", "0"], ["--batch", "0 is not a positive"]),
+    "size-0": (["check", "resnet50", "--size", "0"], ["--size", "0 is not a positive"]),
+    "steps-0": (["check", "resnet50", "--steps", "0"], ["--steps", "0 is not a positive"]),
+    "json-under-a-file": (
+        ["check", "resnet50", "--json", "{file}/result.json"],
+        ["--json", "{file} is a file, not a directory"],
+    ),
+    "json-a-directory": (["check", "resnet50", "--json", "{tmp}"], ["--json", "is a directory"]),
+    "dump-under-a-file": (
+        ["check", "resnet50", "--dump", "{file}/dumps"],
+        ["--dump", "{file} is a file, not a directory"],
+    ),
+    "check-fp64": (
+        ["check", "resnet50", "--precision", "fp64"],
+        ["fp64", "the golden run is always float64"],
+    ),
+    "out-under-a-file": (
+        ["dump", "resnet50", "--out", "{file}/out"],
+        ["--out", "{file} is a file, not a directory"],
+    ),
+    "out-a-file": (["dump", "resnet50", "--out", "{file}"], ["--out", "is a file"]),
+    "dump-fp64": (
+        ["dump", "resnet50", "--out", "{tmp}/out", "--precision", "fp64"],
+        ["always float64"],
+    ),
+    "compare-json-under-a-file": (
+        ["compare", "{tmp}", "{tmp}", "--json", "{file}/r.json"],
+        ["--json", "is a file, not a directory"],
+    ),
+    "calibrate-fp64": (
+        ["calibrate", "digits", "--precision", "bf16,fp64"],
+        ["always float64"],
+    ),
+    "calibrate-unknown-precision": (
+        ["calibrate", "digits", "--precision", "bf16,fp7"],
+        ["unknown precision", "fp7"],
+    ),
+    "calibrate-unknown-case": (["calibrate", "no_such_case", "--dry-run"], ["no_such_case"]),
+    "report-history-under-a-file": (
+        ["report", "{tmp}", "--history", "{file}/h.sqlite", "--out", "{tmp}/r.html"],
+        ["--history", "is a file, not a directory"],
+    ),
+}
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_inputs_exit_2_with_one_line_before_any_work(tmp_path, form, case):
+    """Refused by the parser (or at once), named in one line, no traceback, nothing written."""
+    args, fragments = BAD_INPUTS[case]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+
+    def fill(text: str) -> str:
+        return text.replace("{file}", str(a_file)).replace("{tmp}", str(tmp_path))
+
+    proc = _form(form, *map(fill, args))
+    _assert_one_line_error(proc, *map(fill, fragments))
+    assert proc.stderr.count("\n") == 1 and proc.stdout == ""  # no usage block, no progress
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+class _Report:
+    """What align.check returns, as far as `align check` uses it."""
+
+    passed = True
+
+    def __str__(self) -> str:
+        return "align: ALIGNED (stand-in report)"
+
+    def save(self, path: Path) -> Path:
+        path.write_text("{}")
+        return path
+
+
+@pytest.fixture
+def checks(monkeypatch) -> list[dict]:
+    """align.check replaced: it logs a stage line and a debug line; its calls are kept."""
+    calls: list[dict] = []
+
+    def check(model, **kwargs):
+        logging.getLogger("align.api").info("stage line")
+        logging.getLogger("align.api").debug("debug line")
+        calls.append({"model": model, **kwargs})
+        return _Report()
+
+    monkeypatch.setattr(align, "check", check)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "flag, shown",
+    [(None, ["stage line"]), ("-q", []), ("-v", ["stage line", "debug line"])],
+    ids=["default", "quiet", "verbose"],
+)
+def test_progress_goes_to_stderr_quiet_with_q_and_debug_with_v(checks, capsys, flag, shown):
+    argv = ["check", "resnet18", "--target", "cpu", "--emulate", "none", *([flag] if flag else [])]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out == "align: ALIGNED (stand-in report)\n"  # stdout: the report alone
+    assert [line.split(" ", 1)[1] for line in err.splitlines()] == shown
+
+
+def test_bf16_is_amp_bf16_in_check_dump_and_calibrate(checks, monkeypatch, tmp_path):
+    assert CHECK.main(["resnet18", "--target", "cpu", "--precision", "bf16", "-q"]) == 0
+    assert checks[0]["precision"] == "amp-bf16"
+    calibrated = []
+    monkeypatch.setattr(calibrate, "calibrate", lambda *a, **k: calibrated.append((a, k)))
+    assert main(["calibrate", "digits", "--precision", "bf16,fp32", "--dry-run"]) == 0
+    assert calibrated == [(("digits", ["amp-bf16", "fp32"]), {"write": False})]
+    proc = _cli("dump", *MODEL, "--device", "cpu", "--precision", "bf16", "--out", tmp_path / "d")
+    assert proc.returncode == 0, _explain(proc)
+    assert load_trace(tmp_path / "d").meta["precision"] == "amp-bf16"
+
+
+def test_a_bug_exits_2_with_its_traceback_never_1(monkeypatch, capsys):
+    def broken(model, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(align, "check", broken)
+    assert main(["check", "resnet18", "--target", "cpu", "--emulate", "none", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "ZeroDivisionError: a bug" in err
+    assert err.splitlines()[-1] == "align check: error: internal error in align (traceback above)"
 
 
 # -- dumps made in separate processes -----------------------------------------------------

@@ -1,5 +1,7 @@
-"""The root conftest.py as a pytest plugin: options, markers, registry parametrization,
-device skips. Each test runs pytest in a subprocess on the real cases/ directory."""
+"""align's pytest plugin on this repository's cases/ (registry parametrization, markers,
+device skips, --align-case) and the root conftest.py. Each test runs pytest in a
+subprocess on the real cases/ directory; tests/test_pytest_plugin.py tests the plugin in
+a fresh project."""
 
 from __future__ import annotations
 
@@ -10,37 +12,42 @@ from pathlib import Path
 
 import pytest
 
-from align.cases import get_case, list_cases
+from align.cases import list_cases
 
 ROOT = Path(__file__).resolve().parent.parent
-ZOO = [n for n in list_cases() if get_case(n).family in ("classification", "detection")]
+ZOO = list_cases(family="classification") + list_cases(family="detection")
 
 
-def pytest_run(*args: str) -> subprocess.CompletedProcess[str]:
+def pytest_run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
+        env={**os.environ, **env},
     )
 
 
-def test_markers_and_options_are_documented() -> None:
-    proc = pytest_run("--markers")
-    for marker in ("npu", "cuda", "cpu", "slow", "nightly"):
-        assert f"@pytest.mark.{marker}:" in proc.stdout
-    proc = pytest_run("--help")
-    assert "align: cross-device accuracy alignment" in proc.stdout
-    for option in (
-        "--target",
-        "--reference",
-        "--precision",
-        "--case",
-        "--emulate",
-        "--align-report",
-    ):
-        assert option in proc.stdout
+def test_the_plugin_is_registered_once_by_its_entry_point() -> None:
+    proc = pytest_run("--trace-config", "--collect-only", "-q", "cases/test_classification.py")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    registered = [line for line in proc.stdout.splitlines() if "align/pytest_plugin.py" in line]
+    assert registered == [
+        "PLUGIN registered: <module 'align.pytest_plugin' from "
+        f"'{ROOT / 'align' / 'pytest_plugin.py'}'>"
+    ]
+
+
+def test_the_root_conftest_names_the_fix_when_the_plugin_is_not_loaded() -> None:
+    proc = pytest_run("--collect-only", "-q", "cases/", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+    assert proc.returncode == pytest.ExitCode.USAGE_ERROR
+    assert "align's pytest plugin is not loaded: install this checkout" in proc.stderr
+    proc = pytest_run(
+        "-p", "align.pytest_plugin", "--collect-only", "-q", "cases/test_classification.py",
+        PYTEST_DISABLE_PLUGIN_AUTOLOAD="1",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_npu_marker_collects_every_npu_variant() -> None:
@@ -54,12 +61,12 @@ def test_npu_marker_collects_every_npu_variant() -> None:
 
 def test_case_and_precision_options_shape_the_parametrization() -> None:
     proc = pytest_run(
-        "--collect-only", "-q", "--case", "resnet50", "--precision", "O1,fp32", "cases/"
-    )
+        "--collect-only", "-q", "--align-case", "resnet50", "--align-precision", "O1,fp32",
+        "cases/",
+    )  # fmt: skip
     lines = [line for line in proc.stdout.splitlines() if "::test_alignment[" in line]
     ids = sorted(line.split("[", 1)[1].rstrip("]") for line in lines)
-    # test_detection.py matches no case: pytest's empty parameter set, one skipped item
-    assert ids.pop(0) == "NOTSET"
+    assert f"{len(ids)}/{len(ZOO) * 3 * 2 * 2} tests collected" in proc.stdout
     assert ids == sorted(
         f"resnet50-{v}-{ph}-{pr}"
         for v in ("cpu", "cuda", "npu")
@@ -68,24 +75,38 @@ def test_case_and_precision_options_shape_the_parametrization() -> None:
     )
 
 
-def test_unknown_precision_is_a_usage_error() -> None:
-    proc = pytest_run("--collect-only", "-q", "--precision", "fp64", "cases/")
-    assert proc.returncode == pytest.ExitCode.USAGE_ERROR
-    assert "unknown precision 'fp64'" in proc.stderr
+def test_a_case_pattern_matching_nothing_is_a_usage_error() -> None:
+    proc = pytest_run("-q", "--align-case", "nomatch", "cases/")
+    assert proc.returncode == pytest.ExitCode.USAGE_ERROR, proc.stdout + proc.stderr
+    assert "--align-case 'nomatch' matches no registered case; registered: " in proc.stderr
+
+
+def test_slow_and_nightly_marks_follow_the_registry_and_the_precision() -> None:
+    proc = pytest_run(
+        "--collect-only", "-q", "-m", "slow or nightly", "--align-precision", "all",
+        "--align-case", "ssd512,resnet50", "cases/",
+    )  # fmt: skip
+    ids = {line.split("[", 1)[1].rstrip("]") for line in proc.stdout.splitlines() if "[" in line}
+    night = {f"{c}-{v}-{ph}-{pr}" for c in ("ssd512", "resnet50") for v in ("cpu", "cuda", "npu")
+             for ph in ("forward", "backward") for pr in ("amp-fp16", "o2-fp16")}  # fmt: skip
+    slow = {
+        f"ssd512-{v}-{ph}-amp-bf16"
+        for v in ("cpu", "cuda", "npu")
+        for ph in ("forward", "backward")
+    }
+    assert ids == night | slow
 
 
 def test_absent_device_and_skipped_case_skip_with_their_reasons() -> None:
     proc = pytest_run(
-        "-rs", "-m", "npu", "--precision", "fp32", "-k", "[resnet50-npu or solov2_r50", "cases/"
-    )
+        "-rs", "-m", "npu", "--align-precision", "fp32", "-k", "[resnet50-npu or solov2_r50",
+        "cases/",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "align: reference=cpu target=auto precision=fp32 case=* emulate=npu-fp32" in proc.stdout
     assert "4 skipped" in proc.stdout
     # resnet50 forward and backward skip at setup, with the discovery's reason
-    assert (
-        "SKIPPED [2] cases/test_classification.py:11: no NPU: torch_npu is not installed"
-        in proc.stdout
-    )
+    assert "target: no NPU: torch_npu is not installed" in proc.stdout
     from align.cases import solov2
 
     reason = solov2.missing()  # without mmcv's ops the case's reason, else no NPU
@@ -119,8 +140,8 @@ def test_a_failure_prints_the_report_and_the_command_that_reruns_it(tmp_path: Pa
     (tmp_path / "fake_align_check.py").write_text(FAKE_CHECK)
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "fake_align_check",
-         "-q", "-m", "cpu", "-k", "[resnet50-cpu-forward", "--precision", "O2",
-         "--emulate", "npu-bf16", "cases/test_classification.py"],
+         "-q", "-m", "cpu", "-k", "[resnet50-cpu-forward", "--align-precision", "O2",
+         "--align-emulate", "npu-bf16", "cases/test_classification.py"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env={**os.environ, "PYTHONPATH": str(tmp_path)},
     )  # fmt: skip
@@ -129,6 +150,7 @@ def test_a_failure_prints_the_report_and_the_command_that_reruns_it(tmp_path: Pa
     assert (
         "reproduce alone: pytest "
         "'cases/test_classification.py::test_alignment[resnet50-cpu-forward-o2-fp16]' "
-        "--emulate npu-bf16 --precision o2-fp16"
+        "--align-emulate npu-bf16 --align-precision o2-fp16"
     ) in proc.stdout
     assert "1 failed" in proc.stdout
+    assert "0 aligned, 1 not aligned" in proc.stdout  # the terminal summary's align section

@@ -1,50 +1,50 @@
-"""align.pytest_results: result files and JUnit properties for --align-report."""
+"""align.pytest_results: JUnit properties and result files of the pytest plugin's checks."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 
-from align.pytest_results import record_result, result_filename
-
-
-@dataclass
-class FakeItem:
-    nodeid: str
-    user_properties: list = field(default_factory=list)
-
+from align.pytest_results import junit_properties, result_filename, write_result
 
 DIVERGENCE = {"module": "layer1.0.conv2", "phase": "forward", "tensor": "output[0]",
               "metric": "rel_rmse", "value": 0.003, "limit": 2e-06}  # fmt: skip
+NODEID = "cases/test_classification.py::test_alignment[resnet50-npu-forward-fp32]"
 
 
-def test_failing_result_is_written_with_its_key_figures(tmp_path):
-    item = FakeItem("cases/test_classification.py::test_align[resnet50-npu-fp32]")
+def test_a_failing_result_has_what_ran_and_its_key_figures():
     culprit = {**DIVERGENCE, "isolated": True}
-    report = {"schema": "align.check/1", "case": "resnet50", "passed": False,
-              "first_divergence": DIVERGENCE, "culprits": [culprit]}  # fmt: skip
-    path = record_result(item, report, tmp_path / "results")
+    result = {"schema": "align.check/1", "case": "resnet50", "model": None, "variant": "npu",
+              "target": "npu:1", "phase": "forward", "precision": "fp32",
+              "reproduce": f"pytest '{NODEID}' --align-target npu:1", "passed": False,
+              "first_divergence": DIVERGENCE, "culprits": [culprit], "rows": []}  # fmt: skip
+    assert junit_properties(result) == [
+        ("align_case", "resnet50"),  # model None: left out
+        ("align_variant", "npu"),
+        ("align_target", "npu:1"),
+        ("align_phase", "forward"),
+        ("align_precision", "fp32"),
+        ("align_reproduce", f"pytest '{NODEID}' --align-target npu:1"),
+        ("align_passed", "false"),
+        ("align_culprit", "layer1.0.conv2 forward output[0]"),
+        ("align_first_divergence", "layer1.0.conv2 forward output[0]"),
+        ("align_first_divergence_metric", "rel_rmse"),
+        ("align_first_divergence_value", "0.003"),
+        ("align_first_divergence_limit", "2e-06"),
+    ]
+
+
+def test_a_passing_result_has_only_the_verdict():
+    result = {"schema": "align.check/1", "passed": True, "first_divergence": None}
+    assert junit_properties(result) == [("align_passed", "true")]
+
+
+def test_results_are_written_whole_and_atomically(tmp_path):
+    result = {"schema": "align.check/1", "case": "resnet50", "passed": False, "nodeid": NODEID}
+    path = write_result(NODEID, result, tmp_path / "results")
     assert path.parent == tmp_path / "results"
-    assert path.name.startswith("cases_test_classification.py_test_align_resnet50-npu-fp32.")
-    assert json.loads(path.read_text()) == {**report, "nodeid": item.nodeid}
-    assert "nodeid" not in report  # the caller's dict is left alone
-    assert dict(item.user_properties) == {
-        "align_passed": "false",
-        "align_culprit": "layer1.0.conv2 forward output[0]",
-        "align_first_divergence": "layer1.0.conv2 forward output[0]",
-        "align_first_divergence_metric": "rel_rmse",
-        "align_first_divergence_value": "0.003",
-        "align_first_divergence_limit": "2e-06",
-    }
+    assert path.name.startswith("cases_test_classification.py_test_alignment_resnet50-npu-")
+    assert json.loads(path.read_text()) == result
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
-
-
-def test_passing_result_has_only_the_verdict(tmp_path):
-    item = FakeItem("t.py::test_ok")
-    record_result(
-        item, {"schema": "align.check/1", "passed": True, "first_divergence": None}, tmp_path
-    )
-    assert item.user_properties == [("align_passed", "true")]
 
 
 def test_filenames_are_safe_and_distinct():
@@ -59,9 +59,9 @@ def test_filenames_are_safe_and_distinct():
 def test_written_results_are_what_the_report_reads(tmp_path):
     from align.report.results import load_results
 
-    item = FakeItem("cases/test_x.py::test_align[tiny]")
-    report = {"schema": "align.check/1", "case": "tiny", "phases": ["forward"], "passed": False,
-              "first_divergence": DIVERGENCE, "culprits": [], "rows": []}  # fmt: skip
-    record_result(item, report, tmp_path)
-    (result,) = load_results(tmp_path)
-    assert [(o.case, o.phase, o.passed) for o in result.outcomes] == [("tiny", "forward", False)]
+    result = {"schema": "align.check/1", "case": "tiny", "phases": ["forward"], "passed": False,
+              "first_divergence": DIVERGENCE, "culprits": [], "rows": [],
+              "nodeid": "cases/test_x.py::test_align[tiny]"}  # fmt: skip
+    write_result(result["nodeid"], result, tmp_path)
+    (loaded,) = load_results(tmp_path)
+    assert [(o.case, o.phase, o.passed) for o in loaded.outcomes] == [("tiny", "forward", False)]

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from align.errors import UnknownCaseError
+from align.errors import AlignError, UnknownCaseError
 from align.recipe import Recipe
 
 __all__ = ["Case", "Figure", "get_case", "is_case", "list_cases", "register_case"]
@@ -82,18 +82,34 @@ def _load_families() -> None:
         importlib.import_module(f"align.cases.{family}")
 
 
-def list_cases(filter: str | Iterable[str] = "*", exclude: str | Iterable[str] = ()) -> list[str]:
+def list_cases(
+    filter: str | Iterable[str] = "*",
+    exclude: str | Iterable[str] = (),
+    *,
+    family: str | None = None,
+) -> list[str]:
     """Sorted names of registered cases matching fnmatch `filter` and none of `exclude`.
 
-    Example: list_cases("resnet*", exclude="*cifar*") -> ["resnet50", "resnetv1d152"]
+    Args:
+        filter: fnmatch pattern(s); a case matching any of them is listed.
+        exclude: fnmatch pattern(s); a case matching any of them is left out.
+        family: only the cases of this family ("classification", "detection", ...);
+            an unknown family raises AlignError naming the known ones.
+
+    Example: list_cases("resnet*", exclude="*cifar*") -> ["resnet50", "resnetv1d152"];
+    list_cases(family="detection") -> ["fcos_r50", "retinanet_r50", ...]
     """
     _load_families()
+    if family is not None and family not in {c.family for c in _cases.values()}:
+        known = ", ".join(sorted({c.family for c in _cases.values()}))
+        raise AlignError(f"unknown case family {family!r}; known families: {known}")
     include = [filter] if isinstance(filter, str) else list(filter)
     excl = [exclude] if isinstance(exclude, str) else list(exclude)
     return sorted(
         n
-        for n in _cases
-        if any(fnmatch.fnmatch(n, p) for p in include)
+        for n, case in _cases.items()
+        if (family is None or case.family == family)
+        and any(fnmatch.fnmatch(n, p) for p in include)
         and not any(fnmatch.fnmatch(n, p) for p in excl)
     )
 

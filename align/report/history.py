@@ -69,7 +69,7 @@ class History:
 
     def record(self, night: str, outcomes: Iterable[Outcome]) -> None:
         """Upsert tonight's outcomes in one transaction."""
-        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         rows = [
             (night, o.case, o.phase, o.precision, o.kind, int(o.passed), o.metric, o.value,
              o.limit, o.culprit, o.source, now)

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import os
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,7 @@ def build(opts: RunOptions, report: dict[str, Any], figure: Figure, verdict: Ver
         "documented": dataclasses.asdict(figure),
         "verdict": verdict.to_dict(),
         "resumed_from": report["resumed_from"],
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
+import tomllib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,11 +22,6 @@ from scipy import stats
 
 from align.errors import AlignError
 from align.golden import golden_dir
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10: the same parser as the tomli package (a dependency there)
-    import tomli as tomllib
 
 # One-sided 1%: a correct port fails a single run about once in a hundred. Z = 2.33 with
 # Top-1 76% on ImageNet's 50,000 val images (eval_std 0.19 pp, run_std defaulting to the

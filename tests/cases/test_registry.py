@@ -68,6 +68,15 @@ def test_list_cases_exclusions() -> None:
     assert list_cases("resnet50", exclude="resnet50") == []
 
 
+def test_list_cases_by_family() -> None:
+    for family, names in ZOO.items():
+        assert list_cases(family=family) == names
+    assert list_cases("ssd*", exclude="ssdlite*", family="detection") == ["ssd300", "ssd512"]
+    assert list_cases("resnet*", family="detection") == []
+    with pytest.raises(AlignError, match="unknown case family 'segmentation'.*classification"):
+        list_cases(family="segmentation")
+
+
 def test_get_case_unknown_name_lists_the_known_ones() -> None:
     with pytest.raises(UnknownCaseError) as info:
         get_case("resnet51")
@@ -110,9 +119,6 @@ def test_case_runs_forward_and_backward_on_cpu(name: str) -> None:
     torch.manual_seed(0)
     model = case.build()
     assert model.training, "cases run in train mode (BatchNorm on batch statistics)"
-    for module in model.modules():  # drop rates 0: devices must run the same computation
-        if isinstance(module, nn.Dropout) or type(module).__name__ == "DropPath":
-            assert getattr(module, "p", getattr(module, "drop_prob", 0.0)) == 0.0, module
     inputs = case.make_inputs(case.test_batch, 0)
     loss = case.loss_fn(_call(model, inputs), inputs)
     assert loss.dim() == 0 and math.isfinite(loss.item())
@@ -250,3 +256,22 @@ def test_every_tolerance_value_says_where_it_comes_from(name: str) -> None:
     assert value_lines
     for line in value_lines:
         assert "#" in line, f"{name}: tolerance without a comment: {line!r}"
+
+
+def _drop_path(model: nn.Module) -> float:
+    return max(
+        (float(m.drop_prob) for m in model.modules() if type(m).__name__ == "DropPath"),
+        default=0.0,
+    )
+
+
+@pytest.mark.parametrize(
+    "name,drop_rate,drop_path", [("efficientnet_b4", 0.4, 0.2), ("mobilenetv3_small", 0.2, 0.0)]
+)
+def test_cases_keep_their_recipes_dropout_and_drop_path(name, drop_rate, drop_path) -> None:
+    """Random draws are replayed from the reference (align.decisions), so the cases train
+    with their recipes' rates (timm's head dropout is functional, at `model.drop_rate`;
+    drop-path rises linearly over the blocks towards its rate)."""
+    model = get_case(name).build()
+    assert model.drop_rate == drop_rate
+    assert (0.75 * drop_path < _drop_path(model) <= drop_path) or drop_path == _drop_path(model)
