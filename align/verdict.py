@@ -31,6 +31,7 @@ from align import metrics
 from align.errors import AlignError
 from align.golden import tolerance_problem
 from align.jitter import GRAY_ZONE
+from align.metrics import SIGNED
 from align.precision import error_floor
 
 SHARE_FLOOR = 1e-2  # a hundredth of the elements may exceed tau without a reason
@@ -280,6 +281,15 @@ def judge(
         row.message = NO_SIGNAL_MESSAGE
     else:
         row.failed += [m for m, limit in limits.items() if abs(mt[m]) > limit]
+    biased = [m for m in SIGNED if m in row.failed]
+    if biased and not row.message:  # the statistics behind a systematic error, stated
+        sigma = residual / math.sqrt(n)
+        row.message = "; ".join(
+            f"{m} {mt[m]:.3g} is {abs(mt[m]) / sigma:.0f} standard errors of the residual "
+            f"noise over {n} elements (limit: {BIAS_SIGMAS:.0f}, and "
+            f"{BIAS_FRACTION:.0%} of the reference's error)"
+            for m in biased
+        )
     linear = max(
         _needed_k(m, abs(mt[m]) - f, mr_cos if m == "cos_err" else abs(mr[m]), local)
         for m, f in floors.items()
