@@ -78,7 +78,7 @@ def _bf16_exempt(model: nn.Module, kind: str, site: str | None) -> bool:
     return NOT_A_FAULT_UNDER_BF16_AT.get(type(dict(model.named_modules())[site])) == kind
 
 
-def build(name: str, size: int) -> tuple[nn.Module, torch.Tensor]:
+def build(name: str, size: int, train: bool = True) -> tuple[nn.Module, torch.Tensor]:
     import timm
 
     torch.manual_seed(0)
@@ -88,7 +88,7 @@ def build(name: str, size: int) -> tuple[nn.Module, torch.Tensor]:
     except TypeError:  # a family without drop-path (ghostnet)
         model = timm.create_model(name, drop_rate=DROPS["drop_rate"], **kwargs)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
-    return model.train(), x
+    return model.train(train), x
 
 
 def target_for(model: nn.Module, kind: str, site: str | None) -> nn.Module:
@@ -103,10 +103,10 @@ def target_for(model: nn.Module, kind: str, site: str | None) -> nn.Module:
     return target
 
 
-def run(models: list[str], precisions: list[str], size: int) -> list[dict]:
+def run(models: list[str], precisions: list[str], size: int, train: bool) -> list[dict]:
     results = []
     for name in models:
-        model, x = build(name, size)
+        model, x = build(name, size, train)
         checks = [(kind, None) for kind in HONEST] + list(fault_sites(model).items())
         for precision in precisions:
             for kind, site in checks:
@@ -177,10 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precisions", nargs="+", default=["fp32", "amp-bf16"])
     p.add_argument("--size", type=int, default=64, help="image size (default 64)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--eval", action="store_true", help="eval mode (BatchNorm on running stats)")
     p.add_argument("--json", default=None, help="write every check's outcome here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = run(args.models, args.precisions, args.size)
+    results = run(args.models, args.precisions, args.size, not args.eval)
     print(totals(results))
     if args.json:
         with open(args.json, "w") as f:
