@@ -7,6 +7,7 @@ registered once, by the `pytest11` entry point of the installed package, never f
 from __future__ import annotations
 
 import pytest
+import torch
 
 from align import pytest_plugin
 
@@ -19,3 +20,12 @@ def pytest_configure(config: pytest.Config) -> None:
             "align's pytest plugin is not loaded: install this checkout (pip install -e .), "
             "or with PYTEST_DISABLE_PLUGIN_AUTOLOAD set pass -p align.pytest_plugin"
         )
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """CPU reductions depend on the thread count: pin it, so verdicts are reproducible."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -374,7 +374,9 @@ class Decisions(TorchDispatchMode):
             recorded = recorded.to(own_branch.device)
         if recorded is None or recorded.shape != own_branch.shape:
             self._unmatched()
-            self._log(key, own_branch.detach().clone())
+            # a branch computed here is ours; an op's own output goes to the caller too
+            own = own_branch.detach()
+            self._log(key, own.clone() if own_branch is out else own)
             return out
         self._log(key, recorded)
         flips = own_branch != recorded

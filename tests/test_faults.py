@@ -28,13 +28,7 @@ PRECISIONS = ("fp32", "amp-bf16")
 BATCH = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """CPU reductions depend on the thread count: pin it, so verdicts are reproducible."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: verdicts reproducible
 
 
 # -- models ---------------------------------------------------------------------------------
