@@ -1,8 +1,9 @@
-"""python -m align.compare: `align compare` (align.cli.COMPARE) under its module's name."""
+"""python -m align.compare: `align compare` (align.commands.compare.COMPARE) under its
+module's name."""
 
 import sys
 
-from align.cli import COMPARE
+from align.commands.compare import COMPARE
 
 if __name__ == "__main__":
     sys.exit(COMPARE.main())

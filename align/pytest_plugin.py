@@ -33,13 +33,14 @@ from typing import Any
 
 import pytest
 
-from align.devices import KINDS  # light: torch loads only when discovery runs
+from align.errors import AlignError
+from align.numerics.names import PHASES as CHECK_PHASES
+from align.numerics.names import PRECISIONS, canonical_precision
+from align.runtime.devices import KINDS  # light: torch loads only when discovery runs
 
 VARIANTS = ("cpu", "cuda", "npu")  # device variants of every case, each with its marker
-PHASES = ("forward", "backward")
-PRECISIONS = ("fp32", "amp-fp16", "amp-bf16", "o2-fp16")
+PHASES = CHECK_PHASES[:2]  # each test checks one; "train" is the short training, not run here
 PUSH_PRECISIONS = ("fp32", "amp-bf16")  # the default; the others are marked nightly
-_PRECISION_ALIASES = {"O1": "amp-fp16", "O2": "o2-fp16", "o1": "amp-fp16", "o2": "o2-fp16"}
 _DEVICE_NAMES = {"cpu": "CPU", "cuda": "CUDA GPU", "npu": "NPU", "mps": "MPS"}
 _DEFAULTS = {"target": "auto", "reference": "cpu", "emulate": "npu-fp32"}
 _MARKERS = {
@@ -117,7 +118,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--align-emulate",
         default=_DEFAULTS["emulate"],
         metavar="PROFILE",
-        help="numerics a CPU target emulates (align.emulate), 'none' for off (default: npu-fp32)",
+        help="numerics a CPU target emulates (align.numerics.emulate), 'none' for off "
+        "(default: npu-fp32)",
     )
     group.addoption(
         "--align-report",
@@ -160,12 +162,10 @@ def _parse_precisions(value: str) -> tuple[str, ...]:
         return PRECISIONS
     out: list[str] = []
     for item in (p.strip() for p in value.split(",") if p.strip()):
-        item = _PRECISION_ALIASES.get(item, item)
-        if item not in PRECISIONS:
-            raise pytest.UsageError(
-                f"--align-precision: unknown precision {item!r}; use a comma list of "
-                f"{', '.join(PRECISIONS)} (aliases O1, O2) or all"
-            )
+        try:
+            item = canonical_precision(item)
+        except AlignError as exc:
+            raise pytest.UsageError(f"--align-precision: {exc}, as a comma list, or all") from None
         if item not in out:
             out.append(item)
     if not out:
@@ -213,7 +213,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     import fnmatch
 
-    from align.cases import get_case, list_cases
+    from align.zoo import get_case, list_cases
 
     unmatched = [p for p in options.cases if not list_cases(p)]
     if unmatched:
@@ -251,7 +251,7 @@ def _params(item: pytest.Item) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def align_devices() -> dict[str, Any]:
     """Device discovery, once per session: kind -> status with `.available`, `.reason`."""
-    from align.devices import discover
+    from align.runtime.devices import discover
 
     return discover()
 
@@ -272,7 +272,7 @@ def _record(request: pytest.FixtureRequest, report: Any, meta: dict[str, Any]) -
     result = {**report.to_dict(), **meta, "nodeid": request.node.nodeid}
     checks.append(result)
     if options.report_dir:
-        from align.pytest_results import write_result
+        from align.report.pytest_results import write_result
 
         name = request.node.nodeid + (f"#{len(checks)}" if len(checks) > 1 else "")
         write_result(name, result, options.report_dir)
@@ -382,7 +382,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
     report = yield
     checks = item.stash.get(_CHECKS, [])
     if report.when == "call" and checks:
-        from align.pytest_results import junit_properties
+        from align.report.pytest_results import junit_properties
 
         for result in checks:
             item.user_properties.extend(junit_properties(result))

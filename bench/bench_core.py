@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 
 import align
-from align.capture import projection_loss
-from align.trace import load_trace
+from align.record.capture import projection_loss
+from align.record.readers import load_trace
 
 GB = 1e9
 
@@ -125,7 +125,7 @@ def _raw_bytes(trace) -> int:
 
 def compare_worker(ref: str, tgt: str, gold: str, profile: bool) -> None:
     """In a fresh process: compare three dumps from disk; print JSON figures."""
-    from align import trace as trace_mod
+    from align.record import trace as trace_mod
 
     read = {"bytes": 0, "tensors": 0}
     getitem = trace_mod._DiskTensors.__getitem__

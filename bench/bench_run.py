@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from align.cases import get_case
 from align.train import datasets, full_run
+from align.zoo import get_case
 
 
 def bare_worker(epochs: int, cards: int) -> float:

@@ -39,7 +39,7 @@ MODELS = {
 DROPS = {"drop_rate": 0.2, "drop_path_rate": 0.1}
 HONEST = ("half_ulp", "one_ulp", "channels_last")
 NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
-# Faults that are none under bf16 autocast (tests/test_faults.py says why): fp16 rounding
+# Faults that are none under bf16 autocast (tests/judge/test_faults.py says why): fp16 rounding
 # is finer than bf16's, and tanh-GELU is 8x closer to GELU than bf16's own rounding.
 NOT_A_FAULT_UNDER_BF16 = {"weight_via_fp16", "fp16_kernel"}
 NOT_A_FAULT_UNDER_BF16_AT = {nn.GELU: "activation"}

@@ -1,4 +1,4 @@
-"""Alignment of the image-classification cases (align/cases/classification.py).
+"""Alignment of the image-classification cases (align/zoo/classification.py).
 
 Parametrized from the registry as timm's tests are from `list_models`; align's pytest
 plugin adds the device variant (cpu / cuda / npu, each with its marker), the phase and
@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from align.cases import list_cases
+from align.zoo import list_cases
 
 
 @pytest.mark.parametrize("align_case", list_cases(family="classification"))

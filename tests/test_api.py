@@ -12,7 +12,7 @@ def test_a_relu_flipped_by_honest_rounding_takes_the_references_branch():
     """One pre-activation is -5e-7 on the reference; the target's bias is 1e-6 higher (far
     below the fp32 floor on that layer's output): on its own its ReLU would let that
     gradient through and the whole network would diverge from there. The flip is a
-    decision replayed from the reference (align.decisions), reported with its distance
+    decision replayed from the reference (align.numerics.decisions), reported with its distance
     from the breakpoint, and the check passes."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -32,7 +32,7 @@ def test_a_relu_flipped_by_honest_rounding_takes_the_references_branch():
 
 
 def test_compare_of_a_case_dump_uses_the_golden_tolerance():
-    from align.golden import load_golden
+    from align.zoo.golden import load_golden
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))

@@ -201,7 +201,7 @@ def test_unknown_device(net, x, where, device):
 
 
 def test_unavailable_device_says_why(net, x):
-    from align.devices import discover
+    from align.runtime.devices import discover
 
     status = discover()["npu"]
     if status.available:

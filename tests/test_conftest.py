@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from align.cases import list_cases
+from align.zoo import list_cases
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO = list_cases(family="classification") + list_cases(family="detection")
@@ -107,7 +107,7 @@ def test_absent_device_and_skipped_case_skip_with_their_reasons() -> None:
     assert "4 skipped" in proc.stdout
     # resnet50 forward and backward skip at setup, with the discovery's reason
     assert "target: no NPU: torch_npu is not installed" in proc.stdout
-    from align.cases import solov2
+    from align.zoo import solov2
 
     reason = solov2.missing()  # without mmcv's ops the case's reason, else no NPU
     expected = f"solov2_r50: {reason[:40]}" if reason else "SKIPPED [2] cases/test_detection.py"

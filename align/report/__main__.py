@@ -1,7 +1,8 @@
-"""Entry point of `python -m align.report`."""
+"""python -m align.report: `align report` (align.commands.report.REPORT) under its module's name."""
 
 import sys
 
-from align.report.cli import main
+from align.commands.report import REPORT
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(REPORT.main())

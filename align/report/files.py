@@ -1,5 +1,5 @@
-"""Result files on disk: atomic writes (readers see the old file or the new one, never
-half of one) and the one guarded JSON read every reader of results goes through."""
+"""Result files on disk: the one guarded JSON read every reader of results goes through
+(atomic writes are align.files)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,24 +15,6 @@ from align.errors import AlignError
 # align's results nest 4 deep (rows[] -> row -> metrics -> value); a deeper file is not
 # one of them, and nesting near the recursion limit breaks json, repr and the renderers.
 MAX_JSON_DEPTH = 32
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to `path` through a temporary file in the same directory and os.replace."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; reports are meant to be read
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -7,14 +7,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from align import devices
-from align.cases import get_case
 from align.errors import AlignError
-from align.precision import get_policy
+from align.numerics.precision import get_policy
+from align.runtime import devices
 from align.train import datasets, result
+from align.train.launch import launch  # torch.distributed: imported only to run
 from align.train.optim import optim_wrapper
 from align.train.options import RunOptions, scaled_recipe
 from align.train.verdict import Verdict, judge_run, judge_runs, noise_for
+from align.zoo import get_case
 
 TRAIN_DEVICES = ("cpu", "cuda", "npu")
 TRAIN_TASKS = ("classification", "detection")
@@ -125,7 +126,6 @@ def run(opts: RunOptions, runs: int = 1) -> dict[str, Any] | None:
     """Train, judge and write `<work_dir>/result.json`; None on a node other than node 0.
 
     `runs`: how many runs will be judged together (see `noise_for`)."""
-    from align.train.launch import launch  # torch.distributed: imported only to run
 
     report = launch(opts)
     if report is None:

@@ -6,7 +6,7 @@ import importlib.util
 from typing import Any
 
 from align.errors import AlignError
-from align.recipe import Recipe
+from align.zoo.recipe import Recipe
 
 _OPTIMIZERS = {"sgd": "SGD", "rmsprop": "RMSprop", "adamw": "AdamW"}
 _AMP_DTYPES = {"amp-fp16": "float16", "amp-bf16": "bfloat16"}

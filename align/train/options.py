@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from align.recipe import Recipe
+from align.zoo.recipe import Recipe
 
 DEFAULT_TIMEOUT_S = 1800.0  # every collective; torch's own default for gloo
 

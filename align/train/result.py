@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from align.cases import Figure
 from align.errors import AlignError
+from align.files import write_json_atomic
 from align.report.results import load_result
 from align.train.options import RunOptions
 from align.train.verdict import Verdict
+from align.zoo import Figure
 
 SCHEMA = "align.run/1"
 
@@ -26,7 +24,8 @@ def documented_figure(case: str, figures: tuple[Figure, ...]) -> Figure:
         if metric in by_metric:
             return by_metric[metric]
     raise AlignError(
-        f"case {case!r} documents no Top-1 or AP (golden/{case}.toml): nothing to confirm"
+        f"case {case!r} documents no Top-1 or AP (align/zoo/golden_files/{case}.toml): "
+        "nothing to confirm"
     )
 
 
@@ -76,17 +75,8 @@ _EPOCH_KEYS = (
 
 
 def write(path: Path, result: dict[str, Any]) -> None:
-    """Write `result` as JSON at `path` atomically (a temp file, then os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write `result` as JSON at `path` atomically."""
+    write_json_atomic(path, result, indent=2)
 
 
 def read(path: Path) -> dict[str, Any]:

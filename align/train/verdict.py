@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import math
 import statistics
-import tomllib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from scipy import stats
 
 from align.errors import AlignError
-from align.golden import golden_dir
+from align.zoo.golden import load_golden
 
 # One-sided 1%: a correct port fails a single run about once in a hundred. Z = 2.33 with
 # Top-1 76% on ImageNet's 50,000 val images (eval_std 0.19 pp, run_std defaulting to the
-# same) gives a 0.63 pp gate, above the ~0.4 pp under which DESIGN.md says gates flake.
+# same) gives a 0.63 pp gate, above ~0.4 pp (twice the binomial std), under which a
+# single-run gate fails a correct port about once in twenty runs.
 ALPHA = 0.01
 Z = float(stats.norm.isf(ALPHA))
 BINOMIAL_METRICS = ("top1", "top5")
@@ -78,20 +78,8 @@ def eval_std(metric: str, percent: float, n_val: int) -> float:
 
 
 def recorded_spread(case: str) -> tuple[str, float, str] | None:
-    """(metric, run_std, source) from `[full_run]` of golden/<case>.toml, if it has one."""
-    path = golden_dir() / f"{case}.toml"
-    try:
-        table = tomllib.loads(path.read_text()).get("full_run")
-    except (OSError, tomllib.TOMLDecodeError):
-        return None  # the golden loader reports unreadable files
-    if table is None:
-        return None
-    try:
-        return str(table["metric"]), float(table["run_std"]), str(table["source"])
-    except (KeyError, TypeError, ValueError):
-        raise AlignError(
-            f"{path}: [full_run] needs metric, run_std (a number) and source"
-        ) from None
+    """(metric, run_std, source) from `[full_run]` of the case's golden file, if it has one."""
+    return load_golden(case).full_run
 
 
 def noise_for(case: str, metric: str, documented: float, n_val: int, runs: int = 1) -> Noise:
@@ -108,7 +96,8 @@ def noise_for(case: str, metric: str, documented: float, n_val: int, runs: int =
     if metric in BINOMIAL_METRICS:
         return Noise(e, e, DEFAULT_RUN_STD_SOURCE)
     missing = (
-        f"golden/{case}.toml records no run-to-run spread for {metric} ([full_run] metric, "
+        f"align/zoo/golden_files/{case}.toml records no run-to-run spread for {metric} "
+        "([full_run] metric, "
         "run_std, source)"
     )
     if runs > 1:

@@ -13,10 +13,14 @@ from typing import IO, TYPE_CHECKING, Any
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from align.runtime.environment import record as environment
 from align.train import compat, datasets
 from align.train.hooks import EpochRecorder, EpochSeed, FaultInjection, ProgressBar
+from align.train.metrics import CocoBoxAP, TopKAccuracy
+from align.train.model import Classifier, Detector, detector_at
 from align.train.optim import optim_wrapper, param_schedulers
 from align.train.options import RunOptions
+from align.zoo import get_case
 
 if TYPE_CHECKING:
     from mmengine.evaluator import BaseMetric
@@ -78,15 +82,11 @@ class _Task:
 
 def _task(opts: RunOptions) -> _Task:
     """The data, model and metric of `opts.case`, with the same initial weights everywhere."""
-    from align.cases import get_case
 
     case, recipe = get_case(opts.case), opts.recipe
     torch.manual_seed(opts.seed)  # the same initial weights on every rank and every run
     if case.task == "detection":
         from torchvision.models.detection.ssd import SSD
-
-        from align.train.metrics import CocoBoxAP
-        from align.train.model import Detector, detector_at
 
         net = detector_at(case.build(), recipe.image_size)
         splits = datasets.load_detection(
@@ -98,8 +98,6 @@ def _task(opts: RunOptions) -> _Task:
         )
         metric = CocoBoxAP(str(splits.annotations))
         return _Task(splits, Detector(net), metric, datasets.collate_lists, ("box_ap", "box_ap50"))
-    from align.train.metrics import TopKAccuracy
-    from align.train.model import Classifier
 
     model = Classifier(case.build(), recipe.label_smoothing)
     splits = datasets.load(recipe.dataset, opts.data, recipe.image_size, opts.seed)
@@ -110,8 +108,6 @@ def _train(opts: RunOptions, rank: int, terminal: IO[str] | None) -> dict[str, A
     from mmengine.evaluator import Evaluator
     from mmengine.hooks import SyncBuffersHook
     from mmengine.runner import Runner
-
-    from align.environment import record as environment
 
     _set_numerics(opts)
     compat.init_process_group(opts.backend, opts.device, opts.timeout_s)

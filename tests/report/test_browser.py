@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from align.report.cli import main
+from align.commands.report import main
 
 CRAFTED = "<script>document.title='pwned'</script>"
 BROWSER = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from align.report.cli import main
+from align.commands.report import main
 
 
 def _run(results, tmp_path, night, *extra):

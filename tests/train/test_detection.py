@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from align.cases import get_case
+from align.commands.run import main
 from align.errors import AlignError
-from align.golden import golden_dir
-from align.run import main
 from align.train import datasets, full_run
 from align.train.model import Detector, detector_at
+from align.zoo import get_case
+from align.zoo.golden import golden_dir
 
 CASE = "ssdlite_mobilenetv2"  # fp32 recipe, 4.4 M parameters: the fastest detector to train
 COLORS = {1: (220, 40, 40), 2: (40, 40, 220)}  # one colour per category

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from align.cases import get_case
 from align.errors import AlignError
 from align.train.launch import WorkerFailedError, launch, launch_config
 from align.train.options import RunOptions
+from align.zoo import get_case
 
 RECIPE = get_case("digits").recipe
 # torch's elastic agent replaces these for good unless launch() puts them back

@@ -22,7 +22,7 @@ from align.train.verdict import (
 
 
 def test_binomial_eval_std_of_imagenet_top1():
-    # DESIGN.md: about 0.19 pp for Top-1 76% on 50,000 images.
+    # binomial: sqrt(p (1 - p) / n) = 0.19 pp for Top-1 76% on 50,000 images.
     assert eval_std("top1", 76.0, 50_000) == pytest.approx(0.191, abs=1e-3)
     assert eval_std("box_ap", 36.6, 5_000) == 0.0  # not a binomial proportion
 
@@ -31,7 +31,7 @@ def test_z_is_one_sided_one_percent_and_gate_does_not_flake():
     assert Z == pytest.approx(2.326, abs=1e-3)
     e = eval_std("top1", 76.0, 50_000)
     verdict = judge_run("top1", 76.0, 75.5, Noise(e, e, "default"))
-    assert verdict.tolerance > 0.4  # DESIGN.md: a single-run gate under ~0.4 pp flakes
+    assert verdict.tolerance > 0.4  # twice the binomial std: a tighter gate flakes
     assert verdict.passed
 
 

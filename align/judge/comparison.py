@@ -1,0 +1,247 @@
+"""Whole-network comparison of a target trace with a reference trace and a golden trace.
+
+Tensors are judged in execution order: forward outputs in call order, then gradients in
+the order backward produced them, then parameter gradients. A tensor shared by several
+records (a container's output is its last child's) is judged once, under the innermost
+module. Structural differences (missing modules, shapes) are errors, never a pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from functools import partial
+
+import torch
+
+from align.errors import MismatchError
+from align.numerics.jitter import Pool
+from align.numerics.verdict import Row, Tolerance, judge_robustly
+from align.record.trace import Call, Trace
+
+
+def _target_index(ref: Trace, tgt: Trace, name_map: dict[str, str | None]) -> dict:
+    """Target calls keyed by the reference's (module, index); names mapped by name_map."""
+    by_key = tgt.by_key()
+    index = {}
+    missing = []
+    for call in ref.calls:
+        name = name_map.get(call.module, call.module)
+        if name is None:
+            continue  # the user said this reference module has no counterpart
+        hit = by_key.get((name, call.index))
+        if hit is None:
+            missing.append(call.label)
+        else:
+            index[call.key] = hit
+    if missing:
+        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise MismatchError(
+            f"{len(missing)} module call(s) of the reference are missing in the target: "
+            f"{shown}. If the target is a port with renamed or fused modules, pass "
+            "name_map={reference_name: target_name or None}."
+        )
+    return index
+
+
+def _pairs(ref: Trace, phases: tuple[str, ...]) -> Iterator[tuple[str, Call, str, int]]:
+    """(phase, call, slot, i) for every recorded tensor, in execution order."""
+    if "forward" in phases:
+        # in the order calls returned: a child's output is judged before its container's
+        order = ref.forward_order or range(len(ref.calls))
+        for call in (ref.calls[pos] for pos in order):
+            for i in range(len(call.outputs)):
+                yield "forward", call, "outputs", i
+    if "backward" in phases:
+        for pos, slot, i in backward_events(ref):
+            yield "backward", ref.calls[pos], slot, i
+
+
+def backward_events(ref: Trace) -> list[tuple[int, str, int]]:
+    """(call position, slot, index) of every gradient, in the order backward made them.
+
+    Traces without recorded events (msprobe dumps, older traces) fall back to each call's
+    output gradients then input gradients, in the order backward first reached the call.
+    """
+    if ref.backward_events:
+        return list(ref.backward_events)
+    return [
+        (pos, slot, i)
+        for pos in ref.backward_order
+        for slot in ("grad_outputs", "grad_inputs")
+        for i in range(len(getattr(ref.calls[pos], slot)))
+    ]
+
+
+LABELS = {"outputs": "output", "grad_outputs": "grad_output", "grad_inputs": "grad_input"}
+
+
+def param_order(ref: Trace) -> list[str]:
+    """Parameter names ordered by when backward reached their module."""
+    rank: dict[str, int] = {}
+    for n, pos in enumerate(ref.backward_order):
+        rank.setdefault(ref.calls[pos].module, n)
+    owner = {name: name.rsplit(".", 1)[0] if "." in name else "" for name in ref.param_grads}
+    return sorted(ref.param_grads, key=lambda p: (rank.get(owner[p], len(rank)), p))
+
+
+def compare_traces(
+    ref: Trace,
+    tgt: Trace,
+    golden: Trace | None,
+    *,
+    tol: Tolerance,
+    phases: tuple[str, ...] = ("forward", "backward"),
+    strict_dtype: bool = True,
+    name_map: dict[str, str | None] | None = None,
+    draws: Sequence[Trace] | Pool[Trace] = (),
+) -> list[Row]:
+    """Judge every tensor of `tgt` against `golden` relative to `ref`, in execution order.
+
+    `draws` are honest draws of the reference run (align.numerics.jitter), or a `jitter.Pool`
+    making them, drawn from only if a tensor fails against the reference alone: that
+    tensor is then judged again with the reference's error as the largest of theirs.
+    Without a golden trace the reference stands in for it, so only dtype floors remain
+    as limits.
+    """
+    name_map = name_map or {}
+    tgt_calls = _target_index(ref, tgt, name_map)
+    gold_calls = _target_index(ref, golden, {}) if golden is not None else None
+    honest = _Draws(ref, draws)
+    gold = golden if golden is not None else ref
+    rows: list[Row] = []
+    seen: set[tuple] = set()
+    for phase, call, slot, i in _pairs(ref, phases):
+        if call.key not in tgt_calls:
+            continue
+        rkey = getattr(call, slot)[i]
+        tcall = tgt_calls[call.key]
+        label = f"{LABELS[slot]}[{i}]"
+        tkeys = getattr(tcall, slot)
+        pair = (rkey, tkeys[i] if i < len(tkeys) else None)
+        if rkey is None or pair in seen:
+            continue  # the same tensor on both sides, already judged under an inner module
+        seen.add(pair)
+        gkey = getattr(gold_calls[call.key], slot)[i] if gold_calls else rkey
+        row = Row(call.module, call.index, phase, label, "", [])
+        if i >= len(tkeys) or tkeys[i] is None or gkey is None:
+            where = "the target" if i >= len(tkeys) or tkeys[i] is None else "the golden run"
+            row.failed.append("missing")
+            row.message = f"{call.label} {label} exists on the reference but not on {where}"
+            rows.append(row)
+            continue
+        row = _judged(
+            ref,
+            tgt,
+            gold,
+            rkey,
+            tkeys[i],
+            gkey,
+            tol,
+            strict_dtype,
+            row,
+            partial(honest.of_call, call.key, slot, i),
+        )
+        rows.append(row)
+    if "backward" in phases:
+        param_rows: list[Row] = []
+        for name in param_order(ref):
+            tname = _param_name(name, name_map)
+            if tname is None:
+                continue
+            owner = name.rsplit(".", 1)[0] if "." in name else ""
+            row = Row(owner, 0, "param_grad", name.rsplit(".", 1)[-1], "", [])
+            if tname not in tgt.param_grads:
+                row.failed.append("missing")
+                row.message = (
+                    f"parameter {name} has a gradient on the reference, none on the target"
+                )
+                param_rows.append(row)
+                continue
+            gkey = gold.param_grads[name]
+            param_rows.append(
+                _judged(
+                    ref,
+                    tgt,
+                    gold,
+                    ref.param_grads[name],
+                    tgt.param_grads[tname],
+                    gkey,
+                    tol,
+                    strict_dtype,
+                    row,
+                    partial(honest.of_param, name),
+                )
+            )
+        rows = _with_param_grads(rows, param_rows)
+    return rows
+
+
+def _with_param_grads(rows: list[Row], param_rows: list[Row]) -> list[Row]:
+    """Each parameter gradient placed right after its module's last backward tensor: where
+    backward computed it (a leaf's weight gradient comes with its input gradient)."""
+    last = {r.module: n for n, r in enumerate(rows) if r.phase == "backward"}
+    after: dict[int, list[Row]] = {}
+    tail = []
+    for row in param_rows:
+        if row.module in last:
+            after.setdefault(last[row.module], []).append(row)
+        else:
+            tail.append(row)
+    merged = []
+    for n, row in enumerate(rows):
+        merged.append(row)
+        merged += after.get(n, [])
+    return merged + tail
+
+
+class _Draws:
+    """The reference's honest draws per tensor, made or loaded when a tensor needs them
+    (`round_` as in verdict.judge_robustly)."""
+
+    def __init__(self, ref: Trace, source: Sequence[Trace] | Pool[Trace]):
+        self.ref = ref
+        if not isinstance(source, Pool):  # a dump's draws: what it has, all at once
+            given = list(source)
+            source = Pool(lambda k: given[k] if k < len(given) else None, len(given))
+        self.pool = source
+        self._index: dict[int, dict] = {}
+
+    def _traces(self, round_: int) -> list[tuple[Trace, dict]]:
+        traces = self.pool(round_)
+        for n, d in enumerate(traces):
+            if n not in self._index:
+                self._index[n] = _target_index(self.ref, d, {})
+        return [(d, self._index[n]) for n, d in enumerate(traces)]
+
+    def of_call(self, key: tuple[str, int], slot: str, i: int, round_: int) -> list[torch.Tensor]:
+        found = []
+        for draw, calls in self._traces(round_):
+            keys = getattr(calls[key], slot)
+            if i < len(keys) and keys[i] is not None:
+                found.append(draw.tensor(keys[i]))
+        return found
+
+    def of_param(self, name: str, round_: int) -> list[torch.Tensor]:
+        traces = self._traces(round_)
+        return [d.tensor(d.param_grads[name]) for d, _ in traces if name in d.param_grads]
+
+
+def _param_name(name: str, name_map: dict[str, str | None]) -> str | None:
+    owner, _, leaf = name.rpartition(".")
+    if owner in name_map:
+        mapped = name_map[owner]
+        return None if mapped is None else f"{mapped}.{leaf}" if mapped else leaf
+    return name
+
+
+def _judged(ref, tgt, gold, rkey, tkey, gkey, tol, strict_dtype, row: Row, draws) -> Row:
+    r, t, g = ref.tensor(rkey), tgt.tensor(tkey), gold.tensor(gkey)
+    if tuple(t.shape) != tuple(r.shape) or tuple(g.shape) != tuple(r.shape):
+        raise MismatchError(
+            f"{row.module or '<model>'} {row.tensor}: shape {tuple(r.shape)} on the reference, "
+            f"{tuple(t.shape)} on the target, {tuple(g.shape)} in the golden run; "
+            "the runs did not compute the same thing (same model, inputs and batch?)"
+        )
+    return judge_robustly(
+        t, r, g, tol, strict_dtype=strict_dtype, local=False, row=row, draws=draws
+    )

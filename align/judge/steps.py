@@ -1,0 +1,314 @@
+"""Judging align.Recorder dumps (align.record.loop) step by step: per step, rank by rank,
+every module's tensors, parameter gradients, parameters and optimizer state after the step,
+the loss scaler's scale and skipped steps; the report names the first failing step."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from functools import partial
+from typing import Any
+
+import torch
+
+from align.errors import MismatchError
+from align.judge.comparison import _param_name, compare_traces
+from align.judge.report import Report
+from align.numerics import decisions
+from align.numerics.precision import get_policy
+from align.numerics.verdict import Row, Tolerance, as_tolerance, judge
+from align.record.loop import LoopDump, Step
+from align.record.trace import Trace
+
+# param group entries that choose an implementation, not the arithmetic
+IMPLEMENTATION = {"foreach", "fused", "capturable", "differentiable"}
+# Within a step, rows are ordered across ranks by when their tensors are made.
+ORDER = {
+    "input": 0,
+    "forward": 1,
+    "loss": 2,
+    "buffer": 2,
+    "backward": 3,
+    "param_grad": 3,
+    "scaler": 4,
+    "optimizer": 5,
+    "param": 6,
+}
+
+
+def compare(
+    reference: str | os.PathLike,
+    target: str | os.PathLike,
+    golden: str | os.PathLike | None = None,
+    *,
+    tolerance: Tolerance | dict | None = None,
+    name_map: dict[str, str | None] | None = None,
+) -> Report:
+    """Judge a target loop dump against a reference (and a float64 golden) step by step."""
+    started = time.perf_counter()
+    ref, tgt = LoopDump(reference), LoopDump(target)
+    gold = None if golden is None else LoopDump(golden)
+    ranks = sorted(ref.ranks)
+    for role, dump in (("target", tgt), ("golden", gold)):
+        if dump is not None and sorted(dump.ranks) != ranks:
+            raise MismatchError(
+                f"the reference has ranks {ranks}, the {role} {sorted(dump.ranks)}: run both "
+                "with the same number of processes"
+            )
+    steps = sorted(set(ref.steps(ranks[0])) & set(tgt.steps(ranks[0])))
+    if not steps:
+        raise MismatchError(
+            f"no step recorded on both sides (reference {ref.steps(ranks[0])}, target "
+            f"{tgt.steps(ranks[0])}): give both Recorders the same steps="
+        )
+    first = ref.load(ranks[0], steps[0])
+    policy = get_policy(_precision(first.info.get("output_dtypes", [])))
+    tol = as_tolerance(tolerance, policy)
+    strict = policy.name == "fp32"
+    notes: list[str] = []
+    rows: list[Row] = []
+    table: list[dict[str, Any]] = []
+    for n in steps:
+        ordered = []
+        for rank in ranks:
+            sides = [ref.load(rank, n), tgt.load(rank, n)]
+            if gold is not None:
+                if n not in gold.steps(rank):
+                    raise MismatchError(
+                        f"the golden dump has no step {n} of rank {rank}: record the same steps"
+                    )
+                sides.append(gold.load(rank, n))
+            step_rows = _judge_step(*sides, tol=tol, strict=strict, name_map=name_map or {})
+            label = f"rank {rank} step {n}" if len(ranks) > 1 else f"step {n}"
+            for row in step_rows:
+                row.tensor = f"{label} {row.tensor}"
+            ordered += [(ORDER.get(r.phase, 1), rank, i, r) for i, r in enumerate(step_rows)]
+            table.append(_step_entry(n, rank, sides, step_rows))
+            notes += _step_notes(*sides)
+        rows += [r for *_, r in sorted(ordered, key=lambda x: x[:3])]
+    failing = next((r for r in rows if r.failed), None)
+    summary = _summary(table)
+    report = Report(
+        rows=rows,
+        meta={
+            "model": ref.ranks[ranks[0]].get("model", ""),
+            "phases": ["forward", "backward", "optimizer"],
+            "precision": policy.name,
+            "reference": ref.ranks[ranks[0]].get("device", "?"),
+            "target": tgt.ranks[ranks[0]].get("device", "?"),
+            "tolerance": vars(tol),
+            "timings": {"compare": time.perf_counter() - started},
+            "environment": {
+                "reference": ref.ranks[ranks[0]].get("environment"),
+                "target": tgt.ranks[ranks[0]].get("environment"),
+            },
+        },
+        train={
+            "passed": failing is None,
+            "steps": table,
+            "first_divergence": None if failing is None else vars(failing.divergence()),
+            "summary": summary,
+            "steps_run": len(steps),
+        },
+    )
+    skipped = sorted(set(ref.steps(ranks[0])) ^ set(tgt.steps(ranks[0])))
+    if skipped:
+        notes.append(f"steps {skipped} were recorded on one side only and not judged")
+    if gold is None:
+        notes.append(
+            "no golden dump: the reference stood in for it, so limits are dtype floors only; "
+            "record a float64 golden (Recorder(..., golden=True) on a CPU run of the script)"
+        )
+    else:
+        notes.append(
+            "the reference's error is a single draw (a training loop's dump has no honest "
+            "draws): a small or cancelling gradient can flag an honest target"
+        )
+    report.notes = list(dict.fromkeys(notes))
+    return report
+
+
+def _summary(table: list[dict[str, Any]]) -> str:
+    """Failing tensors per step (all ranks together), after the verdict's headline."""
+    counts: dict[int, list[int]] = {}
+    for entry in table:
+        c = counts.setdefault(entry["step"], [0, 0])
+        c[0], c[1] = c[0] + entry["failing"], c[1] + entry["tensors"]
+    bad = [n for n, (failing, _) in counts.items() if failing]
+    head = f"first failing step {bad[0]}" if bad else "every step agrees"
+    return (
+        head
+        + "; failing tensors "
+        + ", ".join(f"step {n} {failing}/{total}" for n, (failing, total) in counts.items())
+    )
+
+
+def _precision(dtypes: list[str]) -> str:
+    """The precision policy a run's module outputs show: autocast leaves half dtypes."""
+    if "torch.bfloat16" in dtypes:
+        return "amp-bf16"
+    return "amp-fp16" if "torch.float16" in dtypes else "fp32"
+
+
+def _judge_step(
+    ref: Step,
+    tgt: Step,
+    gold: Step | None = None,
+    *,
+    tol: Tolerance,
+    strict: bool,
+    name_map: dict[str, str | None],
+) -> list[Row]:
+    """Rows of one step of one rank: data, module tensors, loss, scaler, optimizer, params."""
+    g = gold or ref
+    rows = _input_rows(ref.trace, tgt.trace, g.trace, tol, strict)
+    rows += compare_traces(
+        ref.trace,
+        tgt.trace,
+        None if gold is None else gold.trace,
+        tol=tol,
+        strict_dtype=strict,
+        name_map=name_map,
+    )
+    judged = partial(_state_row, ref, tgt, g, tol, strict)
+    if "loss" in ref.state:
+        rows.append(judged("", "loss", "loss", "loss", "loss"))
+    rows += _scaler_rows(ref.info.get("scaler"), tgt.info.get("scaler"))
+    for gi, group in enumerate(ref.info.get("groups", [])):
+        for name in group["params"]:
+            tname = _param_name(name, name_map)
+            if tname is None:
+                continue
+            prefix = f"optim/{gi}/{name}/"
+            for key in sorted(k for k in ref.state if k.startswith(prefix)):
+                leaf = key[len(prefix) :]
+                label = f"group {gi} {name} {leaf}"
+                tkey = f"optim/{gi}/{tname}/{leaf}"
+                if leaf == "step":
+                    rows.append(_exact_row(_owner(name), "optimizer", label, ref, tgt, key, tkey))
+                else:
+                    rows.append(judged(_owner(name), "optimizer", label, key, tkey))
+    group_of = {n: gi for gi, g in enumerate(ref.info.get("groups", [])) for n in g["params"]}
+    for kind in ("param", "buffer"):
+        for key in (k for k in ref.state if k.startswith(f"{kind}/")):
+            name = key[len(kind) + 1 :]
+            tname = _param_name(name, name_map)
+            if tname is not None:
+                group = f"group {group_of[name]} " if name in group_of else ""
+                label = f"{group}{name} after the step"
+                rows.append(judged(_owner(name), kind, label, key, f"{kind}/{tname}"))
+    return rows
+
+
+def _owner(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _input_rows(ref: Trace, tgt: Trace, gold: Trace, tol: Tolerance, strict: bool) -> list[Row]:
+    """The data: floating inputs of each top-level call of the model."""
+    rows = []
+    tcalls, gcalls = tgt.by_key(), gold.by_key()
+    for call in (c for c in ref.calls if c.parent is None):
+        tcall, gcall = tcalls.get(call.key), gcalls.get(call.key)
+        for i, key in enumerate(call.inputs):
+            if key is None or not ref.tensor(key).is_floating_point():
+                continue
+            row = Row(call.module, call.index, "input", f"input[{i}]", "", [])
+            tkey = tcall.inputs[i] if tcall and i < len(tcall.inputs) else None
+            gkey = gcall.inputs[i] if gcall and i < len(gcall.inputs) else None
+            if tkey is None or gkey is None:
+                row.failed.append("missing")
+                row.message = f"model input {i} exists on the reference only"
+                rows.append(row)
+                continue
+            rows.append(
+                _judged(ref.tensor(key), tgt.tensor(tkey), gold.tensor(gkey), tol, strict, row)
+            )
+    return rows
+
+
+def _state_row(
+    ref: Step, tgt: Step, gold: Step, tol, strict, module: str, phase: str, label, key, tkey
+) -> Row:
+    row = Row(module, 0, phase, label, "", [])
+    if tkey not in tgt.state:
+        row.failed.append("missing")
+        row.message = f"{key} is recorded on the reference, not on the target"
+        return row
+    if key not in gold.state:
+        raise MismatchError(f"the golden dump has no {key}: record it with the same optimizer")
+    return _judged(ref.state[key], tgt.state[tkey], gold.state[key], tol, strict, row)
+
+
+def _judged(r: torch.Tensor, t: torch.Tensor, g: torch.Tensor, tol, strict, row: Row) -> Row:
+    if t.shape != r.shape or g.shape != r.shape:
+        raise MismatchError(
+            f"{row.module or '<model>'} {row.phase} {row.tensor}: shape {tuple(r.shape)} on the "
+            f"reference, {tuple(t.shape)} on the target, {tuple(g.shape)} in the golden run; "
+            "the runs did not train the same model on the same batches"
+        )
+    return judge(t, r, g, tol, strict_dtype=strict, local=False, row=row)
+
+
+def _exact_row(module: str, phase: str, label: str, ref: Step, tgt: Step, key, tkey) -> Row:
+    """A count (an optimizer's step): equal or wrong."""
+    r = float(ref.state[key])
+    t = float(tgt.state[tkey]) if tkey in tgt.state else math.nan
+    return _differs(module, phase, label, r, t)
+
+
+def _differs(module: str, phase: str, label: str, r: Any, t: Any) -> Row:
+    row = Row(module, 0, phase, label, "", [])
+    row.metrics["differs"], row.limits["differs"] = float(r != t), 0.0
+    if r != t:
+        row.failed.append("differs")
+        row.message = f"{r} on the reference, {t} on the target"
+    return row
+
+
+def _scaler_rows(ref: dict | None, tgt: dict | None) -> list[Row]:
+    if ref is None and tgt is None:
+        return []
+    ref, tgt = ref or {}, tgt or {}
+    return [
+        _differs("", "scaler", what, ref.get(what), tgt.get(what)) for what in ("scale", "skipped")
+    ]
+
+
+def _step_entry(n: int, rank: int, sides: list[Step], rows: list[Row]) -> dict[str, Any]:
+    """One line of the report's per-step table."""
+    losses = [float(s.state["loss"]) if "loss" in s.state else None for s in sides]
+    failing = next((r for r in rows if r.failed), None)
+    return {
+        "step": n,
+        "rank": rank,
+        "tensors": len(rows),
+        "failing": sum(not r.passed for r in rows),
+        "loss": dict(zip(("reference", "target", "golden"), losses)),
+        "scaler": sides[1].info.get("scaler"),
+        "first_divergence": None if failing is None else str(failing.divergence()),
+    }
+
+
+def _step_notes(ref: Step, tgt: Step, gold: Step | None = None) -> list[str]:
+    """Hyperparameters that differ and discrete choices not replayed, as the report's notes."""
+    notes = []
+    for gi, (rg, tg) in enumerate(zip(ref.info.get("groups", []), tgt.info.get("groups", []))):
+        for key, value in rg["hyper"].items():
+            if key not in IMPLEMENTATION and tg["hyper"].get(key, value) != value:
+                notes.append(
+                    f"param group {gi}: {key} is {value} on the reference, "
+                    f"{tg['hyper'][key]} on the target"
+                )
+    for role, side in (("target", tgt), ("golden", gold)):
+        if side is None:
+            continue
+        if ref.trace.decisions and side.trace.meta.get("decisions") != "replayed":
+            notes.append(
+                f"the {role} made its own discrete choices (sort, max-pool indices): record "
+                "it with Recorder(..., replay=REFERENCE_DIR) (align.numerics.decisions)"
+            )
+        elif side.trace.meta.get("decisions_differed"):
+            notes.append(decisions.note(role, side.trace.meta["decisions_differed"]))
+    return notes

@@ -1,0 +1,543 @@
+"""Discrete decisions of a run, recorded on the reference and replayed on the others.
+
+A run makes three kinds of decision that are not continuous in its inputs, and two
+honest devices can make them differently:
+
+- *indices*: sort, top-k, max/argmax, max-pool (SSD's hard negative mining sorts nearly
+  equal anchor losses; a max-pool window can hold a tie). Measured on ssd512: the
+  emulated npu-fp32 target picked other negatives, and the classification head's bias
+  gradient was 18,000x the reference's error.
+- *branches* of piecewise functions: ReLU and its backward mask, threshold, hardtanh /
+  ReLU6 / clamp, leaky ReLU, hardswish / hardsigmoid, maximum / minimum, PReLU, sign, and
+  the comparisons that feed `where`. An input that rounding puts on the other side of a
+  breakpoint passes a gradient the reference blocked (timm's resnet26d in train mode:
+  one flipped ReLU made `layer4.0.act3`'s input gradient fail by 10,000x).
+- *random draws* from the default generator: dropout, drop-path, bernoulli, rand, randn,
+  randint, randperm, normal_, uniform_... Another device's generator draws other masks.
+
+The reference records every decision; the target, the golden and the honest draws take
+the reference's. Indices: their values are gathered from their own inputs at the
+reference's positions. Branches: the run computes the op with its own kernel, and only
+the elements whose branch, by the op's formula on the run's own inputs, differs from the
+reference's (the flips) are recomputed on the reference's branch; a wrong kernel (a
+leaky slope, a breakpoint moved inside the kernel) keeps its own wrong values everywhere
+else and still fails. Scalar arguments (a threshold, a slope, a clamp bound, p) are part
+of a record's identity, so an op called with another breakpoint is not matched and keeps
+its own branches. Random draws: the reference's values replace the run's own; a fused
+dropout kernel is first checked against its own mask (output = input * mask / (1 - p)),
+so a kernel with another scale, or one that drops other elements than the mask it
+returns, fails and is named (`Decisions.faults`).
+
+How many decisions a run would have made otherwise, and how far the flipped elements
+were from the choice (two indices' values apart, a branch's input from its breakpoint;
+relative to the input's largest magnitude: an honest flip sits within the rounding of
+its input), is reported, not hidden. Draws from an explicit `torch.Generator` (a seeded
+loss, align's own jitter) are reproducible by their seed and are not recorded.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from align.numerics.verdict import Row
+
+aten = torch.ops.aten
+
+# -- indices ---------------------------------------------------------------------------------
+
+# ops returning (values, indices) with values == input.gather(dim, indices)
+_ALONG_DIM = {
+    aten.sort.default,
+    aten.sort.stable,
+    aten.topk.default,
+    aten.max.dim,
+    aten.min.dim,
+    aten.kthvalue.default,
+    aten.median.dim,
+    aten.nanmedian.dim,
+    aten.mode.default,
+    aten.cummax.default,
+    aten.cummin.default,
+}
+# ops returning indices only
+_INDICES_ONLY = {aten.argmax.default, aten.argmin.default}
+# max-pool: (values, indices), indices flat within each plane of the last `n` dims
+_POOLS = {
+    aten.max_pool2d_with_indices.default: 2,
+    aten.adaptive_max_pool2d.default: 2,
+    aten.max_pool3d_with_indices.default: 3,
+    aten.adaptive_max_pool3d.default: 3,
+}
+INDEXING = _ALONG_DIM | _INDICES_ONLY | set(_POOLS)
+
+# -- branches --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A piecewise op: the branch of each element, the op's value on given branches, and
+    each element's distance from its nearest breakpoint (all from the op's arguments)."""
+
+    branch: Callable[..., torch.Tensor]
+    value: Callable[..., torch.Tensor]
+    gap: Callable[..., torch.Tensor]
+    decided: int = 0  # the argument whose side of the breakpoint is the branch (its scale)
+
+
+def _u8(*masks: torch.Tensor) -> torch.Tensor:
+    """Branch numbers 0..len(masks) from nested masks (`a` then `a & b` ...)."""
+    out = masks[0].to(torch.uint8)
+    for m in masks[1:]:
+        out = out + m
+    return out
+
+
+def _nearest(x: torch.Tensor, *points: Any) -> torch.Tensor:
+    gaps = [(x - p).abs() for p in points if p is not None]
+    out = gaps[0]
+    for g in gaps[1:]:
+        out = torch.minimum(out, g)
+    return out
+
+
+def _clamp_branch(x, lo=None, hi=None):
+    above_lo = x >= lo if lo is not None else torch.ones_like(x, dtype=torch.bool)
+    return _u8(above_lo, x > hi) if hi is not None else _u8(above_lo)
+
+
+def _clamp_value(r, x, lo=None, hi=None):
+    y = x
+    if lo is not None:
+        y = torch.where(r == 0, lo, y)
+    if hi is not None:
+        y = torch.where(r == 2, hi, y)
+    return y.to(x.dtype)
+
+
+def _gap_x(x, *_):
+    return x.abs()
+
+
+def _where(r, a, b):
+    return torch.where(r, a, b)
+
+
+_RELU = Piece(lambda x: x > 0, lambda r, x: torch.where(r, x, 0), _gap_x)
+_HARDTANH = Piece(
+    lambda x, lo=-1.0, hi=1.0: _clamp_branch(x, lo, hi),
+    lambda r, x, lo=-1.0, hi=1.0: _clamp_value(r, x, lo, hi),
+    lambda x, lo=-1.0, hi=1.0: _nearest(x, lo, hi),
+)
+_CLAMP = Piece(_clamp_branch, _clamp_value, _nearest)
+_LEAKY = Piece(
+    lambda x, slope=0.01: x > 0,
+    lambda r, x, slope=0.01: torch.where(r, x, x * slope),
+    _gap_x,
+)
+_HARDSWISH = Piece(
+    lambda x: _u8(x > -3, x >= 3),
+    lambda r, x: torch.where(r == 0, 0, torch.where(r == 2, x, x * (x + 3) / 6)).to(x.dtype),
+    lambda x: _nearest(x, -3, 3),
+)
+_HARDSIGMOID = Piece(
+    lambda x: _u8(x > -3, x >= 3),
+    lambda r, x: torch.where(r == 0, 0, torch.where(r == 2, 1, x / 6 + 0.5)).to(x.dtype),
+    lambda x: _nearest(x, -3, 3),
+)
+_COMPARE = Piece(lambda a, b: None, lambda r, a, b: r, lambda a, b: (a - b).abs())
+_SIGN = Piece(lambda x: None, lambda r, x: r, _gap_x)
+
+# Forward ops: branch and value from the input x (then scalar arguments).
+PIECES: dict[Any, Piece] = {
+    aten.relu.default: _RELU,
+    aten.relu_.default: _RELU,
+    aten.threshold.default: Piece(
+        lambda x, t, v: x > t,
+        lambda r, x, t, v: torch.where(r, x, v),
+        lambda x, t, v: _nearest(x, t),
+    ),
+    aten.hardtanh.default: _HARDTANH,
+    aten.hardtanh_.default: _HARDTANH,
+    aten.clamp.default: _CLAMP,
+    aten.clamp.Tensor: _CLAMP,
+    aten.clamp_.default: _CLAMP,
+    aten.clamp_.Tensor: _CLAMP,
+    aten.clamp_min.default: Piece(
+        lambda x, lo: _clamp_branch(x, lo),
+        lambda r, x, lo: _clamp_value(r, x, lo),
+        lambda x, lo: _nearest(x, lo),
+    ),
+    aten.clamp_max.default: Piece(
+        lambda x, hi: _clamp_branch(x, None, hi),
+        lambda r, x, hi: _clamp_value(r, x, None, hi),
+        lambda x, hi: _nearest(x, hi),
+    ),
+    aten.leaky_relu.default: _LEAKY,
+    aten.leaky_relu_.default: _LEAKY,
+    aten.hardswish.default: _HARDSWISH,
+    aten.hardswish_.default: _HARDSWISH,
+    aten.hardsigmoid.default: _HARDSIGMOID,
+    aten.hardsigmoid_.default: _HARDSIGMOID,
+    aten.maximum.default: Piece(lambda a, b: a > b, lambda r, a, b: _where(r, a, b), _COMPARE.gap),
+    aten.minimum.default: Piece(lambda a, b: a < b, lambda r, a, b: _where(r, a, b), _COMPARE.gap),
+    aten._prelu_kernel.default: Piece(
+        lambda x, w: x > 0, lambda r, x, w: torch.where(r, x, w * x), lambda x, w: x.abs()
+    ),
+    # Backward ops: (grad, input, ...): the branch comes from the input
+    aten.threshold_backward.default: Piece(
+        lambda g, s, t: s > t,
+        lambda r, g, s, t: torch.where(r, g, 0),
+        lambda g, s, t: _nearest(s, t),
+        decided=1,
+    ),
+    aten.hardtanh_backward.default: Piece(
+        lambda g, x, lo, hi: (x > lo) & (x < hi),
+        lambda r, g, x, lo, hi: torch.where(r, g, 0),
+        lambda g, x, lo, hi: _nearest(x, lo, hi),
+        decided=1,
+    ),
+    aten.leaky_relu_backward.default: Piece(
+        lambda g, x, slope, is_result: x > 0,
+        lambda r, g, x, slope, is_result: torch.where(r, g, g * slope),
+        lambda g, x, slope, is_result: x.abs(),
+        decided=1,
+    ),
+    aten.hardswish_backward.default: Piece(
+        lambda g, x: _u8(x >= -3, x > 3),
+        lambda r, g, x: torch.where(r == 0, 0, torch.where(r == 2, g, g * (x / 3 + 0.5))).to(
+            g.dtype
+        ),
+        lambda g, x: _nearest(x, -3, 3),
+        decided=1,
+    ),
+    aten.hardsigmoid_backward.default: Piece(
+        lambda g, x: (x > -3) & (x < 3),
+        lambda r, g, x: torch.where(r, g / 6, 0).to(g.dtype),
+        lambda g, x: _nearest(x, -3, 3),
+        decided=1,
+    ),
+}
+# Ops whose output is the branch itself (comparisons feeding `where`, sign): the record
+# is the output; floating inputs only (integer comparisons are exact).
+_OUTPUT_IS_BRANCH = {
+    aten.gt.Scalar: _COMPARE,
+    aten.gt.Tensor: _COMPARE,
+    aten.lt.Scalar: _COMPARE,
+    aten.lt.Tensor: _COMPARE,
+    aten.ge.Scalar: _COMPARE,
+    aten.ge.Tensor: _COMPARE,
+    aten.le.Scalar: _COMPARE,
+    aten.le.Tensor: _COMPARE,
+    aten.sign.default: _SIGN,
+    aten.sgn.default: _SIGN,
+}
+PIECES.update(_OUTPUT_IS_BRANCH)
+
+# -- random draws ------------------------------------------------------------------------------
+
+_RANDOM_PACKETS = {
+    aten.bernoulli,
+    aten.bernoulli_,
+    aten.rand,
+    aten.rand_like,
+    aten.randn,
+    aten.randn_like,
+    aten.randint,
+    aten.randint_like,
+    aten.randperm,
+    aten.normal,
+    aten.normal_,
+    aten.uniform_,
+    aten.exponential_,
+    aten.geometric_,
+    aten.cauchy_,
+    aten.log_normal_,
+    aten.multinomial,
+    aten.random_,
+    aten.poisson,
+    aten.native_dropout,
+}
+RANDOM_OPS = {f"aten.{p.__name__}" for p in _RANDOM_PACKETS}
+
+Choices = list[tuple[str, torch.Tensor]]  # (record key, tensor) in call order
+Where = Callable[[], "tuple[str, int, int] | None"]  # (module, call index, call position)
+
+
+@dataclass
+class Differed:
+    """How one run's own decisions compared with the replayed ones, per op."""
+
+    calls: int = 0
+    choices: int = 0  # index or branch elements, or drawn elements
+    differed: int = 0  # of which the run would have decided otherwise
+    gap: float = 0.0  # largest distance of a differing choice, relative to the values' scale
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A kernel that contradicts its own decision (a dropout whose output is not its
+    input times the mask it returns, scaled by 1 / (1 - p)), where it ran."""
+
+    module: str
+    call: int
+    op: str
+    message: str
+
+    def row(self, isolated: bool) -> Row:
+        """The failing row this fault puts in a report."""
+        row = Row(self.module, self.call, "forward", self.op, "", [], isolated=isolated)
+        row.failed.append("kernel")
+        row.metrics["kernel"], row.limits["kernel"] = 1.0, 0.0
+        row.message = self.message
+        return row
+
+
+def is_random(key: str) -> bool:
+    """True for the record of a random draw (as opposed to an index or a branch)."""
+    return key.split("(", 1)[0].rsplit(".", 1)[0] in RANDOM_OPS
+
+
+class Decisions(TorchDispatchMode):
+    """Records the run's decisions, or replays `replay`'s (a recording's `log`).
+
+    One instance per run; enter it around the run's forward and backward. `where` tells
+    which module call is running (the capture's hooks), to name faults and to give each
+    record its owner (isolation replays a call's own random draws).
+    """
+
+    def __init__(self, replay: Choices | None = None, where: Where | None = None) -> None:
+        super().__init__()
+        self.replay = replay
+        self.where = where
+        self.log: Choices = []  # what this run went by: its own decisions or the replayed
+        self.owners: list[int | None] = []  # the call position that made each record
+        self.stats: dict[str, Differed] = {}
+        self.faults: list[Fault] = []
+        self.unmatched = 0  # calls that matched no record (other op or shape): own kept
+        self.ran: set[str] = set()  # every op the run dispatched (its kernels' kinds)
+        self._queues: dict[str, deque[torch.Tensor]] = {}
+        for key, t in replay or ():
+            self._queues.setdefault(key, deque()).append(t)
+
+    @property
+    def choices(self) -> Choices:
+        """The decisions this run went by, in call order (what another run replays)."""
+        return self.log
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ran.add(func.overloadpacket.__name__)
+        if func in INDEXING:
+            return self._indices(func, args, kwargs)
+        if func in PIECES and _floating(args[0]):
+            return self._branches(func, args, kwargs)
+        if func.overloadpacket in _RANDOM_PACKETS and not _seeded(func, args, kwargs):
+            return self._draw(func, args, kwargs)
+        return func(*args, **kwargs)
+
+    # -- the three kinds ------------------------------------------------------------------
+
+    def _indices(self, func, args, kwargs):
+        out = func(*args, **kwargs)
+        own = out if func in _INDICES_ONLY else out[1]
+        recorded = self._take(str(func), own.shape)
+        if recorded is None:
+            self._unmatched()
+            self._log(str(func), own.detach().clone())
+            return out
+        indices = recorded.to(own.device, copy=True)  # the caller may write into it in place
+        self._log(str(func), recorded)
+        if func in _INDICES_ONLY:
+            self._count(func, own, indices, None)
+            return indices
+        values = _gather(func, args, kwargs, indices)
+        self._count(func, own, indices, (out[0], values))
+        return (values, indices)
+
+    def _branches(self, func, args, kwargs):
+        piece = PIECES[func]
+        key = _key(func, args)
+        inplace = func._schema.is_mutable
+        own_branch = None if func in _OUTPUT_IS_BRANCH else piece.branch(*args, **kwargs)
+        recorded = self._take(key, None)
+        original = args[0].clone() if inplace and recorded is not None else None
+        out = func(*args, **kwargs)
+        if own_branch is None:
+            own_branch = out
+        if recorded is not None:
+            recorded = recorded.to(own_branch.device)
+        if recorded is None or recorded.shape != own_branch.shape:
+            self._unmatched()
+            # a branch computed here is ours; an op's own output goes to the caller too
+            own = own_branch.detach()
+            self._log(key, own.clone() if own_branch is out else own)
+            return out
+        self._log(key, recorded)
+        flips = own_branch != recorded
+        n = int(flips.sum())
+        self._tally(func, own_branch.numel(), n)
+        if not n:
+            return out
+        source = (original, *args[1:]) if inplace else args
+        self._gap(func, piece.gap(*source, **kwargs), flips, source[piece.decided])
+        fixed = piece.value(recorded, *source, **kwargs)
+        if func in _OUTPUT_IS_BRANCH:
+            fixed = fixed.to(out.dtype)
+        replayed = torch.where(flips, fixed, out)
+        if inplace:
+            return out.copy_(replayed)
+        return replayed
+
+    def _draw(self, func, args, kwargs):
+        key = _key(func, args)
+        out = func(*args, **kwargs)  # the run's own draw: its generator advances as usual
+        own = out[1] if func.overloadpacket is aten.native_dropout else out
+        recorded = self._take(key, own.shape)
+        if func.overloadpacket is aten.native_dropout and self.replay is not None:
+            self._check_dropout(func, args, out)
+        if recorded is None:
+            self._unmatched()
+            self._log(key, own.detach().clone())
+            return out
+        self._log(key, recorded)
+        self._tally(func, own.numel(), int((own.cpu() != recorded.cpu()).sum()))
+        if func.overloadpacket is aten.native_dropout:
+            x, p = args[0], args[1]
+            mask = recorded.to(device=own.device, dtype=own.dtype)
+            return (_dropped(x, mask, p), mask)
+        value = recorded.to(device=own.device, dtype=own.dtype)
+        if func._schema.is_mutable:
+            return out.copy_(value)
+        return value
+
+    # -- records --------------------------------------------------------------------------
+
+    def _take(self, key: str, shape) -> torch.Tensor | None:
+        """The next record of `key` (of `shape` when given), or None."""
+        queue = self._queues.get(key)
+        if not queue:
+            return None
+        recorded = queue.popleft()
+        return None if shape is not None and recorded.shape != shape else recorded
+
+    def _unmatched(self) -> None:
+        if self.replay is not None:
+            self.unmatched += 1
+
+    def _log(self, key: str, t: torch.Tensor) -> None:
+        self.log.append((key, t))
+        here = self.where() if self.where is not None else None
+        self.owners.append(None if here is None else here[2])
+
+    def _stat(self, func) -> Differed:
+        return self.stats.setdefault(func.overloadpacket.__name__, Differed())
+
+    def _tally(self, func, choices: int, differed: int) -> None:
+        s = self._stat(func)
+        s.calls += 1
+        s.choices += choices
+        s.differed += differed
+
+    def _gap(self, func, gap: torch.Tensor, flips: torch.Tensor, x: torch.Tensor) -> None:
+        scale = float(x.detach().abs().max()) or 1.0
+        s = self._stat(func)
+        s.gap = max(s.gap, float(gap.detach()[flips].max()) / scale)
+
+    def _count(self, func, own, replayed, values) -> None:
+        differ = int((own != replayed).sum())
+        self._tally(func, own.numel(), differ)
+        if differ and values is not None:
+            mine, theirs = (v.detach().double() for v in values)
+            scale = float(mine.abs().max()) or 1.0
+            s = self._stat(func)
+            s.gap = max(s.gap, float((mine - theirs).abs().max()) / scale)
+
+    def _check_dropout(self, func, args, out) -> None:
+        """A fused dropout kernel must return its input times its own mask / (1 - p)."""
+        x, p = args[0], args[1]
+        values, mask = out
+        expected = _dropped(x, mask.to(x.dtype), p)
+        bound = (expected.abs() * 4 * torch.finfo(x.dtype).eps).add_(torch.finfo(x.dtype).tiny)
+        bad = int(((values - expected).abs() > bound).sum())
+        if bad:
+            here = self.where() if self.where is not None else None
+            module, call = (here[0], here[1]) if here else ("", 0)
+            self.faults.append(
+                Fault(
+                    module,
+                    call,
+                    "native_dropout",
+                    f"dropout kernel: {bad} of {values.numel()} outputs are not input x mask "
+                    f"/ (1 - p) for the mask it returned (p = {p})",
+                )
+            )
+
+    def summary(self) -> str:
+        """One line: the decisions this run would have made otherwise; '' if none."""
+        parts = [
+            f"{name} {s.differed} of {s.choices} (values {s.gap:.2g} apart)"
+            for name, s in sorted(self.stats.items())
+            if s.differed
+        ]
+        if self.unmatched:
+            parts.append(f"{self.unmatched} calls not matched, their own decision kept")
+        return "; ".join(parts)
+
+
+def _floating(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
+def _seeded(func, args: tuple, kwargs: dict) -> bool:
+    """True when the draw comes from an explicit torch.Generator (reproducible by seed)."""
+    if isinstance(kwargs.get("generator"), torch.Generator):
+        return True
+    return any(isinstance(a, torch.Generator) for a in args)
+
+
+def _key(func, args: tuple) -> str:
+    """A record's identity: the op and its scalar arguments (a threshold, a slope, p)."""
+    scalars = [repr(a) for a in args if isinstance(a, (bool, int, float))]
+    return f"{func}({','.join(scalars)})" if scalars else str(func)
+
+
+def _dropped(x: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    scale = 1.0 / (1.0 - p) if p < 1 else 0.0
+    return x * mask * scale
+
+
+def note(role: str, summary: str) -> str:
+    """The report's note on a run that replayed choices it would have made otherwise."""
+    return (
+        f"the {role} would have made some discrete choices (indices, branches, random draws) "
+        f"otherwise: {summary}; it used the reference's (align.numerics.decisions)"
+    )
+
+
+def _argument(func, args: tuple, kwargs: dict, name: str) -> Any:
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.name == name:
+            if i < len(args):
+                return args[i]
+            return kwargs.get(name, arg.default_value)
+    raise KeyError(name)
+
+
+def _gather(func, args: tuple, kwargs: dict, indices: torch.Tensor) -> torch.Tensor:
+    """The op's values at `indices`, taken from its own input."""
+    source = args[0]
+    if func in _POOLS:
+        n = _POOLS[func]
+        flat = source.flatten(start_dim=-n)
+        return flat.gather(-1, indices.flatten(start_dim=-n)).view(indices.shape)
+    dim = _argument(func, args, kwargs, "dim")
+    dim = dim % max(source.dim(), 1)
+    index = indices if indices.dim() == source.dim() else indices.unsqueeze(dim)
+    values = source.gather(dim, index)
+    return values if indices.dim() == source.dim() else values.squeeze(dim)

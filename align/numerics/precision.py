@@ -1,0 +1,170 @@
+"""Precision policies: how a model and its inputs are cast and autocast on a device.
+
+fp32, amp-fp16 / amp-bf16 (autocast; fp16 trains with dynamic loss scaling), o2-fp16
+(apex-O2 style: half model with fp32 norm layers, fp32 master weights in training), and
+the internal `fp64` used for golden runs. Aliases: O1 = amp-fp16, O2 = o2-fp16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from align.numerics.names import DEFAULT_K, canonical_precision
+
+NORMS = (
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+)
+
+# Unit roundoff of each dtype: the scale of one rounding error, used for floors.
+UNIT_ROUNDOFF = {
+    torch.float64: 2.0**-53,
+    torch.float32: 2.0**-24,
+    torch.bfloat16: 2.0**-8,
+    torch.float16: 2.0**-11,
+}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One precision policy. `default_k` is the error multiplier its verdict allows."""
+
+    name: str
+    autocast_dtype: torch.dtype | None = None
+    model_dtype: torch.dtype | None = None  # cast parameters (norms stay fp32 for o2)
+    # Fixed loss scale for forward/backward checks so fp16 gradients do not underflow.
+    check_loss_scale: float = 1.0
+
+    @property
+    def default_k(self) -> float:
+        """The error multiplier its verdict allows by default (align.numerics.names)."""
+        return DEFAULT_K[self.name]
+
+    @property
+    def low_precision(self) -> torch.dtype:
+        return self.autocast_dtype or self.model_dtype or torch.float32
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Cast `model` in place (callers pass a private copy)."""
+        if self.model_dtype is None:
+            return model
+        model.to(self.model_dtype)
+        if self.name == "o2-fp16":
+            for module in model.modules():
+                if isinstance(module, NORMS):
+                    module.float()
+        return model
+
+    def cast_inputs(self, inputs, device: torch.device):
+        """Inputs on `device`; floating tensors cast to the model dtype where it is cast."""
+        dtype = self.model_dtype
+
+        def cast(x):
+            if not isinstance(x, torch.Tensor):
+                return x
+            if dtype is not None and x.is_floating_point():
+                return x.to(device=device, dtype=dtype, copy=True)
+            return x.to(device=device, copy=True)
+
+        return tree_map(cast, inputs)
+
+    def autocast(self, device: torch.device):
+        """The autocast context for this policy on `device` (a no-op without autocast)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+
+POLICIES = {
+    "fp32": Policy("fp32"),
+    "amp-fp16": Policy(
+        "amp-fp16",
+        autocast_dtype=torch.float16,
+        check_loss_scale=2.0**12,
+    ),
+    "amp-bf16": Policy("amp-bf16", autocast_dtype=torch.bfloat16),
+    "o2-fp16": Policy("o2-fp16", model_dtype=torch.float16, check_loss_scale=2.0**12),
+    "fp64": Policy("fp64", model_dtype=torch.float64),
+}
+
+
+def get_policy(name: str) -> Policy:
+    """The policy called `name` (case-insensitive; O1/O2 aliases accepted)."""
+    return POLICIES[canonical_precision(name, golden=True)]
+
+
+# Relative error a correct kernel may show even where the reference is exact. Summation
+# order alone moves an fp32 reduction of n terms by ~u*sqrt(n) of the sum of magnitudes,
+# and gradient sums cancel: BatchNorm parameter gradients of a channels_last run were
+# measured 6e-6 off where the contiguous reference was 1.3e-6 off. 1e-5 stays 30x below
+# the faults align must catch (0.03% and up). A low-precision result is dominated by
+# one rounding of its own output.
+ERROR_FLOOR = {
+    torch.float64: 1e-13,
+    torch.float32: 1e-5,
+    torch.bfloat16: 4e-3,
+    torch.float16: 1e-3,
+}
+
+
+# How far an honest kernel may be from the exact result, in roundings (unit roundoffs of
+# its dtype, about `ERROR_FLOOR`): the accuracy vendors document. Arithmetic and
+# conversions are correctly rounded (IEEE 754-2019 section 4.3: half an ulp, one
+# rounding). Transcendental functions are not: the CUDA C++ Programming Guide's
+# "Mathematical Functions" appendix gives expf, logf, tanhf, erff, rsqrtf 2 ulp (the fast
+# intrinsics more), and 2 ulp are 4 roundings. Reductions (convolutions, matmuls, norms,
+# sums, average pools) may sum in any order: their output is one rounding away from the
+# sum the kernel formed, and the order adds about as much again on well-conditioned sums
+# (Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed., section 4.2); an
+# ill-conditioned sum is measured by the reference's own error and its honest draws.
+# Used twice: as the floor of an isolated module (`kernel_accuracy`), and as the size of
+# each op's nudge in an honest draw (align.numerics.jitter), which then stands for another honest
+# device rather than for the reference's own rounding.
+KERNEL_ACCURACY = {"arithmetic": 1.0, "reduction": 2.0, "transcendental": 4.0}
+TRANSCENDENTAL_OPS = frozenset(
+    """exp exp2 expm1 log log1p log2 log10 pow sigmoid sigmoid_backward silu silu_backward
+    gelu gelu_backward tanh tanh_backward erf erfc erfinv mish mish_backward softplus
+    softplus_backward elu elu_backward _softmax _softmax_backward_data _log_softmax
+    _log_softmax_backward_data rsqrt sin cos tan asin acos atan sinh cosh
+    _scaled_dot_product_flash_attention_for_cpu _scaled_dot_product_efficient_attention
+    _scaled_dot_product_flash_attention""".split()
+)
+REDUCTION_OPS = frozenset(
+    """convolution convolution_backward mm addmm bmm baddbmm dot mv sum mean var std
+    var_mean native_batch_norm native_batch_norm_backward _native_batch_norm_legit
+    _native_batch_norm_legit_no_training batch_norm_backward native_layer_norm
+    native_layer_norm_backward native_group_norm native_group_norm_backward
+    avg_pool2d avg_pool2d_backward _adaptive_avg_pool2d _adaptive_avg_pool2d_backward
+    avg_pool3d adaptive_avg_pool3d cumsum linalg_vector_norm norm""".split()
+)
+
+
+def op_accuracy(op: str) -> float:
+    """The documented accuracy, in roundings, of the aten op (overload packet) `op`."""
+    if op in TRANSCENDENTAL_OPS:
+        return KERNEL_ACCURACY["transcendental"]
+    if op in REDUCTION_OPS:
+        return KERNEL_ACCURACY["reduction"]
+    return KERNEL_ACCURACY["arithmetic"]
+
+
+def kernel_accuracy(ops: set[str]) -> float:
+    """The documented accuracy, in roundings, of a computation that ran these aten ops."""
+    return max((op_accuracy(op) for op in ops), default=KERNEL_ACCURACY["arithmetic"])
+
+
+def error_floor(dtype: torch.dtype) -> float:
+    """Relative error floor of a floating dtype (fp32's for anything unknown)."""
+    return ERROR_FLOOR.get(dtype, ERROR_FLOOR[torch.float32])
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Unit roundoff of a floating dtype (fp32's for anything unknown)."""
+    return UNIT_ROUNDOFF.get(dtype, UNIT_ROUNDOFF[torch.float32])

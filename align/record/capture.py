@@ -1,0 +1,503 @@
+"""Capture: run a private copy of a model and record every module call.
+
+Forward pre-hooks record what each module receives, forward hooks what it returns; tensor
+hooks on those outputs record the gradient of each output (tensor hooks, not full
+backward hooks, which raise on the in-place activations timm and torchvision use; a hook
+registered before an in-place op receives the gradient of the value it saw). To get the
+gradient each module passes back to *its own* inputs, the pre-hook hands the module an
+alias of each input that requires grad (`_Tap`) and hooks that alias. Every module is hooked, leaf
+or not, so containers that compute (timm's BatchNormAct2d, a residual block's add) are
+recorded too; a tensor shared by several records is stored once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import time
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from align.errors import AlignError
+from align.numerics.decisions import Choices, Decisions
+from align.numerics.emulate import parse_emulation
+from align.numerics.jitter import Jitter
+from align.numerics.precision import Policy, get_policy
+from align.record.trace import Call, Trace
+from align.runtime import environment
+from align.runtime.devices import resolve
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+@dataclass
+class CallSpec:
+    """What is needed to call a module again with recorded tensors (kept in memory only)."""
+
+    in_spec: Any
+    in_leaves: list[Any]  # non-tensor leaves of (args, kwargs); None where a tensor was
+    out_spec: Any = None
+    out_leaves: list[Any] = field(default_factory=list)
+
+
+class _Tap(torch.autograd.Function):
+    """Identity whose output aliases its input without being an autograd view.
+
+    A hook on a view is lost when an in-place op (ReLU(inplace=True)) rewrites the view's
+    history; a hook on this alias survives. The alias shares the version counter, so
+    autograd still catches in-place misuse exactly as it would without the tap.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def _content_key(t: torch.Tensor) -> tuple:
+    """Identifies a tensor's current contents: same storage view at the same version."""
+    return (
+        t.untyped_storage().data_ptr(),
+        t.storage_offset(),
+        tuple(t.shape),
+        tuple(t.stride()),
+        t.dtype,
+        t.device,
+        t._version,
+    )
+
+
+class Recorder:
+    """Hooks on every module of one model; fills a Trace while the model runs."""
+
+    def __init__(self, model: nn.Module, backward: bool):
+        self.backward = backward
+        self.trace = Trace(calls=[], tensors={})
+        self.specs: dict[int, CallSpec] = {}
+        self._stack: list[int] = []
+        self._counts: dict[str, int] = {}
+        self._seen: dict[tuple, tuple[torch.Tensor, str]] = {}
+        self._grads: dict[int, tuple[torch.Tensor, str]] = {}
+        self._handles = []
+        for name, module in model.named_modules():
+            self._handles.append(
+                module.register_forward_pre_hook(partial(self._pre, name), with_kwargs=True)
+            )
+            self._handles.append(
+                module.register_forward_hook(partial(self._post, name), with_kwargs=True)
+            )
+
+    def current(self) -> tuple[str, int, int] | None:
+        """(module, call index, position) of the innermost module call running now."""
+        if not self._stack:
+            return None
+        call = self.trace.calls[self._stack[-1]]
+        return call.module, call.index, self._stack[-1]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def release(self) -> None:
+        """Drop the live tensors kept for dedup: their autograd graphs hold hooks that point
+        back here, a cycle through C++ that Python's gc cannot free (a leak per run)."""
+        self._seen.clear()
+        self._grads.clear()
+
+    def store(self, t: torch.Tensor) -> str:
+        """Key of a snapshot of `t`; the same contents are stored once."""
+        content = _content_key(t)
+        hit = self._seen.get(content)
+        if hit is not None:
+            return hit[1]
+        key = f"t{len(self.trace.tensors)}"
+        self.trace.tensors[key] = t.detach().clone()
+        self._seen[content] = (t, key)  # keeps `t` alive so its storage is not reused
+        return key
+
+    def _store_grad(self, grad: torch.Tensor) -> str:
+        hit = self._grads.get(id(grad))
+        if hit is not None and hit[0] is grad:
+            return hit[1]
+        key = f"t{len(self.trace.tensors)}"
+        self.trace.tensors[key] = grad.detach().clone()
+        self._grads[id(grad)] = (grad, key)
+        return key
+
+    def _pre(self, name: str, module: nn.Module, args: tuple, kwargs: dict):
+        pos = len(self.trace.calls)
+        parent = self._stack[-1] if self._stack else None
+        index = self._counts.get(name, 0)
+        self._counts[name] = index + 1
+        leaves, spec = tree_flatten((args, kwargs))
+        keys: list[str | None] = []
+        fed: list[Any] = []
+        tapped = False
+        for i, leaf in enumerate(leaves):
+            if not isinstance(leaf, torch.Tensor):
+                keys.append(None)
+                fed.append(leaf)
+                continue
+            keys.append(self.store(leaf))
+            if self.backward and leaf.requires_grad:
+                leaf = _Tap.apply(leaf)
+                leaf.register_hook(partial(_weakly, weakref.ref(self), "_grad_in", pos, i))
+                tapped = True
+            fed.append(leaf)
+        call = Call(name, index, type(module).__name__, parent, inputs=keys)
+        call.grad_inputs = [None] * len(keys)
+        self.trace.calls.append(call)
+        self.specs[pos] = CallSpec(
+            spec, [None if isinstance(x, torch.Tensor) else x for x in leaves]
+        )
+        self._stack.append(pos)
+        if tapped:
+            return tree_unflatten(fed, spec)
+        return None
+
+    def _post(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: Any):
+        pos = self._stack.pop()
+        self.trace.forward_order.append(pos)
+        call = self.trace.calls[pos]
+        leaves, spec = tree_flatten(output)
+        keys: list[str | None] = []
+        for i, leaf in enumerate(leaves):
+            if not isinstance(leaf, torch.Tensor):
+                keys.append(None)
+                continue
+            keys.append(self.store(leaf))
+            if self.backward and leaf.requires_grad:
+                leaf.register_hook(partial(_weakly, weakref.ref(self), "_grad_out", pos, i))
+        call.outputs = keys
+        call.grad_outputs = [None] * len(keys)
+        self.specs[pos].out_spec = spec
+        self.specs[pos].out_leaves = [None if isinstance(x, torch.Tensor) else x for x in leaves]
+
+    def _mark(self, pos: int) -> None:
+        call = self.trace.calls[pos]
+        if all(k is None for k in call.grad_outputs + call.grad_inputs):
+            self.trace.backward_order.append(pos)
+
+    def _grad_out(self, pos: int, i: int, grad: torch.Tensor) -> None:
+        self._mark(pos)
+        self.trace.backward_events.append((pos, "grad_outputs", i))
+        self.trace.calls[pos].grad_outputs[i] = self._store_grad(grad)
+
+    def _grad_in(self, pos: int, i: int, grad: torch.Tensor) -> None:
+        self._mark(pos)
+        self.trace.backward_events.append((pos, "grad_inputs", i))
+        self.trace.calls[pos].grad_inputs[i] = self._store_grad(grad)
+
+
+def _weakly(recorder: weakref.ref, method: str, pos: int, i: int, grad: torch.Tensor) -> None:
+    """A tensor hook that reaches its Recorder through a weak reference: a model that keeps
+    a graph alive after the run (torchvision's detectors keep their batched ImageList)
+    would otherwise keep the Recorder, and every tensor it recorded, alive with it."""
+    alive = recorder()
+    if alive is not None:
+        getattr(alive, method)(pos, i, grad)
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Call `model` the way align feeds inputs: tuple -> *args, dict -> **kwargs."""
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(inputs)
+
+
+def projection_loss(seed: int) -> LossFn:
+    """Default loss: every floating output dotted with fixed seeded random weights.
+
+    Device- and dtype-agnostic (the weights are drawn in float64 on the CPU), so every
+    run of a check gets the same loss and non-trivial gradients everywhere.
+    """
+
+    def loss(output: Any, inputs: Any) -> torch.Tensor:
+        leaves = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+        floats = [t for t in leaves if t.is_floating_point()]
+        if not floats:
+            raise AlignError("the model returned no floating tensor to take a loss of")
+        total = 0
+        for i, t in enumerate(floats):
+            gen = torch.Generator().manual_seed(seed * 1000 + i)
+            w = torch.randn(t.shape, generator=gen, dtype=torch.float64) / max(t.numel(), 1) ** 0.5
+            acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+            total = total + (t.to(acc) * w.to(device=t.device, dtype=acc)).sum()
+        return total
+
+    return loss
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)  # seeds the CPU and every accelerator generator
+
+
+def numerics(
+    policy: Policy,
+    device: torch.device,
+    emulation: Any = None,
+    autocast: bool = True,
+    native_kernels: bool = False,
+    jitter: int | None = None,
+) -> contextlib.ExitStack:
+    """Emulated number formats (or float64 kept), then the policy's autocast.
+
+    `native_kernels` turns oneDNN off, so CPU convolutions run ATen's own kernels: another
+    kernel library with another summation order, as a device's would be. `jitter` (a
+    seed) makes this an honest draw of the run's rounding noise (align.numerics.jitter).
+    """
+    stack = contextlib.ExitStack()
+    if native_kernels:
+        stack.enter_context(warnings.catch_warnings())  # oneDNN's TF32-on-XPU notice
+        warnings.simplefilter("ignore", UserWarning)
+        stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
+    if emulation is not None:
+        stack.enter_context(emulation.mode())
+    if policy.name == "fp64":
+        stack.enter_context(KeepFloat64())
+    if autocast:
+        stack.enter_context(policy.autocast(device))
+    if jitter is not None:
+        stack.enter_context(Jitter(jitter))
+    return stack
+
+
+class KeepFloat64(TorchDispatchMode):
+    """Keeps a golden run in float64: casts and factories asking for a lower float dtype
+    (a loss that calls `.float()`, a model that builds anchors in float32) get float64."""
+
+    LOWER = (torch.float32, torch.float16, torch.bfloat16)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if kwargs.get("dtype") in self.LOWER:
+            kwargs = {**kwargs, "dtype": torch.float64}
+        return func(*args, **kwargs)
+
+
+@dataclass
+class Run:
+    """A prepared private copy of a model, how it was run, and what it recorded."""
+
+    model: nn.Module
+    device: torch.device
+    policy: Policy
+    trace: Trace
+    specs: dict[int, CallSpec]
+    emulation: Any = None  # align.numerics.emulate.Emulation or None
+    native_kernels: bool = False
+    loss_scale: float = 1.0
+    seed: int = 0
+    jitter: int | None = (
+        None  # the seed of an honest draw (align.numerics.jitter), None for a plain run
+    )
+    decisions: Decisions | None = None  # its discrete choices (align.numerics.decisions)
+
+    def numerics(self, autocast: bool = True) -> contextlib.ExitStack:
+        """Context for running code as this run did."""
+        return numerics(
+            self.policy, self.device, self.emulation, autocast, self.native_kernels, self.jitter
+        )
+
+    def draw(self, n: int) -> Run:
+        """This run's n-th honest draw: the same model and record, rounding jittered."""
+        return dataclasses.replace(self, jitter=_jitter_seed(self.seed, n))
+
+    def place(self, t: torch.Tensor) -> torch.Tensor:
+        """A private copy of a recorded tensor on this run's device (float64 if golden)."""
+        dtype = torch.float64 if self.policy.name == "fp64" and t.is_floating_point() else None
+        return t.to(device=self.device, dtype=dtype, copy=True)
+
+
+def _jitter_seed(seed: int, n: int) -> int:
+    return seed * 1000 + n + 1
+
+
+def honest_draw(
+    model: nn.Module,
+    inputs: Any,
+    run: Run,
+    k: int,
+    *,
+    loss_fn: LossFn | None,
+    grad_inputs: Callable[[Any], Any] | None = None,
+) -> Trace:
+    """Honest draw k of `run` (align.numerics.jitter): the same model, inputs, numerics and
+    decisions, with every rounding jittered; a whole run of its own."""
+    return run_model(
+        model,
+        inputs,
+        device=run.device,
+        policy=run.policy,
+        backward=run.trace.meta["backward"],
+        loss_fn=loss_fn,
+        seed=run.seed,
+        loss_scale=run.loss_scale,
+        emulation=run.emulation,
+        native_kernels=run.native_kernels,
+        jitter=_jitter_seed(run.seed, k),
+        grad_inputs=grad_inputs,
+        replay=run.decisions.choices,
+    ).trace
+
+
+def prepare(model: nn.Module, device: torch.device, policy: Policy) -> nn.Module:
+    """A private copy of `model` on `device` cast by `policy` (the caller's is untouched)."""
+    private = copy.deepcopy(model)
+    policy.prepare(private)
+    return private.to(device)
+
+
+def run_model(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    device: torch.device,
+    policy: Policy,
+    backward: bool,
+    loss_fn: LossFn | None,
+    seed: int,
+    loss_scale: float = 1.0,
+    emulation: Any = None,
+    native_kernels: bool = False,
+    jitter: int | None = None,
+    grad_inputs: Callable[[Any], Any] | None = None,
+    replay: Choices | None = None,
+) -> Run:
+    """Run a private copy of `model` once (forward, loss, backward) with every hook on.
+
+    Backward differentiates every floating input, or only those `grad_inputs(inputs)`
+    returns (a detector's images, not its target boxes). The run's discrete choices (sort,
+    max-pool indices) are recorded in `run.decisions`, or are `replay`'s (align.numerics.decisions).
+    """
+    private = prepare(model, device, policy)
+    run = Run(
+        private,
+        device,
+        policy,
+        Trace([], {}),
+        {},
+        emulation,
+        native_kernels,
+        loss_scale,
+        seed,
+        jitter,
+        Decisions(replay),
+    )
+    x = policy.cast_inputs(inputs, device)
+    if backward:
+        tree_map(
+            lambda t: (
+                t.requires_grad_(True)
+                if isinstance(t, torch.Tensor) and t.is_floating_point()
+                else t
+            ),
+            grad_inputs(x) if grad_inputs is not None else x,
+        )
+    loss_fn = loss_fn or projection_loss(seed)
+    recorder = Recorder(private, backward)
+    run.decisions.where = recorder.current
+    started = time.perf_counter()
+    try:
+        _seed_all(seed)
+        with run.decisions, run.numerics():
+            output = call_model(private, x)
+        recorder.remove()  # the loss is not a module call
+        loss = None
+        if backward:
+            with run.decisions, run.numerics(autocast=False):
+                loss = loss_fn(output, x)
+                (loss * loss_scale).backward()
+            for name, param in private.named_parameters():
+                if param.grad is not None:
+                    recorder.trace.param_grads[name] = recorder._store_grad(param.grad)
+    finally:
+        recorder.remove()
+        recorder.release()
+    trace = recorder.trace
+    trace.decisions = run.decisions.choices
+    trace.meta = {
+        "device": str(device),
+        "precision": policy.name,
+        "seed": seed,
+        "loss": None if loss is None else float(loss.detach().float()),
+        "loss_scale": loss_scale,
+        "emulate": None if emulation is None else emulation.name,
+        "native_kernels": native_kernels,
+        "jitter": jitter,
+        "decisions": "replayed" if replay is not None else "own",
+        "decisions_differed": run.decisions.summary(),
+        "model": type(model).__name__,
+        "backward": backward,
+        "seconds": time.perf_counter() - started,
+        "environment": environment.record({"run": str(device)}),
+    }
+    run.trace, run.specs = trace, recorder.specs
+    return run
+
+
+def capture(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    device: str = "cpu",
+    precision: str = "fp32",
+    backward: bool = True,
+    loss_fn: LossFn | None = None,
+    seed: int = 0,
+    emulate: str | None = None,
+    draws: int = 0,
+    grad_inputs: Callable[[Any], Any] | None = None,
+    decisions_of: Trace | None = None,
+) -> Trace:
+    """Record every module call of one run of `model` on `device` under `precision`.
+
+    Save it with `trace.save(dir)` and compare it elsewhere with `align.compare`. A
+    reference dump should carry `draws` honest draws (align.numerics.jitter, 2 is plenty): the
+    comparison then scales its limits by the largest of their errors. Target and golden
+    dumps should take the reference dump's discrete choices (`decisions_of`, see
+    align.numerics.decisions), so that near-ties are judged by the same choice on every side.
+    """
+
+    policy = get_policy(precision)
+    run = run_model(
+        model,
+        inputs,
+        device=resolve(device),
+        policy=policy,
+        backward=backward,
+        loss_fn=loss_fn,
+        seed=seed,
+        loss_scale=policy.check_loss_scale,
+        emulation=_emulation(emulate),
+        grad_inputs=grad_inputs,
+        replay=None if decisions_of is None else decisions_of.decisions,
+    )
+    run.trace.draws = [
+        honest_draw(model, inputs, run, k, loss_fn=loss_fn, grad_inputs=grad_inputs)
+        for k in range(draws)
+    ]
+    return run.trace
+
+
+def _emulation(spec: str | None):
+    if not spec:
+        return None
+
+    return parse_emulation(spec)

@@ -1,0 +1,361 @@
+"""The public entry points: align.check, align.capture, align.compare."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from align.errors import AlignError
+from align.judge import msprobe_dumps
+from align.judge import steps as loop_steps
+from align.judge.comparison import compare_traces
+from align.judge.isolation import isolate
+from align.judge.report import Report
+from align.judge.sensitivity import emulation_sensitivity
+from align.judge.traces import IDENTICAL, identical, judge_traces, no_signal_notes, require_judged
+from align.judge.training import TrainOptions, require_steps, short_train
+from align.numerics import decisions
+from align.numerics.emulate import parse_emulation
+from align.numerics.jitter import Pool
+from align.numerics.names import parse_phases
+from align.numerics.precision import Policy, get_policy
+from align.numerics.verdict import Tolerance, as_tolerance
+from align.record.capture import LossFn, Run, capture, honest_draw, run_model
+from align.record.loop import is_dump as is_loop_dump
+from align.record.msprobe import is_msprobe_dump
+from align.record.readers import load_trace
+from align.record.trace import Trace
+from align.runtime import environment
+from align.runtime.devices import resolve
+from align.zoo.models import resolve_model
+
+__all__ = ["check", "capture", "compare"]
+
+log = logging.getLogger(__name__)  # stage lines; the command line shows them on stderr
+
+
+def _device_numerics(device: torch.device, policy: Policy) -> str | None:
+    """The reduced-precision math a real device applies in fp32 (HF32/TF32), as switches."""
+    if policy.name != "fp32":
+        return None
+    flags = environment.numerics_flags()
+    switches = []
+    if device.type == "npu":
+        switches += ["hf32-conv"] if flags.get("npu.conv.allow_hf32") else []
+        switches += ["hf32-matmul"] if flags.get("npu.matmul.allow_hf32") else []
+    elif device.type == "cuda":
+        switches += ["tf32-conv"] if flags["cudnn.allow_tf32"] else []
+        switches += ["tf32-matmul"] if flags["cuda.matmul.allow_tf32"] else []
+    return ",".join(switches) or None
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """How `align.check` runs, beyond the model, its inputs, the devices, the precision,
+    the phases and the tolerance. Each field can also be passed to `check` by name."""
+
+    steps: int = 5  # optimizer steps of the "train" phase
+    emulate: str | None = None  # a CPU target emulating a device's numerics (npu-fp32, ...)
+    name_map: dict[str, str | None] | None = None  # target module -> reference's (None: skip)
+    isolate_modules: bool = True  # re-run failing modules alone to name the culprits
+    sensitivity: bool = False  # with emulate: rank layers by the harm of the emulated format
+    draws: int = 2  # most honest draws of the reference made when a tensor fails (0: none)
+    batch: int | None = None  # batch size of a named case's inputs (its default otherwise)
+    image_size: int | None = None  # image size of a named case's inputs
+    train_options: TrainOptions | None = None  # how the "train" phase trains (recipe's SGD)
+    target_train_options: TrainOptions | None = None  # the target's (default: the same)
+
+
+def check(
+    model: nn.Module | str,
+    inputs: Any = None,
+    *,
+    target_model: nn.Module | None = None,
+    reference: str = "cpu",
+    target: str = "auto",
+    precision: str = "fp32",
+    phases: Any = ("forward", "backward"),
+    loss_fn: LossFn | None = None,
+    seed: int = 0,
+    tolerance: Tolerance | dict | None = None,
+    options: CheckOptions | None = None,
+    **option_fields: Any,
+) -> Report:
+    """Run `model` on the reference, the target and a float64 golden, and judge the target.
+
+    Args:
+        model: an nn.Module, or a registered case / timm model name (then `inputs`, the
+            loss and the tolerances come from the case).
+        inputs: a tensor, a tuple or a dict of them (None for a named case).
+        target_model: a second implementation (a ported model) run on the target instead
+            of a copy of `model`, compared module by module.
+        reference, target: devices ("cpu", "cuda", "npu:1", "auto": the best present).
+        precision: fp32, amp-fp16, amp-bf16, o2-fp16 (aliases O1, O2, bf16).
+        phases: any of "forward", "backward", "train" (a short training), or a comma list.
+        loss_fn: loss(output, inputs) for backward and training; None: align's default.
+        seed: seeds the runs (and a named case's inputs).
+        tolerance: a Tolerance or {"k", "floor"}; None: the case's golden file, else the
+            precision's default k.
+        options: a CheckOptions for the rest; its fields may also be given by name
+            (`check(model, x, steps=3)` is `check(model, x, options=CheckOptions(steps=3))`).
+
+    A CPU target with `emulate` emulates a device's number formats (align.numerics.emulate);
+    the reference then runs at the same precision and the target with oneDNN off, so it
+    differs as a device's kernels would.
+    """
+    options = _options(options, option_fields)
+    started = time.perf_counter()
+    phases = parse_phases(phases)
+    if "train" in phases:
+        require_steps(options.steps)
+    policy = get_policy(precision)
+    resolved = resolve_model(model, inputs, loss_fn, seed, options.batch, options.image_size)
+    tol = as_tolerance(
+        tolerance if tolerance is not None else resolved.tolerance(phases, policy.name), policy
+    )
+    ref_dev, tgt_dev = resolve(reference), resolve(target)
+    target_numerics = options.emulate
+    if options.emulate and tgt_dev.type != "cpu":
+        raise AlignError(f"--emulate is for a CPU target; the target here is {tgt_dev}")
+    if not options.emulate:
+        target_numerics = _device_numerics(tgt_dev, policy)
+    emulation = _parse(target_numerics)
+    meta: dict[str, Any] = {
+        "case": resolved.case,
+        "model": resolved.label,
+        "phases": list(phases),
+        "precision": policy.name,
+        "reference": str(ref_dev),
+        "target": str(tgt_dev),
+        "emulate": options.emulate or None,
+        "reference_numerics": target_numerics,
+        "seed": seed,
+        "tolerance": vars(tol),
+    }
+    report = Report(meta=meta)
+    if emulation is not None:
+        report.notes.append(f"the reference runs at the target's precision: {emulation.describe()}")
+    timings: dict[str, float] = {}
+    grad = "backward" in phases
+    if grad or "forward" in phases:
+        common = dict(
+            policy=policy,
+            backward=grad,
+            loss_fn=resolved.loss_fn,
+            seed=seed,
+            loss_scale=policy.check_loss_scale,
+            emulation=emulation,
+            grad_inputs=resolved.grad_inputs,
+        )
+        t0 = time.perf_counter()
+        log.info("reference run: %s on %s at %s", resolved.label, ref_dev, policy.name)
+        ref_run = run_model(resolved.model, resolved.inputs, device=ref_dev, **common)
+        timings["reference"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        log.info(
+            "target run on %s%s",
+            tgt_dev,
+            f" emulating {options.emulate}" if options.emulate else "",
+        )
+        tgt_run = run_model(
+            target_model if target_model is not None else resolved.model,
+            resolved.inputs,
+            device=tgt_dev,
+            native_kernels=bool(options.emulate),
+            replay=ref_run.decisions.choices,
+            **common,
+        )
+        timings["target"] = time.perf_counter() - t0
+        report.rows += [fault.row(isolated=False) for fault in tgt_run.decisions.faults]
+        if identical(ref_run.trace, tgt_run.trace):
+            report.notes.append(IDENTICAL)
+        else:
+            _judge_runs(
+                report,
+                resolved,
+                ref_run,
+                tgt_run,
+                phases,
+                tol,
+                policy,
+                options,
+                timings,
+            )
+    if "train" in phases:
+        t0 = time.perf_counter()
+        log.info(
+            "short training: %d steps on the reference, the target and the golden", options.steps
+        )
+        report.train = short_train(
+            resolved,
+            target_model=target_model,
+            reference=ref_dev,
+            target=tgt_dev,
+            policy=policy,
+            steps=options.steps,
+            seed=seed,
+            tol=tol,
+            emulation=emulation,
+            native_kernels=bool(options.emulate),
+            options=options.train_options,
+            target_options=options.target_train_options,
+        )
+        timings["train"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - started
+    log.info("done in %.0f s", timings["total"])
+    meta["timings"] = timings
+    meta["environment"] = environment.record(
+        {"reference": str(ref_dev), "target": str(tgt_dev), "golden": "cpu float64"}
+    )
+    meta["command"] = resolved.command(phases, policy.name, reference, target, options.emulate)
+    return report
+
+
+def _judge_runs(
+    report: Report,
+    resolved: Any,
+    ref_run: Run,
+    tgt_run: Run,
+    phases: tuple[str, ...],
+    tol: Tolerance,
+    policy: Policy,
+    options: CheckOptions,
+    timings: dict[str, float],
+) -> None:
+    backward = "backward" in phases
+    t0 = time.perf_counter()
+    log.info("golden run: float64 on cpu")
+    gold_run = run_model(
+        resolved.model,
+        resolved.inputs,
+        device=torch.device("cpu"),
+        policy=get_policy("fp64"),
+        backward=backward,
+        loss_fn=resolved.loss_fn,
+        seed=ref_run.seed,
+        loss_scale=ref_run.loss_scale,
+        grad_inputs=resolved.grad_inputs,
+        replay=ref_run.decisions.choices,
+    )
+    timings["golden"] = time.perf_counter() - t0
+    for who, run in (("target", tgt_run), ("golden", gold_run)):
+        if summary := run.decisions.summary():
+            report.notes.append(decisions.note(who, summary))
+
+    def draw_trace(k: int) -> Trace:
+        t0 = time.perf_counter()
+        log.info("honest draw %d of the reference (tensors fail against its error)", k + 1)
+        made = honest_draw(
+            resolved.model,
+            resolved.inputs,
+            ref_run,
+            k,
+            loss_fn=resolved.loss_fn,
+            grad_inputs=resolved.grad_inputs,
+        )
+        timings["draws"] = timings.get("draws", 0.0) + time.perf_counter() - t0
+        return made
+
+    draw_traces = Pool(draw_trace, options.draws)
+    strict = policy.name == "fp32"
+    t0 = time.perf_counter()
+    log.info("comparison of the target with the golden, relative to the reference")
+    report.rows += compare_traces(
+        ref_run.trace,
+        tgt_run.trace,
+        gold_run.trace,
+        tol=tol,
+        phases=phases,
+        strict_dtype=strict,
+        name_map=options.name_map,
+        draws=draw_traces,
+    )
+    require_judged(report.rows, phases)
+    timings["compare"] = time.perf_counter() - t0 - timings.get("draws", 0.0)
+    report.notes += no_signal_notes(report.rows)
+    if "draws" in timings:
+        report.notes.append(
+            f"tensors failing against the reference's error were judged again against the "
+            f"largest of the reference's and {len(draw_traces.made)} honest draws' "
+            f"(align.numerics.jitter)"
+        )
+    if options.isolate_modules:
+        t0 = time.perf_counter()
+        log.info("isolation: %d module calls re-run alone", len(ref_run.trace.calls))
+        report.local_rows, report.culprits, notes = isolate(
+            ref_run,
+            tgt_run,
+            gold_run,
+            tol=tol,
+            backward=backward,
+            strict_dtype=strict,
+            name_map=options.name_map,
+            draws=options.draws,
+        )
+        report.notes += notes
+        timings["isolation"] = time.perf_counter() - t0
+        if not report.culprits and any(r.failed for r in report.rows):
+            report.notes.append(
+                "the whole network diverges but every isolated module is right on the "
+                "reference's inputs: look for a discontinuity at the first divergence (a ReLU "
+                "input or a max-pool tie that honest rounding put on the other side) or for "
+                "errors that only add up across modules"
+            )
+    if options.sensitivity and ref_run.emulation is not None:
+        report.sensitivity = emulation_sensitivity(ref_run, gold_run)
+
+
+def _parse(spec: str | None):
+    if not spec:
+        return None
+
+    return parse_emulation(spec)
+
+
+def compare(
+    reference: Trace | str | Path,
+    target: Trace | str | Path,
+    golden: Trace | str | Path | None = None,
+    *,
+    tolerance: Tolerance | dict | None = None,
+    phases: Any = None,
+    name_map: dict[str, str | None] | None = None,
+) -> Report:
+    """Judge a target trace against a reference trace (and a float64 golden trace).
+
+    Traces may be directories written by `Trace.save` or msprobe dumps. Without a
+    golden the reference stands in for it and only dtype floors remain as limits.
+    Dumps of align.Recorder (a training loop) are judged step by step (align.judge.steps);
+    two msprobe dump trees step by step and rank by rank (align.judge.msprobe_dumps).
+    """
+    if is_loop_dump(reference):
+        return loop_steps.compare(reference, target, golden, tolerance=tolerance, name_map=name_map)
+    if not isinstance(reference, Trace) and not isinstance(target, Trace):
+        if is_msprobe_dump(reference) and is_msprobe_dump(target):
+            return msprobe_dumps.compare_dumps(
+                reference, target, golden, tolerance=tolerance, phases=phases, name_map=name_map
+            )
+    ref, tgt, gold = (
+        t if isinstance(t, Trace) or t is None else load_trace(t)
+        for t in (reference, target, golden)
+    )
+    return judge_traces(ref, tgt, gold, tolerance=tolerance, phases=phases, name_map=name_map)
+
+
+def _options(options: CheckOptions | None, fields: dict[str, Any]) -> CheckOptions:
+    """`options` with `fields` (CheckOptions fields passed to check by name) applied."""
+    known = {f.name for f in dataclasses.fields(CheckOptions)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise TypeError(
+            f"check() got unknown argument(s) {', '.join(unknown)}; its options are "
+            f"{', '.join(sorted(known))} (align.CheckOptions)"
+        )
+    return dataclasses.replace(options or CheckOptions(), **fields)

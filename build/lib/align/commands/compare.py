@@ -1,0 +1,43 @@
+"""`align compare` (python -m align.compare): judge a target dump against a reference (and
+a float64 golden) dump: align traces, align.Recorder loop dumps, msprobe dumps."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from align.api import compare
+from align.commands.arguments import writable_file
+from align.commands.command import Command
+from align.errors import ExitCode
+
+log = logging.getLogger(__name__)
+
+
+def _compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "reference", help="reference dump directory (align trace, align.Recorder loop, msprobe)"
+    )
+    p.add_argument(
+        "target", help="target dump directory (align trace, align.Recorder loop, msprobe)"
+    )
+    p.add_argument("--golden", default=None, help="float64 golden trace (align dump --golden)")
+    p.add_argument("--json", type=writable_file, help="write the result JSON here")
+
+
+def _compare(args: argparse.Namespace) -> int:
+    log.info("judging %s against %s", args.target, args.reference)
+    report = compare(args.reference, args.target, args.golden)
+    print(report)
+    if args.json:
+        report.save(args.json)
+    return ExitCode.of(report.passed)
+
+
+COMPARE = Command(
+    "compare",
+    "judge a target dump against a reference (and golden) dump",
+    _compare_arguments,
+    _compare,
+    examples=("gpu_dump npu_dump --golden golden_dump --json result.json",),
+)

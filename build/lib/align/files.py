@@ -1,0 +1,85 @@
+"""Atomic writes: a reader sees the old file (or directory) or the new one, never half of one.
+
+Every file align writes (results, reports, dumps, checkpoints' JSON) goes through here,
+with one file mode: what a plain open() would give (0666, or 0777 for a directory, less
+the umask), so results and reports share the permissions the user chose.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from align.errors import TraceError
+
+__all__ = ["replace_dir", "write_atomic", "write_json_atomic"]
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once: os.umask can only be read by setting it
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` through a temporary file in the same directory and os.replace."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, indent: int = 1) -> Path:
+    """Write `data` as JSON to `path` atomically (values JSON lacks are written as str)."""
+    return write_atomic(path, json.dumps(data, indent=indent, default=str) + "\n")
+
+
+def replace_dir(
+    directory: str | os.PathLike, write: Callable[[Path], None], marker: str, what: str
+) -> Path:
+    """Fill a temporary sibling of `directory` with `write(tmp)`, then rename it into place:
+    the directory is complete or untouched. A non-empty one without `marker` is refused."""
+    target = Path(os.path.abspath(directory))  # "." has no name to make a sibling of
+    if target.exists() or target.is_symlink():
+        if not target.is_dir() or (any(target.iterdir()) and not (target / marker).is_file()):
+            raise TraceError(
+                f"{target}: exists and is not an align {what} (no {marker}); refusing "
+                f"to replace it: write the {what} to a new or empty directory"
+            )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it private
+        write(tmp)
+        old = tmp.with_name(tmp.name + ".old")
+        if target.exists():
+            os.rename(target, old)  # keep the previous dump until the new one is in place
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old.exists():
+                os.rename(old, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

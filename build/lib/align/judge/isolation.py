@@ -1,0 +1,345 @@
+"""Localization by isolation (teacher forcing).
+
+Errors propagate, so the first failing tensor of a whole-network run is often downstream
+of the real fault. Here every recorded module call is re-run alone on the reference, the
+target and the float64 golden, fed the *reference's* recorded inputs (and, for backward,
+the reference's gradient of its output), and its local error is judged like any tensor.
+
+A module with children is run with its children replaced by replays of their recorded
+calls (`_Replay`: forward returns the child's recorded outputs, backward the child's
+recorded input gradients), so what is judged is the module's *own* computation: what it
+feeds its children and returns, and the gradients it passes back. The culprit is a
+module that fails alone while none of its descendants does; culprits are listed most
+upstream first. Where target and reference agree bit for bit the golden is not run.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from align.errors import AlignError
+from align.numerics.decisions import Choices, Decisions, is_random
+from align.numerics.jitter import Pool
+from align.numerics.precision import kernel_accuracy
+from align.numerics.verdict import Divergence, Row, Tolerance, judge_robustly
+from align.record.capture import Run
+from align.record.trace import Call
+
+
+@dataclass
+class _Payload:
+    outputs: list[torch.Tensor]
+    grad_inputs: list[torch.Tensor | None]
+    received: tuple = ()
+
+
+class _Replay(torch.autograd.Function):
+    """A child call replayed from the record: constant outputs, recorded input grads."""
+
+    @staticmethod
+    def forward(ctx, payload: _Payload, *feeds: torch.Tensor):
+        ctx.payload = payload
+        return tuple(o.clone() for o in payload.outputs)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        ctx.payload.received = grads
+        return (None, *ctx.payload.grad_inputs)
+
+
+@dataclass
+class _Local:
+    """What one isolated run of a module produced, by label."""
+
+    forward: dict[str, torch.Tensor] = field(default_factory=dict)
+    backward: dict[str, torch.Tensor] = field(default_factory=dict)
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    decisions: Decisions | None = None
+
+    def items(self):
+        for phase, tensors in (
+            ("forward", self.forward),
+            ("backward", self.backward),
+            ("param_grad", self.params),
+        ):
+            for label, t in tensors.items():
+                yield phase, label, t
+
+
+class Isolator:
+    """Re-runs recorded calls of `ref` on the reference, target and golden runs."""
+
+    def __init__(self, ref: Run, tgt: Run, gold: Run, backward: bool, name_map=None):
+        self.ref, self.tgt, self.gold = ref, tgt, gold
+        self.backward = backward
+        self.name_map = name_map or {}
+        self.children: dict[int, list[int]] = defaultdict(list)
+        for pos, call in enumerate(ref.trace.calls):
+            if call.parent is not None:
+                self.children[call.parent].append(pos)
+        self.modules = {id(run.model): dict(run.model.named_modules()) for run in (ref, tgt, gold)}
+        # each call's random draws in the whole reference run, replayed when it runs alone
+        self.draws_of: dict[int, Choices] = defaultdict(list)
+        if ref.decisions is not None:
+            for (key, t), owner in zip(ref.decisions.log, ref.decisions.owners):
+                if owner is not None and is_random(key):
+                    self.draws_of[owner].append((key, t))
+        self.decided: dict[int, Choices] = {}  # the reference's decisions in isolation
+
+    def _decisions(self, run: Run, pos: int) -> Decisions:
+        """The reference alone replays its whole run's draws of this call and records its
+        own branches and indices; every other run replays what it decided."""
+        call = self.ref.trace.calls[pos]
+        here = (call.module, call.index, pos)
+        if run is self.ref:
+            return Decisions(self.draws_of.get(pos, []), where=lambda: here)
+        return Decisions(self.decided.get(pos, []), where=lambda: here)
+
+    def _module_name(self, run: Run, name: str) -> str | None:
+        return self.name_map.get(name, name) if run is self.tgt else name
+
+    def run(self, run: Run, pos: int) -> _Local:
+        """One isolated call of the recorded call at `pos` on `run`."""
+        trace, spec = self.ref.trace, self.ref.specs[pos]
+        call = trace.calls[pos]
+        modules = self.modules[id(run.model)]
+        module = modules[self._module_name(run, call.module)]
+        want_grad = self.backward and any(k is not None for k in call.grad_outputs)
+        leaves: list[Any] = []
+        grad_leaves: list[tuple[int, torch.Tensor]] = []
+        for j, key in enumerate(call.inputs):
+            if key is None:
+                leaves.append(spec.in_leaves[j])
+                continue
+            t = run.place(trace.tensor(key))
+            if want_grad and call.grad_inputs[j] is not None and t.is_floating_point():
+                grad_leaves.append((j, t.requires_grad_(True)))
+                t = t.clone()  # a non-leaf, so in-place modules (ReLU(inplace)) may run
+            leaves.append(t)
+        args, kwargs = tree_unflatten(leaves, spec.in_spec)
+        local = _Local(decisions=self._decisions(run, pos))
+        replaced: list[tuple[torch.nn.Module, Any]] = []
+        try:
+            self._install_replays(run, pos, modules, local, replaced)
+            _seed(run)
+            with local.decisions, run.numerics():
+                out = module(*args, **kwargs)
+        finally:
+            for child, previous in replaced:  # restore a forward the user set on the instance
+                if previous is None:
+                    del child.forward
+                else:
+                    child.forward = previous
+        outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+        for i, o in enumerate(outs):
+            local.forward[f"output[{i}]"] = o.detach()
+        if not want_grad:
+            return self._decided(run, pos, local)
+        pairs = [
+            (o, run.place(trace.tensor(k)).to(o.dtype))
+            for o, k in zip(outs, call.grad_outputs)
+            if k is not None and o.requires_grad
+        ]
+        params = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        wrt = [t for _, t in grad_leaves] + [p for _, p in params]
+        if not pairs or not wrt:
+            return self._decided(run, pos, local)
+        with local.decisions, run.numerics(autocast=False):
+            grads = torch.autograd.grad(
+                [o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True
+            )
+        for (j, _), g in zip(grad_leaves, grads):
+            if g is not None:
+                local.backward[f"grad_input[{j}]"] = g
+        for (n, _), g in zip(params, grads[len(grad_leaves) :]):
+            if g is not None:
+                local.params[n] = g
+        for label, payload in self._payloads.items():
+            for m, g in enumerate(payload.received):
+                if g is not None:
+                    local.backward[f"grad_to:{label}[{m}]"] = g
+        return self._decided(run, pos, local)
+
+    def _decided(self, run: Run, pos: int, local: _Local) -> _Local:
+        if run is self.ref:
+            self.decided[pos] = local.decisions.log
+        return local
+
+    def _install_replays(self, run: Run, pos: int, modules, local: _Local, replaced) -> None:
+        """Replace the children called by call `pos` with replays of their records."""
+        trace = self.ref.trace
+        queues: dict[str, deque[int]] = defaultdict(deque)
+        for child_pos in self.children[pos]:
+            queues[trace.calls[child_pos].module].append(child_pos)
+        self._payloads: dict[str, _Payload] = {}
+        for name, queue in queues.items():
+            mapped = self._module_name(run, name)
+            if mapped is None:
+                raise RuntimeError(f"{name} has no counterpart in the target (name_map)")
+            child = modules[mapped]
+            replaced.append((child, child.__dict__.get("forward")))
+            child.forward = self._replay_fn(run, name, queue, local)
+
+    def _replay_fn(self, run: Run, name: str, queue: deque, local: _Local):
+        trace = self.ref.trace
+
+        def replay(*args, **kwargs):
+            if not queue:
+                raise RuntimeError(f"{name} is called more often than on the reference")
+            pos = queue.popleft()
+            call, spec = trace.calls[pos], self.ref.specs[pos]
+            label = call.label
+            feeds = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+            for j, f in enumerate(feeds):
+                local.forward[f"feed:{label}[{j}]"] = f.detach()
+            outs = [run.place(trace.tensor(k)) for k in call.outputs if k is not None]
+            floats = [o for o in outs if o.is_floating_point()]
+            tensor_grads = [g for k, g in zip(call.inputs, call.grad_inputs) if k is not None]
+            grads_in = [
+                run.place(trace.tensor(k)).to(f.dtype)
+                if k is not None and f.requires_grad
+                else None
+                for f, k in zip(feeds, tensor_grads + [None] * len(feeds))
+            ]
+            payload = _Payload(floats, grads_in)
+            self._payloads[label] = payload
+            replayed = iter(_Replay.apply(payload, *feeds) if floats else ())
+            rebuilt = []
+            for leaf, key in zip(spec.out_leaves, call.outputs):
+                if key is None:
+                    rebuilt.append(leaf)
+                else:
+                    t = outs.pop(0)
+                    rebuilt.append(next(replayed) if t.is_floating_point() else t)
+            return tree_unflatten(rebuilt, spec.out_spec)
+
+        return replay
+
+
+def _seed(run: Run) -> None:
+    """Seed the run's device as a whole run does; the CPU alone without touching the lazy
+    accelerator modules (torch.manual_seed formats a stack trace for each, every call)."""
+    if run.device.type == "cpu":
+        torch.default_generator.manual_seed(run.seed)
+    else:
+        torch.manual_seed(run.seed)
+
+
+def _identical(a: _Local, b: _Local) -> bool:
+    left, right = list(a.items()), list(b.items())
+    if [(p, n) for p, n, _ in left] != [(p, n) for p, n, _ in right]:
+        return False
+    return all(
+        x.dtype == y.dtype and x.shape == y.shape and torch.equal(x.cpu(), y.cpu())
+        for (_, _, x), (_, _, y) in zip(left, right)
+    )
+
+
+def isolate(
+    ref: Run,
+    tgt: Run,
+    gold: Run,
+    *,
+    tol: Tolerance,
+    backward: bool,
+    strict_dtype: bool,
+    name_map: dict[str, str | None] | None = None,
+    draws: int = 0,
+) -> tuple[list[Row], list[Divergence], list[str]]:
+    """Judge every recorded module call alone. Returns (rows, culprits, notes).
+
+    Each call that the target does not reproduce bit for bit also runs on the golden,
+    and where one of its tensors fails, on `draws` honest draws of the reference
+    (align.numerics.jitter) to judge that tensor again.
+    """
+    iso = Isolator(ref, tgt, gold, backward, name_map)
+    rows: list[Row] = []
+    failing: dict[int, Row] = {}
+    notes: list[str] = []
+    for pos, call in enumerate(ref.trace.calls):
+        if iso._module_name(tgt, call.module) is None:
+            continue
+        try:
+            r_local = iso.run(ref, pos)
+            t_local = iso.run(tgt, pos)
+            for fault in t_local.decisions.faults:  # replayed draws hide it from the values
+                failing[pos] = fault.row(isolated=True)
+                rows.append(failing[pos])
+            if _identical(r_local, t_local):
+                continue
+            g_local = iso.run(gold, pos)
+        except Exception as exc:  # a module we cannot re-run alone is reported, not fatal
+            notes.append(f"{call.label} not isolated: {type(exc).__name__}: {exc}")
+            continue
+        made = Pool(lambda k, pos=pos: iso.run(iso.ref.draw(k), pos), draws)
+        accuracy = kernel_accuracy(r_local.decisions.ran)
+        try:
+            judged = list(
+                _judge_local(call, r_local, t_local, g_local, made, tol, strict_dtype, accuracy)
+            )
+        except AlignError as exc:  # NaN/Inf on the reference's own isolated run: no yardstick
+            notes.append(f"{call.label} not judged in isolation: {exc}")
+            continue
+        for row in judged:
+            rows.append(row)
+            if row.failed:
+                worst = failing.get(pos)
+                if worst is None or row.ratio(row.worst()) > worst.ratio(worst.worst()):
+                    failing[pos] = row
+    culprits = [failing[p].divergence() for p in _culprits(ref.trace.calls, failing)]
+    return rows, culprits, notes
+
+
+def _judge_local(
+    call: Call,
+    r: _Local,
+    t: _Local,
+    g: _Local,
+    draws: Pool[_Local],
+    tol,
+    strict_dtype,
+    accuracy: float,
+):
+    ref_items = {(p, n): x for p, n, x in r.items()}
+    tgt_items = {(p, n): x for p, n, x in t.items()}
+    gold_items = {(p, n): x for p, n, x in g.items()}
+
+    def honest(phase: str, label: str, round_: int) -> list[torch.Tensor]:
+        return [x for d in draws(round_) for p, n, x in d.items() if (p, n) == (phase, label)]
+
+    for (phase, label), rt in ref_items.items():
+        row = Row(call.module, call.index, phase, label, "", [], isolated=True)
+        tt, gt = tgt_items.get((phase, label)), gold_items.get((phase, label))
+        if tt is None or gt is None:
+            row.failed.append("missing")
+            row.message = f"{label} is produced on the reference but not on the target"
+            yield row
+            continue
+        yield judge_robustly(
+            tt,
+            rt,
+            gt,
+            tol,
+            strict_dtype=strict_dtype,
+            local=True,
+            row=row,
+            draws=functools.partial(honest, phase, label),
+            accuracy=accuracy,
+        )
+
+
+def _culprits(calls: list[Call], failing: dict[int, Row]) -> list[int]:
+    """Failing calls none of whose descendants fail, in call (upstream-first) order."""
+    has_failing_descendant = set()
+    for pos in failing:
+        parent = calls[pos].parent
+        while parent is not None:
+            has_failing_descendant.add(parent)
+            parent = calls[parent].parent
+    return sorted(p for p in failing if p not in has_failing_descendant)

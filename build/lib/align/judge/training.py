@@ -1,0 +1,320 @@
+"""Short-train alignment: N optimizer steps on reference, target and a float64 golden.
+
+Identical initial weights and batches; the case's optimizer (SGD with its recipe's
+momentum and weight decay) or the user's (`TrainOptions.optimizer`, a factory of param
+groups; the target may take another one, a device's fused optimizer against the stock
+one), an optional scheduler, and the precision policy's loss scaling
+(torch.amp.GradScaler, the machinery mmengine's AmpOptimWrapper uses in full runs) or
+the user's initial scale. Per step we record the loss, the gradient norm (after
+unscaling) and the norm of the parameter update; after the last step the parameters,
+BatchNorm running statistics and the optimizer's state (momentum buffers, Adam moments),
+each named by its parameter and param group. Trajectories of training
+diverge, so the target's deviation from golden is judged against the reference's
+deviation over the same steps, never against a fixed threshold.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from align.errors import AlignError
+from align.numerics.decisions import Choices, Decisions
+from align.numerics.precision import Policy, error_floor, get_policy
+from align.numerics.verdict import Row, Tolerance, judge, require_finite
+from align.record.capture import call_model, numerics, prepare, projection_loss
+from align.zoo import get_case
+
+QUANTITIES = ("loss", "grad_norm", "update_norm")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How one side trains. The defaults are the correct recipe; tests flip one to break it."""
+
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    norm_decay: bool = False  # weight decay on norm and bias parameters (mmcls: off)
+    clip_grad: float | None = 10.0
+    unscale_before_clip: bool = True
+    # the user's pieces: optimizer(param_groups) -> Optimizer (default: SGD with lr and
+    # momentum above), scheduler(optimizer) -> LRScheduler stepped after every step, and
+    # the GradScaler's initial scale (default: the precision policy's: fp16 scales 2^12)
+    optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = None
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None
+    loss_scale: float | None = None
+
+
+def _param_groups(model: nn.Module, opts: TrainOptions) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    norm_params = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
+        for p in m.parameters(recurse=False)
+    }
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        exempt = (id(p) in norm_params or p.dim() == 1) and not opts.norm_decay
+        (no_decay if exempt else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": opts.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _trajectory(
+    model: nn.Module,
+    batches: list[Any],
+    loss_fn,
+    device: torch.device,
+    policy: Policy,
+    opts: TrainOptions,
+    seed: int,
+    emulation=None,
+    native_kernels: bool = False,
+    replay: list[Choices] | None = None,
+) -> dict[str, Any]:
+    """Train a private copy for len(batches) steps; per-step figures and final state.
+
+    Each step's decisions (dropout masks, ReLU branches: align.numerics.decisions) are recorded in
+    the result's "decisions", or replayed from `replay`, the reference's.
+    """
+    private = prepare(model, device, policy)
+    master = private
+    if policy.name == "o2-fp16":  # fp32 master weights, half model (apex O2)
+        master = copy.deepcopy(model).to(device)
+    groups = _param_groups(master, opts)
+    if opts.optimizer is None:
+        optimizer = torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum)
+    else:
+        optimizer = opts.optimizer(groups)
+    scheduler = None if opts.scheduler is None else opts.scheduler(optimizer)
+    scaled = opts.loss_scale is not None or policy.check_loss_scale != 1.0
+    scaler = torch.amp.GradScaler(
+        device.type,
+        init_scale=2.0**12 if opts.loss_scale is None else opts.loss_scale,
+        enabled=scaled and policy.name != "fp64",  # the golden is exact: nothing to scale
+    )
+    steps, decided = [], []
+    for step, batch in enumerate(batches):
+        x = policy.cast_inputs(batch, device)
+        torch.manual_seed(seed + step)
+        decisions = Decisions(None if replay is None else replay[step])
+        decided.append(decisions.log)
+        with decisions, numerics(policy, device, emulation, False, native_kernels):
+            with policy.autocast(device):
+                out = call_model(private, x)
+            loss = loss_fn(out, x)
+            optimizer.zero_grad(set_to_none=True)
+            private.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+        if master is not private:
+            for p, q in zip(master.parameters(), private.parameters()):
+                p.grad = None if q.grad is None else q.grad.float()
+        if opts.unscale_before_clip:
+            scaler.unscale_(optimizer)
+        grads = [p.grad for p in master.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])
+        )
+        if opts.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(master.parameters(), opts.clip_grad)
+        before = [p.detach().clone() for p in master.parameters()]
+        scaler.step(optimizer)
+        scaler.update()
+        if scheduler is not None:
+            scheduler.step()
+        if master is not private:
+            with torch.no_grad():
+                for p, q in zip(master.parameters(), private.parameters()):
+                    q.copy_(p)
+        update = math.sqrt(
+            sum(
+                float((p.detach().double() - b.double()).pow(2).sum())
+                for p, b in zip(master.parameters(), before)
+            )
+        )
+        scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+        if not opts.unscale_before_clip:
+            norm = norm / scale  # report the true gradient norm even when clipping saw it scaled
+        steps.append(
+            {"loss": float(loss.detach()), "grad_norm": float(norm), "update_norm": update}
+        )
+    state = {f"param:{n}": p.detach() for n, p in master.named_parameters()}
+    state.update(
+        {f"buffer:{n}": b.detach() for n, b in private.named_buffers() if b.is_floating_point()}
+    )
+    state.update(optimizer_state(optimizer, master))
+    return {"steps": steps, "state": state, "decisions": decided}
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
+    """The optimizer's floating state tensors (momentum buffers, exp_avg, exp_avg_sq...),
+    keyed `optimizer:<param>.<state> (group N)`: what a fused optimizer computes otherwise."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    found = {}
+    for g, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim():
+                    found[f"optimizer:{names.get(id(p), '?')}.{key} (group {g})"] = value.detach()
+    return found
+
+
+def _deviation(a: float, g: float) -> float:
+    return abs(a - g) / max(abs(g), 1e-12)
+
+
+def compare_trajectories(
+    tgt: dict, ref: dict, gold: dict, tol: Tolerance, floor: float
+) -> dict[str, Any]:
+    """Per step and quantity: target deviation from golden vs k x reference deviation."""
+    table, first = [], None
+    envelope = dict.fromkeys(QUANTITIES, 0.0)  # the reference's worst deviation so far
+    for i, (t, r, g) in enumerate(zip(tgt["steps"], ref["steps"], gold["steps"])):
+        entry = {"step": i}
+        for q in QUANTITIES:
+            dt, dr = _deviation(t[q], g[q]), _deviation(r[q], g[q])
+            envelope[q] = max(envelope[q], dr)
+            # One scalar per step is one noisy draw: judge against the reference's running
+            # worst, plus a floor that compounds with the steps taken.
+            limit = tol.k * envelope[q] + floor * (1 + i)
+            entry[q] = {
+                "target": t[q],
+                "reference": r[q],
+                "golden": g[q],
+                "deviation": dt,
+                "limit": limit,
+            }
+            if (dt > limit or not math.isfinite(t[q])) and first is None:
+                first = {
+                    "module": "",
+                    "phase": "train",
+                    "metric": f"{q}_deviation",
+                    "value": dt,
+                    "limit": limit,
+                    "call": 0,
+                    "tensor": f"step {i} {q}",
+                    "reference": dr,
+                    "message": f"step {i}: {q} deviates from golden",
+                }
+        table.append(entry)
+    rows: list[Row] = []
+    for name, g in gold["state"].items():
+        module, _, leaf = name.partition(":")[2].rpartition(".")
+        row = Row(module, 0, "train", f"final {name.partition(':')[0]} {leaf}", "", [])
+        if name not in tgt["state"]:
+            row.failed.append("missing")
+            row.message = f"the target's training has no {name} (another optimizer?)"
+            rows.append(row)
+            continue
+        require_finite(row, [("reference", ref["state"][name]), ("golden", g)])
+        judge(
+            tgt["state"][name], ref["state"][name], g, tol, strict_dtype=False, local=False, row=row
+        )
+        rows.append(row)
+    failing = [r for r in rows if r.failed]
+    if first is None and failing:
+        first = vars(failing[0].divergence())
+    summary = "trajectories agree" if first is None else f"first divergence: {first['tensor']}"
+    if first is not None and first.get("module"):
+        summary += f" in {first['module']}"
+    return {
+        "passed": first is None,
+        "steps": table,
+        "first_divergence": first,
+        "state_rows": [r.to_dict() for r in failing],
+        "summary": summary,
+        "steps_run": len(table),
+    }
+
+
+def require_steps(steps: object) -> None:
+    """AlignError unless `steps` is a whole number >= 1: a train phase of no steps judges
+    nothing, and nothing judged is no verdict."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise AlignError(
+            f"steps must be an integer >= 1 for the train phase, got {steps!r}: "
+            "pass --steps N (default 5)"
+        )
+
+
+def short_train(
+    resolved,
+    *,
+    target_model,
+    reference: torch.device,
+    target: torch.device,
+    policy: Policy,
+    steps: int,
+    seed: int,
+    tol: Tolerance,
+    emulation=None,
+    native_kernels: bool = False,
+    options: TrainOptions | None = None,
+    target_options: TrainOptions | None = None,
+) -> dict[str, Any]:
+    """Train reference, target and golden for `steps` steps and judge the target."""
+    opts = options or _recipe_options(resolved.case)
+    batches = _batches(resolved, steps, seed)
+    loss_fn = resolved.loss_fn or projection_loss(seed)
+    ref = _trajectory(resolved.model, batches, loss_fn, reference, policy, opts, seed, emulation)
+    gold = _trajectory(
+        resolved.model,
+        batches,
+        loss_fn,
+        torch.device("cpu"),
+        get_policy("fp64"),
+        opts,
+        seed,
+        replay=ref["decisions"],
+    )
+    tgt = _trajectory(
+        target_model if target_model is not None else resolved.model,
+        batches,
+        loss_fn,
+        target,
+        policy,
+        target_options or opts,
+        seed,
+        emulation,
+        native_kernels,
+        replay=ref["decisions"],
+    )
+    # Emulated HF32/TF32 math rounds to 10 mantissa bits: that, not fp32, sets the floor.
+    unit = 2.0**-11 if emulation is not None else error_floor(policy.low_precision)
+    floor = 4 * unit
+    return compare_trajectories(tgt, ref, gold, tol, floor)
+
+
+def _recipe_options(case: str | None) -> TrainOptions:
+    if case is None:
+        return TrainOptions()
+
+    recipe = get_case(case).recipe
+    if recipe is None:
+        return TrainOptions()
+    # The recipe's lr is for its global batch; a check's batch of 2 takes it scaled down.
+    scale = 2 / (recipe.batch_per_card * recipe.cards)
+    return replace(
+        TrainOptions(),
+        lr=recipe.lr * scale,
+        momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay,
+    )
+
+
+def _batches(resolved, steps: int, seed: int) -> list[Any]:
+    if resolved.case is not None:
+        case = get_case(resolved.case)
+        return [case.make_inputs(case.test_batch, seed + 1 + i) for i in range(steps)]
+    return [resolved.inputs] * steps

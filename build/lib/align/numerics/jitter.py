@@ -1,0 +1,89 @@
+"""Honest draws of the reference: the same run with every rounding nudged at random.
+
+A reference run's error against the float64 golden is one draw of its rounding noise.
+Where that noise is dominated by a few elements or cancels (a gradient summed over a
+batch, a bias gradient of an SE block), one draw can be several times smaller than the
+next: a verdict scaled by it flags honest targets. `Jitter` re-runs the reference with
+each operator's fresh floating result multiplied by (1 + u * N(0, 1)), u the unit
+roundoff of its dtype: a Monte Carlo arithmetic draw (Parker 1997; Verificarlo, CADNA do
+the same per floating-point operation). Relative noise on every input of a reduction
+reproduces the reduction's cancellation error, which is the error one draw misses.
+Each op is nudged by as many roundings as an honest kernel of its kind may err
+(`precision.KERNEL_ACCURACY`: 1 for arithmetic, 2 for reductions, 4 for transcendental
+functions), so a draw stands for another honest device, not only for the reference's own
+rounding. The verdict scales its limits by the largest error of the reference and its
+draws.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from align.numerics.precision import op_accuracy, unit_roundoff
+
+JITTERED = (torch.float32, torch.bfloat16, torch.float16)
+# A tensor that still fails against the first draws, by less than GRAY_ZONE times its
+# limit, is judged again on MORE_DRAWS times as many: as many draws as the decision needs
+# (a fault is usually far beyond; an honest tensor near the limit is where one more
+# sample of the honest spread decides).
+MORE_DRAWS = 3
+GRAY_ZONE = 3.0
+
+T = TypeVar("T")
+
+
+class Pool(Generic[T]):
+    """Honest draws made on demand and once: round 0 wants the first `n`, round 1 the
+    first MORE_DRAWS * n. `make(k)` makes draw k, or returns None when there is none
+    (a dump carries only the draws it was written with)."""
+
+    def __init__(self, make: Callable[[int], T | None], n: int):
+        self.make, self.n = make, n
+        self.made: list[T] = []
+        self._exhausted = False
+
+    def __call__(self, round_: int) -> list[T]:
+        want = self.n * MORE_DRAWS**round_
+        while len(self.made) < want and not self._exhausted:
+            draw = self.make(len(self.made))
+            if draw is None:
+                self._exhausted = True
+            else:
+                self.made.append(draw)
+        return self.made[:want]
+
+
+class Jitter(TorchDispatchMode):
+    """Perturbs every fresh floating result of an op computed from floating inputs.
+
+    Views and in-place results are left alone (perturbing them would break aliasing),
+    and so are factories (zeros, arange: exact, and not computed from data). float64
+    results are never touched, so a golden run under this mode stays exact.
+    """
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(ret.alias_info is not None for ret in func._schema.returns):
+            return out
+        if not any(
+            isinstance(a, torch.Tensor) and a.dtype in JITTERED for a in tree_flatten(args)[0]
+        ):
+            return out
+        roundings = op_accuracy(func.overloadpacket.__name__)
+        return tree_map(lambda t: self._perturb(t, roundings), out)
+
+    def _perturb(self, t, roundings: float):
+        if not isinstance(t, torch.Tensor) or t.dtype not in JITTERED or t.numel() == 0:
+            return t
+        noise = torch.randn(t.shape, generator=self.generator, dtype=torch.float32)
+        factor = noise.mul_(unit_roundoff(t.dtype) * roundings).add_(1.0).to(t.device)
+        return (t.float() * factor).to(t.dtype)

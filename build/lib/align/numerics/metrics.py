@@ -1,0 +1,135 @@
+"""Error metrics of a tensor `x` against a golden `g` (both compared in float64).
+
+Every metric is 0 for identical tensors, invariant under a joint permutation of the
+elements of x and g, and invariant under a joint positive scaling (x, g) -> (c x, c g):
+they measure relative error. Empty tensors are perfect. Non-finite elements are not
+metrics' business: `nonfinite` counts them and the others ignore them.
+
+rel_rmse   ||x - g|| / ||g||                      overall relative error
+cos_err    1 - cos(x, g)                           direction error (~ rel_rmse^2 / 2)
+max_rel    max |x - g| / max |g|                   worst element, relative to the range
+share      fraction of elements with |x - g| > tau  how widespread large errors are
+mean_err   mean(x - g) / rms(g)                    signed: systematic offset
+scale_err  <x - g, g> / <g, g>                     signed: systematic gain (x ~ (1+s) g)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+NAMES = ("rel_rmse", "cos_err", "max_rel", "share", "mean_err", "scale_err")
+SIGNED = ("mean_err", "scale_err")
+
+
+def as_f64(t: torch.Tensor) -> torch.Tensor:
+    """Flattened float64 CPU copy of `t` (the common ground for every comparison)."""
+    return t.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+
+
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """Flattened CPU view of `t` in its own dtype: arithmetic with a float64 golden promotes
+    it element by element, with no float64 copy of its own."""
+    return t.detach().to("cpu").reshape(-1)
+
+
+def nonfinite(x: torch.Tensor, *finite_in: torch.Tensor) -> int:
+    """Elements of x that are NaN/Inf where every tensor in `finite_in` is finite."""
+    if all_finite(x):
+        return 0
+    bad = ~torch.isfinite(x)
+    for other in finite_in:
+        bad &= torch.isfinite(other)
+    return int(bad.sum())
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """True when no element is NaN/Inf, known from one sum (a fast path: a NaN or an Inf
+    makes the sum non-finite; a sum that overflows only sends the caller to the mask)."""
+    return math.isfinite(float(x.sum()))
+
+
+def _ratio(num: float, den: float) -> float:
+    if den > 0:
+        return num / den
+    return 0.0 if num == 0 else math.copysign(math.inf, num)
+
+
+class Against:
+    """The golden side of a comparison, computed once for every tensor judged against it."""
+
+    def __init__(self, g: torch.Tensor):
+        self.g = g
+        self.gg = float(torch.dot(g, g))
+        self.abs_g = g.abs()
+        self.max_g = float(self.abs_g.max()) if g.numel() else 0.0
+
+    def errors(self, x: torch.Tensor, tau: float | torch.Tensor = math.inf) -> dict[str, float]:
+        """All metrics of x against this golden (both finite, flat float64, same size)."""
+        found, abs_d, _ = self.partial(x)
+        found["share"] = self.share(abs_d, tau)
+        return found
+
+    def partial(self, x: torch.Tensor) -> tuple[dict[str, float], torch.Tensor, float]:
+        """Every metric but `share`; |x - g| to count `share` with once tau is known; and
+        the RMS of x - g."""
+        n, gg = x.numel(), self.gg
+        if n == 0:
+            return {m: 0.0 for m in NAMES if m != "share"}, x.new_zeros(0), 0.0
+        d = x - self.g
+        dd = float(torch.dot(d, d))
+        dg = float(torch.dot(d, self.g))
+        xg = dg + gg
+        if dd < 1e-4 * gg:  # errors under 1%: |x|^2 from d and g loses nothing
+            xx = dd + 2 * dg + gg
+        else:  # large errors cancel in dd + 2<d,g> + gg: measure |x|^2 itself
+            x64 = x.to(torch.float64)
+            xx = float(torch.dot(x64, x64))
+        if xx > 0 and gg > 0:
+            # 1 - cos = G / (|x||g| (|x||g| + <x,g>)), G = |x|^2|g|^2 - <x,g>^2 = |d|^2|g|^2
+            # - <d,g>^2 (Gram determinant), from the smaller of d and x: no cancellation
+            # for small errors, where 1 - <x,g>/(|x||g|) keeps only a digit or two
+            norms = math.sqrt(xx * gg)
+            den = norms * (norms + xg)
+            gram = dd * gg - dg * dg if dd <= xx else xx * gg - xg * xg
+            # (an obtuse angle has no cancellation in 1 - cos, and den ~ 0 near cos = -1)
+            cos_err = max(0.0, gram) / den if xg > 0 and den > 0 else 1.0 - xg / norms
+        else:
+            cos_err = 0.0 if xx == gg else 1.0  # both zero: same direction; one zero: none
+        mean = float(d.sum()) / n
+        abs_d = d.abs_()
+        return (
+            {
+                "rel_rmse": math.sqrt(_ratio(dd, gg)),
+                "cos_err": min(2.0, max(0.0, cos_err)),
+                "max_rel": _ratio(float(abs_d.max()), self.max_g),
+                "mean_err": _ratio(mean, math.sqrt(gg / n)),
+                "scale_err": _ratio(dg, gg),
+            },
+            abs_d,
+            math.sqrt(dd / n),
+        )
+
+    @staticmethod
+    def share(abs_d: torch.Tensor, tau: float | torch.Tensor) -> float:
+        """Fraction of elements whose |x - g| exceeds tau."""
+        return float((abs_d > tau).sum()) / abs_d.numel() if abs_d.numel() else 0.0
+
+
+def errors(
+    x: torch.Tensor, g: torch.Tensor, tau: float | torch.Tensor = math.inf
+) -> dict[str, float]:
+    """All metrics of x against g; x and g are flat float64 tensors of the same size.
+
+    `tau` is the absolute error bound for `share` (a number, or one per element). Elements
+    where x or g is not finite are left out (count them with `nonfinite`).
+    """
+    if x.shape != g.shape:
+        raise ValueError(f"shape mismatch: {tuple(x.shape)} vs {tuple(g.shape)}")
+    if not (all_finite(x) and all_finite(g)):
+        keep = torch.isfinite(x) & torch.isfinite(g)
+        if not bool(keep.all()):
+            x, g = x[keep], g[keep]
+            tau = tau[keep] if isinstance(tau, torch.Tensor) else tau
+    return Against(g).errors(x, tau)

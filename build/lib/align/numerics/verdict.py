@@ -1,0 +1,387 @@
+"""The verdict: a target tensor is judged by its error against the float64 golden,
+relative to the reference device's own error at the same precision.
+
+    fail if metric(target, golden) > k * metric(reference, golden) + floor(dtype)
+
+for each metric of `align.numerics.metrics` (k squared for cos_err, which is quadratic in the
+error; for max_rel, the noisiest, 2k on isolated modules and 4k on propagated errors).
+Floors depend on the reference tensor's dtype, so exact reference results (ReLU,
+pooling, copies) still allow rounding-level noise (`precision.ERROR_FLOOR`). The
+element-level and signed bias metrics (share, mean_err, scale_err) are judged only on
+isolated modules, where errors are local rounding noise (propagated errors are correlated
+across elements, which makes them flaky); there a bias must exceed 12 standard errors of
+the mean of that noise and 5% of the reference's error.
+
+The reference's error is one draw of its rounding noise; `judge_robustly` judges a
+failing tensor again against the largest error of the reference and its honest draws
+(align.numerics.jitter). On propagated tensors k rises with how ill-conditioned the reference's
+error says the tensor is (`_k`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from align.errors import AlignError
+from align.numerics import metrics
+from align.numerics.jitter import GRAY_ZONE
+from align.numerics.metrics import SIGNED
+from align.numerics.names import call_label
+from align.numerics.precision import Policy, error_floor
+
+SHARE_FLOOR = 1e-2  # a hundredth of the elements may exceed tau without a reason
+SHARE_COUNT = 4  # ... and at least this many, for small tensors (BN parameters)
+BIAS_SIGMAS = 12.0
+# A systematic error is only called one when it is a visible part of the error: honest
+# kernels' summation orders leave biases of up to ~5% of the reference's own error
+# (measured: RetinaNet's cls_logits weight gradient under amp-bf16, 1.6M elements, where
+# the independent-noise bound is 20x smaller); a gain fault hidden in noise sigma is still
+# seen from 0.05 sigma.
+BIAS_FRACTION = 0.05
+UNIT_FP32 = 2.0**-24  # the bias floor's constant: far below any gain fault, in any dtype
+NOISE_DOMINATED = 0.5  # reference rel_rmse above this: golden ~ 0, both sides are roundoff
+# A propagated tensor the reference misses by more than its own size carries no signal at
+# this precision: its exact value cancels below the rounding of its terms (measured:
+# rexnet_100's SE BatchNorm over 2x1x1 values under amp-bf16, input gradient 4.2x off on
+# the reference, 30x on an honest channels_last target). It is reported, not judged; a
+# fault there still shows upstream and downstream, and in isolation.
+NO_SIGNAL = 1.0
+NO_SIGNAL_MESSAGE = "no signal at this precision (the reference misses it by more than its size)"
+
+
+def tolerance_problem(value: Any) -> str | None:
+    """Why `value` cannot be a tolerance (k or floor), or None: a NaN, an infinite or a
+    non-positive k or floor would let every target pass (or none), so none is ever used."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and math.isfinite(value) and value > 0:
+        return None
+    return f"must be a finite number > 0 (a non-negative number, not 0, NaN or inf), got {value!r}"
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How much worse than the reference the target may be: k times, plus floor x dtype floor."""
+
+    k: float = 2.0
+    floor: float = 1.0
+
+    def __post_init__(self) -> None:
+        """Refuse a k or floor that is not a finite positive number: NaN or inf would pass
+        every target."""
+        for key in ("k", "floor"):
+            if problem := tolerance_problem(getattr(self, key)):
+                raise AlignError(f"tolerance {key} {problem}")
+
+
+def as_tolerance(tolerance: Tolerance | dict | None, policy: Policy) -> Tolerance:
+    """A Tolerance from a Tolerance, a dict of k / floor (missing keys: the precision's
+    defaults) or None (the defaults)."""
+    if isinstance(tolerance, Tolerance):
+        return tolerance
+    unknown = sorted(set(tolerance or {}) - {"k", "floor"})
+    if unknown:
+        raise AlignError(f"unknown tolerance key(s) {', '.join(map(str, unknown))}: known k, floor")
+    return Tolerance(**{"k": policy.default_k, **(tolerance or {})})
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """One failing tensor: which module, phase and tensor, which metric, value and limit."""
+
+    module: str
+    phase: str  # "forward", "backward", "param_grad", "train"
+    metric: str
+    value: float
+    limit: float
+    call: int = 0
+    tensor: str = ""
+    reference: float | None = None
+    isolated: bool = False
+    message: str = ""
+
+    def __str__(self) -> str:
+        where = call_label(self.module, self.call)
+        ref = "" if self.reference is None else f" (reference {self.reference:.3g})"
+        text = (
+            f"{where} {self.phase} {self.tensor}: {self.metric} {self.value:.3g} "
+            f"> limit {self.limit:.3g}{ref}"
+        )
+        return f"{text}; {self.message}" if self.message else text
+
+
+@dataclass
+class Row:
+    """The judgement of one tensor: target and reference metrics and their limits."""
+
+    module: str
+    call: int
+    phase: str
+    tensor: str
+    dtype: str
+    shape: list[int]
+    metrics: dict[str, float] = field(default_factory=dict)
+    reference: dict[str, float] = field(default_factory=dict)
+    limits: dict[str, float] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)
+    message: str = ""
+    isolated: bool = False
+    needed_k: float = 0.0  # the smallest k this tensor would pass with (calibration)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed
+
+    def ratio(self, metric: str) -> float:
+        value, limit = self.metrics.get(metric, 0.0), self.limits.get(metric, math.inf)
+        if limit > 0:
+            return abs(value) / limit
+        return math.inf if value else 0.0
+
+    def worst(self) -> str:
+        """The metric furthest beyond (or closest to) its limit; failed ones first."""
+        pool = self.failed or [m for m in self.metrics if m in self.limits]
+        return max(pool, key=self.ratio) if pool else "rel_rmse"
+
+    def divergence(self) -> Divergence:
+        metric = self.worst()
+        return Divergence(
+            module=self.module,
+            phase=self.phase,
+            metric=metric,
+            value=self.metrics.get(metric, math.nan),
+            limit=self.limits.get(metric, math.nan),
+            call=self.call,
+            tensor=self.tensor,
+            reference=self.reference.get(metric),
+            isolated=self.isolated,
+            message=self.message,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["passed"] = self.passed
+        return out
+
+
+def _k(k: float, reference_rel: float, floor: float, local: bool) -> float:
+    """k, raised where the reference's error says the tensor is ill-conditioned.
+
+    Where the exact result is ~0 (a gradient that cancels), both errors are pure roundoff
+    of different summation orders: allow twice the usual spread. A propagated error grows
+    towards that regime: the more the reference's error exceeds the dtype floor, the more
+    it is an amplified sum of a few upstream roundings, and the more two honest devices'
+    ratio varies (measured: DenseNet-121's last BatchNorm over 2x2x2 values, fp32
+    gradients with 2% error, an honest native-kernel target at 2.8x the reference). So
+    for whole-network tensors k rises log-linearly from k at the floor to 2k at
+    NOISE_DOMINATED; isolated modules keep k up to there (their draws cover the spread).
+    """
+    if reference_rel > NOISE_DOMINATED:
+        return 2 * k
+    if local or reference_rel <= floor or floor <= 0:
+        return k
+    return k * 2 ** (math.log(reference_rel / floor) / math.log(NOISE_DOMINATED / floor))
+
+
+def _multiplier(metric: str, k: float, local: bool = True) -> float:
+    """How the reference's error is scaled into the limit: k, k^2 for cos_err, and for the
+    noisiest, max_rel, 2k on isolated modules and 4k on propagated errors."""
+    return {"cos_err": k * k, "max_rel": (2 if local else 4) * k}.get(metric, k)
+
+
+def _needed_k(metric: str, excess: float, reference: float, local: bool = True) -> float:
+    """The smallest k under which `excess` over the floor would still pass (calibration)."""
+    if excess <= 0:
+        return 0.0
+    if reference == 0:
+        return math.inf
+    x = excess / reference
+    if metric == "cos_err":
+        return math.sqrt(x)
+    return x / _multiplier(metric, 1.0, local) if metric == "max_rel" else x
+
+
+def judge(
+    target: torch.Tensor,
+    reference: torch.Tensor,
+    golden: torch.Tensor,
+    tol: Tolerance,
+    *,
+    strict_dtype: bool,
+    local: bool,
+    row: Row,
+    draws: Sequence[torch.Tensor] = (),
+    accuracy: float = 1.0,
+) -> Row:
+    """Fill `row` with the metrics of target and reference against golden, and the verdict.
+
+    `draws` are honest draws of the reference (align.numerics.jitter); the reference's error on
+    each metric is then the largest of the reference's and the draws'. `accuracy` scales
+    the dtype floor by what the kernels that made the tensor may honestly differ by
+    (`precision.kernel_accuracy`: 4 where transcendental functions ran). NaN/Inf on the
+    target where the others are finite fail `nonfinite`, as does a tensor with no element
+    finite on every side; callers refuse NaN/Inf in the reference or golden first
+    (`require_finite`, in `judge_robustly`).
+    """
+    row.dtype, row.shape = str(reference.dtype).replace("torch.", ""), list(reference.shape)
+    if tuple(target.shape) != tuple(reference.shape) or target.numel() != golden.numel():
+        row.failed.append("shape")
+        row.message = (
+            f"shape {tuple(target.shape)} on the target, {tuple(reference.shape)} on the reference"
+        )
+        return row
+    if strict_dtype and target.dtype != reference.dtype:
+        row.failed.append("dtype")
+        row.metrics["dtype"], row.limits["dtype"] = 1.0, 0.0
+        row.message = f"dtype {target.dtype} on the target, {reference.dtype} on the reference"
+    floor = error_floor(reference.dtype) * tol.floor * accuracy
+    t, g = metrics.flat(target), metrics.as_f64(golden)
+    honest = [metrics.flat(h) for h in (reference, *draws) if h.shape == reference.shape]
+    against = metrics.Against(g)
+    parts = [against.partial(x) for x in (t, *honest)] if math.isfinite(against.gg) else []
+    if not parts or not all(math.isfinite(rms) for _, _, rms in parts):  # NaN/Inf: mask
+        bad = metrics.nonfinite(t, honest[0], g)
+        if bad:
+            row.failed.append("nonfinite")
+            row.metrics["nonfinite"], row.limits["nonfinite"] = float(bad), 0.0
+            row.message = f"{bad} NaN/Inf on the target where the reference is finite"
+        keep = torch.isfinite(t) & torch.isfinite(g)
+        for h in honest:
+            keep &= torch.isfinite(h)
+        if not bad and not bool(keep.any()):  # nothing left to judge is never a pass
+            row.failed.append("nonfinite")
+            row.metrics["nonfinite"], row.limits["nonfinite"] = float(t.numel()), 0.0
+            row.message = "no element is finite on target, reference and golden alike"
+        against = metrics.Against(g[keep])
+        parts = [against.partial(x[keep]) for x in (t, *honest)]
+    (mt, abs_t, _), judged = parts[0], parts[1:]
+    scale = math.sqrt(against.gg / max(against.g.numel(), 1))
+    rms_r = max(rms for _, _, rms in judged)
+    # per element: k times the reference's spread plus rounding that scales with |g|
+    tau = against.abs_g.mul(floor).add_(floor * scale + 4 * tol.k * rms_r)
+    mt["share"] = against.share(abs_t, tau)
+    for found, abs_h, _ in judged:
+        found["share"] = against.share(abs_h, tau)
+    mr = _envelope([found for found, _, _ in judged])
+    # Standard error of a mean of n rounding errors, times BIAS_SIGMAS: rounding errors of
+    # one tensor are correlated (shared weights, shared inputs), so n overstates the
+    # independent draws; 12 sigmas measured quiet on honest kernel differences. The noise
+    # is the target's error less its systematic part (gain and offset): a gain fault must
+    # not widen its own yardstick (a 1% gain on 120 bf16 elements was hidden by it).
+    # (the residual variance with its two fitted parameters' degrees of freedom back)
+    n = max(abs_t.numel(), 1)
+    systematic = mt["scale_err"] ** 2 + mt["mean_err"] ** 2
+    residual = max(mt["rel_rmse"] ** 2 - systematic, 0.01 * mt["rel_rmse"] ** 2)
+    residual = math.sqrt(residual * n / (n - 2)) if n > 2 else mt["rel_rmse"]
+    independent = BIAS_SIGMAS * residual / math.sqrt(n)
+    # the biases honest kernels leave are a part of the reference's own error (the draws'
+    # jitter is unbiased and sized for other devices: it says nothing about biases)
+    own = judged[0][0]["rel_rmse"]
+    noise = max(independent, BIAS_FRACTION * own) + 2 * UNIT_FP32
+    floors = {"rel_rmse": floor, "cos_err": floor * floor / 2, "max_rel": 2 * floor}
+    if local:  # element-level and bias metrics: only where errors are local rounding noise
+        floors["share"] = max(SHARE_FLOOR, SHARE_COUNT / max(abs_t.numel(), 1))
+        floors.update(mean_err=noise, scale_err=noise)
+    ramp = _k(1.0, mr["rel_rmse"], floor, local)
+    k = tol.k * ramp
+    # A reference error that happens to be a pure gain has cos_err ~ 0: use its rel_rmse too.
+    mr_cos = max(mr["cos_err"], mr["rel_rmse"] ** 2 / 2)
+    limits = {
+        m: _multiplier(m, k, local) * (mr_cos if m == "cos_err" else abs(mr[m])) + f
+        for m, f in floors.items()
+    }
+    row.metrics.update(mt)
+    row.reference.update(mr)
+    row.limits.update(limits)
+    if not local and mr["rel_rmse"] > NO_SIGNAL and math.isfinite(mt["rel_rmse"]):
+        row.message = NO_SIGNAL_MESSAGE
+    else:
+        row.failed += [m for m, limit in limits.items() if abs(mt[m]) > limit]
+    biased = [m for m in SIGNED if m in row.failed]
+    if biased and not row.message:  # the statistics behind a systematic error, stated
+        sigma = residual / math.sqrt(n)
+        row.message = "; ".join(
+            f"{m} {mt[m]:.3g} is {abs(mt[m]) / sigma:.0f} standard errors of the residual "
+            f"noise over {n} elements (limit: {BIAS_SIGMAS:.0f}, and "
+            f"{BIAS_FRACTION:.0%} of the reference's error)"
+            for m in biased
+        )
+    linear = max(
+        _needed_k(m, abs(mt[m]) - f, mr_cos if m == "cos_err" else abs(mr[m]), local)
+        for m, f in floors.items()
+        if m != "share"
+    )
+    row.needed_k = linear / ramp
+    if local:
+        allowed = int(floors["share"] * abs_t.numel())
+        row.needed_k = max(row.needed_k, _share_k(abs_t, against, scale, floor, rms_r, allowed))
+    return row
+
+
+def _share_k(abs_t, against: metrics.Against, scale, floor, rms_r, allowed: int) -> float:
+    """The k from which at most `allowed` target elements exceed tau(k), tau growing with k
+    (an upper bound of share's needed k: it leaves out the reference's own share)."""
+    if allowed >= abs_t.numel():
+        return 0.0
+    beyond = abs_t - (against.abs_g + scale) * floor
+    worst = float(torch.topk(beyond, allowed + 1).values[-1])
+    if worst <= 0:
+        return 0.0
+    return worst / (4 * rms_r) if rms_r > 0 else math.inf
+
+
+def judge_robustly(
+    target: torch.Tensor,
+    reference: torch.Tensor,
+    golden: torch.Tensor,
+    tol: Tolerance,
+    *,
+    strict_dtype: bool,
+    local: bool,
+    row: Row,
+    draws: Callable[[int], Sequence[torch.Tensor]],
+    accuracy: float = 1.0,
+) -> Row:
+    """`judge` against the reference alone, and where that fails, again against the
+    reference and its honest draws (made only then: they cost a run each): `draws(0)` the
+    first ones, and while the tensor still fails by less than jitter.GRAY_ZONE times its
+    limit, `draws(1)`, more of them. NaN/Inf in the reference, the golden or a draw is an
+    AlignError (`require_finite`)."""
+    require_finite(row, [("reference", reference), ("golden", golden)])
+    kw = dict(strict_dtype=strict_dtype, local=local, accuracy=accuracy)
+    judged = judge(target, reference, golden, tol, row=row, **kw)
+    used = 0
+    for round_ in (0, 1):
+        if judged.passed or (round_ and judged.ratio(judged.worst()) > GRAY_ZONE):
+            return judged
+        honest = draws(round_)
+        if len(honest) <= used:
+            return judged  # no more draws to be had
+        used = len(honest)
+        where = [(f"honest draw {n} of the reference", h) for n, h in enumerate(honest)]
+        require_finite(row, where)
+        judged = Row(row.module, row.call, row.phase, row.tensor, "", [], isolated=row.isolated)
+        judged = judge(target, reference, golden, tol, row=judged, draws=honest, **kw)
+    return judged
+
+
+def require_finite(row: Row, sides: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """AlignError naming the tensor of `row` when a side the target is measured by (the
+    golden, the reference, a draw) holds NaN/Inf: the limit is then undefined there, and
+    masking those elements would let a verdict pass unearned."""
+    for who, x in sides:
+        if bad := metrics.nonfinite(metrics.flat(x)):
+            raise AlignError(
+                f"the {who} holds {bad} NaN/Inf of {x.numel()} elements in "
+                f"{call_label(row.module, row.call)} {row.phase} {row.tensor}: no verdict can be "
+                f"earned against it; find why that run overflowed, or dump it again"
+            )
+
+
+def _envelope(draws: list[dict[str, float]]) -> dict[str, float]:
+    """Per metric, the value of largest magnitude over the honest draws (sign kept)."""
+    return {m: max((d[m] for d in draws), key=abs) for m in draws[0]}

@@ -1,0 +1,514 @@
+"""Align inside the user's own training loop: record chosen steps on each device, then
+judge them step by step.
+
+    rec = align.Recorder(model, "npu_dump", steps=[0, 1, 2], optimizer=opt)
+    for step, (x, y) in enumerate(loader):
+        with rec.step(step):
+            loss = criterion(model(x), y); loss.backward(); opt.step(); opt.zero_grad()
+
+    python -m align.compare gpu_dump npu_dump [--golden golden_dump]
+
+A recorded step is written when it ends, to DIR/rank{N}/step{n:06d}/ (N is the
+torch.distributed rank, 0 without it), through a temporary directory and a rename, so a
+step on disk is complete and memory holds one step's tensors at most:
+
+* `trace/` (an align trace, align.record.trace): every module call's inputs, outputs and the
+  gradients it sends back (align.capture's hooks); the parameter gradients the optimizer
+  received (after GradScaler's unscaling and any clipping: an optimizer step pre-hook
+  takes them before `zero_grad` can clear them; without `optimizer=`, or on a step the
+  scaler skipped, the gradients backward accumulated; a step where an optimizer given
+  without a scaler does not step records none); the
+  step's discrete choices (align.numerics.decisions). Gradients are divided by the scaler's
+  scale, so a run that scales its loss compares with one that does not (the golden).
+* `state.safetensors` and `step.json`: the loss, the parameters and floating buffers
+  after the step, the optimizer's state (momentum buffers, exp_avg, exp_avg_sq, step
+  counts) and hyperparameters by param group and parameter name, and the scaler's scale
+  and whether it skipped the optimizer step (`scaler=`).
+
+The loss is what `rec.loss(loss)` was given in the step; without that call, the tensor
+`.backward()` was last called on (divided by the scaler's scale, so
+`scaler.scale(loss).backward()` records `loss`). Steps not in `steps` run with nothing
+installed. Under torch.distributed, construct the recorder after
+`init_process_group`: each rank writes its own directory and ranks are compared one to
+one.
+
+Discrete decisions: `replay=REFERENCE_DIR` makes a run take the reference dump's
+decisions (indices, piecewise branches, random draws from the default generator: see
+align.numerics.decisions) of the same rank and step, as target and golden runs should. Steps not
+recorded make their own, so the runs must otherwise see the same thing: seed the script
+and feed the same batches in the same order.
+
+Golden: `golden=True` on a CPU run of the same script (same seed, same batches, same
+steps) makes it the float64 golden: the recorder casts the model to float64, casts the
+model's floating inputs to float64 and keeps float64 where the script asks for a lower
+float dtype (align.record.capture.KeepFloat64); autocast leaves float64 alone, so an AMP
+script runs unchanged. Run it without loss scaling. Then every tensor
+of the target is judged by its error against the golden relative to the reference's
+(align.numerics.verdict); without a golden the reference stands in and only dtype floors remain.
+
+Comparison (`compare`, reached through align.compare and python -m align.compare):
+steps in order, and within a step, across ranks, in the order they happen: the model's
+inputs (the data), module outputs, the loss and buffers, gradients and parameter
+gradients (align.judge.comparison.compare_traces), the scaler, the optimizer's state, the
+parameters after the update. The report's first divergence is the first failing tensor
+of the first failing step; its `train` entry has one line per step and rank.
+
+Isolation (re-running one module on the reference's recorded inputs, align.judge.isolation) is
+possible from these dumps only together with the model: a dump holds each call's tensor
+inputs and output gradients, but not its non-tensor arguments nor the module's code.
+The module's weights at step n are the parameters and buffers recorded after step n-1,
+so isolating step n needs step n-1 recorded too (or n = 0 and the initial weights). It
+is not implemented from dumps: align.check isolates on models it runs itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
+
+from align.errors import AlignError, TraceError
+from align.files import replace_dir, write_json_atomic
+from align.numerics import decisions
+from align.numerics.decisions import Decisions
+from align.record.capture import KeepFloat64
+from align.record.capture import Recorder as ModuleHooks
+from align.record.trace import BACKWARD_SLOTS, Trace, read_trace
+from align.runtime import environment
+
+FORMAT = "align.loop/1"
+RUN_FILE = "loop.json"  # per rank: what was recorded, where
+STEP_FILE = "step.json"  # per step: scalars and the index of state.safetensors
+STATE_FILE = "state.safetensors"
+TRACE_DIR = "trace"
+_RANK_DIR = re.compile(r"^rank(\d+)$")
+_STEP_DIR = re.compile(r"^step(\d{6})$")
+
+
+def _step_dir(n: int) -> str:
+    return f"step{n:06d}"
+
+
+def _rank() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed, (0, 1) without it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _BackwardRoots(TorchFunctionMode):
+    """Remembers the tensor `.backward()` / `torch.autograd.backward` was last called on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.root: torch.Tensor | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.backward or func is torch.autograd.backward:
+            first = args[0] if args else (kwargs or {}).get("tensors")
+            if isinstance(first, (list, tuple)) and len(first) == 1:
+                first = first[0]
+            if isinstance(first, torch.Tensor):
+                self.root = first.detach()
+        return func(*args, **(kwargs or {}))
+
+
+class Recorder:
+    """Records the chosen steps of the user's own training loop; see the module docstring.
+
+    Args:
+        model: the model the loop trains (DDP-wrapped or not, as long as every device's
+            script wraps it the same way).
+        out: dump directory; this rank writes DIR/rank{N}/.
+        steps: the step numbers (as passed to `step()`) to record.
+        optimizer: records the gradients it receives and its state after each step.
+        scaler: a torch.amp.GradScaler: records its scale and skipped steps, and divides
+            recorded gradients by the scale.
+        replay: a reference dump whose discrete choices this run takes, step by step.
+        golden: this is the float64 golden run (CPU): casts the model and its inputs.
+
+    Example:
+        rec = align.Recorder(model, "gpu_dump", steps=[0, 1, 2], optimizer=opt)
+        for step, (x, y) in enumerate(loader):
+            with rec.step(step):
+                loss = rec.loss(criterion(model(x), y)); loss.backward(); opt.step()
+                opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        out: str | os.PathLike,
+        steps: Iterable[int],
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        replay: str | os.PathLike | None = None,
+        golden: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise AlignError(f"Recorder needs the nn.Module being trained, not {type(model)}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise AlignError(f"optimizer= must be a torch.optim.Optimizer, not {type(optimizer)}")
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise AlignError(f"scaler= must be a torch.amp.GradScaler, not {type(scaler)}")
+        self.steps = _step_numbers(steps)
+        self.model, self.optimizer, self.scaler, self.golden = model, optimizer, scaler, golden
+        self.rank, self.world = _rank()
+        self.root = Path(out) / f"rank{self.rank}"
+        self.replay = None if replay is None else _rank_root(Path(replay), self.rank)
+        if golden:
+            _make_golden(model, optimizer, scaler)
+        self._names = {id(p): name for name, p in model.named_parameters()}
+        self._given_loss: torch.Tensor | None = None
+        self._recording = False
+        self._start()
+
+    def _start(self) -> None:
+        """Claim this rank's directory: refuse a foreign one, drop a previous recording's steps."""
+        if self.root.exists():
+            if not self.root.is_dir() or (
+                any(self.root.iterdir()) and not (self.root / RUN_FILE).is_file()
+            ):
+                raise AlignError(
+                    f"{self.root}: exists and is not an align loop dump (no {RUN_FILE}); "
+                    "give Recorder a new or empty directory"
+                )
+            for old in self.root.iterdir():
+                if _STEP_DIR.match(old.name):
+                    shutil.rmtree(old)
+        device = self._device()
+        write_json_atomic(
+            self.root / RUN_FILE,
+            {
+                "format": FORMAT,
+                "rank": self.rank,
+                "world_size": self.world,
+                "steps": sorted(self.steps),
+                "model": type(self.model).__name__,
+                "device": device,
+                "golden": self.golden,
+                "optimizer": None if self.optimizer is None else type(self.optimizer).__name__,
+                "scaler": self.scaler is not None and self.scaler.is_enabled(),
+                "replay": None if self.replay is None else str(self.replay),
+                "environment": environment.record({"run": device}),
+            },
+        )
+
+    @contextlib.contextmanager
+    def step(self, n: int) -> Iterator[None]:
+        """Context of one training step: records it if `n` is one of `steps`."""
+        if n not in self.steps:
+            with KeepFloat64() if self.golden else contextlib.nullcontext():
+                yield
+            return
+        if self._recording:
+            raise AlignError(f"rec.step({n}) entered inside another recorded step")
+        self._recording = True
+        try:
+            yield from self._record(n)
+        finally:
+            self._recording = False
+            self._given_loss = None
+
+    def loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Mark `loss` (unscaled) as this step's loss, else the tensor backward ran on is."""
+        if self._recording:
+            self._given_loss = loss.detach()
+        return loss
+
+    def _record(self, n: int) -> Iterator[None]:
+        started = time.perf_counter()
+        scale = self._scale()
+        hooks = ModuleHooks(self.model, backward=True)
+        accumulated: dict[str, str] = {}  # scaled, as backward left them
+        received: dict[str, str] = {}  # as the optimizer received them
+        stepped: list[bool] = []
+
+        def take_accumulated(name: str, p: torch.Tensor) -> None:
+            accumulated[name] = hooks.store(p.grad)
+
+        def take_received(optimizer, args, kwargs) -> None:
+            stepped.append(True)
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        received[self._name(p)] = hooks.store(p.grad)
+
+        choices = Decisions(self._replayed(n))
+        roots = _BackwardRoots()
+        with contextlib.ExitStack() as stack:
+            stack.callback(hooks.release)
+            stack.callback(hooks.remove)
+            # Where the optimizer may not step (no optimizer, or a scaler that can skip),
+            # the gradients backward accumulated are taken too.
+            backward_grads = self.optimizer is None or scale != 1.0
+            for name, p in self.model.named_parameters() if backward_grads else ():
+                if p.requires_grad:
+                    hook = p.register_post_accumulate_grad_hook(partial(take_accumulated, name))
+                    stack.callback(hook.remove)
+            if self.optimizer is not None:
+                stack.callback(self.optimizer.register_step_pre_hook(take_received).remove)
+            if self.golden:
+                stack.enter_context(KeepFloat64())
+            stack.enter_context(choices)
+            stack.enter_context(roots)
+            yield
+        trace = hooks.trace
+        if scale != 1.0:
+            _unscale(trace, scale, accumulated.values())
+        trace.param_grads = {**accumulated, **received}
+        trace.decisions = choices.choices
+        trace.meta = {
+            "device": self._device(),
+            "decisions": "replayed" if self.replay is not None else "own",
+            "decisions_differed": choices.summary(),
+            "model": type(self.model).__name__,
+            "backward": True,
+        }
+        state = self._state()
+        loss = self._given_loss if self._given_loss is not None else roots.root
+        if loss is not None and self._given_loss is None:
+            loss = loss / scale
+        if loss is not None:
+            state["loss"] = loss.detach().reshape(()).cpu().clone()
+        info = {
+            "format": FORMAT,
+            "step": n,
+            "rank": self.rank,
+            "groups": self._groups(),
+            "scaler": self._scaler_info(scale, bool(stepped)),
+            "output_dtypes": sorted(
+                {str(trace.tensors[k].dtype) for c in trace.calls for k in c.outputs if k}
+            ),
+            "seconds": time.perf_counter() - started,
+        }
+        replace_dir(
+            self.root / _step_dir(n), partial(_write_step, trace, state, info), STEP_FILE, "step"
+        )
+
+    def _device(self) -> str:
+        return str(next((p.device for p in self.model.parameters()), torch.device("cpu")))
+
+    def _name(self, p: torch.Tensor) -> str:
+        return self._names.get(id(p)) or f"<unnamed {tuple(p.shape)}>"
+
+    def _scale(self) -> float:
+        if self.scaler is None or not self.scaler.is_enabled():
+            return 1.0
+        return float(self.scaler.get_scale())
+
+    def _scaler_info(self, scale: float, stepped: bool) -> dict[str, Any] | None:
+        if self.scaler is None or not self.scaler.is_enabled():
+            return None
+        return {"scale": scale, "next_scale": self._scale(), "skipped": not stepped}
+
+    def _replayed(self, n: int) -> decisions.Choices | None:
+        if self.replay is None:
+            return None
+        path = self.replay / _step_dir(n) / TRACE_DIR
+        if not path.is_dir():
+            raise TraceError(
+                f"{self.replay}: the reference dump has no step {n}: record the same steps "
+                "on the reference as on this run"
+            )
+        return read_trace(path).decisions
+
+    def _groups(self) -> list[dict[str, Any]]:
+        """Each param group's hyperparameters and its parameters' names, in order."""
+        if self.optimizer is None:
+            return []
+        return [
+            {
+                "hyper": {k: _jsonable(v) for k, v in g.items() if k != "params"},
+                "params": [self._name(p) for p in g["params"]],
+            }
+            for g in self.optimizer.param_groups
+        ]
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        """Parameters and floating buffers after the step, and the optimizer's state."""
+        state = {f"param/{n}": p.detach() for n, p in self.model.named_parameters()}
+        state.update(
+            {f"buffer/{n}": b for n, b in self.model.named_buffers() if b.is_floating_point()}
+        )
+        for g, group in enumerate(self.optimizer.param_groups if self.optimizer else []):
+            for p in group["params"]:
+                for key, value in self.optimizer.state.get(p, {}).items():
+                    if isinstance(value, (int, float)) or isinstance(value, torch.Tensor):
+                        state[f"optim/{g}/{self._name(p)}/{key}"] = torch.as_tensor(value)
+        return _unshared({k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with a copy of each tensor whose storage another one already uses
+    (safetensors refuses shared storage). No other copy: the step is written at once."""
+    seen: set[int] = set()
+    out = {}
+    for key, t in state.items():
+        ptr = t.untyped_storage().data_ptr()
+        out[key] = t.clone() if ptr in seen and t.numel() else t
+        seen.add(ptr)
+    return out
+
+
+def _step_numbers(steps: Any) -> frozenset[int]:
+    try:
+        numbers = frozenset(steps)
+    except TypeError:
+        numbers = None
+    if not numbers or not all(isinstance(n, int) and n >= 0 for n in numbers):
+        raise AlignError(f"steps= must list step numbers >= 0 to record, e.g. [0, 1, 2]: {steps!r}")
+    return numbers
+
+
+def _make_golden(model: nn.Module, optimizer: torch.optim.Optimizer | None, scaler: Any) -> None:
+    """Turn this run into the float64 golden: model in float64, floating inputs cast."""
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        raise AlignError("golden=True is the float64 CPU run: keep the model on the CPU")
+    if optimizer is not None and optimizer.state:
+        raise AlignError("golden=True: construct the Recorder before the first optimizer step")
+    if scaler is not None and scaler.is_enabled():
+        raise AlignError(
+            "golden=True: run the golden without loss scaling (GradScaler(enabled=False)); "
+            "recorded gradients are unscaled on every side"
+        )
+    model.double()  # in place: the optimizer keeps the same parameter objects
+    model.register_forward_pre_hook(_inputs_to_float64, with_kwargs=True)
+
+
+def _inputs_to_float64(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def cast(t: Any) -> Any:
+        return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    return tree_map(cast, (args, kwargs))
+
+
+def _unscale(trace: Trace, scale: float, more: Iterable[str]) -> None:
+    """Divide the recorded module gradients (and `more` keys) by the loss scale they had."""
+    keys = {k for c in trace.calls for slot in BACKWARD_SLOTS for k in getattr(c, slot) if k}
+    for key in keys | set(more):
+        trace.tensors[key] = trace.tensors[key] / scale
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value if isinstance(value, (int, float, str, bool, type(None))) else repr(value)
+
+
+def _write_step(trace: Trace, state: dict[str, torch.Tensor], info: dict, directory: Path) -> None:
+    trace.save(directory / TRACE_DIR)
+    save_file(state, str(directory / STATE_FILE))
+    info["state"] = {k: {"shape": list(t.shape), "dtype": str(t.dtype)} for k, t in state.items()}
+    (directory / STEP_FILE).write_text(json.dumps(info, indent=1, default=str))
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def is_dump(path: Any) -> bool:
+    """True for a directory written by `Recorder` (it has rank0/loop.json)."""
+    return isinstance(path, (str, os.PathLike)) and (Path(path) / "rank0" / RUN_FILE).is_file()
+
+
+def _rank_root(root: Path, rank: int) -> Path:
+    path = root / f"rank{rank}"
+    if not (path / RUN_FILE).is_file():
+        raise TraceError(
+            f"{root}: no rank{rank}/{RUN_FILE}; expected a dump written by align.Recorder "
+            "with the same number of ranks"
+        )
+    return path
+
+
+@dataclass
+class Step:
+    """One recorded step of one rank: its module trace, state tensors and scalars."""
+
+    number: int
+    rank: int
+    trace: Trace
+    state: dict[str, torch.Tensor]
+    info: dict[str, Any]
+
+
+class LoopDump:
+    """A Recorder's dump directory: ranks and their recorded steps."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise TraceError(f"{self.root}: no such dump directory")
+        self.ranks: dict[int, dict[str, Any]] = {}
+        for d in sorted(self.root.iterdir()):
+            m = _RANK_DIR.match(d.name)
+            if m and d.is_dir():
+                self.ranks[int(m[1])] = _read_json(_rank_root(self.root, int(m[1])) / RUN_FILE)
+        if not self.ranks:
+            raise TraceError(f"{self.root}: no rank*/ directories: not an align.Recorder dump")
+
+    def steps(self, rank: int) -> list[int]:
+        """Step numbers recorded (completely: temporary directories are skipped) by `rank`."""
+        d = self.root / f"rank{rank}"
+        return sorted(int(m[1]) for p in d.iterdir() if (m := _STEP_DIR.match(p.name)))
+
+    def load(self, rank: int, n: int) -> Step:
+        """Read step `n` of `rank`; a truncated or corrupt record is a TraceError."""
+        d = self.root / f"rank{rank}" / _step_dir(n)
+        info = _read_json(d / STEP_FILE)
+        index = info.get("state")
+        if not isinstance(index, dict):
+            raise TraceError(f"{d / STEP_FILE}: no 'state' index: the step record is corrupt")
+        return Step(n, rank, read_trace(d / TRACE_DIR), _read_state(d / STATE_FILE, index), info)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TraceError(
+            f"{path}: missing or not valid JSON ({exc}); the dump is incomplete or corrupt: "
+            "record it again"
+        ) from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise TraceError(f"{path}: not an {FORMAT} record")
+    return data
+
+
+def _read_state(path: Path, index: dict[str, Any]) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = {key: f.get_tensor(key) for key in index}
+    except Exception as exc:  # safetensors raises its own error types
+        raise TraceError(
+            f"{path}: not readable ({exc}); the step record is truncated or corrupt: record "
+            "it again"
+        ) from exc
+    for key, t in state.items():
+        entry = index[key]
+        if not isinstance(entry, dict) or [list(t.shape), str(t.dtype)] != [
+            entry.get("shape"),
+            entry.get("dtype"),
+        ]:
+            raise TraceError(f"{path}: {key} is not what {STEP_FILE} says: the record is corrupt")
+    return state

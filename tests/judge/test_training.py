@@ -1,0 +1,166 @@
+"""Short-train alignment: a clean target passes; optimizer and loss-scaling faults fail and
+say which step and quantity diverged."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import align
+from align.judge.training import TrainOptions, optimizer_state
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    ).train()
+
+
+X = torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+Y = torch.arange(8) % 5
+
+
+def _loss(out, inputs):
+    return F.cross_entropy(out if out.dtype == torch.float64 else out.float(), Y.to(out.device))
+
+
+def _check(precision="fp32", target=None, steps=6, **kw):
+    return align.check(
+        _net(),
+        X,
+        target="cpu",
+        precision=precision,
+        phases=("train",),
+        steps=steps,
+        loss_fn=_loss,
+        train_options=TrainOptions(lr=0.05),
+        target_train_options=target,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("precision", ["fp32", "amp-bf16"])
+def test_clean_target_passes(precision):
+    report = _check(precision)
+    assert report.passed, str(report)
+    assert report.train["steps_run"] == 6
+    first = report.train["steps"][0]["loss"]
+    assert first["golden"] == pytest.approx(first["reference"], rel=1e-2)
+
+
+def test_clean_emulated_target_passes():
+    report = _check(emulate="npu-fp32")
+    assert report.passed, str(report)
+
+
+@pytest.mark.parametrize(
+    "fault, quantity",
+    [
+        (dict(momentum=0.8), "update_norm"),  # another momentum: the second update differs
+        (dict(norm_decay=True, weight_decay=0.05), "update_norm"),  # decay on norm params
+    ],
+)
+def test_optimizer_faults_fail_naming_step_and_quantity(fault, quantity):
+    report = _check(target=dataclasses.replace(TrainOptions(lr=0.05), **fault))
+    assert not report.passed
+    first = report.first_divergence
+    assert first.phase == "train" and quantity in first.metric
+    assert first.tensor.startswith("step ")
+    assert "step" in str(report) and quantity in str(report)
+
+
+def test_loss_scale_not_unscaled_before_clipping_fails():
+    good = TrainOptions(lr=0.05, clip_grad=1.0)
+    bad = dataclasses.replace(good, unscale_before_clip=False)
+    clean = align.check(
+        _net(),
+        X,
+        target="cpu",
+        precision="amp-fp16",
+        phases=("train",),
+        steps=3,
+        loss_fn=_loss,
+        train_options=good,
+    )
+    assert clean.passed, str(clean)
+    report = align.check(
+        _net(),
+        X,
+        target="cpu",
+        precision="amp-fp16",
+        phases=("train",),
+        steps=3,
+        loss_fn=_loss,
+        train_options=good,
+        target_train_options=bad,
+    )
+    assert not report.passed
+    assert report.first_divergence.tensor == "step 0 update_norm"
+
+
+# -- the user's training pieces ---------------------------------------------------------------
+
+
+def _adamw(eps: float = 1e-8):
+    return lambda groups: torch.optim.AdamW(groups, lr=1e-2, eps=eps)
+
+
+def _cosine(optimizer):
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=6)
+
+
+def test_the_users_optimizer_and_scheduler_train_and_their_state_is_judged():
+    opts = TrainOptions(optimizer=_adamw(), scheduler=_cosine)
+    report = align.check(
+        _net(), X, target="cpu", phases=("train",), steps=4, loss_fn=_loss, train_options=opts
+    )
+    assert report.passed, str(report)
+    net = _net()
+    opt = _adamw()([{"params": list(net.parameters())}])
+    net(X).sum().backward()
+    opt.step()
+    assert any(k.endswith(".exp_avg_sq (group 0)") for k in optimizer_state(opt, net))
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        TrainOptions(optimizer=_adamw(eps=1e-3)),  # a fused optimizer with another epsilon
+        TrainOptions(optimizer=lambda g: torch.optim.Adam(g, lr=1e-2)),  # L2, not decoupled
+        TrainOptions(optimizer=lambda g: torch.optim.SGD(g, lr=1e-2, momentum=0.9)),
+    ],
+    ids=["eps", "adam_l2", "sgd"],
+)
+def test_a_target_optimizer_that_differs_fails_and_names_the_parameter(target):
+    report = align.check(
+        _net(),
+        X,
+        target="cpu",
+        phases=("train",),
+        steps=3,
+        loss_fn=_loss,
+        train_options=TrainOptions(optimizer=_adamw()),
+        target_train_options=target,
+    )
+    assert not report.passed
+    first = report.train["first_divergence"]
+    assert first["tensor"].startswith("step 0") or "optimizer" in str(report.train), first
+
+
+def test_a_loss_scale_of_the_users_own_trains_aligned():
+    opts = TrainOptions(loss_scale=2.0**10)
+    report = align.check(
+        _net(), X, target="cpu", phases=("train",), steps=3, loss_fn=_loss, train_options=opts
+    )
+    assert report.passed, str(report)

@@ -1,0 +1,309 @@
+"""Discrete decisions: recorded on one run, replayed on another (align/numerics/decisions.py)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import align
+from align.numerics.decisions import RANDOM_OPS, Decisions
+from align.testing import perturb
+
+OPS = {
+    "sort": lambda x: x.sort(dim=1, descending=True)[0],
+    "topk": lambda x: x.topk(3, dim=1).values,
+    "max": lambda x: x.max(dim=1).values,
+    "min_keepdim": lambda x: x.min(dim=0, keepdim=True).values,
+    "kthvalue": lambda x: x.kthvalue(2, dim=1).values,
+    "cummax": lambda x: x.cummax(dim=1).values,
+    "max_pool2d": lambda x: F.max_pool2d(x.view(1, 1, *x.shape), 2, ceil_mode=True),
+    "adaptive_max_pool2d": lambda x: F.adaptive_max_pool2d(x.view(1, 1, *x.shape), 2),
+    "argmax": lambda x: x.argmax(dim=1).float(),
+}
+
+
+def _run(op, x, mode):
+    x = x.detach().clone().requires_grad_(True)
+    with mode:
+        out = OPS[op](x)
+        if out.requires_grad:
+            out.sum().backward()
+    return out.detach(), x.grad
+
+
+@settings(max_examples=30, deadline=None)
+@given(op=st.sampled_from(sorted(OPS)), seed=st.integers(0, 2**16))
+def test_replaying_a_runs_own_choices_changes_nothing(op, seed):
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(seed))
+    record = Decisions()
+    out, grad = _run(op, x, record)
+    replay = Decisions(record.log)
+    out2, grad2 = _run(op, x, replay)
+    assert torch.equal(out, out2)
+    assert (grad is None and grad2 is None) or torch.equal(grad, grad2)
+    assert replay.summary() == "" and replay.unmatched == 0
+
+
+@pytest.mark.parametrize("op", ["sort", "max", "max_pool2d", "argmax"])
+def test_a_flipped_choice_follows_the_record_in_values_and_gradients(op):
+    x = torch.tensor([[1.0, 1.0 + 2e-7, 0.5, 0.0], [0.0, 0.3, 0.5 - 2e-7, 0.1]])
+    record = Decisions()
+    _run(op, x, record)
+    flipped = x.clone()
+    flipped[0, 0], flipped[1, 2] = x[0, 0] + 4e-7, x[1, 2] + 4e-7  # near-ties, other side
+    replay = Decisions(record.log)
+    out, grad = _run(op, flipped, replay)
+    own_out, own_grad = _run(op, flipped, Decisions())
+    assert not torch.equal(out, own_out) or not torch.equal(grad, own_grad)
+    again, again_grad = _run(op, x, Decisions(record.log))  # the record's choice, exactly
+    if op != "argmax":
+        assert torch.equal(grad, again_grad)  # same positions chosen
+        assert torch.allclose(out, again, atol=1e-6)  # values from the run's own input
+    stats = replay.stats
+    (name,) = stats
+    assert stats[name].differed >= 1 and stats[name].gap < 1e-6
+    assert f"{name} {stats[name].differed} of" in replay.summary()
+
+
+def test_a_call_the_record_does_not_have_keeps_its_own_choice():
+    record = Decisions()
+    _run("sort", torch.randn(4, 6), record)
+    replay = Decisions(record.log)
+    x = torch.randn(5, 6)
+    out, _ = _run("sort", x, replay)  # another shape: not matched
+    assert torch.equal(out, x.sort(dim=1, descending=True)[0])
+    assert replay.unmatched == 1 and "not matched" in replay.summary()
+
+
+class NearTiedSelection(nn.Module):
+    """Scores that tie in pairs on these inputs: row 2i+1 of the weight is row 2i plus a
+    vector orthogonal to every input, so only rounding orders them. The output keeps the
+    top half, as SSD's hard negative mining keeps the hardest anchors, and each pair's
+    rows get different gradients by their rank. `reverse` sums every dot product the
+    other way round: an honest target that breaks the ties otherwise."""
+
+    def __init__(self, x: torch.Tensor, reverse: bool = False):
+        super().__init__()
+        self.reverse = reverse
+        gen = torch.Generator().manual_seed(0)
+        rows = torch.randn(8, x.shape[1], generator=gen, dtype=torch.float64)
+        q, _ = torch.linalg.qr(x.double().T)  # an orthonormal basis of the inputs' span
+        v = torch.randn(8, x.shape[1], generator=gen, dtype=torch.float64)
+        v = v - (v @ q) @ q.T
+        weight = torch.stack([rows, rows + v], 1).reshape(16, -1)
+        self.weight = nn.Parameter(weight.float())
+
+    def forward(self, x):
+        w = self.weight
+        if self.reverse:
+            w, x = w.flip(1), x.flip(1)
+        return (x @ w.T).topk(8, dim=1).values
+
+
+def _check_near_tied(target: nn.Module, x: torch.Tensor):
+    return align.check(
+        NearTiedSelection(x), (x,), target_model=target, target="cpu", isolate_modules=False
+    )
+
+
+def test_check_judges_a_near_tied_selection_sharply_by_the_references_choice():
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
+    report = _check_near_tied(NearTiedSelection(x, reverse=True), x)
+    note = next((n for n in report.notes if "target would have made" in n), "")
+    assert "topk" in note, report.notes  # the target did break ties otherwise
+    assert report.passed, str(report)
+    # the golden took the reference's choices too: the reference's error is rounding, so
+    # the limits are sharp (each choice on its own: the reference's error was 0.78)
+    assert max(r.reference["rel_rmse"] for r in report.rows) < 1e-6
+
+    faulty = NearTiedSelection(x, reverse=True)
+    with torch.no_grad():
+        faulty.weight[3] *= 1 + 1e-4
+    assert not _check_near_tied(faulty, x).passed
+
+
+def test_a_caller_writing_into_replayed_indices_leaves_the_record_alone():
+    x = torch.randn(3, 5)
+    record = Decisions()
+    with record:
+        x.max(dim=0)
+    for _ in range(2):  # torchvision's Matcher marks unmatched anchors with -1 in place
+        with Decisions(record.log):
+            _, idx = x.max(dim=0)
+            idx[:] = -1
+    assert (record.log[0][1] >= 0).all()
+
+
+# -- branches of piecewise ops and random draws ----------------------------------------------
+
+BRANCHING = {
+    "relu": F.relu,
+    "relu_inplace": lambda x: F.relu(x * 1.0, inplace=True),
+    "threshold": lambda x: F.threshold(x, 0.1, -1.0),
+    "relu6": F.relu6,
+    "hardtanh": lambda x: F.hardtanh(x, -0.5, 0.5),
+    "clamp": lambda x: x.clamp(-0.5, 0.5),
+    "clamp_min": lambda x: x.clamp(min=0.2),
+    "leaky_relu": lambda x: F.leaky_relu(x, 0.1),
+    "hardswish": lambda x: F.hardswish(x * 4),
+    "hardsigmoid": lambda x: F.hardsigmoid(x * 4),
+    "maximum": lambda x: torch.maximum(x, x.flip(0)),
+    "minimum": lambda x: torch.minimum(x, 0.5 * x.flip(1)),
+    "where_gt": lambda x: torch.where(x > 0.2, x, 2 * x),
+    "abs": torch.abs,
+    "prelu": lambda x: F.prelu(x, torch.tensor([0.25])),
+    "dropout": lambda x: F.dropout(x, 0.5, training=True),
+    "drop_path": lambda x: x * x.new_empty(x.shape[0], 1).bernoulli_(0.7).div_(0.7),
+    "randn_like": lambda x: x + torch.randn_like(x),
+    "randperm": lambda x: x[torch.randperm(x.shape[0])],
+}
+
+
+def _run_fn(fn, x, mode):
+    x = x.detach().clone().requires_grad_(True)
+    with mode:
+        out = fn(x)
+        (out * torch.arange(out.numel()).view(out.shape)).sum().backward()
+    return out.detach(), x.grad
+
+
+@settings(max_examples=40, deadline=None)
+@given(op=st.sampled_from(sorted(BRANCHING)), seed=st.integers(0, 2**16))
+def test_replaying_a_runs_own_branches_and_draws_changes_nothing(op, seed):
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)
+    record = Decisions()
+    out, grad = _run_fn(BRANCHING[op], x, record)
+    assert record.log, "the op made no recorded decision"
+    torch.manual_seed(seed + 1)  # another generator state: the draws must come from the record
+    replay = Decisions(record.log)
+    out2, grad2 = _run_fn(BRANCHING[op], x, replay)
+    assert torch.equal(out, out2)
+    assert torch.equal(grad, grad2)
+    assert replay.unmatched == 0
+    branches = {n: s for n, s in replay.stats.items() if f"aten.{n}" not in RANDOM_OPS}
+    assert all(s.differed == 0 for s in branches.values())
+
+
+@pytest.mark.parametrize("op", ["relu", "relu_inplace", "leaky_relu", "where_gt", "abs"])
+def test_a_flipped_branch_follows_the_record_in_values_and_gradients(op):
+    x = torch.tensor([[1.0, -3e-8, 0.5, -0.7], [0.2 + 3e-8, 0.3, -0.5, 2.0]])
+    record = Decisions()
+    _, grad = _run_fn(BRANCHING[op], x, record)
+    flipped = x.clone()
+    flipped[0, 1], flipped[1, 0] = 3e-8, 0.2 - 3e-8  # rounding put them across
+    _, own_grad = _run_fn(BRANCHING[op], flipped, Decisions())
+    replay = Decisions(record.log)
+    out, replayed_grad = _run_fn(BRANCHING[op], flipped, replay)
+    assert not torch.equal(own_grad, grad)  # on its own the run would jump
+    assert torch.allclose(replayed_grad, grad, rtol=1e-6, atol=1e-6)  # with replay it does not
+    assert replay.summary() and all(s.gap < 1e-6 for s in replay.stats.values())
+
+
+def test_an_op_with_another_breakpoint_is_not_replayed_over():
+    """A threshold argument is part of the record: a moved breakpoint keeps its own
+    branches, so its values differ from the reference's and are judged as such."""
+    x = torch.randn(64)
+    record = Decisions()
+    with record:
+        F.threshold(x, 0.0, 0.0)
+    replay = Decisions(record.log)
+    with replay:
+        out = F.threshold(x, 0.05, 0.0)
+    assert torch.equal(out, F.threshold(x, 0.05, 0.0))
+    assert replay.unmatched == 1
+
+
+class _Dropper(nn.Module):
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = nn.Linear(16, 32), nn.Dropout(p), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+
+
+class _WrongScaleDropout(nn.Dropout):
+    """Drops with the mask the generator gives, but scales by 1/(1-p) twice."""
+
+    def forward(self, x):
+        return super().forward(x) / (1 - self.p)
+
+
+class _UnscaledDropout(nn.Dropout):
+    """Draws its own mask and forgets the 1/(1-p) scale."""
+
+    def forward(self, x):
+        return x * (torch.rand_like(x) >= self.p)
+
+
+def _draw_first(module: nn.Module, args: tuple) -> None:
+    torch.rand(7)  # another device's generator: every later draw differs
+
+
+def test_a_model_with_dropout_in_train_mode_is_aligned_with_an_honest_target():
+    torch.manual_seed(0)
+    model = _Dropper().train()
+    target = perturb(model, ulps=1.0)
+    target.register_forward_pre_hook(_draw_first)
+    report = align.check(model, torch.randn(8, 16), target_model=target, target="cpu")
+    assert report.passed, str(report)
+    assert report.rows and report.local_rows
+    assert "bernoulli_" in " ".join(report.notes)  # its own masks were other masks
+
+
+@pytest.mark.parametrize("faulty", [_WrongScaleDropout, _UnscaledDropout])
+def test_a_wrong_dropout_fails_and_is_named(faulty):
+    torch.manual_seed(0)
+    model = _Dropper().train()
+    target = copy.deepcopy(model)
+    target.drop = faulty(0.5)
+    report = align.check(model, torch.randn(8, 16), target_model=target, target="cpu")
+    assert not report.passed
+    assert report.culprits and report.culprits[0].module == "drop", str(report)
+
+
+def test_a_fused_dropout_kernel_is_checked_against_its_own_mask():
+    """native_dropout (the fused kernel of CUDA and NPU builds) returns (output, mask): a
+    kernel whose output is not input * mask / (1 - p) is a fault, named where it ran."""
+    aten = torch.ops.aten
+    x = torch.randn(64)
+    record = Decisions()
+    with record:
+        aten.native_dropout(x, 0.5, True)
+
+    class Wrong(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            return (out[0] * 0.9, out[1]) if func is aten.native_dropout.default else out
+
+    replay = Decisions(record.log, where=lambda: ("head.drop", 0, 3))
+    with Wrong(), replay:  # the kernel below, the replay above it
+        out, mask = aten.native_dropout(x, 0.5, True)
+    assert torch.equal(mask, record.log[0][1])
+    assert torch.allclose(out, x * mask * 2.0)
+    (fault,) = replay.faults
+    assert fault.module == "head.drop" and "mask" in fault.message
+    clean = Decisions(record.log)
+    with clean:
+        aten.native_dropout(x, 0.5, True)
+    assert not clean.faults
+
+
+def test_dumps_carry_random_draws(tmp_path):
+    torch.manual_seed(0)
+    model = _Dropper().train()
+    x = torch.randn(8, 16)
+    ref = align.capture(model, x, seed=1, draws=1)
+    ref.save(tmp_path / "ref")
+    loaded = align.load_trace(tmp_path / "ref")
+    assert any("bernoulli" in key or "dropout" in key for key, _ in loaded.decisions)
+    tgt = align.capture(model, x, seed=2, decisions_of=loaded)  # another generator state
+    gold = align.capture(model, x, precision="fp64", seed=3, decisions_of=loaded)
+    assert align.compare(loaded, tgt, gold).passed
+    own = align.capture(model, x, seed=2)
+    assert not align.compare(loaded, own, gold).passed

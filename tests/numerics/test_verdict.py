@@ -1,0 +1,351 @@
+"""Unit tests of align.numerics.verdict.judge with synthetic tensors.
+
+A golden g (float64), a reference r (g with the reference device's error) and a target t:
+the target passes when its error against g is no worse than k times the reference's plus
+the dtype floor, for every metric, and fails with the metric that shows its error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from align.numerics.precision import error_floor, unit_roundoff
+from align.numerics.verdict import Divergence, Row, Tolerance, _k, judge
+
+N = 4096
+
+
+def golden(n: int = N, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def noisy(g: torch.Tensor, rel: float, seed: int, dtype=torch.float32) -> torch.Tensor:
+    """g plus independent Gaussian noise of relative RMS `rel`, in `dtype`."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    rms = float(g.pow(2).mean().sqrt())
+    return (g + rel * rms * torch.randn(g.shape, generator=gen, dtype=torch.float64)).to(dtype)
+
+
+def row(**kw) -> Row:
+    return Row(kw.pop("module", "layer1.conv"), 0, kw.pop("phase", "forward"), "output[0]", "", [])
+
+
+def run(t, r, g, *, k=2.0, strict_dtype=True, local=True, draws=()) -> Row:
+    """judge() as isolation calls it by default (local: share and the bias metrics too)."""
+    return judge(
+        t, r, g, Tolerance(k=k), strict_dtype=strict_dtype, local=local, row=row(), draws=draws
+    )
+
+
+def explain(r: Row) -> str:
+    return "; ".join(
+        f"{m} {r.metrics[m]:.3g} limit {r.limits[m]:.3g} ref {r.reference.get(m, math.nan):.3g}"
+        for m in r.limits
+    )
+
+
+# -- a target as good as the reference passes -----------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("rel", [1e-6, 1e-4, 3e-3])
+def test_same_noise_as_the_reference_passes(seed, rel):
+    g = golden(seed=seed)
+    r, t = noisy(g, rel, 2 * seed), noisy(g, rel, 2 * seed + 1)
+    verdict = run(t, r, g, local=True)
+    assert verdict.passed, explain(verdict)
+    assert set(verdict.limits) == {
+        "rel_rmse",
+        "cos_err",
+        "max_rel",
+        "share",
+        "mean_err",
+        "scale_err",
+    }
+    assert set(run(t, r, g, local=False).limits) == {"rel_rmse", "cos_err", "max_rel"}
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_same_rounding_noise_in_low_precision_passes(seed, dtype):
+    """Both sides round to the low-precision dtype; the target rounds slightly different
+    values (another kernel), so its rounding errors are independent of the reference's."""
+    g = golden(seed=seed)
+    r = g.to(dtype)
+    t = noisy(g, 1e-4, seed, torch.float64).to(dtype)
+    verdict = run(t, r, g, k=3.0, strict_dtype=False, local=True)
+    assert verdict.passed, explain(verdict)
+
+
+def test_the_reference_itself_and_a_better_target_pass():
+    g = golden()
+    r = noisy(g, 1e-3, 0)
+    assert run(r.clone(), r, g).passed
+    assert run(g.float(), r, g).passed  # closer to golden than the reference
+
+
+def test_exact_reference_still_allows_rounding_level_noise():
+    """ReLU, pooling, copies: the reference equals golden, the target may still round."""
+    g = golden().float().double()  # representable in float32: the reference is exact
+    r = g.float()
+    ulp = torch.nextafter(r, torch.full_like(r, math.inf)) - r
+    t = r + ulp * torch.randint(-2, 3, r.shape, generator=torch.Generator().manual_seed(3))
+    verdict = run(t, r, g, local=False)
+    assert verdict.reference["rel_rmse"] == 0.0
+    assert verdict.passed, explain(verdict)
+    assert verdict.limits["rel_rmse"] == pytest.approx(error_floor(torch.float32))
+
+
+# -- targets that must fail -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("rel", [1e-5, 3e-3])
+def test_ten_times_the_noise_fails_rel_rmse(seed, rel):
+    g = golden(seed=seed)
+    r, t = noisy(g, rel, 2 * seed), noisy(g, 10 * rel, 2 * seed + 1)
+    for local in (True, False):
+        verdict = run(t, r, g, local=local)
+        assert "rel_rmse" in verdict.failed, explain(verdict)
+        assert verdict.metrics["rel_rmse"] == pytest.approx(10 * rel, rel=0.1)
+    verdict = run(t, r, g, local=True)  # isolated: exactly k
+    assert verdict.limits["rel_rmse"] == pytest.approx(
+        2 * verdict.reference["rel_rmse"] + error_floor(torch.float32)
+    )
+
+
+def test_k_of_propagated_errors_rises_with_the_reference_error():
+    """Whole-network tensors: k at the dtype floor, 2k at NOISE_DOMINATED, log-linear."""
+    floor = error_floor(torch.float32)
+    ks = [_k(2.0, rel, floor, local=False) for rel in (floor, 1e-4, 1e-3, 1e-2, 0.1, 0.5)]
+    assert ks[0] == 2.0 and ks[-1] == pytest.approx(4.0)
+    assert ks == sorted(ks) and len(set(ks)) == len(ks)
+    assert _k(2.0, 1e-2, floor, local=True) == 2.0  # isolated: k until noise dominates
+    assert _k(2.0, 0.6, floor, local=True) == _k(2.0, 0.6, floor, local=False) == 4.0
+
+
+def test_a_few_large_errors_fail_share():
+    """2% of the elements 10x off: the RMS stays within k, the share of outliers does not."""
+    g = golden()
+    r, t = noisy(g, 1e-3, 0), noisy(g, 1e-3, 1)
+    idx = torch.arange(0, N, 50)
+    signs = torch.tensor([1.0, -1.0]).repeat(len(idx))[: len(idx)]
+    t[idx] += 10e-3 * signs
+    verdict = run(t, r, g, local=True)
+    assert "rel_rmse" not in verdict.failed, explain(verdict)
+    assert "share" in verdict.failed, explain(verdict)
+    # whole-network rows (local=False) do not judge share: propagated errors are correlated
+    assert "share" not in run(t, r, g, local=False).limits
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_gain_hidden_in_bf16_level_noise_fails_scale_err(seed):
+    """fp32 tensors with bf16-level noise (0.2%): a 0.3% gain stays within the rel_rmse,
+    cos_err, max_rel and share limits, but it is systematic, so scale_err sees it."""
+    g = golden(seed=seed)
+    rel = 2e-3
+    r, t = noisy(g, rel, 2 * seed), noisy(1.003 * g, rel, 2 * seed + 1)
+    hidden = run(t, r, g, local=False)
+    assert hidden.passed, explain(hidden)
+    verdict = run(t, r, g, local=True)
+    assert verdict.failed == ["scale_err"], explain(verdict)
+    assert verdict.metrics["scale_err"] == pytest.approx(0.003, abs=3e-4)
+    assert verdict.divergence().metric == "scale_err"
+    # and the opposite gain fails the same way: the limit is on |scale_err|
+    t = noisy(0.997 * g, rel, 2 * seed + 1)
+    assert run(t, r, g, local=True).failed == ["scale_err"]
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_a_gain_hidden_in_bf16_rounding_fails_scale_err(seed):
+    """The amp-bf16 case: both outputs are bf16 (rounding noise ~0.2%), the target 0.3% high."""
+    g = golden(seed=seed)
+    r = g.to(torch.bfloat16)
+    t = (1.003 * noisy(g, 1e-4, seed, torch.float64)).to(torch.bfloat16)
+    assert run(
+        t, r, g, k=3.0, strict_dtype=False, local=False
+    ).passed  # hidden as a whole-network row
+    verdict = run(t, r, g, k=3.0, strict_dtype=False, local=True)
+    assert verdict.metrics["scale_err"] == pytest.approx(0.003, abs=3e-4)
+    assert 2 * unit_roundoff(torch.bfloat16) > 0.003  # the floor that hides it
+    assert "scale_err" in verdict.failed, explain(verdict)
+
+
+def test_an_offset_fails_mean_err():
+    g = golden()
+    rel = 2e-3
+    r, t = noisy(g, rel, 0), noisy(g + 0.003, rel, 1)
+    assert run(t, r, g, local=False).passed
+    assert run(t, r, g, local=True).failed == ["mean_err"]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_nonfinite_target_where_the_reference_is_finite_fails(bad):
+    g = golden()
+    r, t = noisy(g, 1e-6, 0), noisy(g, 1e-6, 1)
+    t[[3, 77, 1000]] = bad
+    verdict = run(t, r, g)
+    assert "nonfinite" in verdict.failed
+    assert verdict.metrics["nonfinite"] == 3 and verdict.limits["nonfinite"] == 0
+    assert "3 NaN/Inf" in verdict.message
+    d = verdict.divergence()
+    assert (d.metric, d.value, d.limit) == ("nonfinite", 3, 0)
+    # the other metrics are those of the finite elements: nothing else is wrong
+    assert verdict.failed == ["nonfinite"], explain(verdict)
+
+
+def test_nonfinite_where_the_reference_is_nonfinite_too_is_not_counted():
+    g = golden()
+    r, t = noisy(g, 1e-6, 0), noisy(g, 1e-6, 1)
+    r[5] = t[5] = math.nan
+    r[6] = math.inf  # the reference overflowed, the target did not: not the target's fault
+    verdict = run(t, r, g)
+    assert verdict.passed, explain(verdict)
+    assert "nonfinite" not in verdict.metrics
+
+
+def test_dtype_mismatch_fails_under_strict_dtype():
+    g = golden()
+    r = noisy(g, 1e-6, 0)
+    t = r.double()  # same values, another dtype
+    strict = run(t, r, g, strict_dtype=True)
+    assert strict.failed == ["dtype"], explain(strict)
+    assert "dtype torch.float64 on the target" in strict.message
+    assert strict.divergence().metric == "dtype"
+    assert run(t, r, g, strict_dtype=False).passed
+
+
+def test_low_precision_target_against_fp32_reference_fails_by_dtype_and_error():
+    g = golden()
+    r = noisy(g, 1e-7, 0)
+    verdict = run(r.to(torch.bfloat16), r, g, strict_dtype=False)
+    assert "dtype" not in verdict.failed and "rel_rmse" in verdict.failed
+
+
+def test_shape_mismatch_fails():
+    g = golden()
+    r = noisy(g, 1e-6, 0)
+    verdict = run(r[:-1], r, g)
+    assert verdict.failed == ["shape"]
+    assert "(4095,) on the target" in verdict.message
+    assert not verdict.passed
+
+
+# -- Row: the worst metric and the divergence ---------------------------------------------
+
+
+def test_divergence_picks_the_worst_failing_metric():
+    r = Row("blocks.1.conv", 2, "backward", "grad_input[0]", "float32", [4])
+    r.metrics = {"rel_rmse": 0.03, "cos_err": 1e-3, "share": 0.59, "scale_err": -0.02}
+    r.limits = {"rel_rmse": 0.01, "cos_err": 1e-4, "share": 0.6, "scale_err": 0.01}
+    r.reference = {"rel_rmse": 0.004, "cos_err": 1e-5, "share": 0.3, "scale_err": 0.001}
+    r.failed = ["rel_rmse", "cos_err", "scale_err"]  # ratios 3, 10, 2 (|value| for signed)
+    d = r.divergence()
+    assert isinstance(d, Divergence)
+    assert (d.module, d.phase, d.call, d.tensor) == (
+        "blocks.1.conv",
+        "backward",
+        2,
+        "grad_input[0]",
+    )
+    assert (d.metric, d.value, d.limit, d.reference) == ("cos_err", 1e-3, 1e-4, 1e-5)
+    r.metrics["scale_err"] = -0.5  # ratio 50: a signed metric counts by its magnitude
+    assert r.divergence().metric == "scale_err"
+    assert "blocks.1.conv#2 backward grad_input[0]: scale_err -0.5 > limit 0.01" in str(
+        r.divergence()
+    )
+
+
+def test_worst_prefers_failed_metrics():
+    r = Row("m", 0, "forward", "output[0]", "float32", [4])
+    r.metrics = {"rel_rmse": 0.02, "cos_err": 0.9}
+    r.limits = {"rel_rmse": 0.01, "cos_err": 0.1}
+    r.failed = ["rel_rmse"]
+    assert r.worst() == "rel_rmse"
+    r.failed = []
+    assert r.worst() == "cos_err"  # a passing row: the metric closest to its limit
+    assert r.passed
+
+
+def test_divergence_of_a_judged_row_is_its_worst_failure():
+    g = golden()
+    r, t = noisy(g, 1e-5, 0), noisy(g, 1e-4, 1)
+    t[0] = math.nan
+    verdict = run(t, r, g, local=False)
+    assert {"rel_rmse", "cos_err", "nonfinite"} <= set(verdict.failed), explain(verdict)
+    assert verdict.divergence().metric == "nonfinite"  # a limit of 0: infinitely beyond
+    t[0] = g[0]
+    verdict = run(t, r, g, local=False)
+    ratios = {m: abs(verdict.metrics[m]) / verdict.limits[m] for m in verdict.failed}
+    assert verdict.divergence().metric == max(ratios, key=ratios.get)
+    assert verdict.divergence().reference == verdict.reference[verdict.divergence().metric]
+
+
+def test_an_error_as_large_as_the_references_in_another_direction_passes():
+    g = golden(8, 0)
+    r = (1.2 * g).float()  # the reference: 20% gain, no direction error
+    d = torch.randn(8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    d -= (d @ g) / (g @ g) * g  # orthogonal to g
+    t = (g + 0.2 * g.norm() * d / d.norm()).float()  # the target: 20%, all direction
+    verdict = run(t, r, g, k=3.0, strict_dtype=False, local=False)
+    assert verdict.metrics["rel_rmse"] == pytest.approx(verdict.reference["rel_rmse"], rel=1e-3)
+    assert verdict.passed, explain(verdict)
+
+
+def test_same_noise_on_small_tensors_rarely_fails():
+    """One draw on 8 elements (SE biases, small BN parameters), whole network: at k=2 a
+    same-noise target failed 3% of the time; k rising with the reference's error (here
+    100x the floor) keeps that under 1 in 300."""
+    failed = 0
+    for seed in range(300):
+        g = golden(8, seed)
+        r, t = noisy(g, 1e-3, 2 * seed), noisy(g, 1e-3, 2 * seed + 1)
+        failed += not run(t, r, g, local=False).passed
+    assert failed <= 1, f"{failed} of 300 same-noise targets failed"
+
+
+def test_same_noise_on_small_tensors_passes_with_two_honest_draws():
+    """Isolated (k not raised): the largest of three draws' errors (align.numerics.jitter)."""
+    failed = 0
+    for seed in range(300):
+        g = golden(8, seed)
+        r, t = noisy(g, 1e-3, 4 * seed), noisy(g, 1e-3, 4 * seed + 1)
+        draws = [noisy(g, 1e-3, 4 * seed + 2), noisy(g, 1e-3, 4 * seed + 3)]
+        failed += not run(t, r, g, local=True, draws=draws).passed
+    assert failed <= 1, f"{failed} of 300 same-noise targets failed"
+
+
+def test_draws_do_not_hide_a_fault():
+    """A gain fault of 10x the noise still fails when the limits come from three draws."""
+    g = golden(seed=3)
+    draws = [noisy(g, 1e-4, n) for n in range(3)]
+    t = (g * (1 + 1e-3)).float()
+    verdict = run(t, draws[0], g, draws=draws[1:])
+    assert not verdict.passed and "scale_err" in verdict.failed, explain(verdict)
+
+
+def test_the_reference_column_is_the_envelope_of_the_draws():
+    g = golden(seed=4)
+    r, big = noisy(g, 1e-5, 0), noisy(g, 1e-4, 1)
+    verdict = run(noisy(g, 1e-5, 2), r, g, draws=[big])
+    alone = run(noisy(g, 1e-5, 2), big, g)
+    assert verdict.reference["rel_rmse"] == pytest.approx(alone.reference["rel_rmse"])
+    assert verdict.limits["rel_rmse"] == pytest.approx(alone.limits["rel_rmse"])
+
+
+@pytest.mark.parametrize("local", [True, False])
+@pytest.mark.parametrize("rel,factor", [(1e-4, 3.0), (1e-2, 5.0), (0.7, 3.0)])
+def test_needed_k_is_where_the_verdict_flips(local, rel, factor):
+    """Row.needed_k (what calibration reads) is the k from which the target passes; exactly
+    that k on whole-network rows, an upper bound on isolated ones (share's bound leaves
+    out the reference's own share)."""
+    g = golden(seed=7)
+    r, t = noisy(g, rel, 11), noisy(g, factor * rel, 12)
+    need = run(t, r, g, k=1.0, local=local).needed_k
+    assert 1.0 < need < 10 * factor
+    assert run(t, r, g, k=need * 1.001, local=local).passed
+    if not local:
+        assert not run(t, r, g, k=need * 0.99, local=local).passed

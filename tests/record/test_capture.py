@@ -1,0 +1,120 @@
+"""Capture: records per module call, in-place activations, containers, outputs of any shape."""
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import align
+from align.record.capture import call_model
+
+
+class Twice(nn.Module):
+    """Calls one child twice, returns a dict with a tuple inside, uses in-place ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x, scale=1.0):
+        a = self.act(self.lin(x))
+        b = self.lin(a) * scale
+        return {"out": (a, b), "n": 3}
+
+
+def test_module_called_twice_is_two_records_and_structures_survive():
+    model = Twice()
+    trace = align.capture(model, (torch.randn(2, 4), 2.0))
+    lin = [c for c in trace.calls if c.module == "lin"]
+    assert [c.index for c in lin] == [0, 1]
+    assert all(c.parent == 0 for c in trace.calls[1:])
+    root = trace.calls[0]
+    assert root.inputs[1] is None  # the float scale is not a tensor
+    assert len(root.outputs) == 3 and root.outputs[2] is None  # a, b and the int
+    assert set(trace.param_grads) == {"lin.weight", "lin.bias"}
+    # the second call's output gradient is recorded, and the param grad sums both calls
+    assert lin[1].grad_outputs[0] is not None and lin[0].grad_outputs[0] is not None
+
+
+def test_inplace_relu_gets_gradient_of_its_own_input():
+    model = Twice()
+    x = torch.randn(2, 4)
+    trace = align.capture(model, (x, 1.0))
+    relu = next(c for c in trace.calls if c.module == "act")
+    lin0 = next(c for c in trace.calls if c.module == "lin" and c.index == 0)
+    g_in = trace.tensor(relu.grad_inputs[0])
+    g_out = trace.tensor(relu.grad_outputs[0])
+    pre = trace.tensor(lin0.outputs[0])  # the value ReLU saw, before it wrote in place
+    torch.testing.assert_close(g_in, g_out * (pre > 0))
+    assert trace.tensor(relu.outputs[0]).min() >= 0
+    assert pre.min() < 0  # the record kept the pre-ReLU value
+
+
+def test_non_leaf_module_that_computes_is_recorded():
+    model = timm.create_model("mobilenetv3_small_100", num_classes=10).train()
+    trace = align.capture(model, torch.randn(2, 3, 32, 32))
+    bn_act = next(c for c in trace.calls if c.cls == "BatchNormAct2d")
+    child = next(c for c in trace.calls if c.parent == trace.calls.index(bn_act))
+    assert child.module.startswith(bn_act.module + ".")
+    # the normalization happens in the container itself: its input differs from what it feeds
+    assert not torch.equal(trace.tensor(bn_act.inputs[0]), trace.tensor(child.inputs[0]))
+    missing = [c.label for c in trace.calls if any(k is None for k in c.grad_outputs)]
+    assert not missing
+
+
+def test_capture_never_mutates_the_callers_model():
+    model = timm.create_model("resnet18", num_classes=10).train()
+    before = copy.deepcopy(model.state_dict())
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    align.capture(model, torch.randn(2, 3, 32, 32), precision="o2-fp16")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None and p.dtype == torch.float32 for p in model.parameters())
+    assert hooks == sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_shared_tensors_stored_once():
+    model = nn.Sequential(nn.Sequential(nn.Linear(3, 3)), nn.Identity())
+    trace = align.capture(model, torch.randn(2, 3))
+    outs = [c.outputs[0] for c in trace.calls]
+    assert len(set(outs)) == 1  # the inner Linear's output is everybody's output
+
+
+@pytest.mark.parametrize("inputs", [torch.ones(1, 3), (torch.ones(1, 3),), {"x": torch.ones(1, 3)}])
+def test_call_model_feeds_tensor_tuple_or_dict(inputs):
+    class F(nn.Module):
+        def forward(self, x):
+            return x + 1
+
+    assert call_model(F(), inputs).sum() == 6
+
+
+def test_a_model_that_keeps_its_graph_does_not_keep_the_record():
+    """torchvision's detectors hand back an ImageList whose graph outlives the run; the
+    tensor hooks on it must not keep the Recorder (and every tensor it recorded) alive."""
+    import gc
+
+    from align.record.capture import Recorder
+
+    kept = []
+
+    class Keeper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.lin(x)
+            kept.append(y)  # a graph that outlives the run
+            return y.relu()
+
+    gc.collect()
+    before = sum(isinstance(o, Recorder) for o in gc.get_objects())
+    for _ in range(3):
+        align.capture(Keeper(), torch.randn(2, 4))
+    gc.collect()
+    assert len(kept) == 3
+    assert sum(isinstance(o, Recorder) for o in gc.get_objects()) == before

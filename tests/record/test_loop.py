@@ -1,0 +1,397 @@
+"""align.Recorder in a user's own training script, and step-by-step comparison of its dumps.
+
+The script below (an MLP with a maxout on scikit-learn's digits, Adam or SGD, optional
+GradScaler, optional two gloo ranks with DDP) is written to a temporary directory and run
+in separate processes, as on two machines: the reference, the float64 golden, an honest
+target (every rounding jittered, align.numerics.jitter) and targets with one fault each.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import align
+from align.errors import AlignError, TraceError
+from align.record.loop import LoopDump
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCRIPT = """
+import argparse, contextlib, os
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+import align
+from align.numerics.jitter import Jitter
+
+
+class Net(nn.Module):
+    def __init__(self, norm_eps):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 64)
+        self.norm = nn.LayerNorm(32, eps=norm_eps)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = self.fc1(x).view(x.shape[0], 32, 2).max(dim=-1).values  # maxout: discrete choices
+        return self.fc2(torch.relu(self.norm(h)))
+
+
+def main(rank, args):
+    if args.world > 1:
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=rank, world_size=args.world
+        )
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    digits = load_digits()
+    x, y = torch.tensor(digits.data, dtype=torch.float32) / 16, torch.tensor(digits.target)
+    model = Net(args.norm_eps)
+    if args.world > 1:
+        model = nn.parallel.DistributedDataParallel(model)
+    if args.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2, eps=args.eps)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=args.dampening)
+    scaler = torch.amp.GradScaler("cpu", init_scale=args.scale) if args.scale else None
+    rec = align.Recorder(model, args.out, steps=[0, 1, 2], optimizer=opt, scaler=scaler,
+                         replay=args.replay, golden=args.golden)
+    criterion = nn.CrossEntropyLoss()
+    for step in range(4):
+        lo = (step * args.world + rank) * 32
+        xb, yb = x[lo : lo + 32], y[lo : lo + 32]
+        if step == args.bad_batch and rank == args.bad_rank:
+            xb = xb * 1.01
+        with rec.step(step), Jitter(step + 1) if args.jitter else contextlib.nullcontext():
+            loss = criterion(model(xb), yb)
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                if step == args.inf_step:  # a kernel overflowing: the scaler skips the step
+                    model.fc2.bias.grad[0] = float("inf")
+                scaler.step(opt)
+                scaler.update()
+            opt.zero_grad()
+    if args.world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--optimizer", default="adam")
+    p.add_argument("--eps", type=float, default=1e-8)
+    p.add_argument("--dampening", type=float, default=0.0)
+    p.add_argument("--scale", type=float, default=0.0)
+    p.add_argument("--norm-eps", type=float, default=1e-5)
+    p.add_argument("--bad-batch", type=int, default=-1)
+    p.add_argument("--bad-rank", type=int, default=0)
+    p.add_argument("--inf-step", type=int, default=-1)
+    p.add_argument("--jitter", action="store_true")
+    p.add_argument("--replay", default=None)
+    p.add_argument("--golden", action="store_true")
+    p.add_argument("--world", type=int, default=1)
+    p.add_argument("--port", type=int, default=0)
+    args = p.parse_args()
+    if args.world > 1:
+        torch.multiprocessing.spawn(main, args=(args,), nprocs=args.world)
+    else:
+        main(0, args)
+"""
+
+# name: (arguments, replays the reference "ref" or "sgd")
+TARGETS = {
+    "honest": (["--jitter"], "ref"),
+    "adam_eps": (["--eps", "1e-3"], "ref"),
+    "layer": (["--norm-eps", "1e-2"], "ref"),
+    "data": (["--bad-batch", "1"], "ref"),
+    "damp": (["--optimizer", "sgd", "--dampening", "0.1"], "sgd"),
+    "scaled": (["--scale", "1024", "--jitter"], "scaled_ref"),
+    "overflow": (["--scale", "1024", "--inf-step", "1"], "scaled_ref"),
+}
+
+
+def _launch(root: Path, name: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(root / "train.py"), str(root / name), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _wait(*procs: subprocess.Popen) -> None:
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{proc.args}\n{out[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def dumps(tmp_path_factory) -> Path:
+    """Every run of the script, each in its own process: references first, then the rest."""
+    root = tmp_path_factory.mktemp("loop")
+    (root / "train.py").write_text(SCRIPT)
+    _wait(
+        _launch(root, "ref"),
+        _launch(root, "sgd", "--optimizer", "sgd"),
+        _launch(root, "scaled_ref", "--scale", "1024"),
+    )
+    procs = [_launch(root, "gold", "--golden", "--replay", str(root / "ref"))]
+    for name, (args, reference) in TARGETS.items():
+        procs.append(_launch(root, name, *args, "--replay", str(root / reference)))
+    _wait(*procs)
+    return root
+
+
+def _compare(dumps: Path, reference: str, target: str, golden: bool = True) -> align.Report:
+    gold = dumps / "gold" if golden else None
+    return align.compare(dumps / reference, dumps / target, gold)
+
+
+def test_honest_target_is_aligned_on_every_step(dumps):
+    report = _compare(dumps, "ref", "honest")
+    assert report.passed, str(report)
+    assert [s["step"] for s in report.train["steps"]] == [0, 1, 2]
+    phases = {r.phase for r in report.rows}
+    assert {"input", "forward", "loss", "backward", "param_grad", "optimizer", "param"} <= phases
+    # the jittered target really differs, and its loss was recorded on every side
+    assert any(r.metrics.get("rel_rmse", 0) > 0 for r in report.rows if r.phase == "forward")
+    losses = report.train["steps"][1]["loss"]
+    assert None not in losses.values() and losses["reference"] != losses["golden"]
+
+
+@pytest.mark.parametrize(
+    "target, reference, where",
+    [
+        # Adam's update with another epsilon: the first wrong tensor is the first update
+        ("adam_eps", "ref", ("fc1", "param", "step 0 group 0 fc1.weight after the step")),
+        # dampening is not applied on SGD's first step: its momentum goes wrong at step 1
+        ("damp", "sgd", ("fc1", "optimizer", "step 1 group 0 fc1.weight momentum_buffer")),
+        ("layer", "ref", ("norm", "forward", "step 0 output[0]")),
+        ("data", "ref", ("", "input", "step 1 input[0]")),
+    ],
+)
+def test_fault_is_named_by_step_and_tensor(dumps, target, reference, where):
+    report = _compare(dumps, reference, target, golden=reference == "ref")
+    first = report.first_divergence
+    assert not report.passed and first is not None, str(report)
+    assert (first.module, first.phase, first.tensor) == where, str(report)
+    assert report.train["first_divergence"]["tensor"] == where[2]
+    n = int(where[2].split()[1])
+    assert all(s["failing"] == 0 for s in report.train["steps"] if s["step"] < n), str(report)
+
+
+def test_hyperparameter_difference_is_noted(dumps):
+    report = _compare(dumps, "ref", "adam_eps")
+    assert "param group 0: eps is 1e-08 on the reference, 0.001 on the target" in report.notes
+
+
+def test_cli_compares_loop_dumps_with_exit_codes(dumps):
+    def cli(target: str) -> subprocess.CompletedProcess:
+        args = [dumps / "ref", dumps / target, "--golden", dumps / "gold"]
+        return subprocess.run(
+            [sys.executable, "-m", "align.compare", *map(str, args), "--json", dumps / "r.json"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    ok, bad = cli("honest"), cli("layer")
+    assert ok.returncode == 0 and "ALIGNED" in ok.stdout, ok.stdout + ok.stderr
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "first divergence: norm forward step 0 output[0]" in bad.stdout
+    assert json.loads((dumps / "r.json").read_text())["train"]["steps_run"] == 3
+
+
+def test_scaler_scale_and_skipped_step(dumps):
+    assert _compare(dumps, "scaled_ref", "honest", golden=False).passed is False  # scale 1 vs 1024
+    assert _compare(dumps, "scaled_ref", "scaled").passed  # gradients unscaled on both sides
+    # the golden runs unscaled: recorded gradients are unscaled, so it still fits
+    assert _compare(dumps, "scaled_ref", "scaled", golden=True).passed
+    info = json.loads((dumps / "overflow/rank0/step000001/step.json").read_text())
+    assert info["scaler"] == {"scale": 1024.0, "next_scale": 512.0, "skipped": True}
+    first = _compare(dumps, "scaled_ref", "overflow", golden=False).first_divergence
+    assert (first.phase, first.tensor) == ("scaler", "step 1 skipped"), str(first)
+
+
+def test_target_and_golden_replay_the_reference_choices(dumps):
+    ref, tgt = LoopDump(dumps / "ref").load(0, 1), LoopDump(dumps / "honest").load(0, 1)
+    gold = LoopDump(dumps / "gold").load(0, 1)
+    assert ref.trace.meta["decisions"] == "own"
+    assert "aten.max.dim" in [op for op, _ in ref.trace.decisions]  # the maxout's choices
+    for side in (tgt, gold):
+        assert side.trace.meta["decisions"] == "replayed"
+        assert [op for op, _ in side.trace.decisions] == [op for op, _ in ref.trace.decisions]
+        for (_, mine), (_, theirs) in zip(side.trace.decisions, ref.trace.decisions):
+            assert torch.equal(mine, theirs)
+    assert gold.state["param/fc1.weight"].dtype == torch.float64
+    assert gold.trace.tensor(gold.trace.calls[0].inputs[0]).dtype == torch.float64
+
+
+def test_corrupt_or_truncated_step_is_a_trace_error(dumps, tmp_path):
+    copy = tmp_path / "ref"
+    shutil.copytree(dumps / "ref", copy)
+    state = copy / "rank0/step000001/state.safetensors"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(TraceError, match="step000001/state.safetensors.*truncated or corrupt"):
+        align.compare(copy, dumps / "honest")
+    (copy / "rank0/step000001/step.json").unlink()
+    with pytest.raises(TraceError, match="step.json: missing or not valid JSON"):
+        align.compare(copy, dumps / "honest")
+    shutil.rmtree(copy / "rank0/step000001")
+    shard = next((copy / "rank0/step000002/trace").glob("tensors-*.safetensors"))
+    shard.write_bytes(b"\0" * 16)
+    with pytest.raises(TraceError, match="not a readable safetensors file"):
+        align.compare(copy, dumps / "honest")
+
+
+def test_two_gloo_ranks_write_and_compare_rank_by_rank(tmp_path):
+    (tmp_path / "train.py").write_text(SCRIPT)
+    _wait(_launch(tmp_path, "ref", "--world", "2", "--port", _free_port()))
+    _wait(
+        _launch(
+            tmp_path,
+            "tgt",
+            "--world",
+            "2",
+            "--port",
+            _free_port(),
+            "--jitter",
+            "--replay",
+            str(tmp_path / "ref"),
+        ),
+        _launch(
+            tmp_path,
+            "bad",
+            "--world",
+            "2",
+            "--port",
+            _free_port(),
+            "--bad-batch",
+            "1",
+            "--bad-rank",
+            "1",
+        ),
+    )
+    assert sorted(p.name for p in (tmp_path / "ref").iterdir()) == ["rank0", "rank1"]
+    report = align.compare(tmp_path / "ref", tmp_path / "tgt")
+    assert report.passed, str(report)
+    assert {(s["rank"], s["step"]) for s in report.train["steps"]} == {
+        (r, n) for r in (0, 1) for n in (0, 1, 2)
+    }
+    first = align.compare(tmp_path / "ref", tmp_path / "bad").first_divergence
+    assert (first.phase, first.tensor) == ("input", "rank 1 step 1 input[0]")
+
+
+# ------------------------------------------------------------------------- in process
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _train(rec: align.Recorder, model: nn.Module, opt, steps: int, explicit: bool = False):
+    torch.manual_seed(1)
+    for step in range(steps):
+        x = torch.randn(3, 4)
+        with rec.step(step):
+            assert bool(model.lin._forward_hooks) == (step in rec.steps)  # none when skipped
+            loss = model(x).square().mean()
+            if explicit:
+                rec.loss(loss * 2)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    return loss
+
+
+def test_recorder_writes_only_the_chosen_steps_atomically(tmp_path):
+    model = _Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loss = _train(align.Recorder(model, tmp_path / "d", steps=[1], optimizer=opt), model, opt, 2)
+    rank = tmp_path / "d" / "rank0"
+    assert sorted(p.name for p in rank.iterdir()) == ["loop.json", "step000001"]
+    step = LoopDump(tmp_path / "d").load(0, 1)
+    assert float(step.state["loss"]) == float(loss.detach())  # the tensor backward ran on
+    assert torch.equal(step.state["param/lin.weight"], model.lin.weight.detach())
+    assert torch.equal(
+        step.state["optim/0/lin.weight/momentum_buffer"],
+        opt.state[model.lin.weight]["momentum_buffer"],
+    )
+    assert step.trace.param_grads.keys() == {"lin.weight", "lin.bias"}  # taken before zero_grad
+    # a second recording into the same directory replaces the first one's steps
+    _train(align.Recorder(model, tmp_path / "d", steps=[0], optimizer=opt), model, opt, 1, True)
+    assert sorted(p.name for p in rank.iterdir()) == ["loop.json", "step000000"]
+    step = LoopDump(tmp_path / "d").load(0, 0)
+    trace_loss = step.state["loss"]
+    assert float(trace_loss) == pytest.approx(
+        2 * float(step.trace.tensor(step.trace.calls[0].outputs[0]).square().mean())
+    )
+
+
+def test_failed_step_writes_nothing_and_removes_its_hooks(tmp_path):
+    model = _Tiny()
+    rec = align.Recorder(model, tmp_path / "d", steps=[0])
+    with pytest.raises(RuntimeError, match="boom"), rec.step(0):
+        model(torch.randn(2, 4))
+        raise RuntimeError("boom")
+    assert not model.lin._forward_hooks and not model.lin._forward_pre_hooks
+    assert [p.name for p in (tmp_path / "d" / "rank0").iterdir()] == ["loop.json"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"steps": []}, "steps= must list step numbers"),
+        ({"steps": [-1]}, "steps= must list step numbers"),
+        ({"steps": [0], "optimizer": "adam"}, "optimizer= must be a torch.optim.Optimizer"),
+        ({"steps": [0], "replay": "nowhere"}, "no rank0/loop.json"),
+    ],
+)
+def test_bad_recorder_arguments_are_align_errors(tmp_path, kwargs, message):
+    with pytest.raises(AlignError, match=message):
+        align.Recorder(_Tiny(), tmp_path / "d", **kwargs)
+
+
+def test_recorder_refuses_a_foreign_directory_and_a_bad_golden_or_replay(tmp_path):
+    (tmp_path / "rank0").mkdir()
+    (tmp_path / "rank0" / "notes.txt").write_text("mine")
+    with pytest.raises(AlignError, match="not an align loop dump"):
+        align.Recorder(_Tiny(), tmp_path, steps=[0])
+    scaler = torch.amp.GradScaler("cpu")
+    with pytest.raises(AlignError, match="without loss scaling"):
+        align.Recorder(_Tiny(), tmp_path / "g", steps=[0], scaler=scaler, golden=True)
+    model = _Tiny()
+    rec = align.Recorder(model, tmp_path / "g", steps=[0], golden=True)
+    assert model.lin.weight.dtype == torch.float64
+    with rec.step(0), torch.autocast("cpu", dtype=torch.bfloat16):  # an AMP script, unchanged
+        assert model(torch.randn(2, 4)).dtype == torch.float64
+    ref = tmp_path / "ref"
+    align.Recorder(model, ref, steps=[0])
+    rec = align.Recorder(model, tmp_path / "t", steps=[5], replay=ref)
+    with pytest.raises(TraceError, match="has no step 5"), rec.step(5):
+        pass

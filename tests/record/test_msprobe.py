@@ -1,0 +1,707 @@
+"""align.record.msprobe: reading msprobe PyTorch tensor dumps written here in msprobe's format."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+import align
+from align.errors import TraceError
+from align.judge.msprobe_dumps import align_calls
+from align.judge.statistics import bound
+from align.record.msprobe import is_msprobe_dump, load_msprobe, statistics_only
+from align.record.readers import load_trace
+
+EXECUTED: list[str] = []
+
+
+class Net(nn.Module):
+    """body (Sequential of Linear + ReLU) and head (Linear); the ReLU is called twice.
+
+    `variant` changes the API sequence as a port might: "cast" adds a Tensor.float,
+    "fused" computes the shift with torch.add instead of Tensor.sub.
+    """
+
+    def __init__(self, variant: str = "") -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+        self.head = nn.Linear(8, 3)
+        self.variant = variant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        if self.variant == "cast":
+            h = h.float()
+        h = torch.add(h, -0.1) if self.variant == "fused" else h - 0.1
+        return self.head(self.body[1](h))
+
+
+def _stats(t: torch.Tensor, data_name: str | None) -> dict:
+    entry = {
+        "type": "torch.Tensor",
+        "dtype": str(t.dtype),
+        "shape": list(t.shape),
+        "Max": t.max().item(),
+        "Min": t.min().item(),
+        "Mean": t.mean().item(),
+        "Norm": t.norm().item(),
+        "requires_grad": t.requires_grad,
+    }
+    if data_name is not None:
+        entry["data_name"] = data_name
+    return entry
+
+
+def _api_name(func) -> str:
+    """msprobe's prefix for a torch callable (docs/05.data_dump_PyTorch.md prefix table)."""
+    qualname = getattr(func, "__qualname__", func.__name__)
+    if qualname.startswith(("TensorBase.", "Tensor.")):
+        return f"Tensor.{func.__name__}"
+    if getattr(func, "__module__", "") in ("torch._C._nn", "torch.nn.functional"):
+        return f"Functional.{func.__name__}"
+    return f"Torch.{func.__name__}"
+
+
+def write_dump(
+    directory: Path,
+    task: str = "tensor",
+    level: str = "L0",
+    *,
+    seed: int = 0,
+    gain: tuple[str, int] | None = None,
+    honest: bool = False,
+    variant: str = "",
+) -> dict[str, torch.Tensor]:
+    """Run Net under msprobe-like hooks and write dump.json, construct.json, stack.json, .pt.
+
+    level L0 records module calls, L1 API calls (construct.json then empty, as msprobe
+    writes it), mix both with each API's module call in construct.json. `gain` scales
+    one API call's output by 1.01 (a faulty kernel); `honest` runs in float64 and
+    rounds what it records to float32 (an honest device: fp32 rounding noise only).
+    Returns the tensors by data name (what a correct reader must give back).
+    """
+    torch.manual_seed(seed)
+    model = Net(variant)
+    x = torch.randn(2, 4, requires_grad=True)
+    if honest:
+        model, x = model.double(), x.detach().double().requires_grad_()
+    tensor_dir = directory / "dump_tensor_data"
+    tensor_dir.mkdir(parents=True)
+    data: dict[str, dict] = {}
+    construct: dict[str, str | None] = {}
+    stacks: dict[str, list[str]] = {}
+    saved: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    stack: list[str] = []
+
+    def record(t: torch.Tensor, name: str) -> dict:
+        with torch._C.DisableTorchFunction():  # the dumper's own work is not an API call
+            return _record(t, name)
+
+    def _record(t: torch.Tensor, name: str) -> dict:
+        t = t.detach().float() if honest else t.detach()
+        if task != "tensor":
+            return _stats(t, None)
+        saved[name] = t.clone()
+        torch.save(saved[name], tensor_dir / name)
+        return _stats(t, name)
+
+    def grad_hook(backward: str, slot: str, i: int):
+        def hook(grad: torch.Tensor) -> None:
+            entry = data.setdefault(backward, {"input": [], "output": []})
+            entry[slot].append(record(grad, f"{backward}.{slot}.{i}.pt"))
+
+        return hook
+
+    def pre_hook(prefix: str):
+        def hook(module, args):
+            counts[prefix] = counts.get(prefix, -1) + 1
+            name = f"{prefix}forward.{counts[prefix]}"
+            construct[name] = stack[-1] if stack else None
+            stack.append(name)
+
+        return hook
+
+    def post_hook(prefix: str):
+        def hook(module, args, output):
+            name = stack.pop()
+            n = counts[prefix]
+            data[name] = {
+                "input_args": [record(a, f"{name}.input.{i}.pt") for i, a in enumerate(args)],
+                "input_kwargs": {},
+                "output": [record(output, f"{name}.output.0.pt")],
+            }
+            backward = f"{prefix}backward.{n}"
+            output.register_hook(grad_hook(backward, "input", 0))
+            for i, a in enumerate(args):
+                a.register_hook(grad_hook(backward, "output", i))
+
+        return hook
+
+    class ApiHooks(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+                return out
+            api = _api_name(func)
+            n = counts[api] = counts.get(api, -1) + 1
+            if gain == (api, n):
+                out = out * 1.01
+            name = f"{api}.{n}.forward"
+            if level == "mix":
+                construct[name] = stack[-1] if stack else None
+            frames = [f for f in inspect.stack()[1:] if f.code_context]
+            stacks[name] = [  # msprobe's frame format (analyze_api_call_stack)
+                f"File {f.filename}, line {f.lineno}, in {f.function}, \n "
+                + f.code_context[0].strip()
+                for f in frames
+            ]
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            data[name] = {
+                "input_args": [record(a, f"{name}.input.{i}.pt") for i, a in enumerate(tensors)],
+                "input_kwargs": {},
+                "output": [record(out, f"{name}.output.0.pt")],
+            }
+            if out.requires_grad:
+                out.register_hook(grad_hook(f"{api}.{n}.backward", "input", 0))
+            return out
+
+    if level in ("L0", "mix"):
+        for qualname, module in model.named_modules():
+            if qualname:  # msprobe skips the root model
+                prefix = f"Module.{qualname}.{type(module).__name__}."
+                module.register_forward_pre_hook(pre_hook(prefix))
+                module.register_forward_hook(post_hook(prefix))
+    with ApiHooks() if level in ("L1", "mix") else contextlib.nullcontext():
+        loss = model(x).square().sum()
+    loss.backward()
+    if level in ("L0", "mix"):
+        data["Module.head.Linear.parameters_grad"] = {
+            "weight": [
+                record(model.head.weight.grad, "Module.head.Linear.parameters_grad.weight.pt")
+            ]
+        }
+    header = {"task": task, "level": level, "framework": "pytorch"}
+    dump = {**header, "dump_data_dir": "/gone/on/npu/box", "data": data}
+    (directory / "dump.json").write_text(json.dumps(dump, indent=1))
+    (directory / "construct.json").write_text(json.dumps(construct if level != "L1" else {}))
+    # msprobe's newer stack.json: {"0": [[call names], [frames]], ...}
+    new_stack = {str(i): [[name], frames] for i, (name, frames) in enumerate(stacks.items())}
+    (directory / "stack.json").write_text(json.dumps(new_stack))
+    return saved
+
+
+@pytest.fixture
+def dump(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    rank = tmp_path / "dump" / "step0" / "rank"
+    return rank, write_dump(rank)
+
+
+def _edit_dump_json(rank: Path, edit) -> None:
+    path = rank / "dump.json"
+    content = json.loads(path.read_text())
+    edit(content["data"])
+    path.write_text(json.dumps(content))
+
+
+def test_calls_follow_msprobe_names_and_backward_convention(dump):
+    rank, saved = dump
+    trace = load_msprobe(rank)
+    calls = [(c.module, c.index, c.cls) for c in trace.calls]
+    assert calls == [
+        ("body.0", 0, "Linear"),
+        ("body.1", 0, "ReLU"),
+        ("body", 0, "Sequential"),
+        ("body.1", 1, "ReLU"),
+        ("head", 0, "Linear"),
+    ]
+    by_key = trace.by_key()
+    head = by_key[("head", 0)]
+    assert trace.tensor(head.outputs[0]).shape == (2, 3)
+    assert torch.equal(
+        trace.tensor(head.inputs[0]), saved["Module.head.Linear.forward.0.input.0.pt"]
+    )
+    # backward "input" is the gradient of the forward output, "output" that of the input
+    out = trace.tensor(head.outputs[0])
+    assert torch.allclose(trace.tensor(head.grad_outputs[0]), 2 * out)
+    assert trace.tensor(head.grad_inputs[0]).shape == trace.tensor(head.inputs[0]).shape
+    assert trace.calls[trace.backward_order[0]].module == "head"
+    assert set(trace.param_grads) == {"head.weight"}
+    assert trace.tensor(trace.param_grads["head.weight"]).shape == (3, 8)
+    assert trace.meta["source"] == "msprobe"
+
+
+def test_parents_come_from_construct_json(dump):
+    rank, _ = dump
+    trace = load_msprobe(rank)
+    parents = {
+        c.label: (trace.calls[c.parent].label if c.parent is not None else None)
+        for c in trace.calls
+    }
+    assert parents == {
+        "body.0": "body",
+        "body.1": "body",
+        "body": None,
+        "body.1#1": None,
+        "head": None,
+    }
+    (rank / "construct.json").unlink()
+    assert all(c.parent is None for c in load_msprobe(rank).calls)
+
+
+@pytest.mark.parametrize("level", ["root", "step", "rank"])
+def test_accepts_root_step_and_rank_directories(dump, level):
+    rank, _ = dump
+    path = {"root": rank.parent.parent, "step": rank.parent, "rank": rank}[level]
+    assert is_msprobe_dump(path)
+    assert len(load_trace(path).calls) == 5  # load_trace hands msprobe dumps over
+
+
+def test_moved_dump_resolves_files_next_to_dump_json(dump, tmp_path):
+    rank, _ = dump
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(rank), moved)
+    trace = load_msprobe(moved)
+    assert trace.tensor(trace.calls[0].outputs[0]).shape == (2, 8)
+
+
+def test_several_ranks_must_be_picked(dump):
+    rank, _ = dump
+    shutil.copytree(rank, rank.parent / "rank1")
+    shutil.move(str(rank), rank.parent / "rank0")
+    root = rank.parent.parent
+    with pytest.raises(TraceError, match=r"2 msprobe dumps \(step0/rank0, step0/rank1\); pass one"):
+        load_msprobe(root)
+    assert len(load_msprobe(rank.parent / "rank1").calls) == 5
+
+
+def test_missing_dump_json(tmp_path):
+    assert not is_msprobe_dump(tmp_path)
+    with pytest.raises(TraceError, match="no dump.json"):
+        load_msprobe(tmp_path)
+    with pytest.raises(TraceError, match="msprobe dump"):
+        load_trace(tmp_path)
+
+
+def test_statistics_only_dump_is_read_without_tensors(tmp_path):
+    write_dump(tmp_path, task="statistics")
+    trace = load_msprobe(tmp_path)
+    assert statistics_only(trace) and len(trace.calls) == 5
+    head = trace.by_key()[("head", 0)]
+    assert trace.tensors.stats[head.outputs[0]]["shape"] == [2, 3]
+    with pytest.raises(TraceError, match='statistics-only dump.*"task": "tensor"'):
+        trace.tensor(head.outputs[0])
+    content = json.loads((tmp_path / "dump.json").read_text())
+    del content["task"]  # no header: no data_name anywhere gives it away
+    (tmp_path / "dump.json").write_text(json.dumps(content))
+    assert statistics_only(load_msprobe(tmp_path))
+
+
+class _Payload:
+    def __reduce__(self):
+        return (EXECUTED.append, ("code ran",))
+
+
+def test_pickled_object_is_refused_and_never_run(dump):
+    rank, _ = dump
+    name = "Module.head.Linear.forward.0.output.0.pt"
+    torch.save(_Payload(), rank / "dump_tensor_data" / name)
+    trace = load_msprobe(rank)  # lazily: the bad file is only opened when used
+    with pytest.raises(TraceError, match=rf"{name}: refused.*weights_only=True") as info:
+        trace.tensor(name)
+    assert "it calls getattr" in str(info.value)  # how pickle reaches EXECUTED.append
+    assert "weights_only=False" not in str(info.value)  # no advice to turn the guard off
+    assert EXECUTED == []
+
+
+def _rewrite_pickle(path: Path, old: bytes, new: bytes) -> None:
+    """Edit the pickle inside a saved tensor file, as another machine might have written it."""
+    with zipfile.ZipFile(path) as source:
+        entries = [(info, source.read(info.filename)) for info in source.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as target:
+        for info, data in entries:
+            if info.filename.endswith("data.pkl"):
+                assert old in data
+                data = data.replace(old, new)
+            target.writestr(info, data)
+
+
+def test_tensors_saved_on_the_npu_load_on_a_cpu_only_machine(dump):
+    rank, saved = dump
+    name = "Module.head.Linear.forward.0.output.0.pt"
+    # the storage location "cpu" becomes "npu:0" (pickle BINUNICODE: length-prefixed)
+    _rewrite_pickle(
+        rank / "dump_tensor_data" / name, b"X\x03\x00\x00\x00cpu", b"X\x05\x00\x00\x00npu:0"
+    )
+    tensor = load_msprobe(rank).tensor(name)
+    assert tensor.device.type == "cpu" and torch.equal(tensor, saved[name])
+
+
+def test_old_torch_npu_tensor_format_is_refused_with_a_hint(dump):
+    rank, _ = dump
+    name = "Module.head.Linear.forward.0.output.0.pt"
+    old = b"torch._utils\n_rebuild_tensor_v2\n"
+    _rewrite_pickle(
+        rank / "dump_tensor_data" / name, old, b"torch_npu.utils.storage\n_rebuild_npu_tensor\n"
+    )
+    with pytest.raises(
+        TraceError, match="calls torch_npu.utils.storage._rebuild_npu_tensor: written by"
+    ):
+        load_msprobe(rank).tensor(name)
+
+
+def test_truncated_pt_is_a_clear_error(dump):
+    rank, _ = dump
+    name = "Module.body.0.Linear.forward.0.output.0.pt"
+    path = rank / "dump_tensor_data" / name
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(TraceError, match=rf"{name}: not a readable .pt file.*truncated"):
+        load_msprobe(rank).tensor(name)
+
+
+def test_pt_holding_a_dict_or_the_wrong_shape_is_refused(dump):
+    rank, _ = dump
+    name = "Module.head.Linear.forward.0.output.0.pt"
+    torch.save({"t": torch.ones(2, 3)}, rank / "dump_tensor_data" / name)
+    with pytest.raises(TraceError, match="holds a dict, not a tensor"):
+        load_msprobe(rank).tensor(name)
+    torch.save(torch.ones(3, 3), rank / "dump_tensor_data" / name)
+    with pytest.raises(TraceError, match="inconsistent"):
+        load_msprobe(rank).tensor(name)
+
+
+@pytest.mark.parametrize("bad", ["../../outside.pt", "/etc/passwd", "sub/../../x.pt", "..\\x.pt"])
+def test_data_names_cannot_leave_the_dump(dump, bad):
+    rank, _ = dump
+    (rank.parent / "outside.pt").write_bytes(b"")
+
+    def point_outside(data):
+        data["Module.head.Linear.forward.0"]["output"][0]["data_name"] = bad
+
+    _edit_dump_json(rank, point_outside)
+    with pytest.raises(TraceError, match="not a file inside dump_tensor_data/; refused"):
+        load_msprobe(rank)
+
+
+def test_symlink_out_of_the_dump_is_refused(dump, tmp_path):
+    rank, _ = dump
+    name = "Module.head.Linear.forward.0.output.0.pt"
+    target = tmp_path / "secret.pt"
+    torch.save(torch.ones(2, 3), target)
+    (rank / "dump_tensor_data" / name).unlink()
+    os.symlink(target, rank / "dump_tensor_data" / name)
+    with pytest.raises(TraceError, match="refused"):
+        load_msprobe(rank)
+
+
+def test_missing_tensor_file_and_empty_dump(dump):
+    rank, _ = dump
+    (rank / "dump_tensor_data" / "Module.head.Linear.forward.0.output.0.pt").unlink()
+    with pytest.raises(TraceError, match="missing; the dump is incomplete"):
+        load_msprobe(rank)
+    _edit_dump_json(rank, dict.clear)
+    with pytest.raises(TraceError, match="no module or API entries"):
+        load_msprobe(rank)
+
+
+def test_mindspore_dump_is_refused(dump):
+    rank, _ = dump
+    content = json.loads((rank / "dump.json").read_text())
+    content["framework"] = "mindspore"
+    (rank / "dump.json").write_text(json.dumps(content))
+    with pytest.raises(TraceError, match="only msprobe's PyTorch dumps"):
+        load_msprobe(rank)
+
+
+# --- levels L1 and mix -----------------------------------------------------------------
+
+
+def test_l1_api_calls_become_calls_named_by_msprobe_count(tmp_path):
+    saved = write_dump(tmp_path, level="L1")
+    trace = load_msprobe(tmp_path)
+    labels = [c.label for c in trace.calls if c.outputs]
+    assert labels[:5] == [
+        "Functional.linear",
+        "Functional.relu",
+        "Tensor.sub",
+        "Functional.relu#1",
+        "Functional.linear#1",
+    ]
+    assert all(c.parent is None and c.cls == "api" for c in trace.calls)  # L1: no nesting
+    head = trace.by_key()[("Functional.linear", 1)]
+    key = "Functional.linear.1.forward.output.0.pt"
+    assert head.outputs == [key] and torch.equal(trace.tensor(key), saved[key])
+    # backward "input" is the gradient of the forward output
+    assert torch.allclose(trace.tensor(head.grad_outputs[0]), 2 * saved[key])
+    assert trace.meta["level"] == "L1"
+    assert trace.meta["where"]["Functional.linear#1"].startswith("test_msprobe.py:")
+    assert "self.head(" in trace.meta["where"]["Functional.linear#1"]
+
+
+def test_mix_names_api_calls_after_their_module_and_nests_them(tmp_path):
+    write_dump(tmp_path, level="mix")
+    trace = load_msprobe(tmp_path)
+    labels = [c.label for c in trace.calls]
+    for label in (
+        "body.0/Functional.linear",
+        "body.1/Functional.relu",
+        "head/Functional.linear",
+        "body.1#1/Functional.relu",
+        "Tensor.sub",
+        "body.0",
+        "head",
+    ):
+        assert label in labels
+    by_label = {c.label: c for c in trace.calls}
+    parent = trace.calls[by_label["head/Functional.linear"].parent]
+    assert parent.label == "head" and trace.calls[by_label["body.0"].parent].label == "body"
+    order = [trace.calls[p].label for p in trace.forward_order]
+    assert order.index("body.0/Functional.linear") < order.index("body.0") < order.index("body")
+    assert set(trace.param_grads) == {"head.weight"}
+
+
+# --- comparing dumps -------------------------------------------------------------------
+
+
+def _pair(tmp_path: Path, **target) -> tuple[Path, Path]:
+    options = {k: target.pop(k) for k in ("task", "level") if k in target}
+    ref, tgt = tmp_path / "ref", tmp_path / "tgt"
+    write_dump(ref, **options)
+    write_dump(tgt, **options, **target)
+    return ref, tgt
+
+
+@pytest.mark.parametrize("level", ["L1", "mix"])
+def test_tensor_dumps_of_l1_and_mix_compare_and_name_the_faulty_api(tmp_path, level):
+    ref, tgt = _pair(tmp_path, level=level)
+    assert align.compare(ref, tgt).passed
+    ref, tgt = _pair(tmp_path / "faulty", level=level, gain=("Functional.linear", 1))
+    report = align.compare(ref, tgt)
+    first = report.first_divergence
+    assert not report.passed and first.phase == "forward"
+    assert (first.module, first.call) == (
+        ("head/Functional.linear", 0) if level == "mix" else ("Functional.linear", 1)
+    )
+    assert "called at test_msprobe.py:" in first.message and "self.head(" in first.message
+
+
+def test_statistics_honest_rounding_passes_and_a_one_percent_gain_fails(tmp_path):
+    ref, tgt = _pair(tmp_path, task="statistics", level="mix", honest=True)
+    report = align.compare(ref, tgt)
+    assert report.passed, report
+    assert any(r.metrics.get("norm_dev", 0) > 0 for r in report.rows)  # noise was there
+    assert any("statistics only" in n and "much weaker" in n for n in report.notes)
+    ref, tgt = _pair(
+        tmp_path / "gain",
+        task="statistics",
+        level="mix",
+        gain=("Functional.linear", 1),
+        honest=True,
+    )
+    report = align.compare(ref, tgt)
+    first = report.first_divergence
+    assert not report.passed
+    assert (first.module, first.phase, first.tensor) == (
+        "head/Functional.linear",
+        "forward",
+        "output[0]",
+    )
+    assert first.value == pytest.approx(0.01, rel=0.05) and first.limit == bound(torch.float32)
+    assert "on the target" in first.message and "called at" in first.message
+
+
+def test_statistics_bound_scales_with_the_dtype():
+    assert bound(torch.float32) == pytest.approx(2.5e-4, rel=0.01)
+    assert bound(torch.float16) == pytest.approx(4.15e-3, rel=0.01)
+    assert bound(torch.bfloat16) == pytest.approx(3.15e-2, rel=0.01)
+    assert bound(torch.bfloat16) > 0.01  # a 1% gain is invisible in bf16 statistics
+
+
+def test_a_tensor_dump_against_a_statistics_dump_is_judged_on_statistics(tmp_path):
+    ref, tgt = tmp_path / "ref", tmp_path / "tgt"
+    write_dump(ref, level="L1")
+    write_dump(tgt, task="statistics", level="L1")
+    report = align.compare(ref, tgt)
+    assert report.passed and report.meta["model"] == "msprobe statistics"
+
+
+@pytest.mark.parametrize("variant", ["cast", "fused"])
+def test_mismatched_api_sequences_are_aligned_and_the_rest_judged(tmp_path, variant):
+    ref, tgt = _pair(tmp_path, level="mix", variant=variant)
+    report = align.compare(ref, tgt)
+    assert report.passed, report
+    note = next(n for n in report.notes if "no counterpart" in n)
+    if variant == "cast":
+        assert "target only: Tensor.float" in note and "reference only" not in note
+    else:
+        assert "reference only: Tensor.sub" in note and "target only: Torch.add" in note
+    judged = {r.module for r in report.rows}
+    assert {"head/Functional.linear", "body.1#1/Functional.relu", "head"} <= judged
+    ref, tgt = _pair(tmp_path / "gain", level="mix", variant=variant, gain=("Functional.linear", 1))
+    assert align.compare(ref, tgt).first_divergence.module == "head/Functional.linear"
+
+
+def test_align_calls_matches_by_name_and_shape_in_order(tmp_path):
+    ref, tgt = _pair(tmp_path, level="L1", variant="cast")
+    r, (t,), unmatched = align_calls(load_msprobe(ref), [load_msprobe(tgt)])
+    assert [c.key for c in r.calls] == [c.key for c in t.calls]
+    assert unmatched == ["target only: Tensor.float"]
+
+
+def _multi(root: Path, faulty: tuple[int, int] | None = None, ranks=(0, 1), steps=(0, 1)):
+    for step in steps:
+        for rank in ranks:
+            gain = ("Functional.linear", 1) if faulty == (step, rank) else None
+            write_dump(
+                root / f"step{step}" / f"rank{rank}",
+                task="statistics",
+                level="mix",
+                seed=10 * step + rank,
+                gain=gain,
+            )
+
+
+def test_multi_step_multi_rank_pairs_the_same_step_and_rank(tmp_path):
+    _multi(tmp_path / "ref")
+    _multi(tmp_path / "tgt")
+    report = align.compare(tmp_path / "ref", tmp_path / "tgt")
+    assert report.passed and report.meta["dumps"] == [
+        "step0/rank0",
+        "step0/rank1",
+        "step1/rank0",
+        "step1/rank1",
+    ]
+    _multi(tmp_path / "bad", faulty=(1, 1))
+    report = align.compare(tmp_path / "ref", tmp_path / "bad")
+    assert not report.passed and report.meta["first_failing_dump"] == "step1/rank1"
+    assert report.first_divergence.module == "[step1/rank1] head/Functional.linear"
+    assert "First failing: step1/rank1" in report.notes[0]
+    assert "step0/rank0: ok" in report.notes[0]
+
+
+def test_steps_or_ranks_on_one_side_only_are_a_note_and_none_in_common_an_error(tmp_path):
+    _multi(tmp_path / "ref")
+    _multi(tmp_path / "tgt", ranks=(0,))
+    report = align.compare(tmp_path / "ref", tmp_path / "tgt")
+    assert report.passed and report.meta["dumps"] == ["step0/rank0", "step1/rank0"]
+    assert any(
+        "only in the reference dump, not compared: step0/rank1, step1/rank1" in n
+        for n in report.notes
+    )
+    _multi(tmp_path / "other", steps=(5,))
+    with pytest.raises(TraceError, match="no step/rank in common"):
+        align.compare(tmp_path / "ref", tmp_path / "other")
+
+
+def _cli(*args: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "align.compare", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_cli_exit_codes_on_msprobe_dumps(tmp_path):
+    _multi(tmp_path / "ref", steps=(0,))
+    _multi(tmp_path / "tgt", steps=(0,))
+    _multi(tmp_path / "bad", faulty=(0, 1), steps=(0,))
+    _multi(tmp_path / "other", steps=(3,))
+    ok = _cli(tmp_path / "ref", tmp_path / "tgt")
+    assert ok.returncode == 0, ok.stderr
+    assert "ALIGNED" in ok.stdout and "statistics only" in ok.stdout
+    bad = _cli(tmp_path / "ref", tmp_path / "bad", "--json", tmp_path / "r.json")
+    assert bad.returncode == 1, bad.stderr
+    assert "[step0/rank1] head/Functional.linear" in bad.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["first_failing_dump"] == "step0/rank1"
+    none = _cli(tmp_path / "ref", tmp_path / "other")
+    assert none.returncode == 2 and "no step/rank in common" in none.stderr
+    assert "Traceback" not in none.stderr
+
+
+# --- crafted dumps ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda e: e["output"][0].update(shape="abc"), "shape 'abc'|shape abc"),
+        (lambda e: e["output"][0].update(shape=[1 << 30] * 3), "more than any device holds"),
+        (lambda e: e["output"][0].update(shape=[-2, 3]), "not a list of at most"),
+        (lambda e: e["output"][0].update(dtype=7), "dtype 7 is not a string"),
+        (lambda e: e["output"][0].update(Max="big"), "Max not numbers"),
+        (
+            lambda e: e.update(output=[[[[e["output"]]]]] * 1 if False else _deep(40)),
+            "nests arguments too deeply",
+        ),
+    ],
+)
+def test_crafted_fields_are_clear_errors(dump, edit, message):
+    rank, _ = dump
+    _edit_dump_json(rank, lambda data: edit(data["Module.head.Linear.forward.0"]))
+    with pytest.raises(TraceError, match=message):
+        load_msprobe(rank)
+
+
+def _deep(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_truncated_json_and_bad_stack_are_clear_errors(dump):
+    rank, _ = dump
+    stack = rank / "stack.json"
+    stack.write_text(json.dumps({"Functional.relu.0.forward": "not frames"}))
+    with pytest.raises(TraceError, match="stack of Functional.relu.0.forward is not a list"):
+        load_msprobe(rank)
+    stack.unlink()
+    text = (rank / "dump.json").read_text()
+    (rank / "dump.json").write_text(text[: len(text) // 2])
+    with pytest.raises(TraceError, match="not valid JSON.*corrupt"):
+        load_msprobe(rank)
+    (rank / "dump.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(TraceError, match="not valid JSON"):
+        load_msprobe(rank)
+
+
+def test_pt_smaller_than_its_declared_shape_is_refused_unread(dump):
+    rank, _ = dump
+    name = "Module.head.Linear.forward.0.output.0.pt"
+    _edit_dump_json(
+        rank,
+        lambda d: d["Module.head.Linear.forward.0"]["output"][0].update(shape=[1 << 20, 1 << 10]),
+    )
+    with pytest.raises(TraceError, match=rf"{name}: not a readable .pt file: it has \d+ bytes"):
+        load_msprobe(rank).tensor(name)
+
+
+def test_tensor_directory_linked_out_of_the_dump_is_refused(dump, tmp_path):
+    rank, _ = dump
+    shutil.move(str(rank / "dump_tensor_data"), tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", rank / "dump_tensor_data")
+    with pytest.raises(TraceError, match="links out of the dump; refused"):
+        load_msprobe(rank)
+
+
+def test_pickle_in_an_l1_dump_is_never_run_through_compare(tmp_path):
+    ref, tgt = _pair(tmp_path, level="L1")
+    name = "Functional.linear.0.forward.output.0.pt"
+    torch.save(_Payload(), tgt / "dump_tensor_data" / name)
+    with pytest.raises(TraceError, match="refused.*weights_only=True"):
+        align.compare(ref, tgt)
+    assert EXECUTED == []
