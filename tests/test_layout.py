@@ -21,9 +21,10 @@ LAYERS = (
     ("align.train", "align.report"),
     ("align.commands", "align.pytest_plugin", "align.testing", "align"),
 )
-# The pytest plugin loads in every pytest run of an environment where align is installed:
-# it imports the rest of align only when a test asks for it.
-LAZY = {"align.pytest_plugin"}
+# Modules that import parts of align on use. The pytest plugin loads in every pytest run
+# of an environment where align is installed: it imports the rest only when a test asks.
+# `align run` imports align.train only to run: it needs the `run` extra (mmengine).
+LAZY = {"align.pytest_plugin", "align.commands.run"}
 
 
 def _modules() -> dict[str, Path]:

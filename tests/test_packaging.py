@@ -87,3 +87,30 @@ def test_the_installed_wheel_lists_and_checks(wheel_site, tmp_path):
     checked = _run(site, "-m", "align", "check", "resnet50", "--size", "64", "-q", cwd=tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "ALIGNED" in checked.stdout
+
+
+_WITHOUT_EXTRAS = (
+    "import sys\n"
+    "for name in ('mmengine', 'mmdet', 'matplotlib', 'sklearn', 'pycocotools', 'cv2'):\n"
+    "    sys.modules[name] = None  # as if not installed: importing it raises ImportError\n"
+    "from align.commands import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def _without_extras(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", _WITHOUT_EXTRAS, *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_check_needs_none_of_the_extras():
+    proc = _without_extras("check", "digits", "-q")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ALIGNED" in proc.stdout
+
+
+def test_run_without_its_extra_says_which_to_install(tmp_path):
+    proc = _without_extras("run", "digits", "--work-dir", str(tmp_path / "w"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "pip install 'align[run]'" in proc.stderr and "Traceback" not in proc.stderr

@@ -17,8 +17,7 @@ from pathlib import Path
 
 from align.commands.arguments import positive_float, positive_int
 from align.commands.command import Command
-from align.errors import AlignError, ExitCode
-from align.train import full_run, result
+from align.errors import AlignError, ExitCode, require_extra
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -59,7 +58,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-
+    full_run, result = _train_modules()
     if not args.case:
         raise AlignError("name a case (python -m align.list shows them) or use --compare")
     if args.repeat > 1 and args.resume:
@@ -109,9 +108,18 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _compare(paths: list[str]) -> int:
-
+    full_run, result = _train_modules()
     verdict = full_run.compare([result.read(Path(p)) for p in paths])
     return _print_verdict(verdict, None)
+
+
+def _train_modules():
+    """align.train's full_run and result: imported on use, as they need the `run` extra
+    (mmengine's Runner), which `align check` and the other commands do not."""
+    require_extra("mmengine", "run", "align run (a full training run)")
+    from align.train import full_run, result
+
+    return full_run, result
 
 
 def _print_verdict(verdict, path: Path | None) -> int:

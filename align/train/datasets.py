@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from align.errors import AlignError
+from align.errors import AlignError, require_extra
 
 __all__ = [
     "DatasetError",
@@ -197,6 +197,8 @@ def _cifar100(path: Path, image_size: int, seed: int) -> Splits:
 def _digits(image_size: int) -> Splits:
     """scikit-learn's 8x8 digits (1797 real scans), upsampled to RGB `image_size` pixels."""
     import torch.nn.functional as F
+
+    require_extra("sklearn", "run", "the digits dataset (scikit-learn's)")
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

@@ -18,7 +18,7 @@ from align.errors import AlignError
 from align.train import datasets, full_run
 from align.train.model import Detector, detector_at
 from align.zoo import get_case
-from align.zoo.golden import golden_dir
+from align.zoo.golden import golden_dir, load_golden
 
 CASE = "ssdlite_mobilenetv2"  # fp32 recipe, 4.4 M parameters: the fastest detector to train
 COLORS = {1: (220, 40, 40), 2: (40, 40, 220)}  # one colour per category
@@ -175,7 +175,9 @@ def test_missing_or_malformed_coco_is_a_usage_error(coco, tmp_path, capsys):
 
 def test_box_ap_without_recorded_spread_needs_several_runs(coco, tmp_path, monkeypatch):
     get_case(CASE)  # the registry is loaded: from here on golden files are read for spreads
-    monkeypatch.setenv("ALIGN_GOLDEN_DIR", str(tmp_path))  # no golden file records one
+    assert load_golden(CASE).full_run is None  # the case's own file records no spread
+    shutil.copytree(golden_dir(), tmp_path / "golden")
+    monkeypatch.setenv("ALIGN_GOLDEN_DIR", str(tmp_path / "golden"))
     with pytest.raises(AlignError, match="records no run-to-run spread for box_ap"):
         full_run.prepare(CASE, device="cpu", data=coco, work_dir=tmp_path / "w")
     opts = full_run.prepare(CASE, device="cpu", data=coco, work_dir=tmp_path / "w", runs=2)

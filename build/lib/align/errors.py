@@ -4,6 +4,7 @@ bad data, bad environment."""
 from __future__ import annotations
 
 import enum
+import importlib.util
 
 
 class ExitCode(enum.IntEnum):
@@ -40,3 +41,12 @@ class TraceError(AlignError):
 
 class MismatchError(AlignError):
     """Reference and target cannot be compared: names, shapes or structure differ."""
+
+
+def require_extra(module: str, extra: str, purpose: str) -> None:
+    """AlignError unless `module` can be imported: it comes with align's `extra`
+    (pip install 'align[EXTRA]'), which only some commands need."""
+    if importlib.util.find_spec(module) is None:
+        raise AlignError(
+            f"{purpose} needs {module}, which is not installed: pip install 'align[{extra}]'"
+        )

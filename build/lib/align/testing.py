@@ -6,7 +6,7 @@ differ from the reference's by `ulps` units in the last place, with a random sig
 element: what another device's kernels with another rounding and summation order do.
 `FAULTS[kind](model, module_name)` injects one known fault into a module of a copy (a
 kernel gain, a weight through fp16, a norm's eps, a close-but-wrong activation, a
-backward gain, a dropout without its rescale...); `tests/test_faults.py` and
+backward gain, a dropout without its rescale...); `tests/judge/test_faults.py` and
 `bench/verdict_catalogue.py` use both. Forward overrides swap the module's class for a
 subclass, so they survive the deep copies align makes of a target.
 """

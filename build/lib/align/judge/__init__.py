@@ -9,5 +9,5 @@ Index:
     steps.py          align.Recorder dumps judged step by step
     msprobe_dumps.py  msprobe dump trees judged step by step, rank by rank
     statistics.py     statistics-only dumps (Max/Min/Mean/Norm) judged, with their weaker power
-    result.py         Report: the verdict as a table and as JSON
+    report.py         Report: the verdict as a table and as JSON
 """

@@ -43,7 +43,9 @@ def canonical_precision(name: str, *, golden: bool = False) -> str:
     if key in PRECISIONS or (golden and key == GOLDEN_PRECISION):
         return key
     known = ", ".join([*PRECISIONS, "O1", "O2", "bf16"])
-    extra = " (fp64 is the golden run's, not a precision to check at)" if key == "fp64" else ""
+    extra = ""
+    if key == GOLDEN_PRECISION:
+        extra = " (fp64 is no precision to check at: the golden run is always float64)"
     raise AlignError(f"unknown precision {name!r}: use one of {known}{extra}")
 
 

@@ -6,6 +6,7 @@ import base64
 import io
 from typing import Any
 
+from align.errors import require_extra
 from align.report.results import HEADLINE, number
 
 _PHASE = {"forward": "fwd", "backward": "bwd", "param_grad": "grad", "train": "train"}
@@ -13,6 +14,7 @@ _TARGET, _REFERENCE, _LIMIT, _GOLDEN, _FAIL = "#c0392b", "#2471a3", "#7f8c8d", "
 
 
 def _figure(width: float = 9.0, height: float = 3.2):
+    require_extra("matplotlib", "report", "align report's plots (or pass --no-plots)")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
