@@ -3,6 +3,7 @@ files as package data, and its `align` command lists the cases and checks one.""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -19,6 +20,10 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def wheel_site(tmp_path_factory) -> tuple[Path, Path]:
     """(the wheel, a directory it is installed into), built without network or build isolation."""
+    if importlib.util.find_spec("setuptools") is None:
+        pytest.skip(
+            "setuptools (the build backend) is not installed: no wheel can be built offline"
+        )
     out = tmp_path_factory.mktemp("wheel")
     build = subprocess.run(
         [
@@ -37,8 +42,6 @@ def wheel_site(tmp_path_factory) -> tuple[Path, Path]:
         text=True,
         timeout=600,
     )
-    if build.returncode != 0 and "No module named" in build.stderr:
-        pytest.skip(f"cannot build a wheel here: {build.stderr.strip().splitlines()[-1]}")
     assert build.returncode == 0, build.stderr
     wheel = next((out / "dist").glob("align-*.whl"))
     site = out / "site"
