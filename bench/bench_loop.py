@@ -4,19 +4,30 @@
 
 Times the median training step (forward, loss, backward, optimizer step, zero_grad)
 bare and, alternating with it, with a Recorder present but the step not in its `steps`
-(goal: under 2% more); then --repeat recorded steps, including writing each to disk
-(goal: 1.3x the bare step), split into the time in the step (hooks, copies, decisions)
-and the write. Then, each in a fresh process, the peak RSS of 4 training steps recording
-none, 1 and all 4 of them: memory is bounded by one step when recording 4 costs what
-recording 1 does. The machine's load average is printed: on a shared machine every
-figure moves with it.
+(goal: under 2% more). Then recorded steps, --repeat times each way:
+
+* alone: a recorded step as the loop sees it (what blocks it: goal 1.3x the bare step),
+  then until its write is complete (`rec.flush()`); the time in the step (hooks, copies,
+  decisions: step.json's `seconds`) and the write after it;
+* the two plain steps after a recorded one, run while the writer writes it: the share of
+  the write's CPU (and GIL) time that lands on the loop when no core is free for it;
+* back to back: recorded steps in a row, the writer busy with the one before (the loop
+  waits once two steps are held), then the flush of the last;
+* synchronous (`background=False`): the step and its write, as before the writer thread.
+
+Then, each in a fresh process, the peak RSS of 4 training steps recording none, 1 and all
+4 of them: memory is bounded by two steps when recording 4 costs about what recording 1
+does. Each ratio is the median of a figure over the bare step timed just before it, so
+a load that changes between phases moves both; the machine's load average is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,6 +69,15 @@ def _timed(rec: align.Recorder | None, n: int, model, opt, x, y) -> float:
     return time.perf_counter() - started
 
 
+def _collect(out: Path, n: int) -> float:
+    """Seconds written step `n` spent recording (hooks, copies, decisions: its step.json);
+    the step is deleted, so the page cache's dirty pages do not pile up and throttle writes."""
+    step = out / "rank0" / f"step{n:06d}"
+    seconds = json.loads((step / "step.json").read_text())["seconds"]
+    shutil.rmtree(step)
+    return seconds
+
+
 def _peak_rss() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -65,42 +85,77 @@ def _peak_rss() -> int:
     return 0
 
 
-def times(args: argparse.Namespace) -> dict[str, float]:
-    """Median seconds of a bare, an unrecorded and a recorded step, and the recorded split.
+def times(args: argparse.Namespace) -> tuple[dict[str, tuple[float, float]], float]:
+    """Each figure's median seconds and median ratio to a bare step run next to it (the
+    load moves both alike), and the MB a step writes.
 
-    Unrecorded steps alternate with bare ones (4x --repeat pairs), so the load moves both
-    alike; recorded steps follow (a step after a write runs slower: caches, writeback),
-    and are divided by the same bare median.
+    Unrecorded steps alternate with bare ones (4x --repeat pairs); each recorded step, or
+    row of them, follows a bare step of its own.
     """
     model, opt, x, y = _setup(args.batch, args.size)
+    r = args.repeat
+    alone, overlap, in_row = range(1, r + 1), range(r + 1, 2 * r + 1), range(2 * r + 1, 3 * r + 1)
+    figures: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+
+    def bare() -> float:
+        return _timed(None, 0, model, opt, x, y)
+
+    def add(key: str, seconds: float, next_to: float) -> None:
+        figures[key].append((seconds, seconds / next_to))
+
     with tempfile.TemporaryDirectory() as tmp:
-        recorded = range(1, args.repeat + 2)  # step 0 is never recorded
-        rec = align.Recorder(model, tmp, steps=recorded, optimizer=opt)
-        _timed(None, 0, model, opt, x, y)  # warm-up
-        _timed(rec, recorded[-1], model, opt, x, y)  # warm-up of the recording path
-        bare, idle = [], []
-        for _ in range(4 * args.repeat):
-            bare.append(_timed(None, 0, model, opt, x, y))
-            idle.append(_timed(rec, 0, model, opt, x, y))
+        out, sync_out = Path(tmp) / "background", Path(tmp) / "sync"
+        rec = align.Recorder(model, out, steps=range(1, 3 * r + 2), optimizer=opt)
+        sync = align.Recorder(
+            model, sync_out, steps=range(1, r + 2), optimizer=opt, background=False
+        )
+        bare()  # warm-up
+        _timed(rec, 3 * r + 1, model, opt, x, y)  # warm-up of the recording path (its last)
+        warm_up = out / "rank0" / f"step{3 * r + 1:06d}"
+        dump = sum(f.stat().st_size for f in warm_up.rglob("*") if f.is_file())
+        _collect(out, 3 * r + 1)
+        for _ in range(4 * r):
+            b = bare()
+            add("bare", b, b)
+            add("idle", _timed(rec, 0, model, opt, x, y), b)
         started = time.perf_counter()
         for _ in range(1000):
             with rec.step(0):
                 pass
-        context = (time.perf_counter() - started) / 1000
-        busy, inside = [], []
-        for n in recorded[:-1]:
-            busy.append(_timed(rec, n, model, opt, x, y))
-            info = json.loads((Path(tmp) / "rank0" / f"step{n:06d}" / "step.json").read_text())
-            inside.append(info["seconds"])
-        dump = sum(f.stat().st_size for f in (Path(tmp) / "rank0" / "step000001").rglob("*"))
+        add("context", (time.perf_counter() - started) / 1000, b)
+        for n in alone:
+            b = bare()
+            started = time.perf_counter()
+            add("blocked", _timed(rec, n, model, opt, x, y), b)
+            rec.flush()
+            add("written", time.perf_counter() - started, b)
+            add("inside", _collect(out, n), b)
+        for n in overlap:
+            b = bare()
+            _timed(rec, n, model, opt, x, y)
+            for _ in range(2):
+                add("during", bare(), b)
+            rec.flush()
+            _collect(out, n)
+        b = bare()
+        for n in in_row:
+            add("row", _timed(rec, n, model, opt, x, y), b)
+        started = time.perf_counter()
+        rec.flush()
+        add("last_flush", time.perf_counter() - started, b)
+        for n in in_row:
+            _collect(out, n)
+        for n in range(1, r + 1):
+            b = bare()
+            add("sync", _timed(sync, n, model, opt, x, y), b)
+            add("sync_inside", _collect(sync_out, n), b)
+        rec.close()
+        sync.close()
+    median = statistics.median
     return {
-        "bare": statistics.median(bare),
-        "idle": statistics.median(idle),
-        "busy": statistics.median(busy),
-        "inside": statistics.median(inside),
-        "context": context,
-        "dump_mb": dump / MB,
-    }
+        key: (median(s for s, _ in pairs), median(q for _, q in pairs))
+        for key, pairs in figures.items()
+    }, dump / MB
 
 
 def peak(args: argparse.Namespace) -> int:
@@ -134,28 +189,45 @@ def main() -> None:
     if args.peak:
         print(peak(args))
         return
-    t = times(args)
+    t, dump_mb = times(args)
     peaks = {n: _child_peak(args, n) for n in (0, 1, 4)}
     print(
         f"ResNet-18 batch {args.batch} {args.size}px, SGD momentum, {args.threads} thread(s), "
         f"load average {os.getloadavg()[0]:.1f}"
     )
-    print(f"  bare training step          {t['bare'] * 1e3:8.1f} ms")
+
+    def ms(key: str) -> str:
+        return f"{t[key][0] * 1e3:8.1f} ms  {t[key][1]:5.2f}x"
+
+    print(f"  bare training step          {t['bare'][0] * 1e3:8.1f} ms")
     print(
-        f"  recorder, step not recorded {t['idle'] * 1e3:8.1f} ms  "
-        f"{t['idle'] / t['bare']:.3f}x  (goal < 1.02x); rec.step() itself: "
-        f"{t['context'] * 1e6:.1f} us ({t['context'] / t['bare']:.1e} of the step)"
+        f"  recorder, step not recorded {t['idle'][0] * 1e3:8.1f} ms  {t['idle'][1]:.3f}x  "
+        "(goal < 1.02x); rec.step() itself: "
+        f"{t['context'][0] * 1e6:.1f} us ({t['context'][1]:.1e} of the step)"
     )
     print(
-        f"  recorded step               {t['busy'] * 1e3:8.1f} ms  "
-        f"{t['busy'] / t['bare']:.2f}x  (goal 1.3x): {t['inside'] * 1e3:.1f} ms in the step "
-        f"({t['inside'] / t['bare']:.2f}x), {(t['busy'] - t['inside']) * 1e3:.1f} ms writing "
-        f"{t['dump_mb']:.1f} MB"
+        f"  recorded step, alone        {ms('blocked')}  (goal 1.3x) what blocks the loop: "
+        f"{t['inside'][0] * 1e3:.1f} ms ({t['inside'][1]:.2f}x) recording in the step"
+    )
+    print(
+        f"    until written (flush)     {ms('written')}  the write of {dump_mb:.1f} MB: "
+        f"{(t['written'][0] - t['blocked'][0]) * 1e3:.1f} ms after the step"
+    )
+    print(f"  the next steps, while written {ms('during')}  (the writer's CPU and GIL time)")
+    print(
+        f"  recorded steps back to back {ms('row')}  each, the writer busy; then "
+        f"{t['last_flush'][0] * 1e3:.1f} ms until the last is written"
+    )
+    print(
+        f"  recorded step, synchronous  {ms('sync')}  (background=False): "
+        f"{t['sync_inside'][0] * 1e3:.1f} ms in the step, "
+        f"{(t['sync'][0] - t['sync_inside'][0]) * 1e3:.1f} ms writing"
     )
     print(
         f"  peak RSS of 4 steps: {peaks[0] / MB:.0f} MB recording none, "
         f"+{(peaks[1] - peaks[0]) / MB:.0f} MB recording 1, "
-        f"+{(peaks[4] - peaks[0]) / MB:.0f} MB recording all 4"
+        f"+{(peaks[4] - peaks[0]) / MB:.0f} MB recording all 4 "
+        f"({(peaks[4] - peaks[0]) / max(peaks[1] - peaks[0], 1):.2f}x)"
     )
 
 
