@@ -307,3 +307,20 @@ def test_dumps_carry_random_draws(tmp_path):
     assert align.compare(loaded, tgt, gold).passed
     own = align.capture(model, x, seed=2)
     assert not align.compare(loaded, own, gold).passed
+
+
+def test_a_replayed_draw_written_in_place_leaves_the_record_as_drawn():
+    """The model may scale its noise in place: each replay must still get the draw itself."""
+
+    def noisy(x):
+        noise = torch.randn_like(x)
+        noise.mul_(2.0)  # in place, as dropout-like layers do with their masks
+        return x + noise
+
+    x = torch.zeros(64)
+    record = Decisions()
+    with record:
+        reference = noisy(x)
+    for _ in range(2):  # the second replay would see the first one's doubled record
+        with Decisions(record.log):
+            assert torch.equal(noisy(x), reference)
