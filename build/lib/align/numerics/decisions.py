@@ -409,9 +409,10 @@ class Decisions(TorchDispatchMode):
         self._tally(func, own.numel(), int((own.cpu() != recorded.cpu()).sum()))
         if func.overloadpacket is aten.native_dropout:
             x, p = args[0], args[1]
-            mask = recorded.to(device=own.device, dtype=own.dtype)
+            mask = recorded.to(device=own.device, dtype=own.dtype, copy=True)
             return (_dropped(x, mask, p), mask)
-        value = recorded.to(device=own.device, dtype=own.dtype)
+        # a copy: the caller may write into it in place, and the record must not change
+        value = recorded.to(device=own.device, dtype=own.dtype, copy=True)
         if func._schema.is_mutable:
             return out.copy_(value)
         return value

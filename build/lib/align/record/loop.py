@@ -8,9 +8,15 @@ judge them step by step.
 
     python -m align.compare gpu_dump npu_dump [--golden golden_dump]
 
-A recorded step is written when it ends, to DIR/rank{N}/step{n:06d}/ (N is the
+A recorded step is written after it ends, to DIR/rank{N}/step{n:06d}/ (N is the
 torch.distributed rank, 0 without it), through a temporary directory and a rename, so a
-step on disk is complete and memory holds one step's tensors at most:
+step on disk is complete (a killed process leaves only hidden temporary directories).
+The write runs on a background thread while the loop goes on (align.record.writer): the
+step's tensors are private copies, memory holds two steps' at most (the one being
+written, the one being recorded), the last recorded step returns once every step is on
+disk, and a failed write is raised at the next `rec.step()`. The dump is complete after
+the last recorded step, `rec.close()` (or the end of `with align.Recorder(...) as rec:`),
+or `rec.flush()`. What a step holds:
 
 * `trace/` (an align trace, align.record.trace): every module call's inputs, outputs and the
   gradients it sends back (align.capture's hooks); the parameter gradients the optimizer
@@ -73,6 +79,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -89,6 +96,7 @@ from align.numerics.decisions import Decisions
 from align.record.capture import KeepFloat64
 from align.record.capture import Recorder as ModuleHooks
 from align.record.trace import BACKWARD_SLOTS, Trace, read_trace
+from align.record.writer import StepWriter, wait_for_writes
 from align.runtime import environment
 
 FORMAT = "align.loop/1"
@@ -143,6 +151,13 @@ class Recorder:
             recorded gradients by the scale.
         replay: a reference dump whose discrete choices this run takes, step by step.
         golden: this is the float64 golden run (CPU): casts the model and its inputs.
+        background: write each step on a background thread (the default); False writes
+            it before `rec.step()` returns, as a debugging aid: the same files either way.
+
+    The dump is complete once the last recorded step returns; `close()` (or leaving
+    `with align.Recorder(...) as rec:`) and `flush()` complete it sooner, for a loop that
+    stops early, and so does the interpreter's exit. A failed write raises an AlignError
+    naming the step and directory at the next `rec.step()`, `flush()` or `close()`.
 
     Example:
         rec = align.Recorder(model, "gpu_dump", steps=[0, 1, 2], optimizer=opt)
@@ -162,6 +177,7 @@ class Recorder:
         scaler: torch.amp.GradScaler | None = None,
         replay: str | os.PathLike | None = None,
         golden: bool = False,
+        background: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise AlignError(f"Recorder needs the nn.Module being trained, not {type(model)}")
@@ -170,6 +186,7 @@ class Recorder:
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise AlignError(f"scaler= must be a torch.amp.GradScaler, not {type(scaler)}")
         self.steps = _step_numbers(steps)
+        self._last = max(self.steps)
         self.model, self.optimizer, self.scaler, self.golden = model, optimizer, scaler, golden
         self.rank, self.world = _rank()
         self.root = Path(out) / f"rank{self.rank}"
@@ -179,7 +196,27 @@ class Recorder:
         self._names = {id(p): name for name, p in model.named_parameters()}
         self._given_loss: torch.Tensor | None = None
         self._recording = False
+        self._writer = StepWriter(self.root, background)
         self._start()
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def flush(self) -> None:
+        """Wait until every recorded step is on disk; raise a failed write's error."""
+        self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and stop the writer thread."""
+        self._writer.close()
 
     def _start(self) -> None:
         """Claim this rank's directory: refuse a foreign one, drop a previous recording's steps."""
@@ -215,18 +252,26 @@ class Recorder:
     @contextlib.contextmanager
     def step(self, n: int) -> Iterator[None]:
         """Context of one training step: records it if `n` is one of `steps`."""
+        self._writer.check()
         if n not in self.steps:
             with KeepFloat64() if self.golden else contextlib.nullcontext():
                 yield
             return
         if self._recording:
             raise AlignError(f"rec.step({n}) entered inside another recorded step")
+        self._writer.reserve()
         self._recording = True
         try:
-            yield from self._record(n)
+            write = yield from self._record(n)
+        except BaseException:
+            self._writer.cancel()
+            raise
         finally:
             self._recording = False
             self._given_loss = None
+        self._writer.submit(n, self.root / _step_dir(n), write)
+        if n == self._last:
+            self.close()
 
     def loss(self, loss: torch.Tensor) -> torch.Tensor:
         """Mark `loss` (unscaled) as this step's loss, else the tensor backward ran on is."""
@@ -235,6 +280,7 @@ class Recorder:
         return loss
 
     def _record(self, n: int) -> Iterator[None]:
+        """Record step `n` around its one `yield`; return what writes it."""
         started = time.perf_counter()
         scale = self._scale()
         hooks = ModuleHooks(self.model, backward=True)
@@ -288,7 +334,7 @@ class Recorder:
         if loss is not None and self._given_loss is None:
             loss = loss / scale
         if loss is not None:
-            state["loss"] = loss.detach().reshape(()).cpu().clone()
+            state["loss"] = loss.reshape(()).cpu().clone()
         info = {
             "format": FORMAT,
             "step": n,
@@ -300,9 +346,9 @@ class Recorder:
             ),
             "seconds": time.perf_counter() - started,
         }
-        replace_dir(
-            self.root / _step_dir(n), partial(_write_step, trace, state, info), STEP_FILE, "step"
-        )
+        _to_host(trace)
+        write = partial(_write_step, trace, state, info)
+        return partial(replace_dir, self.root / _step_dir(n), write, STEP_FILE, "step")
 
     def _device(self) -> str:
         return str(next((p.device for p in self.model.parameters()), torch.device("cpu")))
@@ -323,6 +369,7 @@ class Recorder:
     def _replayed(self, n: int) -> decisions.Choices | None:
         if self.replay is None:
             return None
+        wait_for_writes(self.replay)
         path = self.replay / _step_dir(n) / TRACE_DIR
         if not path.is_dir():
             raise TraceError(
@@ -344,8 +391,10 @@ class Recorder:
         ]
 
     def _state(self) -> dict[str, torch.Tensor]:
-        """Parameters and floating buffers after the step, and the optimizer's state."""
-        state = {f"param/{n}": p.detach() for n, p in self.model.named_parameters()}
+        """Private copies of the parameters and floating buffers after the step, and of
+        the optimizer's state, in host memory (a device's are copied there directly) and
+        each with its own storage, as safetensors wants."""
+        state = {f"param/{n}": p for n, p in self.model.named_parameters()}
         state.update(
             {f"buffer/{n}": b for n, b in self.model.named_buffers() if b.is_floating_point()}
         )
@@ -354,19 +403,17 @@ class Recorder:
                 for key, value in self.optimizer.state.get(p, {}).items():
                     if isinstance(value, (int, float)) or isinstance(value, torch.Tensor):
                         state[f"optim/{g}/{self._name(p)}/{key}"] = torch.as_tensor(value)
-        return _unshared({k: v.detach().cpu().contiguous() for k, v in state.items()})
+        return {
+            k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+            for k, v in state.items()
+        }
 
 
-def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` with a copy of each tensor whose storage another one already uses
-    (safetensors refuses shared storage). No other copy: the step is written at once."""
-    seen: set[int] = set()
-    out = {}
-    for key, t in state.items():
-        ptr = t.untyped_storage().data_ptr()
-        out[key] = t.clone() if ptr in seen and t.numel() else t
-        seen.add(ptr)
-    return out
+def _to_host(trace: Trace) -> None:
+    """Move a trace's tensors to the CPU in the loop's thread (and so its device stream),
+    before another thread writes them."""
+    trace.tensors = {k: t.cpu() for k, t in trace.tensors.items()}
+    trace.decisions = [(op, t.cpu()) for op, t in trace.decisions]
 
 
 def _step_numbers(steps: Any) -> frozenset[int]:
@@ -453,10 +500,12 @@ class Step:
 
 
 class LoopDump:
-    """A Recorder's dump directory: ranks and their recorded steps."""
+    """A Recorder's dump directory: ranks and their recorded steps (once this process has
+    written those it recorded there)."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        wait_for_writes(self.root)
         if not self.root.is_dir():
             raise TraceError(f"{self.root}: no such dump directory")
         self.ranks: dict[int, dict[str, Any]] = {}
