@@ -1,8 +1,0 @@
-"""python -m align: the `align` command."""
-
-import sys
-
-from align.commands import main
-
-if __name__ == "__main__":
-    sys.exit(main(prog="python -m align"))
