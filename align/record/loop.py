@@ -1,5 +1,5 @@
-"""Align inside the user's own training loop: record chosen steps on each device, then
-judge them step by step.
+"""Align inside the user's own training loop: record chosen steps on each device
+(align.judge.steps judges them step by step).
 
     rec = align.Recorder(model, "npu_dump", steps=[0, 1, 2], optimizer=opt)
     for step, (x, y) in enumerate(loader):
@@ -52,7 +52,8 @@ script runs unchanged. Run it without loss scaling. Then every tensor
 of the target is judged by its error against the golden relative to the reference's
 (align.numerics.verdict); without a golden the reference stands in and only dtype floors remain.
 
-Comparison (`compare`, reached through align.compare and python -m align.compare):
+Comparison (align.judge.steps `compare`, reached through align.compare and python -m
+align.compare):
 steps in order, and within a step, across ranks, in the order they happen: the model's
 inputs (the data), module outputs, the loss and buffers, gradients and parameter
 gradients (align.judge.comparison.compare_traces), the scaler, the optimizer's state, the
