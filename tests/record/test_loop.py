@@ -83,7 +83,8 @@ def main(rank, args):
                 scaler.step(opt)
                 scaler.update()
             opt.zero_grad()
-    if args.world > 1:
+    if args.world > 1:  # leave together: no rank tears down the store another still uses
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
