@@ -173,7 +173,6 @@ def check(
             **common,
         )
         timings["target"] = time.perf_counter() - t0
-        report.rows += [fault.row(isolated=False) for fault in tgt_run.decisions.faults]
         if identical(ref_run.trace, tgt_run.trace):
             report.notes.append(IDENTICAL)
         else:

@@ -13,7 +13,10 @@ subclass, so they survive the deep copies align makes of a target.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -216,6 +219,35 @@ class _Dropout(nn.Dropout):
 
     def forward(self, x):
         return super().forward(x) * (1 - self.p) if self.training else x
+
+
+class FusedDropout(nn.Dropout):
+    """Dropout through `aten.native_dropout`, the fused kernel CUDA and NPU builds call
+    (the CPU's `F.dropout` draws a bernoulli mask instead)."""
+
+    def forward(self, x):
+        return torch.ops.aten.native_dropout(x, self.p, self.training)[0]
+
+
+@contextlib.contextmanager
+def fused_dropout_kernel(scale: float = 0.9) -> Iterator[None]:
+    """While active, the CPU's `aten.native_dropout` is a faulty fused kernel: its kept
+    outputs are off by `scale` from input x mask / (1 - p) for the mask it returns."""
+
+    def kernel(x: torch.Tensor, p: float, train: bool | None):
+        if not train:
+            return x.clone(), torch.ones_like(x, dtype=torch.bool)
+        mask = torch.rand(x.shape, device=x.device) >= p
+        return x * mask / (1 - p) * scale, mask
+
+    with warnings.catch_warnings():  # "overriding a previously registered kernel"
+        warnings.simplefilter("ignore")
+        library = torch.library.Library("aten", "IMPL")
+        library.impl("native_dropout", kernel, "CPU")
+    try:
+        yield
+    finally:
+        library._destroy()  # the stock kernel is back
 
 
 def dropout_scale(model: nn.Module, name: str) -> None:

@@ -9,11 +9,13 @@ module. Structural differences (missing modules, shapes) are errors, never a pas
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from functools import partial
 
 import torch
 
 from align.errors import MismatchError
+from align.numerics.decisions import Fault
 from align.numerics.jitter import Pool
 from align.numerics.verdict import Row, Tolerance, judge_robustly
 from align.record.trace import Call, Trace
@@ -173,6 +175,16 @@ def compare_traces(
                 )
             )
         rows = _with_param_grads(rows, param_rows)
+    return _with_faults(rows, tgt.faults, {t: r for r, t in name_map.items() if t})
+
+
+def _with_faults(rows: list[Row], faults: list[Fault], renamed: dict[str, str]) -> list[Row]:
+    """A failing row per kernel fault of the target (its replayed values hide it), placed
+    before the first row of its module (`renamed`: target name -> reference name)."""
+    for fault in faults:
+        module = renamed.get(fault.module, fault.module)
+        at = next((n for n, r in enumerate(rows) if r.module == module), len(rows))
+        rows.insert(at, replace(fault, module=module).row(isolated=False))
     return rows
 
 

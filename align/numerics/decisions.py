@@ -14,6 +14,9 @@ honest devices can make them differently:
   one flipped ReLU made `layer4.0.act3`'s input gradient fail by 10,000x).
 - *random draws* from the default generator: dropout, drop-path, bernoulli, rand, randn,
   randint, randperm, normal_, uniform_... Another device's generator draws other masks.
+  A dropout mask is one record whether the CPU drew it (`bernoulli_`) or a CUDA / NPU
+  build's fused `native_dropout` did, so a CPU reference and an NPU target replay each
+  other's masks.
 
 The reference records every decision; the target, the golden and the honest draws take
 the reference's. Indices: their values are gathered from their own inputs at the
@@ -26,7 +29,7 @@ of a record's identity, so an op called with another breakpoint is not matched a
 its own branches. Random draws: the reference's values replace the run's own; a fused
 dropout kernel is first checked against its own mask (output = input * mask / (1 - p)),
 so a kernel with another scale, or one that drops other elements than the mask it
-returns, fails and is named (`Decisions.faults`).
+returns, fails and is named (`Decisions.faults`, kept in the run's trace and its dumps).
 
 How many decisions a run would have made otherwise, and how far the flipped elements
 were from the choice (two indices' values apart, a branch's input from its breakpoint;
@@ -395,11 +398,19 @@ class Decisions(TorchDispatchMode):
         return replayed
 
     def _draw(self, func, args, kwargs):
-        key = _key(func, args)
+        fused = func.overloadpacket is aten.native_dropout
+        if fused and not _argument(func, args, kwargs, "train"):
+            return func(*args, **kwargs)  # no draw: the input passes through
+        if fused:
+            key = _mask_key(1 - _argument(func, args, kwargs, "p"))
+        elif func is aten.bernoulli_.float:
+            key = _mask_key(_argument(func, args, kwargs, "p"))
+        else:
+            key = _key(func, args)
         out = func(*args, **kwargs)  # the run's own draw: its generator advances as usual
-        own = out[1] if func.overloadpacket is aten.native_dropout else out
+        own = out[1] if fused else out
         recorded = self._take(key, own.shape)
-        if func.overloadpacket is aten.native_dropout and self.replay is not None:
+        if fused and self.replay is not None:
             self._check_dropout(func, args, out)
         if recorded is None:
             self._unmatched()
@@ -407,7 +418,7 @@ class Decisions(TorchDispatchMode):
             return out
         self._log(key, recorded)
         self._tally(func, own.numel(), int((own.cpu() != recorded.cpu()).sum()))
-        if func.overloadpacket is aten.native_dropout:
+        if fused:
             x, p = args[0], args[1]
             mask = recorded.to(device=own.device, dtype=own.dtype, copy=True)
             return (_dropped(x, mask, p), mask)
@@ -506,6 +517,14 @@ def _key(func, args: tuple) -> str:
     """A record's identity: the op and its scalar arguments (a threshold, a slope, p)."""
     scalars = [repr(a) for a in args if isinstance(a, (bool, int, float))]
     return f"{func}({','.join(scalars)})" if scalars else str(func)
+
+
+def _mask_key(keep: float) -> str:
+    """The record key of a mask kept with probability `keep`, fused or not: a CPU's
+    `F.dropout` draws it with `noise.bernoulli_(1 - p)`, a CUDA or NPU build with
+    `native_dropout(x, p)`. Keyed alike (`1 - p` is the double the C++ computes), each
+    side replays the other's mask."""
+    return f"{aten.bernoulli_.float}({float(keep)!r})"
 
 
 def _dropped(x: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:

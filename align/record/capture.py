@@ -431,7 +431,7 @@ def run_model(
         recorder.remove()
         recorder.release()
     trace = recorder.trace
-    trace.decisions = run.decisions.choices
+    trace.decisions, trace.faults = run.decisions.choices, run.decisions.faults
     trace.meta = {
         "device": str(device),
         "precision": policy.name,

@@ -299,7 +299,7 @@ class Recorder:
                     if p.grad is not None:
                         received[self._name(p)] = hooks.store(p.grad)
 
-        choices = Decisions(self._replayed(n))
+        choices = Decisions(self._replayed(n), where=hooks.current)
         roots = _BackwardRoots()
         with contextlib.ExitStack() as stack:
             stack.callback(hooks.release)
@@ -322,7 +322,7 @@ class Recorder:
         if scale != 1.0:
             _unscale(trace, scale, accumulated.values())
         trace.param_grads = {**accumulated, **received}
-        trace.decisions = choices.choices
+        trace.decisions, trace.faults = choices.choices, choices.faults
         trace.meta = {
             "device": self._device(),
             "decisions": "replayed" if self.replay is not None else "own",

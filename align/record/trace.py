@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from align.errors import TraceError
 from align.files import replace_dir
+from align.numerics.decisions import Fault
 from align.numerics.names import call_label
 
 MANIFEST = "manifest.json"
@@ -118,6 +119,9 @@ class Trace:
     # (op, indices) of each sort / max / max-pool, in call order (align.numerics.decisions): what a
     # target or golden dump replays from the reference's
     decisions: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+    # kernels of this run that contradicted their own decision (a fused dropout off its own
+    # mask): the replayed values hide them, so a comparison fails them by this record
+    faults: list[Fault] = field(default_factory=list)
 
     def tensor(self, key: str) -> torch.Tensor:
         return self.tensors[key]
@@ -172,6 +176,7 @@ class Trace:
             "tensors": index,
             "draws": len(self.draws),
             "decisions": [op for op, _ in self.decisions],
+            "faults": [vars(fault) for fault in self.faults],
         }
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
 
@@ -293,7 +298,23 @@ def read_trace(directory: str | os.PathLike) -> Trace:
         raise TraceError(f"{path}: 'draws' must be a count, not {draws!r}")
     trace.draws = [read_trace(root / DRAWS / str(n)) for n in range(draws)]
     trace.decisions = _load_decisions(root, manifest.get("decisions", []))
+    trace.faults = _load_faults(path, manifest.get("faults", []))
     return trace
+
+
+def _load_faults(path: Path, entries: Any) -> list[Fault]:
+    """The run's kernel faults; a malformed entry is a TraceError, never skipped."""
+    fields = {"module": str, "call": int, "op": str, "message": str}
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict)
+        and e.keys() == fields.keys()
+        and all(type(e[k]) is kind for k, kind in fields.items())
+        for e in entries
+    ):
+        raise TraceError(
+            f"{path}: 'faults' must be a list of {{module, call, op, message}}: the dump is corrupt"
+        )
+    return [Fault(**e) for e in entries]
 
 
 def _load_decisions(root: Path, ops: Any) -> list[tuple[str, torch.Tensor]]:

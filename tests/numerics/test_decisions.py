@@ -11,7 +11,7 @@ from torch import nn
 
 import align
 from align.numerics.decisions import RANDOM_OPS, Decisions
-from align.testing import perturb
+from align.testing import FusedDropout, fused_dropout_kernel, perturb
 
 OPS = {
     "sort": lambda x: x.sort(dim=1, descending=True)[0],
@@ -307,6 +307,48 @@ def test_dumps_carry_random_draws(tmp_path):
     assert align.compare(loaded, tgt, gold).passed
     own = align.capture(model, x, seed=2)
     assert not align.compare(loaded, own, gold).passed
+
+
+@pytest.mark.parametrize("p", [0.5, 0.2])
+@pytest.mark.parametrize("fused_side", ["reference", "target"])
+def test_a_fused_dropout_replays_the_mask_a_cpu_dropout_drew_and_back(p, fused_side):
+    """A CPU reference draws dropout masks with bernoulli_, a GPU or NPU target with the
+    fused native_dropout: each replays the other's masks, under another generator state."""
+    torch.manual_seed(0)
+    cpu = _Dropper().train()
+    cpu.drop.p = p
+    fused = copy.deepcopy(cpu)
+    fused.drop = FusedDropout(p)
+    ref_model, tgt_model = (fused, cpu) if fused_side == "reference" else (cpu, fused)
+    x = torch.randn(8, 16)
+    ref = align.capture(ref_model, x, seed=1)
+    tgt = align.capture(tgt_model, x, seed=2, decisions_of=ref)
+    gold = align.capture(ref_model, x, precision="fp64", seed=3, decisions_of=ref)
+    report = align.compare(ref, tgt, gold)
+    assert report.passed, str(report)
+    assert "not matched" not in " ".join(report.notes)
+
+
+def test_a_dumped_target_carries_its_fused_dropout_fault(tmp_path):
+    """A target dump that replayed the reference's masks holds the right values even from a
+    wrong fused kernel: the fault travels in the dump, and the comparison fails it."""
+    torch.manual_seed(0)
+    model = _Dropper().train()
+    fused = copy.deepcopy(model)
+    fused.drop = FusedDropout(0.5)
+    x = torch.randn(8, 16)
+    ref = align.capture(model, x, seed=1)
+    ref.save(tmp_path / "ref")
+    with fused_dropout_kernel(1.1):
+        align.capture(fused, x, seed=2, decisions_of=ref).save(tmp_path / "bad")
+    gold = align.capture(model, x, precision="fp64", seed=3, decisions_of=ref)
+    (fault,) = align.load_trace(tmp_path / "bad").faults
+    assert (fault.module, fault.op) == ("drop", "native_dropout")
+    report = align.compare(tmp_path / "ref", tmp_path / "bad", gold)
+    assert not report.passed
+    assert report.first_divergence.module == "drop" and "mask" in report.first_divergence.message
+    clean = align.capture(fused, x, seed=2, decisions_of=ref)
+    assert align.compare(ref, clean, gold).passed
 
 
 def test_a_replayed_draw_written_in_place_leaves_the_record_as_drawn():

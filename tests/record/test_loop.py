@@ -22,6 +22,7 @@ from torch import nn
 import align
 from align.errors import AlignError, TraceError
 from align.record.loop import LoopDump
+from align.testing import FusedDropout, fused_dropout_kernel
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -396,3 +397,39 @@ def test_recorder_refuses_a_foreign_directory_and_a_bad_golden_or_replay(tmp_pat
     rec = align.Recorder(model, tmp_path / "t", steps=[5], replay=ref)
     with pytest.raises(TraceError, match="has no step 5"), rec.step(5):
         pass
+
+
+class _Dropping(nn.Module):
+    def __init__(self, drop: nn.Module):
+        super().__init__()
+        self.lin, self.drop, self.out = nn.Linear(4, 8), drop, nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(self.drop(self.lin(x)))
+
+
+def _dropout_run(path: Path, drop: nn.Module, replay: Path | None = None) -> None:
+    torch.manual_seed(0)
+    model = _Dropping(drop).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with align.Recorder(model, path, steps=[0, 1], optimizer=opt, replay=replay) as rec:
+        for step in range(2):
+            with rec.step(step):
+                model(torch.randn(6, 4)).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+
+
+def test_a_fused_dropout_kernel_off_its_own_mask_fails_through_the_dumps(tmp_path):
+    """The target replays the reference's masks, which hides a wrong fused dropout from
+    the values; the dump records the fault and the comparison fails it, naming the step."""
+    _dropout_run(tmp_path / "ref", nn.Dropout(0.5))
+    _dropout_run(tmp_path / "clean", FusedDropout(0.5), replay=tmp_path / "ref")
+    with fused_dropout_kernel(0.9):
+        _dropout_run(tmp_path / "bad", FusedDropout(0.5), replay=tmp_path / "ref")
+    assert align.compare(tmp_path / "ref", tmp_path / "clean").passed
+    report = align.compare(tmp_path / "ref", tmp_path / "bad")
+    first = report.first_divergence
+    assert (first.module, first.tensor) == ("drop", "step 0 native_dropout"), str(report)
+    assert "mask it returned" in first.message
+    assert LoopDump(tmp_path / "bad").load(0, 1).trace.faults  # every recorded step

@@ -214,6 +214,19 @@ def test_a_dump_with_unreadable_decisions_is_refused(tmp_path):
         load_trace(path)
 
 
+@pytest.mark.parametrize(
+    "faults",
+    [{"module": "m"}, [{"module": "m", "call": "0", "op": "x", "message": ""}], [7]],
+)
+def test_a_dump_with_malformed_faults_is_refused(tmp_path, faults):
+    path = _mixed().save(tmp_path / "d")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["faults"] = faults
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TraceError, match="'faults' must be a list"):
+        load_trace(path)
+
+
 def test_a_loaded_trace_saves_again_identically(tmp_path):
     first = load_trace(_mixed().save(tmp_path / "one"))
     second = load_trace(first.save(tmp_path / "two"))
