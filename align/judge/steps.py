@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -17,8 +18,8 @@ from align.judge.comparison import _param_name, compare_traces
 from align.judge.report import Report
 from align.numerics import decisions
 from align.numerics.precision import get_policy
-from align.numerics.verdict import Row, Tolerance, as_tolerance, judge
-from align.record.loop import LoopDump, Step
+from align.numerics.verdict import Row, Tolerance, as_tolerance, judge_robustly
+from align.record.loop import DRAW_ENV, DRAWS_DIR, LoopDump, Step
 from align.record.trace import Trace
 
 # param group entries that choose an implementation, not the arithmetic
@@ -49,6 +50,7 @@ def compare(
     started = time.perf_counter()
     ref, tgt = LoopDump(reference), LoopDump(target)
     gold = None if golden is None else LoopDump(golden)
+    drawn = ref.draws() if gold is not None else []  # without a golden, nothing to scale
     ranks = sorted(ref.ranks)
     for role, dump in (("target", tgt), ("golden", gold)):
         if dump is not None and sorted(dump.ranks) != ranks:
@@ -79,7 +81,10 @@ def compare(
                         f"the golden dump has no step {n} of rank {rank}: record the same steps"
                     )
                 sides.append(gold.load(rank, n))
-            step_rows = _judge_step(*sides, tol=tol, strict=strict, name_map=name_map or {})
+            draws = [d.load(rank, n) for d in drawn if rank in d.ranks and n in d.steps(rank)]
+            step_rows = _judge_step(
+                *sides, tol=tol, strict=strict, name_map=name_map or {}, draws=draws
+            )
             label = f"rank {rank} step {n}" if len(ranks) > 1 else f"step {n}"
             for row in step_rows:
                 row.tensor = f"{label} {row.tensor}"
@@ -120,10 +125,16 @@ def compare(
             "no golden dump: the reference stood in for it, so limits are dtype floors only; "
             "record a float64 golden (Recorder(..., golden=True) on a CPU run of the script)"
         )
+    elif drawn:
+        notes.append(
+            f"the reference's error is the largest of its own and {len(drawn)} honest "
+            f"draws' ({ref.root / DRAWS_DIR}) where a tensor fails against its own alone"
+        )
     else:
         notes.append(
-            "the reference's error is a single draw (a training loop's dump has no honest "
-            "draws): a small or cancelling gradient can flag an honest target"
+            "the reference's error is a single draw: a small or cancelling gradient can "
+            f"flag an honest target; run the reference script again with {DRAW_ENV}=1 and "
+            f"{DRAW_ENV}=2 for two honest draws (align.record.loop)"
         )
     report.notes = list(dict.fromkeys(notes))
     return report
@@ -159,8 +170,10 @@ def _judge_step(
     tol: Tolerance,
     strict: bool,
     name_map: dict[str, str | None],
+    draws: Sequence[Step] = (),
 ) -> list[Row]:
-    """Rows of one step of one rank: data, module tensors, loss, scaler, optimizer, params."""
+    """Rows of one step of one rank: data, module tensors, loss, scaler, optimizer, params;
+    `draws`, the reference's honest draws of this step, widen the limits of failing ones."""
     g = gold or ref
     rows = _input_rows(ref.trace, tgt.trace, g.trace, tol, strict)
     rows += compare_traces(
@@ -170,8 +183,9 @@ def _judge_step(
         tol=tol,
         strict_dtype=strict,
         name_map=name_map,
+        draws=[d.trace for d in draws],
     )
-    judged = partial(_state_row, ref, tgt, g, tol, strict)
+    judged = partial(_state_row, ref, tgt, g, draws, tol, strict)
     if "loss" in ref.state:
         rows.append(judged("", "loss", "loss", "loss", "loss"))
     rows += _scaler_rows(ref.info.get("scaler"), tgt.info.get("scaler"))
@@ -229,7 +243,17 @@ def _input_rows(ref: Trace, tgt: Trace, gold: Trace, tol: Tolerance, strict: boo
 
 
 def _state_row(
-    ref: Step, tgt: Step, gold: Step, tol, strict, module: str, phase: str, label, key, tkey
+    ref: Step,
+    tgt: Step,
+    gold: Step,
+    draws: Sequence[Step],
+    tol,
+    strict,
+    module: str,
+    phase: str,
+    label,
+    key,
+    tkey,
 ) -> Row:
     row = Row(module, 0, phase, label, "", [])
     if tkey not in tgt.state:
@@ -238,17 +262,28 @@ def _state_row(
         return row
     if key not in gold.state:
         raise MismatchError(f"the golden dump has no {key}: record it with the same optimizer")
-    return _judged(ref.state[key], tgt.state[tkey], gold.state[key], tol, strict, row)
+    drawn = [d.state[key] for d in draws if key in d.state]
+    return _judged(ref.state[key], tgt.state[tkey], gold.state[key], tol, strict, row, drawn)
 
 
-def _judged(r: torch.Tensor, t: torch.Tensor, g: torch.Tensor, tol, strict, row: Row) -> Row:
+def _judged(
+    r: torch.Tensor,
+    t: torch.Tensor,
+    g: torch.Tensor,
+    tol,
+    strict,
+    row: Row,
+    draws: Sequence[torch.Tensor] = (),
+) -> Row:
     if t.shape != r.shape or g.shape != r.shape:
         raise MismatchError(
             f"{row.module or '<model>'} {row.phase} {row.tensor}: shape {tuple(r.shape)} on the "
             f"reference, {tuple(t.shape)} on the target, {tuple(g.shape)} in the golden run; "
             "the runs did not train the same model on the same batches"
         )
-    return judge(t, r, g, tol, strict_dtype=strict, local=False, row=row)
+    return judge_robustly(
+        t, r, g, tol, strict_dtype=strict, local=False, row=row, draws=lambda _: draws
+    )
 
 
 def _exact_row(module: str, phase: str, label: str, ref: Step, tgt: Step, key, tkey) -> Row:

@@ -60,6 +60,13 @@ gradients (align.judge.comparison.compare_traces), the scaler, the optimizer's s
 parameters after the update. The report's first divergence is the first failing tensor
 of the first failing step; its `train` entry has one line per step and rank.
 
+Honest draws: the reference's own error against the golden is one sample of its
+rounding noise. Run the reference script again with `ALIGN_DRAW=1` (then 2, ...) in its
+environment, or `draw=1`: that run replays the reference dump's decisions, nudges every
+rounding at random (align.numerics.jitter, as another honest device would round) and
+writes DIR/draws/1/. The comparison then scales each tensor's limit by the largest error
+of the reference and its draws (as `align.dump --draws` does for case dumps).
+
 Isolation (re-running one module on the reference's recorded inputs, align.judge.isolation) is
 possible from these dumps only together with the model: a dump holds each call's tensor
 inputs and output gradients, but not its non-tensor arguments nor the module's code.
@@ -94,6 +101,7 @@ from align.errors import AlignError, TraceError
 from align.files import replace_dir, write_json_atomic
 from align.numerics import decisions
 from align.numerics.decisions import Decisions
+from align.numerics.jitter import Jitter
 from align.record.capture import KeepFloat64
 from align.record.capture import Recorder as ModuleHooks
 from align.record.trace import BACKWARD_SLOTS, Trace, read_trace
@@ -102,6 +110,8 @@ from align.runtime import environment
 
 FORMAT = "align.loop/1"
 RUN_FILE = "loop.json"  # per rank: what was recorded, where
+DRAWS_DIR = "draws"  # DIR/draws/<n>/: honest draws of the reference DIR
+DRAW_ENV = "ALIGN_DRAW"  # set to n: this run of the reference script is its honest draw n
 STEP_FILE = "step.json"  # per step: scalars and the index of state.safetensors
 STATE_FILE = "state.safetensors"
 TRACE_DIR = "trace"
@@ -152,6 +162,9 @@ class Recorder:
             recorded gradients by the scale.
         replay: a reference dump whose discrete choices this run takes, step by step.
         golden: this is the float64 golden run (CPU): casts the model and its inputs.
+        draw: this run of the reference script is its honest draw `draw` (default: the
+            ALIGN_DRAW environment variable): it writes OUT/draws/{draw}/, replays OUT's
+            decisions, and runs every step with its rounding nudged (align.numerics.jitter).
         background: write each step on a background thread (the default); False writes
             it before `rec.step()` returns, as a debugging aid: the same files either way.
 
@@ -178,6 +191,7 @@ class Recorder:
         scaler: torch.amp.GradScaler | None = None,
         replay: str | os.PathLike | None = None,
         golden: bool = False,
+        draw: int | None = None,
         background: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -187,6 +201,14 @@ class Recorder:
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise AlignError(f"scaler= must be a torch.amp.GradScaler, not {type(scaler)}")
         self.steps = _step_numbers(steps)
+        self.draw = _draw_number(draw)
+        if self.draw is not None:
+            if replay is not None or golden:
+                raise AlignError(
+                    f"draw={self.draw} (or {DRAW_ENV}) re-runs the reference script as an "
+                    "honest draw: give it the reference's out=, without replay= or golden="
+                )
+            replay, out = out, Path(out) / DRAWS_DIR / str(self.draw)
         self._last = max(self.steps)
         self.model, self.optimizer, self.scaler, self.golden = model, optimizer, scaler, golden
         self.rank, self.world = _rank()
@@ -232,6 +254,9 @@ class Recorder:
             for old in self.root.iterdir():
                 if _STEP_DIR.match(old.name):
                     shutil.rmtree(old)
+        if self.draw is None:  # a new reference: the draws of the previous one are stale
+            for old in (self.root.parent / DRAWS_DIR).glob(f"*/{self.root.name}"):
+                shutil.rmtree(old)
         device = self._device()
         write_json_atomic(
             self.root / RUN_FILE,
@@ -243,6 +268,7 @@ class Recorder:
                 "model": type(self.model).__name__,
                 "device": device,
                 "golden": self.golden,
+                "draw": self.draw,
                 "optimizer": None if self.optimizer is None else type(self.optimizer).__name__,
                 "scaler": self.scaler is not None and self.scaler.is_enabled(),
                 "replay": None if self.replay is None else str(self.replay),
@@ -255,7 +281,7 @@ class Recorder:
         """Context of one training step: records it if `n` is one of `steps`."""
         self._writer.check()
         if n not in self.steps:
-            with KeepFloat64() if self.golden else contextlib.nullcontext():
+            with self._numerics(n):
                 yield
             return
         if self._recording:
@@ -313,8 +339,7 @@ class Recorder:
                     stack.callback(hook.remove)
             if self.optimizer is not None:
                 stack.callback(self.optimizer.register_step_pre_hook(take_received).remove)
-            if self.golden:
-                stack.enter_context(KeepFloat64())
+            stack.enter_context(self._numerics(n))
             stack.enter_context(choices)
             stack.enter_context(roots)
             yield
@@ -350,6 +375,15 @@ class Recorder:
         _to_host(trace)
         write = partial(_write_step, trace, state, info)
         return partial(replace_dir, self.root / _step_dir(n), write, STEP_FILE, "step")
+
+    def _numerics(self, n: int) -> contextlib.AbstractContextManager:
+        """What every step of this run computes under: float64 kept (the golden), rounding
+        nudged (a draw; seeded per draw and step), or nothing."""
+        if self.golden:
+            return KeepFloat64()
+        if self.draw is not None:
+            return Jitter(self.draw * 1_000_003 + n)
+        return contextlib.nullcontext()
 
     def _device(self) -> str:
         return str(next((p.device for p in self.model.parameters()), torch.device("cpu")))
@@ -415,6 +449,18 @@ def _to_host(trace: Trace) -> None:
     before another thread writes them."""
     trace.tensors = {k: t.cpu() for k, t in trace.tensors.items()}
     trace.decisions = [(op, t.cpu()) for op, t in trace.decisions]
+
+
+def _draw_number(draw: int | None) -> int | None:
+    """`draw`, else ALIGN_DRAW from the environment: a positive integer, or None."""
+    if draw is None and os.environ.get(DRAW_ENV, "").strip():
+        text = os.environ[DRAW_ENV].strip()
+        if not text.isdigit():
+            raise AlignError(f"{DRAW_ENV}={text!r}: give the draw's number, 1, 2, ...")
+        draw = int(text)
+    if draw is not None and (type(draw) is not int or draw < 1):
+        raise AlignError(f"draw= must be a positive integer (1, 2, ...), not {draw!r}")
+    return draw
 
 
 def _step_numbers(steps: Any) -> frozenset[int]:
@@ -516,6 +562,16 @@ class LoopDump:
                 self.ranks[int(m[1])] = _read_json(_rank_root(self.root, int(m[1])) / RUN_FILE)
         if not self.ranks:
             raise TraceError(f"{self.root}: no rank*/ directories: not an align.Recorder dump")
+
+    def draws(self) -> list[LoopDump]:
+        """The honest draws recorded under this (reference) dump, by number."""
+        root = self.root / DRAWS_DIR
+        found = [
+            d
+            for d in (root.iterdir() if root.is_dir() else ())
+            if d.name.isdigit() and any(_RANK_DIR.match(r.name) for r in d.iterdir())
+        ]
+        return [LoopDump(d) for d in sorted(found, key=lambda d: int(d.name))]
 
     def steps(self, rank: int) -> list[int]:
         """Step numbers recorded (completely: temporary directories are skipped) by `rank`."""

@@ -9,6 +9,7 @@ target (every rounding jittered, align.numerics.jitter) and targets with one fau
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -124,10 +125,12 @@ TARGETS = {
 }
 
 
-def _launch(root: Path, name: str, *args: str) -> subprocess.Popen:
+def _launch(root: Path, name: str, *args: str, draw: int | None = None) -> subprocess.Popen:
+    env = {**os.environ, "ALIGN_DRAW": str(draw)} if draw else None
     return subprocess.Popen(
         [sys.executable, str(root / "train.py"), str(root / name), *args],
         cwd=ROOT,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -157,6 +160,7 @@ def dumps(tmp_path_factory) -> Path:
         _launch(root, "scaled_ref", "--scale", "1024"),
     )
     procs = [_launch(root, "gold", "--golden", "--replay", str(root / "ref"))]
+    procs += [_launch(root, "ref", draw=n) for n in (1, 2)]  # the reference script, again
     for name, (args, reference) in TARGETS.items():
         procs.append(_launch(root, name, *args, "--replay", str(root / reference)))
     _wait(*procs)
@@ -233,6 +237,24 @@ def test_scaler_scale_and_skipped_step(dumps):
     assert info["scaler"] == {"scale": 1024.0, "next_scale": 512.0, "skipped": True}
     first = _compare(dumps, "scaled_ref", "overflow", golden=False).first_divergence
     assert (first.phase, first.tensor) == ("scaler", "step 1 skipped"), str(first)
+
+
+def test_honest_draws_are_reruns_of_the_reference_script_with_its_choices(dumps, tmp_path):
+    """ALIGN_DRAW=n re-runs the reference script as its honest draw n: its rounding nudged,
+    the reference's decisions replayed; the comparison scales limits by the draws too."""
+    draws = LoopDump(dumps / "ref").draws()
+    assert [d.root.name for d in draws] == ["1", "2"]
+    ref = LoopDump(dumps / "ref").load(0, 1)
+    for draw in draws:
+        assert draw.ranks[0]["draw"] == int(draw.root.name)
+        step = draw.load(0, 1)
+        assert step.trace.meta["decisions"] == "replayed"
+        mine, theirs = step.state["param/fc1.weight"], ref.state["param/fc1.weight"]
+        assert 0 < float((mine - theirs).norm() / theirs.norm()) < 1e-5  # rounding apart
+    assert "2 honest draws'" in " ".join(_compare(dumps, "ref", "honest").notes)
+    shutil.copytree(dumps / "ref", tmp_path / "ref", ignore=shutil.ignore_patterns("draws"))
+    alone = align.compare(tmp_path / "ref", dumps / "honest", dumps / "gold")
+    assert "ALIGN_DRAW=1" in " ".join(alone.notes)
 
 
 def test_target_and_golden_replay_the_reference_choices(dumps):
@@ -372,6 +394,8 @@ def test_failed_step_writes_nothing_and_removes_its_hooks(tmp_path):
         ({"steps": [-1]}, "steps= must list step numbers"),
         ({"steps": [0], "optimizer": "adam"}, "optimizer= must be a torch.optim.Optimizer"),
         ({"steps": [0], "replay": "nowhere"}, "no rank0/loop.json"),
+        ({"steps": [0], "draw": 0}, "draw= must be a positive integer"),
+        ({"steps": [0], "draw": 1, "golden": True}, "re-runs the reference script"),
     ],
 )
 def test_bad_recorder_arguments_are_align_errors(tmp_path, kwargs, message):
@@ -433,3 +457,19 @@ def test_a_fused_dropout_kernel_off_its_own_mask_fails_through_the_dumps(tmp_pat
     assert (first.module, first.tensor) == ("drop", "step 0 native_dropout"), str(report)
     assert "mask it returned" in first.message
     assert LoopDump(tmp_path / "bad").load(0, 1).trace.faults  # every recorded step
+
+
+def test_a_bad_align_draw_variable_is_an_align_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGN_DRAW", "first")
+    with pytest.raises(AlignError, match="ALIGN_DRAW='first': give the draw's number"):
+        align.Recorder(_Tiny(), tmp_path / "d", steps=[0])
+
+
+def test_a_new_reference_recording_drops_the_stale_draws_of_the_last(tmp_path):
+    model = _Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _train(align.Recorder(model, tmp_path / "d", steps=[0], optimizer=opt), model, opt, 1)
+    _train(align.Recorder(model, tmp_path / "d", steps=[0], optimizer=opt, draw=1), model, opt, 1)
+    assert [d.root.name for d in LoopDump(tmp_path / "d").draws()] == ["1"]
+    align.Recorder(model, tmp_path / "d", steps=[0], optimizer=opt).close()
+    assert LoopDump(tmp_path / "d").draws() == []
