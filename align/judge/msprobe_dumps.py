@@ -111,7 +111,7 @@ def _merged(
     """One report of several step/rank pairs; rows prefixed with their pair when several."""
     if len(reports) == 1:
         reports[0].notes[:0] = notes
-        reports[0].meta["dumps"] = keys
+        reports[0].meta.update(paths, dumps=keys)
         return reports[0]
     common = [n for n in reports[0].notes if all(n in r.notes for r in reports)]
     rows, summary = [], []

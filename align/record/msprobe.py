@@ -2,25 +2,36 @@
 compares two of them).
 
 Format followed (msprobe in Ascend/mstt, debug/accuracy_tools/msprobe; the docs were
-moved to docs/zh/dump/pytorch_data_dump_instruct.md in late 2025, same content):
+moved to docs/zh/dump/pytorch_data_dump_instruct.md in late 2025, same content), checked
+against real dumps of mindstudio-probe 26.2.0 (tests/record/data/msprobe_real):
 
 - docs/05.data_dump_PyTorch.md, "dump 结果文件介绍": the layout
   `dump_path/step{N}/rank{ID}/{dump.json, stack.json, construct.json, dump_tensor_data/}`;
-  a non-distributed run writes `rank` without an ID. "construct.json: 分层分级结构，level为
-  L1时，construct.json内容为空" (empty at level L1). API prefixes: Tensor, Torch,
+  the docs say a non-distributed run writes `rank` without an ID, but msprobe 26 writes
+  `proc{pid}` (msprobe/core/dump/service.py `_create_default_dirs`), a name that differs
+  from run to run: such a dump is keyed by its step alone. "construct.json: 分层分级结构，
+  level为L1时，construct.json内容为空" (empty at level L1). API prefixes: Tensor, Torch,
   Functional, NPU, VF, Aten, Distributed, MindSpeed.
 - docs/27.dump_json_instruction.md: `dump.json` holds `task` (tensor, statistics),
   `level` (L0, L1, mix), `framework`, `dump_data_dir` and `data`.
   L0: module entries `Module.<qualified name>.<Class>.forward.<n>` with `input_args`,
-  `input_kwargs`, `output` (and `parameters`), `Module.<name>.<Class>.backward.<n>` with
-  `input` and `output`, `Module.<name>.<Class>.parameters_grad` with a list per parameter.
+  `input_kwargs`, `output` and `parameters` ({name: tensor}, not mapped here),
+  `Module.<name>.<Class>.backward.<n>` with `input` and `output` (`null` for a forward
+  input without a gradient), `Module.<name>.<Class>.parameters_grad.<n>` with a list per
+  parameter, n counting that parameter's gradient hooks in the step (gradient
+  accumulation; msprobe/pytorch/dump/api_dump/pt_hook_manager.py; older dumps: no `.<n>`).
+  The root model is not recorded as a module. Non-tensor arguments are
+  `{"type": "int", "value": 1}`, lists of them nested as the call's arguments.
   L1: API entries `<Prefix>.<api>.<n>.forward` / `.backward` (`Functional.conv2d.3.forward`,
   `Tensor.add_.0.forward`), n counting that API's calls in the step
   (msprobe/pytorch/hook_module/api_register.py, `prefix_api_name`). mix: both.
   Every tensor is a dict of statistics (`type`, `dtype`, `shape`, `Max`, `Min`, `Mean`,
   `Norm`) plus, in a tensor dump only, `data_name`: a file in `dump_tensor_data/`. The
   statistics are computed in the tensor's own dtype (fp64 and integers in fp32;
-  msprobe/core/data_dump/data_processor/pytorch_processor.py, `get_stat_info`).
+  msprobe/core/data_dump/data_processor/pytorch_processor.py, `get_stat_info`). Tensor
+  files are flat in `dump_tensor_data/`: `<entry>.<input|output>.<i>.pt`,
+  `<entry>.parameters.<name>.pt`, `<entry>.<param>.pt` for a gradient; a statistics dump
+  has `dump_data_dir: null` and no `data_name`.
 - Backward convention (both levels): a backward entry's `input` is the gradient flowing
   into the call (grad of the forward output), its `output` the gradient flowing out
   (grad of the forward input). So `input` becomes `Call.grad_outputs` and `output`
@@ -29,7 +40,11 @@ moved to docs/zh/dump/pytorch_data_dump_instruct.md in late 2025, same content):
   msprobe/pytorch/dump/module_dump/module_processer.py): `{call name: parent call name or
   null}`; at level mix an API's parent is the module call it ran in
   (`Functional.conv2d.0.forward: Module.layer1.0.conv1.Conv2d.forward.0`, or that
-  module's `backward.<n>` for a backward API). Megatron runs write `[parent, micro step]`.
+  module's `backward.<n>` for a backward API). Module nesting is recorded for forward
+  calls only (backward module entries have `null`); the APIs of `optimizer.step()` and of
+  gradient clipping have the parent `"optimizer"` / `"clip_grad"`, a key of its own with
+  `null`. Calls without a dump.json entry (views such as `Tensor.flatten`) may be listed.
+  Megatron runs write `[parent, micro step]`.
 - stack.json (msprobe/core/data_dump/json_writer.py `write_stack_info_json`,
   core/common/utils.py `load_stack_json`): `{"0": [[call names], [frames]], ...}`, older
   dumps `{call name: [frames]}`, a frame being `"File <path>, line <n>, in <func>, \\n
@@ -39,10 +54,12 @@ moved to docs/zh/dump/pytorch_data_dump_instruct.md in late 2025, same content):
 
 Mapping to a Trace: a module call is `Call(module=<qualified name>, index=n)`. An API
 call is `Call(module="<module label>/<Prefix>.<api>", index=k, cls="api")`, k counting
-that API's calls inside that module call (`layer1.0.conv1/Functional.conv2d`), or
-`<Prefix>.<api>` with k = msprobe's own count when no construct.json names its module
-(level L1). Where stack.json has the call, the first frame outside torch is kept in
-`Trace.meta["where"]` and shown with a failing row ("at resnet.py:92 out = self.conv1(x)").
+that API's calls inside that module call (`layer1.0.conv1/Functional.conv2d`;
+`optimizer/Tensor.add_` in the optimizer step), or `<Prefix>.<api>` with k = msprobe's own
+count when no construct.json names its module (level L1). Parameter gradients are
+`Trace.param_grads["<module>.<param>"]` (`#<n>` appended for the n-th, n > 0). Where
+stack.json has the call, the first frame outside torch is kept in `Trace.meta["where"]`
+and shown with a failing row ("at resnet.py:92 out = self.conv1(x)").
 Calls are judged in the order they returned (post-order of the construct.json nesting).
 
 Comparing two dumps (align.judge.msprobe_dumps `compare_dumps`, what `align.compare`
@@ -92,9 +109,13 @@ _MODULE_CALL = re.compile(
     r"^Module\.(?P<name>.+)\.(?P<cls>[^.]+)\.(?P<phase>forward|backward)\.(?P<n>\d+)$"
 )
 _API_CALL = re.compile(r"^(?P<api>[A-Za-z]\w*\..+)\.(?P<n>\d+)\.(?P<phase>forward|backward)$")
-_PARAM_GRAD = re.compile(r"^Module\.(?P<name>.+)\.(?P<cls>[^.]+)\.parameters_grad$")
+_PARAM_GRAD = re.compile(
+    r"^Module\.(?P<name>.+)\.(?P<cls>[^.]+)\.parameters_grad(?:\.(?P<n>\d+))?$"
+)
 _STEP = re.compile(r"^step\d*$")
 _RANK = re.compile(r"^(rank|proc)\d*$")
+_NO_RANK = re.compile(r"^(rank|proc\d+)$")  # a run without ranks: "rank", or proc<pid>
+PSEUDO_PARENTS = ("optimizer", "clip_grad")  # construct.json parents that are no module
 _FRAME = re.compile(
     r"^File (?P<path>.*), line (?P<line>\d+), in (?P<func>[^,]*),\s*(?P<code>.*)$", re.S
 )
@@ -149,14 +170,24 @@ def _dump_dirs(root: Path) -> list[Path]:
 
 
 def keyed_dumps(root: Path) -> dict[str, Path]:
-    """The dumps under root keyed by their step/rank path ("step0/rank1", "." for root)."""
+    """The dumps under root keyed by step/rank ("step0/rank1"; "step0" for a run without
+    ranks, whose directory msprobe names proc<pid>; "." for root), so two runs pair up."""
     found = _dump_dirs(root)
     if not found:
         raise TraceError(
             f"{root}: no {DUMP_JSON} here or in step*/rank* below; expected an msprobe "
             "dump (dump_path, a step directory or a rank directory)"
         )
-    return {d.relative_to(root).as_posix(): d for d in found}
+    keyed = {}
+    for directory in found:
+        parts = directory.relative_to(root).parts
+        alone = sum(
+            _NO_RANK.match(d.name) is not None and d.parent == directory.parent for d in found
+        )
+        if parts and _NO_RANK.match(parts[-1]) and alone == 1:
+            parts = parts[:-1]  # proc<pid> differs from run to run: key the step alone
+        keyed["/".join(parts) or "."] = directory
+    return keyed
 
 
 def _read_json(path: Path) -> Any:
@@ -234,13 +265,21 @@ def _check_header(dump_file: Path, dump: dict[str, Any]) -> str:
 
 
 def _precision(stats: dict[str, dict[str, Any]]) -> str | None:
-    """amp-bf16 / amp-fp16 when the run holds bf16 / fp16 tensors: an align policy name."""
+    """amp-bf16 / amp-fp16 when the run holds bf16 / fp16 tensors, fp64 when every floating
+    tensor is float64 (a run that can be the golden of align.compare --golden)."""
     dtypes = {s.get("dtype") for s in stats.values()}
     if "torch.bfloat16" in dtypes:
         return "amp-bf16"
     if "torch.float16" in dtypes:
         return "amp-fp16"
-    return None
+    floating = {d for d in dtypes if isinstance(d, str) and _is_floating(d)}
+    return "fp64" if floating == {"torch.float64"} else None
+
+
+def _is_floating(dtype: str) -> bool:
+    """True for a floating torch dtype named as dump.json does ("torch.float32")."""
+    found = getattr(torch, dtype.removeprefix("torch."), None)
+    return isinstance(found, torch.dtype) and found.is_floating_point
 
 
 def _read_construct(path: Path) -> dict[str, Any]:
@@ -335,11 +374,13 @@ class _Builder:
                 self.backward_order.append(position)
             return
         grads = _PARAM_GRAD.match(name)
-        if grads:
+        if grads:  # parameters_grad.<n>: the n-th gradient of the step (accumulation)
+            n = int(grads["n"] or 0)
+            suffix = f"#{n}" if n else ""
             for param, value in entry.items():
                 keys = [k for k in self._tensors(name, param, value) if k is not None]
                 if keys:
-                    self.param_grads[f"{grads['name']}.{param}"] = keys[0]
+                    self.param_grads[f"{grads['name']}.{param}{suffix}"] = keys[0]
 
     def _call(self, kind: str, name: str, index: int, cls: str | None) -> int:
         key = (kind, name, index)
@@ -426,19 +467,20 @@ class _Builder:
         ]
 
     def link(self, construct: dict[str, Any]) -> None:
-        """Parents from construct.json; API calls renamed after the module call they ran in."""
+        """Parents from construct.json; API calls renamed after the module call they ran in
+        (or after msprobe's "optimizer" / "clip_grad", which are no module)."""
         module_calls = {(c.module, c.index): n for n, c in enumerate(self.calls) if c.cls != "api"}
-
-        def parent_of(name: str) -> int | None:
+        groups: dict[int, str] = {}  # position -> pseudo-parent
+        for position, name in self.names():
             parent = construct.get(name)
             if isinstance(parent, list):  # Megatron runs record [parent, micro step]
                 parent = parent[0] if parent else None
             found = _MODULE_CALL.match(parent) if isinstance(parent, str) else None
-            return module_calls.get((found["name"], int(found["n"]))) if found else None
-
-        for position, name in self.names():
-            self.calls[position].parent = parent_of(name)
-        counts: dict[tuple[int | None, str], int] = {}
+            if found:
+                self.calls[position].parent = module_calls.get((found["name"], int(found["n"])))
+            elif parent in PSEUDO_PARENTS:
+                groups[position] = parent
+        counts: dict[tuple[int | None, str | None, str], int] = {}
         apis = sorted(
             (n for n, c in enumerate(self.calls) if c.cls == "api"),
             key=lambda n: self.calls[n].index,
@@ -447,10 +489,12 @@ class _Builder:
             call = self.calls[n]
             if call.parent is None and not construct:
                 continue  # level L1: msprobe's own count stays the index
-            key = (call.parent, call.module)
+            key = (call.parent, groups.get(n), call.module)
             call.index, counts[key] = counts.get(key, 0), counts.get(key, 0) + 1
             if call.parent is not None:
                 call.module = f"{self.calls[call.parent].label}/{call.module}"
+            elif n in groups:
+                call.module = f"{groups[n]}/{call.module}"
 
 
 class _StatTensors:

@@ -188,9 +188,9 @@ def write_dump(
         loss = model(x).square().sum()
     loss.backward()
     if level in ("L0", "mix"):
-        data["Module.head.Linear.parameters_grad"] = {
+        data["Module.head.Linear.parameters_grad.0"] = {  # .0: the step's first gradient
             "weight": [
-                record(model.head.weight.grad, "Module.head.Linear.parameters_grad.weight.pt")
+                record(model.head.weight.grad, "Module.head.Linear.parameters_grad.0.weight.pt")
             ]
         }
     header = {"task": task, "level": level, "framework": "pytorch"}
