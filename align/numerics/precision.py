@@ -124,6 +124,9 @@ ERROR_FLOOR = {
 # sum the kernel formed, and the order adds about as much again on well-conditioned sums
 # (Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed., section 4.2); an
 # ill-conditioned sum is measured by the reference's own error and its honest draws.
+# Piecewise-polynomial activations (hardswish, hardsigmoid) are composites of three
+# arithmetic ops where a device has no fused kernel (x * relu6(x + 3) / 6): up to three
+# roundings, counted as a reduction's two.
 # Used twice: as the floor of an isolated module (`kernel_accuracy`), and as the size of
 # each op's nudge in an honest draw (align.numerics.jitter), which then stands for another honest
 # device rather than for the reference's own rounding.
@@ -142,7 +145,9 @@ REDUCTION_OPS = frozenset(
     _native_batch_norm_legit_no_training batch_norm_backward native_layer_norm
     native_layer_norm_backward native_group_norm native_group_norm_backward
     avg_pool2d avg_pool2d_backward _adaptive_avg_pool2d _adaptive_avg_pool2d_backward
-    avg_pool3d adaptive_avg_pool3d cumsum linalg_vector_norm norm""".split()
+    avg_pool3d adaptive_avg_pool3d cumsum linalg_vector_norm norm
+    hardswish hardswish_ hardswish_backward hardsigmoid hardsigmoid_
+    hardsigmoid_backward""".split()
 )
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from align.numerics.precision import error_floor, unit_roundoff
-from align.numerics.verdict import Divergence, Row, Tolerance, _k, judge
+from align.numerics.verdict import Divergence, Row, Tolerance, _k, _limit, judge
 
 N = 4096
 
@@ -118,13 +118,24 @@ def test_ten_times_the_noise_fails_rel_rmse(seed, rel):
 
 
 def test_k_of_propagated_errors_rises_with_the_reference_error():
-    """Whole-network tensors: k at the dtype floor, 2k at NOISE_DOMINATED, log-linear."""
-    floor = error_floor(torch.float32)
-    ks = [_k(2.0, rel, floor, local=False) for rel in (floor, 1e-4, 1e-3, 1e-2, 0.1, 0.5)]
+    """Whole-network tensors: k at one unit roundoff, 2k at NOISE_DOMINATED, log-linear."""
+    unit = unit_roundoff(torch.float32)
+    rels = (unit, error_floor(torch.float32), 1e-4, 1e-3, 1e-2, 0.1, 0.5)
+    ks = [_k(2.0, rel, unit, local=False) for rel in rels]
     assert ks[0] == 2.0 and ks[-1] == pytest.approx(4.0)
     assert ks == sorted(ks) and len(set(ks)) == len(ks)
-    assert _k(2.0, 1e-2, floor, local=True) == 2.0  # isolated: k until noise dominates
-    assert _k(2.0, 0.6, floor, local=True) == _k(2.0, 0.6, floor, local=False) == 4.0
+    assert 2.4 < ks[1] < 2.6  # an fp32 error at the floor is ~170 roundings: amplified
+    assert _k(2.0, 1e-2, unit, local=True) == 2.0  # isolated: k until noise dominates
+    assert _k(2.0, 0.6, unit, local=True) == _k(2.0, 0.6, unit, local=False) == 4.0
+
+
+def test_cos_err_is_no_stricter_than_rel_rmse_for_noise():
+    """For a noise error (cos_err = rel^2 / 2) both limits flip at the same error."""
+    for reference in (1e-6, 1e-5, 1e-4, 1e-2):
+        for floor in (1e-5, 4e-3):
+            rel_limit = _limit("rel_rmse", 3.0, reference, floor, local=True)
+            cos_limit = _limit("cos_err", 3.0, reference**2 / 2, floor**2 / 2, local=True)
+            assert cos_limit == pytest.approx(rel_limit**2 / 2)
 
 
 def test_a_few_large_errors_fail_share():
