@@ -2,13 +2,17 @@
 
     python bench/verdict_catalogue.py                      # the default catalogue (~30 min)
     python bench/verdict_catalogue.py --models resnet26d --precisions fp32 --json out.json
+    python bench/verdict_catalogue.py --models mixnet_s --honest threads summation_order \
+        --faults unbiased_var channel_gain      # any timm model, other honest kinds / faults
 
 Every model is a timm model outside the zoo, in train mode (BatchNorm on batch
 statistics over small maps), with dropout and drop-path on, checked with align's defaults
 (no golden file). Honest targets (`align.testing.perturb`: every accumulating kernel
 rounds half an ulp or one ulp otherwise; the same model in channels_last) must pass.
-Faulty targets (`align.testing.FAULTS`, each injected into a module chosen by type, the
-middle one of its kind) must fail with the faulty module as the first culprit. Prints one
+`--honest` adds other honest kinds (HONEST_KINDS: 2-ulp transcendentals, another thread
+count, a blocked summation order, norms from primitives). Faulty targets
+(`align.testing.FAULTS`, each injected into a module chosen by type, the middle one of its
+kind) must fail with the faulty module as the first culprit. Prints one
 line per check and the totals.
 """
 
@@ -24,7 +28,15 @@ import torch
 from torch import nn
 
 import align
-from align.testing import CLOSE_ACTIVATION, FAULTS, perturb
+from align.testing import (
+    CLOSE_ACTIVATION,
+    FAULTS,
+    decomposed_norms,
+    perturb,
+    split_summation,
+    transcendental_ulps,
+    with_threads,
+)
 
 MODELS = {
     "resnet26d": {},
@@ -38,10 +50,14 @@ MODELS = {
 }
 DROPS = {"drop_rate": 0.2, "drop_path_rate": 0.1}
 HONEST = ("half_ulp", "one_ulp", "channels_last")
+# More honest targets, selected with --honest (align.testing says why each is honest):
+# transcendental activations 2 ulp accurate, another intra-op thread count, convolutions and
+# linear layers summing in two blocks (and the batch in two halves), norms from primitives.
+HONEST_KINDS = HONEST + ("two_ulp_transcendental", "threads", "summation_order", "decomposed_norm")
 NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 # Faults that are none under bf16 autocast (tests/judge/test_faults.py says why): fp16 rounding
 # is finer than bf16's, and tanh-GELU is 8x closer to GELU than bf16's own rounding.
-NOT_A_FAULT_UNDER_BF16 = {"weight_via_fp16", "fp16_kernel"}
+NOT_A_FAULT_UNDER_BF16 = {"weight_via_fp16", "fp16_kernel", "gelu_tanh"}
 NOT_A_FAULT_UNDER_BF16_AT = {nn.GELU: "activation"}
 
 
@@ -54,9 +70,25 @@ def _middle(model: nn.Module, kinds: tuple[type, ...], exact: bool = False) -> s
     return names[len(names) // 2] if names else None
 
 
+def _middle_where(model: nn.Module, keep) -> str | None:
+    names = [n for n, m in model.named_modules() if n and keep(m)]
+    return names[len(names) // 2] if names else None
+
+
 def fault_sites(model: nn.Module) -> dict[str, str]:
     """fault kind -> the module it goes into, chosen by type (the middle one of its kind)."""
     conv, norm = _middle(model, (nn.Conv2d, nn.Linear)), _middle(model, NORMS)
+    plain = _middle(model, (nn.Conv2d, nn.Linear), exact=True)  # no forward of its own
+    # faults of a norm's batch statistics: in eval mode not a BatchNorm (it normalizes by
+    # its running statistics: no fault there)
+    stats_kinds = NORMS if model.training else (nn.LayerNorm, nn.GroupNorm)
+    live_norm = _middle_where(
+        model,
+        lambda m: (
+            isinstance(m, stats_kinds)
+            and (getattr(m, "weight", None) is None or bool(m.weight.detach().abs().max() > 0))
+        ),
+    )
     sites = {
         "kernel_gain": conv,
         "weight_via_fp16": _middle(model, (nn.Conv2d,)) or conv,
@@ -68,6 +100,37 @@ def fault_sites(model: nn.Module) -> dict[str, str]:
         "dropout_scale": _middle(model, (nn.Dropout,)),
         "output_offset": conv,
         "moved_breakpoint": _middle(model, (nn.ReLU,), exact=True),
+        # align.testing.NEW_FAULTS
+        "avgpool_include_pad": _middle_where(
+            model, lambda m: type(m) is nn.AvgPool2d and m.padding not in (0, (0, 0))
+        ),
+        "align_corners": _middle_where(
+            model,
+            lambda m: (
+                isinstance(m, nn.Upsample)
+                and m.mode in ("linear", "bilinear", "bicubic", "trilinear")
+            ),
+        ),
+        # a norm whose weight is not all zero (levit's and resnets' zero-initialized last
+        # norms pass no gradient back: a backward fault there changes nothing)
+        "unbiased_var": live_norm,
+        "norm_grad_no_mean": live_norm,
+        "norm_grad_no_var": live_norm,
+        "attn_scale": _middle_where(
+            model,
+            lambda m: (
+                "Attention" in type(m).__name__ and isinstance(getattr(m, "scale", None), float)
+            ),
+        ),
+        # nn.GELU is `activation`'s; this is timm's own GELU class
+        "gelu_tanh": _middle_where(
+            model, lambda m: type(m).__name__ == "GELU" and type(m) is not nn.GELU
+        ),
+        "weight_grad_gain": plain,
+        "bias_grad_dropped": _middle_where(
+            model, lambda m: type(m) in (nn.Conv2d, nn.Linear) and m.bias is not None
+        ),
+        "channel_gain": _middle(model, (nn.Conv2d,), exact=True),
     }
     return {kind: site for kind, site in sites.items() if site is not None}
 
@@ -79,14 +142,26 @@ def _bf16_exempt(model: nn.Module, kind: str, site: str | None) -> bool:
 
 
 def build(name: str, size: int, train: bool = True) -> tuple[nn.Module, torch.Tensor]:
+    """The timm model `name` (any: a name outside MODELS is tried with img_size=size, for
+    models with a fixed input size, then with timm's defaults), dropout and drop-path on
+    where the family has them."""
     import timm
 
-    torch.manual_seed(0)
-    kwargs = dict(pretrained=False, num_classes=10, **MODELS[name])
-    try:
-        model = timm.create_model(name, **DROPS, **kwargs)
-    except TypeError:  # a family without drop-path (ghostnet)
-        model = timm.create_model(name, drop_rate=DROPS["drop_rate"], **kwargs)
+    attempts = [MODELS[name]] if name in MODELS else [{"img_size": size}, {}]
+    drops = (DROPS, {"drop_rate": DROPS["drop_rate"]}, {})  # ghostnet: no drop-path
+    model, error = None, None
+    for extra in attempts:
+        for drop in drops:
+            torch.manual_seed(0)
+            try:
+                model = timm.create_model(name, pretrained=False, num_classes=10, **drop, **extra)
+                break
+            except TypeError as e:
+                error = e
+        if model is not None:
+            break
+    if model is None:
+        raise error
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     return model.train(train), x
 
@@ -98,16 +173,34 @@ def target_for(model: nn.Module, kind: str, site: str | None) -> nn.Module:
         return perturb(model, 1.0)
     if kind == "channels_last":
         return copy.deepcopy(model).to(memory_format=torch.channels_last)
+    if kind == "two_ulp_transcendental":
+        return transcendental_ulps(model, 2.0)
+    if kind == "threads":
+        return with_threads(model, 2)
+    if kind == "summation_order":
+        return split_summation(model)
+    if kind == "decomposed_norm":
+        return decomposed_norms(model)
     target = copy.deepcopy(model)
     FAULTS[kind](target, site)
     return target
 
 
-def run(models: list[str], precisions: list[str], size: int, train: bool) -> list[dict]:
+def run(
+    models: list[str],
+    precisions: list[str],
+    size: int,
+    train: bool,
+    honest: tuple[str, ...] = HONEST,
+    faults: tuple[str, ...] | None = None,
+) -> list[dict]:
     results = []
     for name in models:
         model, x = build(name, size, train)
-        checks = [(kind, None) for kind in HONEST] + list(fault_sites(model).items())
+        sites = fault_sites(model)
+        checks = [(kind, None) for kind in honest] + [
+            (kind, site) for kind, site in sites.items() if faults is None or kind in faults
+        ]
         for precision in precisions:
             for kind, site in checks:
                 if precision == "amp-bf16" and (
@@ -141,7 +234,7 @@ def run(models: list[str], precisions: list[str], size: int, train: bool) -> lis
                 results.append(entry)
                 verdict = "pass" if report.passed else "FAIL"
                 print(
-                    f"{name:24s} {precision:9s} {kind:15s} {verdict}  culprit={culprit} "
+                    f"{name:24s} {precision:9s} {kind:22s} {verdict}  culprit={culprit} "
                     f"site={site} ({entry['seconds']} s)"
                     + ("" if report.passed else f"\n    {first}"),
                     flush=True,
@@ -173,7 +266,11 @@ def totals(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument(
+        "--models", nargs="+", default=list(MODELS), help="timm model names (default: MODELS)"
+    )
+    p.add_argument("--honest", nargs="*", default=list(HONEST), choices=HONEST_KINDS)
+    p.add_argument("--faults", nargs="*", default=None, choices=list(FAULTS), help="default: all")
     p.add_argument("--precisions", nargs="+", default=["fp32", "amp-bf16"])
     p.add_argument("--size", type=int, default=64, help="image size (default 64)")
     p.add_argument("--threads", type=int, default=1)
@@ -181,7 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write every check's outcome here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = run(args.models, args.precisions, args.size, not args.eval)
+    results = run(
+        args.models,
+        args.precisions,
+        args.size,
+        not args.eval,
+        tuple(args.honest),
+        None if args.faults is None else tuple(args.faults),
+    )
     print(totals(results))
     if args.json:
         with open(args.json, "w") as f:
