@@ -11,6 +11,10 @@ max_rel    max |x - g| / max |g|                   worst element, relative to th
 share      fraction of elements with |x - g| > tau  how widespread large errors are
 mean_err   mean(x - g) / rms(g)                    signed: systematic offset
 scale_err  <x - g, g> / <g, g>                     signed: systematic gain (x ~ (1+s) g)
+
+`slice_gains` measures scale_err per slice of a tensor (one channel, one row, one spatial
+position), with its standard error: a fault confined to a slice (one wrong channel) is
+diluted in the whole tensor's metrics by the number of slices.
 """
 
 from __future__ import annotations
@@ -48,6 +52,43 @@ def all_finite(x: torch.Tensor) -> bool:
     """True when no element is NaN/Inf, known from one sum (a fast path: a NaN or an Inf
     makes the sum non-finite; a sum that overflows only sends the caller to the mask)."""
     return math.isfinite(float(x.sum()))
+
+
+MIN_SLICE = 16  # elements a slice needs for its gain's standard error to mean something
+
+
+def slice_gains(
+    d: torch.Tensor, g: torch.Tensor, shape: tuple[int, ...], dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per slice of `shape` along `dim`: the least-squares gain of the error `d` on the
+    golden `g` (both flat float64), and its standard error from the slice's own residual
+    (the sandwich estimator: rounding noise is heteroscedastic, |error| grows with |g|).
+    Slices where g is 0 get gain 0, standard error inf."""
+    rows = shape[dim]
+    dd = d.reshape(shape).movedim(dim, 0).reshape(rows, -1)
+    gg = g.reshape(shape).movedim(dim, 0).reshape(rows, -1)
+    norm = (gg * gg).sum(1)
+    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+    gain = (dd * gg).sum(1) / safe
+    resid = dd - gain[:, None] * gg
+    se = ((resid * gg).square().sum(1)).sqrt() / safe
+    return torch.where(norm > 0, gain, 0.0), torch.where(norm > 0, se, math.inf)
+
+
+def independent_roundings(
+    x: torch.Tensor, g: torch.Tensor, shape: tuple[int, ...], dim: int
+) -> torch.Tensor:
+    """Per slice along `dim`, how many independent roundings its least-squares gain
+    averages: the fewer of the distinct values of `x` (equal values round alike) and the
+    participation ratio (sum g^2)^2 / sum g^4 of the golden `g` (a slice one large element
+    dominates is that element's rounding). float64, at least 1."""
+    rows = x.reshape(shape).movedim(dim, 0).reshape(shape[dim], -1)
+    values = rows.sort(dim=1).values
+    count = ((values[:, 1:] != values[:, :-1]).sum(1) + 1).to(torch.float64)
+    g2 = g.reshape(shape).movedim(dim, 0).reshape(shape[dim], -1).square()
+    fourth = g2.square().sum(1)
+    ratio = torch.where(fourth > 0, g2.sum(1).square() / fourth.clamp(min=1e-300), 1.0)
+    return torch.minimum(count, ratio).clamp(min=1.0)
 
 
 def _ratio(num: float, den: float) -> float:

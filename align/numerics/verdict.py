@@ -272,6 +272,8 @@ def judge(
         against = metrics.Against(g[keep])
         parts = [against.partial(x[keep]) for x in (t, *honest)]
     (mt, abs_t, _), judged = parts[0], parts[1:]
+    # per-slice gains: isolated rows with every element finite and enough of them
+    clean = local and abs_t.numel() == t.numel() and t.numel() >= 4 * metrics.MIN_SLICE
     scale = math.sqrt(against.gg / max(against.g.numel(), 1))
     rms_r = max(rms for _, _, rms in judged)
     # per element: k times the reference's spread plus rounding that scales with |g|
@@ -307,6 +309,9 @@ def judge(
         m: _limit(m, k, mr_cos if m == "cos_err" else abs(mr[m]), f, local)
         for m, f in floors.items()
     }
+    worst = _worst_slice(reference.shape, t, honest, g, k, own, floor) if clean else None
+    if worst is not None:  # local rows only: `clean` is False elsewhere
+        mt["slice_gain"], mr["slice_gain"], limits["slice_gain"], slice_note, slice_k = worst
     row.metrics.update(mt)
     row.reference.update(mr)
     row.limits.update(limits)
@@ -314,6 +319,8 @@ def judge(
         row.message = NO_SIGNAL_MESSAGE
     else:
         row.failed += [m for m, limit in limits.items() if abs(mt[m]) > limit]
+    if "slice_gain" in row.failed and not row.message:
+        row.message = slice_note
     biased = [m for m in SIGNED if m in row.failed]
     if biased and not row.message:  # the statistics behind a systematic error, stated
         sigma = residual / math.sqrt(n)
@@ -332,7 +339,51 @@ def judge(
     if local:
         allowed = int(floors["share"] * abs_t.numel())
         row.needed_k = max(row.needed_k, _share_k(abs_t, against, scale, floor, rms_r, allowed))
+    if worst is not None:
+        row.needed_k = max(row.needed_k, slice_k)
     return row
+
+
+def _worst_slice(
+    shape: torch.Size,
+    t: torch.Tensor,
+    honest: list[torch.Tensor],
+    g: torch.Tensor,
+    k: float,
+    own: float,
+    floor: float,
+) -> tuple[float, float, float, str, float] | None:
+    """The slice (along any dim with slices of MIN_SLICE elements or more) whose gain is
+    furthest beyond its limit: k times the largest gain of the reference and its draws on
+    that slice, plus the largest of BIAS_SIGMAS standard errors of its own residual,
+    BIAS_FRACTION of the reference's rel_rmse, and the dtype floor over the root of the
+    slice's independent roundings (metrics.independent_roundings): a slice of one repeated
+    value, or one dominated by a single large element, carries one rounding as a gain its
+    residual does not see; many distinct values' roundings average out. Returns (target
+    gain, reference gain, limit, what to say, the k it needs) or None."""
+    best, numel = None, t.numel()
+    for dim, rows in enumerate(shape):
+        if rows < 2 or numel // rows < metrics.MIN_SLICE:
+            continue
+        gain, se = metrics.slice_gains(t - g, g, tuple(shape), dim)
+        ref = torch.stack([metrics.slice_gains(h - g, g, tuple(shape), dim)[0] for h in honest])
+        ref = ref.gather(0, ref.abs().argmax(0, keepdim=True))[0]
+        rounding = floor / metrics.independent_roundings(honest[0], g, tuple(shape), dim).sqrt()
+        noise = torch.maximum(BIAS_SIGMAS * se, rounding).clamp(min=BIAS_FRACTION * own)
+        limit = k * ref.abs() + noise
+        ratio = gain.abs() / limit
+        i = int(ratio.argmax())
+        if best is None or float(ratio[i]) > best[0]:
+            z = float(gain[i].abs() / se[i]) if float(se[i]) > 0 else math.inf
+            note = (
+                f"slice {i} of dim {dim} ({numel // rows} elements): gain {float(gain[i]):.3g} "
+                f"is {z:.0f} standard errors of its residual noise (limit: "
+                f"{BIAS_SIGMAS:.0f}, and {k:g}x the reference's {float(ref[i]):.3g} there)"
+            )
+            excess = float(gain[i].abs() - noise[i])
+            needed = 0.0 if excess <= 0 else excess / float(ref[i].abs()) if ref[i] else math.inf
+            best = (float(ratio[i]), float(gain[i]), float(ref[i]), float(limit[i]), note, needed)
+    return None if best is None else best[1:]
 
 
 def _share_k(abs_t, against: metrics.Against, scale, floor, rms_r, allowed: int) -> float:

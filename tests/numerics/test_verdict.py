@@ -153,6 +153,27 @@ def test_a_few_large_errors_fail_share():
 
 
 @pytest.mark.parametrize("seed", range(3))
+def test_one_wrong_channel_fails_slice_gain_and_honest_noise_passes(seed):
+    """A (2, 64, 4, 4) tensor with bf16-level noise (0.3%): one channel 2% off is 1/64 of
+    the tensor, within every whole-tensor limit, but 2% over its 32 elements is ~40
+    standard errors of that channel's noise. Honest noise of the same size passes."""
+    shape = (2, 64, 4, 4)
+    g = golden(2048, seed=seed).reshape(shape)
+    rel = 3e-3
+    r, honest = noisy(g, rel, 3 * seed), noisy(g, rel, 3 * seed + 1)
+    assert run(honest, r, g).passed, explain(run(honest, r, g))
+    bad = g.clone()
+    bad[:, 17] *= 1.02
+    t = noisy(bad, rel, 3 * seed + 1)
+    verdict = run(t, r, g)
+    assert "slice_gain" in verdict.failed, explain(verdict)
+    assert not {"rel_rmse", "cos_err", "scale_err", "mean_err"} & set(verdict.failed)
+    assert verdict.metrics["slice_gain"] == pytest.approx(0.02, abs=3e-3)
+    assert "slice 17 of dim 1" in verdict.message
+    assert "slice_gain" not in run(t, r, g, local=False).limits  # whole-network: correlated
+
+
+@pytest.mark.parametrize("seed", range(3))
 def test_a_gain_hidden_in_bf16_level_noise_fails_scale_err(seed):
     """fp32 tensors with bf16-level noise (0.2%): a 0.3% gain stays within the rel_rmse,
     cos_err, max_rel and share limits, but it is systematic, so scale_err sees it."""

@@ -28,7 +28,7 @@ from align.testing import FusedDropout, fused_dropout_kernel
 ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = """
-import argparse, contextlib, os
+import argparse, contextlib, os, sys
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
@@ -88,6 +88,11 @@ def main(rank, args):
     if args.world > 1:  # leave together: no rank tears down the store another still uses
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        rec.close()
+        sys.stdout.flush()
+        # skip C++ static destructors: a rank of this script aborted there ("terminate
+        # called without an active exception", no Python frame left) in 1 of 40 runs
+        os._exit(0)
 
 
 if __name__ == "__main__":
