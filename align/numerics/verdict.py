@@ -354,21 +354,23 @@ def _worst_slice(
     floor: float,
 ) -> tuple[float, float, float, str, float] | None:
     """The slice (along any dim with slices of MIN_SLICE elements or more) whose gain is
-    furthest beyond its limit: k times the largest gain of the reference and its draws on
-    that slice, plus the largest of BIAS_SIGMAS standard errors of its own residual,
-    BIAS_FRACTION of the reference's rel_rmse, and the dtype floor over the root of the
-    slice's independent roundings (metrics.independent_roundings): a slice of one repeated
-    value, or one dominated by a single large element, carries one rounding as a gain its
-    residual does not see; many distinct values' roundings average out. Returns (target
+    furthest beyond its limit: k times the reference's gain on that slice (not its draws':
+    theirs is mostly their own noise, which the target's residual already measures), plus
+    the largest of BIAS_SIGMAS standard errors of its own residual,
+    BIAS_FRACTION of the reference's rel_rmse, and one ulp (twice the dtype floor) over
+    the root of the slice's independent roundings (metrics.independent_roundings): a
+    slice of one repeated value, or one dominated by a single large element, carries one
+    rounding as a gain its residual does not see; many distinct values' roundings average
+    out. Returns (target
     gain, reference gain, limit, what to say, the k it needs) or None."""
     best, numel = None, t.numel()
     for dim, rows in enumerate(shape):
         if rows < 2 or numel // rows < metrics.MIN_SLICE:
             continue
         gain, se = metrics.slice_gains(t - g, g, tuple(shape), dim)
-        ref = torch.stack([metrics.slice_gains(h - g, g, tuple(shape), dim)[0] for h in honest])
-        ref = ref.gather(0, ref.abs().argmax(0, keepdim=True))[0]
-        rounding = floor / metrics.independent_roundings(honest[0], g, tuple(shape), dim).sqrt()
+        ref = metrics.slice_gains(honest[0] - g, g, tuple(shape), dim)[0]
+        # one ulp (two roundings: the other neighbour) per independent rounding, averaged
+        rounding = 2 * floor / metrics.independent_roundings(honest[0], g, shape, dim).sqrt()
         noise = torch.maximum(BIAS_SIGMAS * se, rounding).clamp(min=BIAS_FRACTION * own)
         limit = k * ref.abs() + noise
         ratio = gain.abs() / limit

@@ -381,3 +381,22 @@ def test_needed_k_is_where_the_verdict_flips(local, rel, factor):
     assert run(t, r, g, k=need * 1.001, local=local).passed
     if not local:
         assert not run(t, r, g, k=need * 0.99, local=local).passed
+
+
+@pytest.mark.parametrize("case", ["one repeated value", "one large element"])
+def test_a_slice_that_holds_one_rounding_may_carry_it_as_a_gain(case):
+    """bf16 tensors: a slice whose values are all equal, or whose golden one element
+    dominates, has one independent rounding, whatever its size: the target rounding that
+    element the other way (one bf16 ulp off, ~0.4%) is honest, not a slice fault."""
+    g = golden(2048, seed=4).reshape(2, 16, 64)
+    if case == "one repeated value":
+        g[:, :, 5] = 0.37
+    else:
+        g[:, :, 5] *= 1e-3
+        g[1, 3, 5] = 3.0
+    r = g.to(torch.bfloat16)
+    t = r.clone()
+    # every element of the slice one bf16 rounding up (2^-8 relative: the next value up)
+    t[:, :, 5] = (r[:, :, 5].double() * (1 + 2**-8)).to(torch.bfloat16)
+    verdict = run(t, r, g, strict_dtype=False)
+    assert "slice_gain" not in verdict.failed, explain(verdict)
