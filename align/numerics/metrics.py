@@ -75,22 +75,6 @@ def slice_gains(
     return torch.where(norm > 0, gain, 0.0), torch.where(norm > 0, se, math.inf)
 
 
-def independent_roundings(
-    x: torch.Tensor, g: torch.Tensor, shape: tuple[int, ...], dim: int
-) -> torch.Tensor:
-    """Per slice along `dim`, how many independent roundings its least-squares gain
-    averages: the fewer of the distinct values of `x` (equal values round alike) and the
-    participation ratio (sum g^2)^2 / sum g^4 of the golden `g` (a slice one large element
-    dominates is that element's rounding). float64, at least 1."""
-    rows = x.reshape(shape).movedim(dim, 0).reshape(shape[dim], -1)
-    values = rows.sort(dim=1).values
-    count = ((values[:, 1:] != values[:, :-1]).sum(1) + 1).to(torch.float64)
-    g2 = g.reshape(shape).movedim(dim, 0).reshape(shape[dim], -1).square()
-    fourth = g2.square().sum(1)
-    ratio = torch.where(fourth > 0, g2.sum(1).square() / fourth.clamp(min=1e-300), 1.0)
-    return torch.minimum(count, ratio).clamp(min=1.0)
-
-
 def _ratio(num: float, den: float) -> float:
     if den > 0:
         return num / den
