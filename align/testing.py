@@ -266,12 +266,20 @@ def dropout_scale(model: nn.Module, name: str) -> None:
 
 
 def output_offset(model: nn.Module, name: str) -> None:
-    """A kernel whose output is shifted by 0.2% of its RMS (a bias bug)."""
+    """A kernel whose output is shifted by 0.2% of its RMS (a bias bug), inside the kernel:
+    a bf16 / fp16 output is its fp32 result plus the shift, rounded once (added after the
+    rounding, a shift under half an ulp would round away on most elements)."""
     base = type(module(model, name)).forward
 
     def forward(self, *args, **kwargs):
         out = base(self, *args, **kwargs)
-        return out + 2e-3 * out.detach().float().pow(2).mean().sqrt().to(out.dtype)
+        if out.dtype not in (torch.bfloat16, torch.float16):
+            return out + 2e-3 * out.detach().float().pow(2).mean().sqrt().to(out.dtype)
+        with torch.no_grad(), torch.autocast(out.device.type, enabled=False):
+            wide = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+            exact = base(self, *wide, **kwargs)
+            shifted = (exact + 2e-3 * exact.pow(2).mean().sqrt()).to(out.dtype)
+        return out + (shifted - out).detach()
 
     override_forward(module(model, name), forward, "Offset")
 
