@@ -15,7 +15,7 @@ Layers, each importing only those above it in this list (tests/test_layout.py):
     report/     nightly HTML and Markdown reports with history (align report)
     commands/   the `align` command; check.py, compare.py, dump.py, list.py, run.py and
                 golden.py here are its `python -m align.<name>` forms
-    pytest_plugin.py, testing.py   the pytest plugin (pytest11); fault injection for tests
+    pytest_plugin.py, testing/     the pytest plugin (pytest11); honest and faulty targets for tests
 docs/ARCHITECTURE.md follows one check from the command line to the verdict.
 """
 

@@ -100,7 +100,7 @@ def fault_sites(model: nn.Module) -> dict[str, str]:
         "dropout_scale": _middle(model, (nn.Dropout,)),
         "output_offset": conv,
         "moved_breakpoint": _middle(model, (nn.ReLU,), exact=True),
-        # align.testing.NEW_FAULTS
+        # align.testing.faults.PORT_FAULTS
         "avgpool_include_pad": _middle_where(
             model, lambda m: type(m) is nn.AvgPool2d and m.padding not in (0, (0, 0))
         ),

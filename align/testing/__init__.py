@@ -1,0 +1,43 @@
+"""Targets for testing a verdict: honest ones that must pass, faulty ones that must fail
+(`tests/judge/` and `bench/verdict_catalogue.py` use both).
+
+    honest.py   copies whose kernels differ as another correct device's do: perturb
+                (half or one ulp), transcendental_ulps, with_threads, split_summation,
+                decomposed_norms
+    faults.py   FAULTS[kind](model, module_name): one known fault in one module; a fused
+                dropout kernel off its own mask (fused_dropout_kernel)
+"""
+
+from align.testing.faults import (
+    CLOSE_ACTIVATION,
+    FAULTS,
+    PORT_FAULTS,
+    FusedDropout,
+    fused_dropout_kernel,
+)
+from align.testing.honest import (
+    ACCUMULATING,
+    decomposed_norms,
+    module,
+    override_forward,
+    perturb,
+    split_summation,
+    transcendental_ulps,
+    with_threads,
+)
+
+__all__ = [
+    "ACCUMULATING",
+    "CLOSE_ACTIVATION",
+    "FAULTS",
+    "PORT_FAULTS",
+    "FusedDropout",
+    "decomposed_norms",
+    "fused_dropout_kernel",
+    "module",
+    "override_forward",
+    "perturb",
+    "split_summation",
+    "transcendental_ulps",
+    "with_threads",
+]
