@@ -309,7 +309,7 @@ def judge(
         m: _limit(m, k, mr_cos if m == "cos_err" else abs(mr[m]), f, local)
         for m, f in floors.items()
     }
-    worst = _worst_slice(reference.shape, t, honest, g, k, own, floor) if clean else None
+    worst = _worst_slice(reference.shape, t, honest[0], g, k, own, floor) if clean else None
     if worst is not None:  # local rows only: `clean` is False elsewhere
         mt["slice_gain"], mr["slice_gain"], limits["slice_gain"], slice_note, slice_k = worst
     row.metrics.update(mt)
@@ -347,7 +347,7 @@ def judge(
 def _worst_slice(
     shape: torch.Size,
     t: torch.Tensor,
-    honest: list[torch.Tensor],
+    r: torch.Tensor,
     g: torch.Tensor,
     k: float,
     own: float,
@@ -363,15 +363,15 @@ def _worst_slice(
     repeated value, one dominant element, or an input every element of the slice
     multiplies, which a kernel computing in HF32 or bf16 rounds once (measured:
     mobilenetv3's conv_head weight gradient under amp-bf16, one input channel 0.18% off
-    on an honest target). Returns (target
-    gain, reference gain, limit, what to say, the k it needs) or None."""
-    best, numel = None, t.numel()
+    on an honest target). Returns (target gain, reference gain, limit, what to say, the
+    k it needs) or None."""
+    best, numel, ulp = None, t.numel(), 2 * max(floor, own)
     for dim, rows in enumerate(shape):
         if rows < 2 or numel // rows < metrics.MIN_SLICE:
             continue
         gain, se = metrics.slice_gains(t - g, g, tuple(shape), dim)
-        ref = metrics.slice_gains(honest[0] - g, g, tuple(shape), dim)[0]
-        noise = (BIAS_SIGMAS * se).clamp(min=2 * max(floor, own))
+        ref = metrics.slice_gains(r - g, g, tuple(shape), dim)[0]
+        noise = (BIAS_SIGMAS * se).clamp(min=ulp)
         limit = k * ref.abs() + noise
         ratio = gain.abs() / limit
         i = int(ratio.argmax())
@@ -379,8 +379,9 @@ def _worst_slice(
             z = float(gain[i].abs() / se[i]) if float(se[i]) > 0 else math.inf
             note = (
                 f"slice {i} of dim {dim} ({numel // rows} elements): gain {float(gain[i]):.3g} "
-                f"is {z:.0f} standard errors of its residual noise (limit: "
-                f"{BIAS_SIGMAS:.0f}, and {k:g}x the reference's {float(ref[i]):.3g} there)"
+                f"is {z:.0f} standard errors of its residual noise (limit: the larger of "
+                f"{BIAS_SIGMAS:.0f} and one ulp, {ulp:.3g}, plus {k:g}x the reference's "
+                f"{float(ref[i]):.3g} there)"
             )
             excess = float(gain[i].abs() - noise[i])
             needed = 0.0 if excess <= 0 else excess / float(ref[i].abs()) if ref[i] else math.inf
