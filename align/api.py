@@ -21,7 +21,7 @@ from align.judge.report import Report
 from align.judge.sensitivity import emulation_sensitivity
 from align.judge.traces import IDENTICAL, identical, judge_traces, no_signal_notes, require_judged
 from align.judge.training import TrainOptions, require_steps, short_train
-from align.numerics import decisions
+from align.numerics import decisions, metrics
 from align.numerics.emulate import parse_emulation
 from align.numerics.jitter import Pool
 from align.numerics.names import parse_phases
@@ -31,7 +31,7 @@ from align.record.capture import LossFn, Run, capture, honest_draw, run_model
 from align.record.loop import is_dump as is_loop_dump
 from align.record.msprobe import is_msprobe_dump
 from align.record.readers import load_trace
-from align.record.trace import Trace
+from align.record.trace import BACKWARD_SLOTS, Trace
 from align.runtime import environment
 from align.runtime.devices import resolve
 from align.zoo.models import resolve_model
@@ -156,7 +156,14 @@ def check(
         )
         t0 = time.perf_counter()
         log.info("reference run: %s on %s at %s", resolved.label, ref_dev, policy.name)
-        ref_run = run_model(resolved.model, resolved.inputs, device=ref_dev, **common)
+        ref_run = _reference_run(resolved.model, resolved.inputs, ref_dev, common)
+        if ref_run.loss_scale != common["loss_scale"]:
+            report.notes.append(
+                f"the reference's gradients overflowed {policy.low_precision} at loss scale "
+                f"{common['loss_scale']:g} (or came within {OVERFLOW_HEADROOM:g}x of its "
+                f"largest value): every run used {ref_run.loss_scale:g}"
+            )
+        common["loss_scale"] = meta["loss_scale"] = ref_run.loss_scale
         timings["reference"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         log.info(
@@ -215,6 +222,38 @@ def check(
     )
     meta["command"] = resolved.command(phases, policy.name, reference, target, options.emulate)
     return report
+
+
+OVERFLOW_HEADROOM = 16.0  # scaled gradients stay this far below the dtype's largest value
+
+
+def _reference_run(model: nn.Module, inputs: Any, device: torch.device, common: dict) -> Run:
+    """The reference run; where its scaled gradients overflow fp16 (the check loss scale
+    of amp-fp16 and o2-fp16), or come within OVERFLOW_HEADROOM of it, where another honest
+    kernel or an honest draw would overflow, again at a scale 16x lower, as a GradScaler
+    backs off. The target, the golden and the draws then run at the scale it settled on
+    (`run.loss_scale`)."""
+    run = run_model(model, inputs, device=device, **common)
+    largest = torch.finfo(common["policy"].low_precision).max / OVERFLOW_HEADROOM
+    while common["backward"] and run.loss_scale > 1 and not _gradients_fit(run.trace, largest):
+        scale = max(1.0, run.loss_scale / 16)
+        log.info(
+            "the reference's gradients overflow at loss scale %g: again at %g",
+            run.loss_scale,
+            scale,
+        )
+        run = run_model(model, inputs, device=device, **{**common, "loss_scale": scale})
+    return run
+
+
+def _gradients_fit(trace: Trace, largest: float) -> bool:
+    """Every gradient of `trace` finite and at most `largest` in magnitude."""
+    keys = {k for c in trace.calls for slot in BACKWARD_SLOTS for k in getattr(c, slot) if k}
+    keys |= set(trace.param_grads.values())
+    return all(
+        metrics.all_finite(t) and (t.numel() == 0 or float(t.abs().max()) <= largest)
+        for t in (trace.tensors[k] for k in keys)
+    )
 
 
 def _judge_runs(

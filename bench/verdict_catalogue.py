@@ -32,6 +32,7 @@ from align.testing import (
     CLOSE_ACTIVATION,
     FAULTS,
     decomposed_norms,
+    math_attention,
     perturb,
     split_summation,
     transcendental_ulps,
@@ -52,8 +53,15 @@ DROPS = {"drop_rate": 0.2, "drop_path_rate": 0.1}
 HONEST = ("half_ulp", "one_ulp", "channels_last")
 # More honest targets, selected with --honest (align.testing says why each is honest):
 # transcendental activations 2 ulp accurate, another intra-op thread count, convolutions and
-# linear layers summing in two blocks (and the batch in two halves), norms from primitives.
-HONEST_KINDS = HONEST + ("two_ulp_transcendental", "threads", "summation_order", "decomposed_norm")
+# linear layers summing in two blocks (and the batch in two halves), norms from primitives,
+# attention from separate matmuls and softmax instead of a fused kernel.
+HONEST_KINDS = HONEST + (
+    "two_ulp_transcendental",
+    "threads",
+    "summation_order",
+    "decomposed_norm",
+    "math_attention",
+)
 NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 # Faults that are none under bf16 autocast (tests/judge/test_faults.py says why): fp16 rounding
 # is finer than bf16's, and tanh-GELU is 8x closer to GELU than bf16's own rounding.
@@ -181,6 +189,8 @@ def target_for(model: nn.Module, kind: str, site: str | None) -> nn.Module:
         return split_summation(model)
     if kind == "decomposed_norm":
         return decomposed_norms(model)
+    if kind == "math_attention":
+        return math_attention(model)
     target = copy.deepcopy(model)
     FAULTS[kind](target, site)
     return target

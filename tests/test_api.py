@@ -44,3 +44,19 @@ def test_compare_of_a_case_dump_uses_the_golden_tolerance():
     ref.meta["case"] = "resnet50"  # what `python -m align.dump resnet50` records
     report = align.compare(ref, tgt, gold)
     assert report.meta["tolerance"] == load_golden("resnet50").tolerance("forward", "fp32")
+
+
+def test_fp16_gradients_that_overflow_the_check_loss_scale_back_it_off():
+    """amp-fp16 checks scale the loss (2^12) so small gradients do not underflow; where the
+    reference's scaled gradients overflow fp16 instead (65504), every run backs off to a
+    scale that fits, as a GradScaler would, rather than refusing a NaN reference."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[2].weight.mul_(2000.0)  # input gradients of ~100: x 4096 overflows fp16
+    x = torch.randn(8, 16)
+    report = align.check(model, x, target="cpu", precision="amp-fp16")
+    assert report.passed, report
+    assert report.meta["loss_scale"] < 2.0**12
+    assert any("overflowed" in n for n in report.notes)
+    assert align.check(model, x, target="cpu", precision="amp-bf16").meta["loss_scale"] == 1.0

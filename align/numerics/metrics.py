@@ -75,6 +75,53 @@ def slice_gains(
     return torch.where(norm > 0, gain, 0.0), torch.where(norm > 0, se, math.inf)
 
 
+SHARED_ROUNDING = 32  # golden values within 1/32 ulp of each other share their rounding
+DESIGN_SAMPLE = 1 << 16  # elements enough to measure how they share their roundings
+
+
+def rounding_cells(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Each element's cell of the `dtype` rounding grid, 1/SHARED_ROUNDING ulp wide, as
+    an index (flat float64 golden `g`): elements in one cell round alike in any kernel
+    that is accurate to a fraction of an ulp, so their errors are one draw, not several."""
+    bits = 1 - round(math.log2(torch.finfo(dtype).eps)) if dtype.is_floating_point else 53
+    mantissa, exponent = torch.frexp(g)
+    step = 2.0 ** (bits + SHARED_ROUNDING.bit_length() - 1)  # ulps of a [0.5, 1) mantissa
+    key = (exponent.to(torch.int64) + 1100) * 2**40 + (mantissa.abs() * step).to(torch.int64)
+    key = torch.where(mantissa < 0, -key, key)
+    return torch.unique(key, return_inverse=True)[1]
+
+
+def design_effects_of(g: torch.Tensor, dtype: torch.dtype) -> tuple[float, float]:
+    """`design_effects` of the golden `g` in `dtype`'s rounding cells, from a sample of
+    DESIGN_SAMPLE elements where g has more (seeded, without replacement): a cell's
+    excess, sum(n_c^2) / n - 1, grows with the sample's size, so it is scaled up to g's."""
+    n = g.numel()
+    if n <= DESIGN_SAMPLE:
+        return design_effects(g, rounding_cells(g, dtype))
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:DESIGN_SAMPLE]
+    sample = g[pick]
+    return tuple(  # type: ignore[return-value]
+        math.sqrt(1 + (e * e - 1) * n / DESIGN_SAMPLE)
+        for e in design_effects(sample, rounding_cells(sample, dtype))
+    )
+
+
+def design_effects(g: torch.Tensor, cells: torch.Tensor) -> tuple[float, float]:
+    """How many times wider the standard errors of mean_err and scale_err are than the
+    independent-element ones when every element of a cell (`rounding_cells`) carries the
+    same rounding (Kish's design effect of a cluster sample, with rounding errors of size
+    |g|): 1 where every golden value sits alone in its cell, sqrt(n) where all share one.
+    A train-mode BatchNorm over two values outputs about +-1 in every channel: thousands
+    of elements, a handful of roundings."""
+    effects = []
+    for w in (g.abs(), g.square()):  # mean_err weighs errors by 1, scale_err by g
+        alone = float(w.square().sum())
+        size = int(cells.max()) + 1 if cells.numel() else 0
+        shared = float(torch.zeros(size, dtype=w.dtype).index_add_(0, cells, w).square().sum())
+        effects.append(math.sqrt(shared / alone) if alone > 0 else 1.0)
+    return effects[0], effects[1]
+
+
 def _ratio(num: float, den: float) -> float:
     if den > 0:
         return num / den

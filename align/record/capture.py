@@ -83,8 +83,14 @@ def _content_key(t: torch.Tensor) -> tuple:
 class Recorder:
     """Hooks on every module of one model; fills a Trace while the model runs."""
 
-    def __init__(self, model: nn.Module, backward: bool):
+    def __init__(
+        self,
+        model: nn.Module,
+        backward: bool,
+        snapshot: Callable[[torch.Tensor], torch.Tensor] = torch.clone,
+    ):
         self.backward = backward
+        self._snapshot = snapshot  # align.record.loop's copies into reused host memory
         self.trace = Trace(calls=[], tensors={})
         self.specs: dict[int, CallSpec] = {}
         self._stack: list[int] = []
@@ -125,7 +131,7 @@ class Recorder:
         if hit is not None:
             return hit[1]
         key = f"t{len(self.trace.tensors)}"
-        self.trace.tensors[key] = t.detach().clone()
+        self.trace.tensors[key] = self._snapshot(t.detach())
         self._seen[content] = (t, key)  # keeps `t` alive so its storage is not reused
         return key
 
@@ -134,7 +140,7 @@ class Recorder:
         if hit is not None and hit[0] is grad:
             return hit[1]
         key = f"t{len(self.trace.tensors)}"
-        self.trace.tensors[key] = grad.detach().clone()
+        self.trace.tensors[key] = self._snapshot(grad.detach())
         self._grads[id(grad)] = (grad, key)
         return key
 

@@ -102,6 +102,7 @@ from align.files import replace_dir, write_json_atomic
 from align.numerics import decisions
 from align.numerics.decisions import Decisions
 from align.numerics.jitter import Jitter
+from align.record.buffers import HostBuffers
 from align.record.capture import KeepFloat64
 from align.record.capture import Recorder as ModuleHooks
 from align.record.trace import BACKWARD_SLOTS, Trace, read_trace
@@ -223,6 +224,7 @@ class Recorder:
         self._given_loss: torch.Tensor | None = None
         self._recording = False
         self._writer = StepWriter(self.root, self.world == 1 if background is None else background)
+        self._buffers = HostBuffers()
         self._start()
 
     def __enter__(self) -> Recorder:
@@ -241,8 +243,11 @@ class Recorder:
         self._writer.flush()
 
     def close(self) -> None:
-        """Flush and stop the writer thread."""
-        self._writer.close()
+        """Flush and stop the writer thread; free the host memory kept for recording."""
+        try:
+            self._writer.close()
+        finally:
+            self._buffers.clear()
 
     def _start(self) -> None:
         """Claim this rank's directory: refuse a foreign one, drop a previous recording's steps."""
@@ -313,7 +318,7 @@ class Recorder:
         """Record step `n` around its one `yield`; return what writes it."""
         started = time.perf_counter()
         scale = self._scale()
-        hooks = ModuleHooks(self.model, backward=True)
+        hooks = ModuleHooks(self.model, backward=True, snapshot=self._snapshot)
         accumulated: dict[str, str] = {}  # scaled, as backward left them
         received: dict[str, str] = {}  # as the optimizer received them
         stepped: list[bool] = []
@@ -375,9 +380,28 @@ class Recorder:
             ),
             "seconds": time.perf_counter() - started,
         }
-        _to_host(trace)
-        write = partial(_write_step, trace, state, info)
+        self._to_host(trace)
+        write = partial(self._write, trace, state, info)
         return partial(replace_dir, self.root / _step_dir(n), write, STEP_FILE, "step")
+
+    def _snapshot(self, t: torch.Tensor) -> torch.Tensor:
+        """A private copy of `t`: in reused host memory on the CPU, on its device elsewhere
+        (`_to_host` moves it after the step, off the device's stream)."""
+        return self._buffers.copy(t) if t.device.type == "cpu" else t.clone()
+
+    def _to_host(self, trace: Trace) -> None:
+        """Move a trace's tensors to the CPU in the loop's thread (and so its device
+        stream), before another thread writes them."""
+        trace.tensors = {
+            k: t if t.device.type == "cpu" else self._buffers.copy(t)
+            for k, t in trace.tensors.items()
+        }
+        trace.decisions = [(op, t.cpu()) for op, t in trace.decisions]
+
+    def _write(self, trace: Trace, state: dict[str, torch.Tensor], info: dict, to: Path) -> None:
+        """Write a step, then hand its host memory to the next recorded step."""
+        _write_step(trace, state, info, to)
+        self._buffers.give([*trace.tensors.values(), *state.values()])
 
     def _numerics(self, n: int) -> contextlib.AbstractContextManager:
         """What every step of this run computes under: float64 kept (the golden), rounding
@@ -441,17 +465,7 @@ class Recorder:
                 for key, value in self.optimizer.state.get(p, {}).items():
                     if isinstance(value, (int, float)) or isinstance(value, torch.Tensor):
                         state[f"optim/{g}/{self._name(p)}/{key}"] = torch.as_tensor(value)
-        return {
-            k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
-            for k, v in state.items()
-        }
-
-
-def _to_host(trace: Trace) -> None:
-    """Move a trace's tensors to the CPU in the loop's thread (and so its device stream),
-    before another thread writes them."""
-    trace.tensors = {k: t.cpu() for k, t in trace.tensors.items()}
-    trace.decisions = [(op, t.cpu()) for op, t in trace.decisions]
+        return {k: self._buffers.copy(v, torch.contiguous_format) for k, v in state.items()}
 
 
 def _draw_number(draw: int | None) -> int | None:

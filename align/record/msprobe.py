@@ -15,7 +15,7 @@ against real dumps of mindstudio-probe 26.2.0 (tests/record/data/msprobe_real):
 - docs/27.dump_json_instruction.md: `dump.json` holds `task` (tensor, statistics),
   `level` (L0, L1, mix), `framework`, `dump_data_dir` and `data`.
   L0: module entries `Module.<qualified name>.<Class>.forward.<n>` with `input_args`,
-  `input_kwargs`, `output` and `parameters` ({name: tensor}, not mapped here),
+  `input_kwargs`, `output` and `parameters` ({name: tensor}: the weights it ran with),
   `Module.<name>.<Class>.backward.<n>` with `input` and `output` (`null` for a forward
   input without a gradient), `Module.<name>.<Class>.parameters_grad.<n>` with a list per
   parameter, n counting that parameter's gradient hooks in the step (gradient
@@ -56,7 +56,11 @@ Mapping to a Trace: a module call is `Call(module=<qualified name>, index=n)`. A
 call is `Call(module="<module label>/<Prefix>.<api>", index=k, cls="api")`, k counting
 that API's calls inside that module call (`layer1.0.conv1/Functional.conv2d`;
 `optimizer/Tensor.add_` in the optimizer step), or `<Prefix>.<api>` with k = msprobe's own
-count when no construct.json names its module (level L1). Parameter gradients are
+count when no construct.json names its module (level L1). The parameters a module's
+first forward call of the step ran with (L0, mix) are each a call of their own,
+`Call(module="<module>/parameters.<name>", cls="parameter")`, nested first in that module
+call: judged before anything it computed, so a weight that differs (a previous step's
+update, a bad load) is named as such, not as its module's output. Parameter gradients are
 `Trace.param_grads["<module>.<param>"]` (`#<n>` appended for the n-th, n > 0). Where
 stack.json has the call, the first frame outside torch is kept in `Trace.meta["where"]`
 and shown with a failing row ("at resnet.py:92 out = self.conv1(x)").
@@ -115,6 +119,7 @@ _PARAM_GRAD = re.compile(
 _STEP = re.compile(r"^step\d*$")
 _RANK = re.compile(r"^(rank|proc)\d*$")
 _NO_RANK = re.compile(r"^(rank|proc\d+)$")  # a run without ranks: "rank", or proc<pid>
+PARAMETER = "parameter"  # Call.cls of a module's parameter values
 PSEUDO_PARENTS = ("optimizer", "clip_grad")  # construct.json parents that are no module
 _FRAME = re.compile(
     r"^File (?P<path>.*), line (?P<line>\d+), in (?P<func>[^,]*),\s*(?P<code>.*)$", re.S
@@ -321,10 +326,11 @@ def _locations(path: Path) -> dict[str, str]:
 
 
 def _post_order(calls: list[Call]) -> list[int]:
-    """Call positions in the order they returned: children before their enclosing call."""
+    """Call positions in the order they returned: children before their enclosing call,
+    a module's parameters before its other children."""
     children: dict[int | None, list[int]] = {}
-    for n, call in enumerate(calls):
-        children.setdefault(call.parent, []).append(n)
+    for n in sorted(range(len(calls)), key=lambda n: calls[n].cls != PARAMETER):
+        children.setdefault(calls[n].parent, []).append(n)
     order: list[int] = []
     stack = [(n, False) for n in reversed(children.get(None, []))]
     while stack:
@@ -367,6 +373,8 @@ class _Builder:
                 self.forward_names[position] = name
                 record.inputs = self._tensors(name, "input", entry.get("input_args", []))
                 record.outputs = self._tensors(name, "output", entry.get("output", []))
+                if module and record.index == 0:
+                    self._parameters(name, record, position, entry.get("parameters"))
             else:
                 self.backward_names[position] = name
                 record.grad_outputs = self._tensors(name, "input", entry.get("input", []))
@@ -381,6 +389,20 @@ class _Builder:
                 keys = [k for k in self._tensors(name, param, value) if k is not None]
                 if keys:
                     self.param_grads[f"{grads['name']}.{param}{suffix}"] = keys[0]
+
+    def _parameters(self, entry: str, module: Call, parent: int, params: Any) -> None:
+        """A module's parameter values as calls nested in its call (see the docstring)."""
+        if params is None:
+            return
+        if not isinstance(params, dict):
+            raise TraceError(f"{self.dump_file}: {entry} has 'parameters' that is not an object")
+        for param, value in params.items():
+            keys = [k for k in self._tensors(entry, f"parameters.{param}", value) if k]
+            if keys:
+                self.forward_names[len(self.calls)] = f"{entry}.parameters.{param}"
+                self.calls.append(
+                    Call(f"{module.module}/parameters.{param}", 0, PARAMETER, parent, outputs=keys)
+                )
 
     def _call(self, kind: str, name: str, index: int, cls: str | None) -> int:
         key = (kind, name, index)

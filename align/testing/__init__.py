@@ -3,7 +3,7 @@
 
     honest.py   copies whose kernels differ as another correct device's do: perturb
                 (half or one ulp), transcendental_ulps, with_threads, split_summation,
-                decomposed_norms
+                decomposed_norms, math_attention
     faults.py   FAULTS[kind](model, module_name): one known fault in one module; a fused
                 dropout kernel off its own mask (fused_dropout_kernel)
 """
@@ -18,6 +18,7 @@ from align.testing.faults import (
 from align.testing.honest import (
     ACCUMULATING,
     decomposed_norms,
+    math_attention,
     module,
     override_forward,
     perturb,
@@ -34,6 +35,7 @@ __all__ = [
     "FusedDropout",
     "decomposed_norms",
     "fused_dropout_kernel",
+    "math_attention",
     "module",
     "override_forward",
     "perturb",

@@ -10,6 +10,8 @@ another correct device's do, so the verdict must pass them.
 - `split_summation(model)`: convolutions and linear layers summing in two blocks (and the
   batch in two halves), as another blocking does.
 - `decomposed_norms(model)`: norms built from primitives, as graph compilers lower them.
+- `math_attention(model)`: scaled_dot_product_attention as separate matmuls and a
+  softmax (each rounding its output) instead of the fused kernel the reference picks.
 """
 
 from __future__ import annotations
@@ -185,6 +187,26 @@ class _Threads(torch.autograd.Function):
                 lambda: torch.set_num_threads(base)
             )
         return (None, None, *grads)
+
+
+def math_attention(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose scaled_dot_product_attention runs PyTorch's math backend:
+    scores, softmax and the weighted sum as separate kernels, each rounding its output to
+    the working dtype, where the reference's fused kernel (flash on the CPU) keeps them in
+    float32. Every kernel is exact to its documented accuracy; the composition differs, as
+    a device's fused attention differs from another's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    target = copy.deepcopy(model)
+    for m in target.modules():
+        base = type(m).forward
+
+        def forward(self, *args, _base=base, **kwargs):
+            with sdpa_kernel(SDPBackend.MATH):
+                return _base(self, *args, **kwargs)
+
+        m.__class__ = type(f"MathAttention{type(m).__name__}", (type(m),), {"forward": forward})
+    return target
 
 
 def with_threads(model: nn.Module, threads: int = 2) -> nn.Module:

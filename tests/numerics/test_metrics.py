@@ -293,3 +293,42 @@ def test_as_f64_is_a_flat_float64_copy():
     assert f.dtype == torch.float64 and f.shape == (6,)
     f[0] = 100
     assert float(t[0, 0]) == 0.0
+
+
+def test_values_alone_in_their_rounding_cells_have_no_design_effect():
+    g = torch.randn(4096, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cells = metrics.rounding_cells(g, torch.float32)
+    assert int(cells.max()) + 1 == g.numel()
+    assert metrics.design_effects(g, cells) == pytest.approx((1.0, 1.0))
+
+
+def test_values_that_round_alike_count_once():
+    """4096 values within a thousandth of a bf16 ulp of +-1 (a BatchNorm over two values):
+    two roundings, so the standard errors are sqrt(4096 / 2) = 45x the independent ones."""
+    g = torch.cat([torch.full((2048,), 1.0), torch.full((2048,), -1.0)]).double()
+    g *= 1 - 1e-6 * torch.rand(4096, generator=torch.Generator().manual_seed(1), dtype=g.dtype)
+    cells = metrics.rounding_cells(g, torch.bfloat16)
+    assert int(cells.max()) + 1 == 2
+    assert metrics.design_effects(g, cells) == pytest.approx((math.sqrt(2048),) * 2)
+    # in float32 the same values are apart: thousands of cells
+    assert int(metrics.rounding_cells(g, torch.float32).max()) + 1 > 1000
+
+
+@given(st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=64))
+def test_design_effects_are_at_least_one_and_cells_keep_sign_and_binade(values):
+    g = torch.tensor(values, dtype=torch.float64)
+    cells = metrics.rounding_cells(g, torch.bfloat16)
+    mean, scale = metrics.design_effects(g, cells)
+    assert mean >= 1 - 1e-12 and scale >= 1 - 1e-12
+    for c in cells.unique():
+        members = g[cells == c]
+        assert len({(math.copysign(1, v), math.frexp(v)[1]) for v in members.tolist()}) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_design_effects_of_a_large_tensor_come_from_a_sample_that_scales_to_it(dtype):
+    gen = torch.Generator().manual_seed(2)
+    g = torch.randn(4 * metrics.DESIGN_SAMPLE, generator=gen, dtype=torch.float64)
+    g[::7] = 0.5  # a repeated value: one cell of 37k elements
+    full = metrics.design_effects(g, metrics.rounding_cells(g, dtype))
+    assert metrics.design_effects_of(g, dtype) == pytest.approx(full, rel=0.1)

@@ -13,7 +13,15 @@ import pytest
 import torch
 
 from align.numerics.precision import error_floor, unit_roundoff
-from align.numerics.verdict import Divergence, Row, Tolerance, _k, _limit, judge
+from align.numerics.verdict import (
+    NO_SIGNAL_MESSAGE,
+    Divergence,
+    Row,
+    Tolerance,
+    _k,
+    _limit,
+    judge,
+)
 
 N = 4096
 
@@ -400,3 +408,40 @@ def test_a_slice_that_holds_one_rounding_may_carry_it_as_a_gain(case):
     t[:, :, 5] = (r[:, :, 5].double() * (1 + 2**-8)).to(torch.bfloat16)
     verdict = run(t, r, g, strict_dtype=False)
     assert "slice_gain" not in verdict.failed, explain(verdict)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_outputs_that_share_one_rounding_may_carry_it_as_a_bias(seed):
+    """A train-mode BatchNorm over two values (batch 2, 1x1 maps) outputs about +-1 in
+    every channel: 4096 bf16 elements, a few distinct roundings. A target one ulp off on
+    half of them (the half-ulp nudge of align.testing.perturb, a whole ulp just below a
+    power of two) is biased by ~0.15%, thousands of independent standard errors but one
+    rounding: honest. A 1% gain on the same outputs still fails."""
+    gen = torch.Generator().manual_seed(seed)
+    d = torch.randn(2048, generator=gen, dtype=torch.float64)
+    one = (d / 2) / (d * d / 4 + 1e-5).sqrt()  # (x - mean) / sqrt(var + eps) over 2 values
+    g = torch.cat([one, -one])
+    r = g.to(torch.bfloat16)
+    _, exponent = torch.frexp(r.float())
+    sign = torch.randint(0, 2, r.shape, generator=gen) * 2 - 1
+    ulp = torch.finfo(torch.bfloat16).eps * torch.ldexp(torch.ones(r.shape), exponent - 1)
+    t = (r.float() + sign * ulp / 2).to(torch.bfloat16)
+    assert abs(float((t.double() - g) @ g / (g @ g))) > 5e-4  # a bias, as measured on resnet26d
+    verdict = run(t, r, g, k=3.0, strict_dtype=False)
+    assert verdict.passed, explain(verdict)
+    faulty = run((1.01 * g).to(torch.bfloat16), r, g, k=3.0, strict_dtype=False)
+    assert not faulty.passed, explain(faulty)
+
+
+@pytest.mark.parametrize("reference_off_by", [1.0, 4.0])
+def test_a_propagated_tensor_the_reference_misses_by_its_size_is_not_judged(reference_off_by):
+    """A gradient that cancels below the rounding of its terms (through a BatchNorm over
+    two values): the reference exactly 0 (off by its whole size) or 4x off, an honest
+    target 30x off. No signal at this precision: reported, not failed. In isolation (local)
+    the same tensor is judged."""
+    g = 1e-6 * golden()
+    r = torch.zeros_like(g) if reference_off_by == 1.0 else g + 4 * noisy(g, 1.0, 1) - 4 * g
+    t = (g + 30 * (noisy(g, 1.0, 2, torch.float64) - g)).float()
+    verdict = run(t, r.float(), g, local=False)
+    assert verdict.passed and verdict.message == NO_SIGNAL_MESSAGE, explain(verdict)
+    assert not run(t, r.float(), g, local=True).passed

@@ -8,6 +8,8 @@ is the reference in float64. Tensor dumps hold step 0, statistics dumps steps 0 
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -97,9 +99,9 @@ def test_levels_name_api_calls_by_module_only_where_construct_json_allows():
 @pytest.mark.parametrize(
     "dump, first",
     [
-        ("tensor_mix", "features.1/Functional.batch_norm"),
-        ("tensor_L0", "features.1"),
-        ("tensor_L1", "Functional.batch_norm"),
+        ("tensor_mix", "features.1/parameters.weight"),  # the weight itself (L0, mix)
+        ("tensor_L0", "features.1/parameters.weight"),
+        ("tensor_L1", "Functional.batch_norm"),  # no modules, no parameters: its first use
     ],
 )
 def test_faulty_batchnorm_is_named_first(dump, first):
@@ -127,13 +129,13 @@ def test_float64_msprobe_dump_is_a_golden():
     assert clean.passed and not any("no golden trace" in n for n in clean.notes)
     assert any(r.reference.get("rel_rmse", 0) > 0 for r in clean.rows)  # the ref's own error
     fault = align.compare(ref, DATA / "fault" / "tensor_mix", golden=golden)
-    assert fault.first_divergence.module == "features.1/Functional.batch_norm"
+    assert fault.first_divergence.module == "features.1/parameters.weight"
 
 
 @pytest.mark.parametrize(
     "dump, first",
     [
-        ("statistics_mix", "features.1/Functional.batch_norm"),
+        ("statistics_mix", "features.1/parameters.weight"),
         ("statistics_L1", "Functional.batch_norm"),
     ],
 )
@@ -162,3 +164,28 @@ def test_a_fresh_msprobe_dump_matches_the_committed_one(tmp_path):
     assert _labels(load_msprobe(fresh)) == _labels(load_msprobe(DATA / "ref" / "tensor_mix"))
     report = align.compare(DATA / "ref" / "tensor_mix", fresh)
     assert report.passed, report
+
+
+@pytest.mark.parametrize("dump", ["tensor_L0", "statistics_mix"])
+def test_a_weight_that_differs_is_named_before_the_module_it_changes(tmp_path, dump):
+    """What an update that differs (a fused optimizer, a skipped step) leaves at the next
+    step: the same activations in, other weights. The weight is named, before the module
+    whose output it changes."""
+    target = tmp_path / dump
+    shutil.copytree(DATA / "ref" / dump, target)
+    step = sorted(target.glob("step*"))[-1]
+    dump_json = next(step.glob("*/dump.json"))
+    data = json.loads(dump_json.read_text())
+    weight = data["data"]["Module.head.Linear.forward.0"]["parameters"]["weight"]
+    if "data_name" in weight:
+        pt = dump_json.parent / "dump_tensor_data" / weight["data_name"]
+        torch.save(torch.load(pt) * 1.01, pt)
+    else:
+        for stat in ("Max", "Min", "Mean", "Norm"):
+            weight[stat] *= 1.01
+        dump_json.write_text(json.dumps(data))
+    report = align.compare(DATA / "ref" / dump, target)
+    assert not report.passed
+    prefix = f"[{step.name}] " if len(list(target.glob("step*"))) > 1 else ""
+    assert report.first_divergence.module == f"{prefix}head/parameters.weight"
+    assert report.first_divergence.phase == "forward"

@@ -1,0 +1,44 @@
+"""align.record.buffers: host memory handed from one recorded step to the next."""
+
+from __future__ import annotations
+
+import torch
+
+from align.record.buffers import HostBuffers
+
+
+def test_a_copy_is_private_and_keeps_the_layout():
+    buffers = HostBuffers()
+    x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    copy = buffers.copy(x)
+    assert torch.equal(copy, x) and copy.data_ptr() != x.data_ptr()
+    assert copy.is_contiguous(memory_format=torch.channels_last) and not copy.is_contiguous()
+    assert buffers.copy(x, torch.contiguous_format).is_contiguous()
+    x.add_(1)  # the source changes (an in-place op of the next layer): the copy does not
+    assert not torch.equal(copy, x)
+
+
+def test_a_written_steps_buffers_are_reused_once_and_then_freed():
+    buffers = HostBuffers()
+    step = [buffers.copy(torch.randn(8, 4)), buffers.copy(torch.randn(3))]
+    pointers = {t.data_ptr() for t in step}
+    buffers.give(step)
+    again = [buffers.copy(torch.randn(8, 4)), buffers.copy(torch.randn(3))]
+    assert {t.data_ptr() for t in again} == pointers
+    # a shape the last step did not have, or a buffer already taken: a new allocation
+    assert buffers.copy(torch.randn(8, 4)).data_ptr() not in pointers
+    buffers.give([torch.randn(2)])  # the next written step replaces what was not taken
+    assert buffers.copy(torch.randn(3)).data_ptr() not in pointers
+
+
+def test_views_and_device_tensors_are_never_handed_out_again():
+    buffers = HostBuffers()
+    base = torch.randn(4, 4)
+    buffers.give([base[0], base.t()])  # views share a storage someone else holds
+    assert buffers.copy(torch.randn(4)).data_ptr() != base.data_ptr()
+    buffers.give([base, base])  # given twice: handed out once
+    first, second = buffers.copy(torch.randn(4, 4)), buffers.copy(torch.randn(4, 4))
+    assert first.data_ptr() == base.data_ptr() != second.data_ptr()
+    buffers.give([second])
+    buffers.clear()
+    assert buffers.copy(torch.randn(4, 4)).data_ptr() != second.data_ptr()
