@@ -20,10 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import TraceError
+from align.judge.replay import replay_calls
 from align.judge.report import Report
 from align.judge.statistics import compare_statistics
 from align.judge.traces import judge_traces
 from align.numerics.names import call_label
+from align.numerics.precision import get_policy
+from align.numerics.verdict import as_tolerance
 from align.record.msprobe import keyed_dumps, load_dump, natural_key, statistics_only
 from align.record.trace import Call, Trace
 
@@ -73,6 +76,7 @@ def _compare_pair(ref: Trace, tgt: Trace, gold: Trace | None, options: dict) -> 
     """One step/rank: align the calls, then judge tensors or statistics."""
 
     others = [tgt] if gold is None else [tgt, gold]
+    original = ref
     ref, aligned, unmatched = align_calls(ref, others)
     if not ref.calls:
         raise TraceError(
@@ -91,6 +95,11 @@ def _compare_pair(ref: Trace, tgt: Trace, gold: Trace | None, options: dict) -> 
             report.notes.append("statistics comparison: the golden dump was not used")
     else:
         report = judge_traces(ref, aligned[0], aligned[1] if gold else None, **options)
+        tol = as_tolerance(options.get("tolerance"), get_policy(report.meta["precision"]))
+        rows, culprits, notes = replay_calls(original, tgt, _match(original, tgt), tol)
+        report.local_rows += rows
+        report.culprits += culprits
+        report.notes += notes
     if unmatched:
         shown = "; ".join(unmatched[:12]) + (" ..." if len(unmatched) > 12 else "")
         report.notes.append(

@@ -160,7 +160,7 @@ def no_signal_notes(rows: list[Row]) -> list[str]:
     shown = ", ".join(f"{r.module or '<model>'} {r.phase} {r.tensor}" for r in quiet[:3])
     return [
         f"{len(quiet)} whole-network tensor(s) carry no signal at this precision (the "
-        f"reference misses them by their size or more: a cancelling sum, a BatchNorm over "
+        f"reference misses them by half their size or more: a cancelling sum, a BatchNorm over "
         f"a few values), reported, not judged: {shown}{' ...' if len(quiet) > 3 else ''}"
     ]
 

@@ -240,6 +240,9 @@ def load_dump(directory: Path) -> Trace:
         meta={
             "source": "msprobe",
             "path": str(directory),
+            "dump_file": str(dump_file),
+            # each call's forward entry in dump.json (align.judge.replay re-runs API calls)
+            "entries": [builder.forward_names.get(n) for n in range(len(builder.calls))],
             "task": task,
             "level": dump.get("level"),
             "framework": dump.get("framework"),

@@ -135,7 +135,7 @@ def _row() -> Row:
     return Row("layer1", 0, "backward", "grad_input[0]", "", [])
 
 
-@pytest.mark.parametrize("side", ["reference", "golden", "draw"])
+@pytest.mark.parametrize("side", ["reference", "golden"])
 def test_judge_robustly_refuses_a_nonfinite_yardstick(side):
     g = torch.randn(64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     r, t = g.float(), (2 * g).float()  # the target fails, so the draws are consulted
@@ -153,6 +153,23 @@ def test_judge_robustly_refuses_a_nonfinite_yardstick(side):
             row=_row(),
             draws=lambda round_: [tensors["draw"]],
         )
+
+
+def test_a_draw_that_overflowed_is_left_out_not_a_yardstick():
+    """An honest draw whose jitter took an fp16 value past the largest: it measures nothing
+    there, so the tensor is judged on the reference (and the other draws) alone."""
+    g = torch.randn(64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    r, t = g.float(), (2 * g).float()
+    wide = (g + 10 * torch.randn(64, dtype=torch.float64)).float()  # would hide the fault
+    bad = torch.full_like(r, math.inf)
+    verdict = judge_robustly(
+        t, r, g, Tolerance(), strict_dtype=True, local=False, row=_row(), draws=lambda _: [bad]
+    )
+    assert not verdict.passed, verdict
+    hidden = judge_robustly(
+        t, r, g, Tolerance(), strict_dtype=True, local=False, row=_row(), draws=lambda _: [wide]
+    )
+    assert hidden.passed  # the same draw, finite, widens the limit: the check above means it
 
 
 @pytest.mark.parametrize("nan_in", ["reference", "golden", "target"])

@@ -497,6 +497,24 @@ def test_tensor_dumps_of_l1_and_mix_compare_and_name_the_faulty_api(tmp_path, le
     assert "called at test_msprobe.py:" in first.message and "self.head(" in first.message
 
 
+@pytest.mark.parametrize("level", ["L1", "mix"])
+def test_api_calls_rerun_from_the_dump_name_the_faulty_kernel_without_a_golden(tmp_path, level):
+    """Each API call re-run in float64 from its own dumped inputs (align.judge.replay): the
+    linear whose kernel is 1% off is a culprit, the calls after it, fed its output, are
+    not; an honest target (float64 rounded to float32) has none."""
+    ref, tgt = _pair(tmp_path / "faulty", level=level, gain=("Functional.linear", 1))
+    report = align.compare(ref, tgt)
+    faulty = ("head/Functional.linear", 0) if level == "mix" else ("Functional.linear", 1)
+    assert [(c.module, c.call) for c in report.culprits] == [faulty]
+    assert any("re-run in float64 from their dumped inputs" in n for n in report.notes)
+    replayed = {r.module for r in report.local_rows}
+    assert len(replayed) >= 3  # both linears and the ReLUs at least
+    ref, tgt = _pair(tmp_path / "honest", level=level, honest=True)
+    honest = align.compare(ref, tgt)
+    assert honest.passed and not honest.culprits, honest
+    assert any(r.metrics["rel_rmse"] > 0 for r in honest.local_rows)
+
+
 def test_statistics_honest_rounding_passes_and_a_one_percent_gain_fails(tmp_path):
     ref, tgt = _pair(tmp_path, task="statistics", level="mix", honest=True)
     report = align.compare(ref, tgt)

@@ -1,0 +1,234 @@
+"""Which API call of an msprobe dump computes wrong on its own: each call re-run in
+float64 from the inputs the dump holds, on each side, without the model or a golden dump.
+
+An msprobe tensor dump at level L1 or mix holds every API call's inputs and outputs
+(`Functional.conv2d.0.forward`: input, weight, bias, stride ...). Replaying the call on
+the CPU in float64 from one side's own inputs gives that call's exact result on that
+side: the golden of that call alone. The target's output is judged against its replay,
+relative to the reference's error against the reference's replay (moved onto the
+target's replay, elementwise, and rounded to the dump's dtype), with the floors of the
+op's documented accuracy, as align.judge.isolation judges a module
+(align.numerics.verdict, `local`). A call that fails is a culprit: wrong given its own
+inputs, whatever happened upstream.
+
+Only forward calls of REPLAYABLE APIs run, pure tensor arithmetic named by msprobe's
+prefix (`Functional.<name>` is torch.nn.functional's, `Torch.<name>` torch's,
+`Tensor.<name>` the tensor method); nothing else a dump names is ever called. A call
+whose inputs are not all in the dump (a keyword tensor, an argument type not listed in
+`_value`) is left out and counted in a note. Backward calls, random ops (dropout) and
+device-specific APIs (`NPU.*`) are not replayed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten, tree_map
+
+from align.errors import AlignError, TraceError
+from align.numerics.decisions import Decisions
+from align.numerics.precision import kernel_accuracy
+from align.numerics.verdict import Divergence, Row, Tolerance, judge_robustly
+from align.record.trace import Call, Trace
+
+__all__ = ["REPLAYABLE", "replay_calls"]
+
+# msprobe prefix -> the APIs re-run from dumps: deterministic tensor arithmetic only
+REPLAYABLE: dict[str, frozenset[str]] = {
+    "Functional": frozenset(
+        """conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d linear
+        bilinear batch_norm layer_norm group_norm instance_norm rms_norm relu relu6
+        leaky_relu elu selu celu gelu silu mish hardswish hardsigmoid hardtanh sigmoid tanh
+        softplus softsign logsigmoid softmax log_softmax avg_pool1d avg_pool2d avg_pool3d
+        max_pool1d max_pool2d max_pool3d adaptive_avg_pool1d adaptive_avg_pool2d
+        adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d interpolate pad
+        normalize pixel_shuffle embedding cross_entropy nll_loss mse_loss l1_loss
+        smooth_l1_loss huber_loss binary_cross_entropy_with_logits kl_div""".split()
+    ),
+    "Torch": frozenset(
+        """matmul mm bmm addmm baddbmm add sub mul div exp log sqrt rsqrt sigmoid tanh
+        relu sum mean var std cat stack abs neg pow clamp softmax log_softmax flatten
+        transpose permute reshape""".split()
+    ),
+    "Tensor": frozenset(
+        """add add_ sub sub_ mul mul_ div div_ matmul sum mean exp sigmoid tanh relu pow
+        sqrt rsqrt clamp abs neg __add__ __radd__ __iadd__ __sub__ __rsub__ __isub__
+        __mul__ __rmul__ __imul__ __truediv__ __rtruediv__ __itruediv__ __matmul__
+        __neg__ softmax view reshape transpose permute flatten""".split()
+    ),
+}
+_PLAIN = {"int", "float", "bool", "str"}
+
+
+class _Unreplayable(Exception):
+    """This call cannot be re-run from the dump (why: the message)."""
+
+
+def _function(api: str) -> Callable[..., Any]:
+    """The torch callable of a replayable msprobe API name (`Functional.conv2d`)."""
+    prefix, _, name = api.partition(".")
+    if name not in REPLAYABLE.get(prefix, ()):
+        raise _Unreplayable(f"{api} is not replayed")
+    if prefix == "Functional":
+        return getattr(F, name)
+    if prefix == "Torch":
+        return getattr(torch, name)
+    return getattr(torch.Tensor, name)
+
+
+def _value(value: Any, tensors: Any) -> Any:
+    """A dumped argument as a Python value; tensors in float64 where they are floating."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return [_value(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        raise _Unreplayable(f"an argument {str(value)[:40]!r} of no known form")
+    kind = value.get("type")
+    if kind == "torch.Tensor":
+        name = value.get("data_name")
+        if not isinstance(name, str) or name not in tensors:
+            raise _Unreplayable("a tensor argument without its file")
+        t = tensors[name]
+        return t.double() if t.is_floating_point() else t
+    if kind in _PLAIN and isinstance(value.get("value"), (int, float, bool, str)):
+        return value["value"]
+    if kind == "slice" and isinstance(value.get("value"), list):
+        return slice(*value["value"])
+    raise _Unreplayable(f"an argument of type {kind}")
+
+
+def _replay(api: str, entry: dict, tensors: Any) -> tuple[list[torch.Tensor | None], set[str]]:
+    """The call's outputs re-run in float64 from its dumped inputs (floating ones; None
+    elsewhere), and the aten ops it ran."""
+    fn = _function(api)
+    args = _value(entry.get("input_args") or [], tensors)
+    kwargs = {k: _value(v, tensors) for k, v in (entry.get("input_kwargs") or {}).items()}
+    if any(k in kwargs for k in ("dtype", "out")):
+        raise _Unreplayable("a dtype or out argument")
+    if api.endswith("_") or "__i" in api:  # in place: on a private copy
+        args = tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, args)
+    with Decisions() as ops, torch.no_grad():
+        try:
+            out = fn(*args, **kwargs)
+        except Exception as exc:  # arguments a dump flattened otherwise: not replayable
+            raise _Unreplayable(f"{type(exc).__name__}: {str(exc)[:80]}") from exc
+    floating = [x if isinstance(x, torch.Tensor) else None for x in tree_flatten(out)[0]]
+    return [x if x is not None and x.is_floating_point() else None for x in floating], ops.ran
+
+
+@functools.lru_cache(maxsize=4)
+def _dump_data(path: str) -> dict[str, Any]:
+    """dump.json's `data` (read by align.record.msprobe before: it parses)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)["data"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TraceError(f"{path}: cannot be read again: {exc}") from exc
+    if not isinstance(data, dict):
+        raise TraceError(f"{path}: no 'data' object")
+    return data
+
+
+def _entry(trace: Trace, position: int) -> tuple[str, dict] | None:
+    """(API name, dump.json entry) of the call at `position`, for a forward API call."""
+    names = trace.meta.get("entries") or []
+    call = trace.calls[position]
+    name = names[position] if position < len(names) else None
+    if call.cls != "api" or not isinstance(name, str) or not name.endswith(".forward"):
+        return None
+    entry = _dump_data(trace.meta["dump_file"]).get(name)
+    api = name.rsplit(".", 2)[0]
+    return (api, entry) if isinstance(entry, dict) else None
+
+
+def replay_calls(
+    ref: Trace,
+    tgt: Trace,
+    pairs: dict[int, int],
+    tol: Tolerance,
+    *,
+    strict_dtype: bool = True,
+) -> tuple[list[Row], list[Divergence], list[str]]:
+    """Judge every matched forward API call (`pairs`: reference position -> target
+    position) against its own float64 replay on each side. Returns (rows, culprits in
+    execution order, notes)."""
+    rows: list[Row] = []
+    culprits: list[Divergence] = []
+    skipped: dict[str, int] = {}
+    replayed = 0
+    order = ref.forward_order or range(len(ref.calls))
+    for pos in order:
+        if pos not in pairs:
+            continue
+        found = (_entry(ref, pos), _entry(tgt, pairs[pos]))
+        if found[0] is None or found[1] is None:
+            continue
+        call = ref.calls[pos]
+        try:
+            judged = list(_judged(call, ref, tgt, pos, pairs[pos], found, tol, strict_dtype))
+        except _Unreplayable as exc:
+            reason = str(exc)
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        except AlignError as exc:  # NaN/Inf in a replay: no yardstick for this call
+            skipped[f"not judged: {exc}"] = 1
+            continue
+        replayed += 1
+        rows += judged
+        failing = [r for r in judged if r.failed]
+        if failing:
+            culprits.append(max(failing, key=lambda r: r.ratio(r.worst())).divergence())
+    notes = []
+    if replayed:
+        notes.append(
+            f"{replayed} API call(s) re-run in float64 from their dumped inputs on each side "
+            "and judged alone (align.judge.replay): a culprit computes wrong given its own "
+            "inputs"
+        )
+    if skipped:
+        shown = "; ".join(f"{n} x {why}" for why, n in sorted(skipped.items())[:8])
+        notes.append(f"API calls not re-run from the dump: {shown}")
+    return rows, culprits, notes
+
+
+def _judged(
+    call: Call,
+    ref: Trace,
+    tgt: Trace,
+    rpos: int,
+    tpos: int,
+    found: tuple,
+    tol: Tolerance,
+    strict_dtype: bool,
+) -> Iterator[Row]:
+    (api, r_entry), (_, t_entry) = found
+    r_gold, ran = _replay(api, r_entry, ref.tensors)
+    t_gold, _ = _replay(api, t_entry, tgt.tensors)
+    r_keys, t_keys = ref.calls[rpos].outputs, tgt.calls[tpos].outputs
+    accuracy = kernel_accuracy(ran)
+    for i, (rk, tk) in enumerate(zip(r_keys, t_keys)):
+        if rk is None or tk is None or i >= len(r_gold) or r_gold[i] is None:
+            continue
+        r, t, gr, gt = ref.tensors[rk], tgt.tensors[tk], r_gold[i], t_gold[i]
+        if gt is None or r.shape != gr.shape or t.shape != gt.shape or r.shape != t.shape:
+            continue
+        # the reference's own error, moved onto the target's golden
+        stand_in = (gt + (r.double() - gr)).to(r.dtype)
+        row = Row(call.module, call.index, "forward", f"output[{i}]", "", [], isolated=True)
+        yield judge_robustly(
+            t,
+            stand_in,
+            gt,
+            tol,
+            strict_dtype=strict_dtype,
+            local=True,
+            row=row,
+            draws=lambda _round: [],
+            accuracy=accuracy,
+        )
