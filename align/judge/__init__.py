@@ -8,6 +8,7 @@ Index:
     sensitivity.py    which layers an emulated number format hurts most
     steps.py          align.Recorder dumps judged step by step
     msprobe_dumps.py  msprobe dump trees judged step by step, rank by rank
+    replay.py         msprobe API calls re-run in float64 from their dumped inputs: culprits
     statistics.py     statistics-only dumps (Max/Min/Mean/Norm) judged, with their weaker power
     report.py         Report: the verdict as a table and as JSON
 """
