@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,32 +155,23 @@ def check(
             emulation=emulation,
             grad_inputs=resolved.grad_inputs,
         )
-        t0 = time.perf_counter()
         log.info("reference run: %s on %s at %s", resolved.label, ref_dev, policy.name)
-        ref_run = _reference_run(resolved.model, resolved.inputs, ref_dev, common)
+        ref_run, tgt_run = _runs(
+            resolved,
+            target_model if target_model is not None else resolved.model,
+            (ref_dev, tgt_dev),
+            options.emulate,
+            common,
+            timings,
+        )
         if ref_run.loss_scale != common["loss_scale"]:
             report.notes.append(
-                f"the reference's gradients overflowed {policy.low_precision} at loss scale "
-                f"{common['loss_scale']:g} (or came within {OVERFLOW_HEADROOM:g}x of its "
-                f"largest value): every run used {ref_run.loss_scale:g}"
+                f"gradients overflowed {policy.low_precision} at loss scale "
+                f"{common['loss_scale']:g} (the reference's, or came within "
+                f"{OVERFLOW_HEADROOM:g}x of its largest value; or the target's): every run "
+                f"used {ref_run.loss_scale:g}, as a GradScaler backs off"
             )
-        common["loss_scale"] = meta["loss_scale"] = ref_run.loss_scale
-        timings["reference"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        log.info(
-            "target run on %s%s",
-            tgt_dev,
-            f" emulating {options.emulate}" if options.emulate else "",
-        )
-        tgt_run = run_model(
-            target_model if target_model is not None else resolved.model,
-            resolved.inputs,
-            device=tgt_dev,
-            native_kernels=bool(options.emulate),
-            replay=ref_run.decisions.choices,
-            **common,
-        )
-        timings["target"] = time.perf_counter() - t0
+        meta["loss_scale"] = ref_run.loss_scale
         if identical(ref_run.trace, tgt_run.trace):
             report.notes.append(IDENTICAL)
         else:
@@ -227,23 +219,42 @@ def check(
 OVERFLOW_HEADROOM = 16.0  # scaled gradients stay this far below the dtype's largest value
 
 
-def _reference_run(model: nn.Module, inputs: Any, device: torch.device, common: dict) -> Run:
-    """The reference run; where its scaled gradients overflow fp16 (the check loss scale
-    of amp-fp16 and o2-fp16), or come within OVERFLOW_HEADROOM of it, where another honest
-    kernel or an honest draw would overflow, again at a scale 16x lower, as a GradScaler
-    backs off. The target, the golden and the draws then run at the scale it settled on
-    (`run.loss_scale`)."""
-    run = run_model(model, inputs, device=device, **common)
+def _runs(
+    resolved: Any,
+    target_model: nn.Module,
+    devices: tuple[torch.device, torch.device],
+    emulate: str | None,
+    common: dict,
+    timings: dict[str, float],
+) -> tuple[Run, Run]:
+    """The reference and target runs at the check loss scale; where scaled gradients
+    overflow fp16 (amp-fp16 and o2-fp16 scale the loss by 2^12) on the target, or on the
+    reference come within OVERFLOW_HEADROOM of it, both again at a scale 16x lower, as each
+    device's GradScaler backs off (down to 1: what overflows then is the target's own)."""
     largest = torch.finfo(common["policy"].low_precision).max / OVERFLOW_HEADROOM
-    while common["backward"] and run.loss_scale > 1 and not _gradients_fit(run.trace, largest):
-        scale = max(1.0, run.loss_scale / 16)
-        log.info(
-            "the reference's gradients overflow at loss scale %g: again at %g",
-            run.loss_scale,
-            scale,
-        )
-        run = run_model(model, inputs, device=device, **{**common, "loss_scale": scale})
-    return run
+    scale, backward = common["loss_scale"], common["backward"]
+    while True:
+        t0 = time.perf_counter()
+        run = {**common, "loss_scale": scale}
+        ref_run = run_model(resolved.model, resolved.inputs, device=devices[0], **run)
+        timings["reference"] = time.perf_counter() - t0
+        last = not backward or scale <= 1
+        if last or _gradients_fit(ref_run.trace, largest):
+            t0 = time.perf_counter()
+            log.info("target run on %s%s", devices[1], f" emulating {emulate}" if emulate else "")
+            tgt_run = run_model(
+                target_model,
+                resolved.inputs,
+                device=devices[1],
+                native_kernels=bool(emulate),
+                replay=ref_run.decisions.choices,
+                **run,
+            )
+            timings["target"] = time.perf_counter() - t0
+            if last or _gradients_fit(tgt_run.trace, math.inf):
+                return ref_run, tgt_run
+        scale = max(1.0, scale / 16)
+        log.info("scaled gradients overflow: both runs again at loss scale %g", scale)
 
 
 def _gradients_fit(trace: Trace, largest: float) -> bool:

@@ -16,7 +16,13 @@ from align.judge.report import Report
 from align.numerics import decisions
 from align.numerics.names import parse_phases
 from align.numerics.precision import get_policy
-from align.numerics.verdict import NO_SIGNAL_MESSAGE, Row, Tolerance, as_tolerance
+from align.numerics.verdict import (
+    NO_SIGNAL_MESSAGE,
+    OVERFLOWED_MESSAGE,
+    Row,
+    Tolerance,
+    as_tolerance,
+)
 from align.record.trace import Trace
 from align.zoo import is_case
 from align.zoo.golden import case_tolerance
@@ -154,15 +160,23 @@ def require_judged(rows: list[Row], phases: tuple[str, ...]) -> None:
 
 def no_signal_notes(rows: list[Row]) -> list[str]:
     """The note on whole-network tensors left unjudged for carrying no signal."""
-    quiet = [r for r in rows if r.message == NO_SIGNAL_MESSAGE]
-    if not quiet:
-        return []
-    shown = ", ".join(f"{r.module or '<model>'} {r.phase} {r.tensor}" for r in quiet[:3])
-    return [
-        f"{len(quiet)} whole-network tensor(s) carry no signal at this precision (the "
-        f"reference misses them by half their size or more: a cancelling sum, a BatchNorm over "
-        f"a few values), reported, not judged: {shown}{' ...' if len(quiet) > 3 else ''}"
-    ]
+    notes = []
+    for message, why in (
+        (
+            NO_SIGNAL_MESSAGE,
+            "the reference misses them by half their size or more: a cancelling sum, a "
+            "BatchNorm over a few values",
+        ),
+        (OVERFLOWED_MESSAGE, "an honest draw of the reference overflowed there"),
+    ):
+        quiet = [r for r in rows if r.message == message]
+        shown = ", ".join(f"{r.module or '<model>'} {r.phase} {r.tensor}" for r in quiet[:3])
+        if quiet:
+            notes.append(
+                f"{len(quiet)} whole-network tensor(s) carry no signal at this precision "
+                f"({why}), reported, not judged: {shown}{' ...' if len(quiet) > 3 else ''}"
+            )
+    return notes
 
 
 def _require_registered_case(role: str, case: Any) -> None:

@@ -123,8 +123,8 @@ def design_effects(g: torch.Tensor, cells: torch.Tensor) -> tuple[float, float]:
 
 
 def _ratio(num: float, den: float) -> float:
-    if den > 0:
-        return num / den
+    if den > 0 or math.isnan(num):
+        return num / den if den > 0 else math.nan
     return 0.0 if num == 0 else math.copysign(math.inf, num)
 
 

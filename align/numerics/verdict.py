@@ -53,6 +53,7 @@ NOISE_DOMINATED = 0.5  # reference rel_rmse above this: golden ~ 0, both sides a
 # off on the reference, 34x its size on channels_last). It is reported, not judged; a
 # fault there still shows upstream and downstream, and in isolation.
 NO_SIGNAL = NOISE_DOMINATED
+OVERFLOWED_MESSAGE = "no signal at this precision (an honest draw of the reference overflowed)"
 NO_SIGNAL_MESSAGE = "no signal at this precision (the reference misses it by half its size or more)"
 
 
@@ -331,7 +332,10 @@ def judge(
     row.reference.update(mr)
     row.limits.update(limits)
     if not local and mr["rel_rmse"] >= NO_SIGNAL and math.isfinite(mt["rel_rmse"]):
+        # noise all through, and so is the target's overflow of it (an fp16 gradient
+        # through a BatchNorm over two values): where it reaches a signal, that fails
         row.message = NO_SIGNAL_MESSAGE
+        row.failed = [m for m in row.failed if m != "nonfinite"]
     else:
         row.failed += [m for m, limit in limits.items() if abs(mt[m]) > limit]
     if "slice_gain" in row.failed and not row.message:
@@ -431,7 +435,8 @@ def judge_robustly(
     reference and its honest draws (made only then: they cost a run each): `draws(0)` the
     first ones, and while the tensor still fails by less than jitter.GRAY_ZONE times its
     limit, `draws(1)`, more of them. NaN/Inf in the reference or the golden is an
-    AlignError (`require_finite`); a draw with NaN/Inf is left out."""
+    AlignError (`require_finite`); NaN/Inf in a draw of a whole-network tensor makes it
+    one without signal (OVERFLOWED_MESSAGE), in an isolated one a draw left out."""
     require_finite(row, [("reference", reference), ("golden", golden)])
     kw = dict(strict_dtype=strict_dtype, local=local, accuracy=accuracy)
     judged = judge(target, reference, golden, tol, row=row, **kw)
@@ -443,11 +448,14 @@ def judge_robustly(
         if len(honest) <= used:
             return judged  # no more draws to be had
         used = len(honest)
-        # a draw that overflowed (its jitter took an fp16 value past the largest) measures
-        # nothing here: the tensor is judged on the others
         finite = [h for h in honest if metrics.all_finite(metrics.flat(h))]
         judged = Row(row.module, row.call, row.phase, row.tensor, "", [], isolated=row.isolated)
         judged = judge(target, reference, golden, tol, row=judged, draws=finite, **kw)
+        if len(finite) < len(honest) and not local:
+            # an honest draw overflowed here (fp16): honest devices reach the dtype's
+            # largest value, so whatever the target holds, there is no signal to judge
+            judged.failed, judged.message = [], OVERFLOWED_MESSAGE
+            return judged
     return judged
 
 

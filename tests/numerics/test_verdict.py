@@ -449,3 +449,20 @@ def test_a_propagated_tensor_the_reference_misses_by_half_its_size_is_not_judged
     verdict = run(t, r.float(), g, local=False)
     assert verdict.passed and verdict.message == NO_SIGNAL_MESSAGE, explain(verdict)
     assert not run(t, r.float(), g, local=True).passed
+
+
+def test_the_targets_overflow_of_a_tensor_without_signal_is_not_judged():
+    """fp16 noise that overflows where the reference's does not, in a gradient that is 0
+    in exact arithmetic: no signal, so no failure; the same Inf in a tensor that carries
+    one fails, whole-network and isolated alike."""
+    g = 1e-6 * golden()
+    noise = noisy(g, 1.0, 1).double() - g
+    r, t = (g + noise).float(), (g + 30 * noise).float()
+    t[:4] = math.inf
+    assert run(t, r, g, local=False).message == NO_SIGNAL_MESSAGE
+    assert run(t, r, g, local=False).passed
+    assert "nonfinite" in run(t, r, g, local=True).failed
+    g = golden()
+    t = noisy(g, 1e-7, 2)
+    t[:4] = math.inf
+    assert "nonfinite" in run(t, noisy(g, 1e-7, 1), g, local=False).failed
