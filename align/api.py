@@ -239,6 +239,13 @@ def _runs(
         ref_run = run_model(resolved.model, resolved.inputs, device=devices[0], **run)
         timings["reference"] = time.perf_counter() - t0
         last = not backward or scale <= 1
+        if last and backward and not _gradients_fit(ref_run.trace, math.inf):
+            raise AlignError(
+                f"the reference's gradients overflow {common['policy'].low_precision} even "
+                f"unscaled (loss scale 1): {resolved.label} cannot be checked at "
+                f"{common['policy'].name} on these inputs (a BatchNorm over very few values "
+                "amplifies its gradient); check it at amp-bf16 or fp32, or on larger inputs"
+            )
         if last or _gradients_fit(ref_run.trace, largest):
             t0 = time.perf_counter()
             log.info("target run on %s%s", devices[1], f" emulating {emulate}" if emulate else "")

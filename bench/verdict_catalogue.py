@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import align
+from align.errors import AlignError
 from align.testing import (
     CLOSE_ACTIVATION,
     FAULTS,
@@ -218,13 +219,17 @@ def run(
                 ):
                     continue
                 started = time.perf_counter()
-                report = align.check(
-                    model,
-                    x,
-                    target_model=target_for(model, kind, site),
-                    target="cpu",
-                    precision=precision,
-                )
+                try:
+                    report = align.check(
+                        model,
+                        x,
+                        target_model=target_for(model, kind, site),
+                        target="cpu",
+                        precision=precision,
+                    )
+                except AlignError as exc:  # no check possible: said, not counted
+                    print(f"{name:24s} {precision:9s} {kind:22s} not checkable: {exc}")
+                    continue
                 culprit = report.culprits[0].module if report.culprits else None
                 first = report.culprits[0] if report.culprits else report.first_divergence
                 entry = {

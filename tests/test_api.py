@@ -1,11 +1,13 @@
-"""align.check's report on a divergence that no module causes on its own."""
+"""align.check end to end: a divergence no module causes on its own; fp16 loss scaling."""
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
 import align
+from align.errors import AlignError
 
 
 def test_a_relu_flipped_by_honest_rounding_takes_the_references_branch():
@@ -60,3 +62,12 @@ def test_fp16_gradients_that_overflow_the_check_loss_scale_back_it_off():
     assert report.meta["loss_scale"] < 2.0**12
     assert any("overflowed" in n for n in report.notes)
     assert align.check(model, x, target="cpu", precision="amp-bf16").meta["loss_scale"] == 1.0
+
+
+def test_fp16_gradients_that_overflow_even_unscaled_are_a_clear_error():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[2].weight.mul_(1e7)  # input gradients of ~1e6: past fp16's 65504 at any scale
+    with pytest.raises(AlignError, match="overflow torch.float16 even unscaled"):
+        align.check(model, torch.randn(8, 16), target="cpu", precision="amp-fp16")
