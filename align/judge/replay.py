@@ -15,7 +15,8 @@ Only forward calls of REPLAYABLE APIs run, pure tensor arithmetic named by mspro
 prefix (`Functional.<name>` is torch.nn.functional's, `Torch.<name>` torch's,
 `Tensor.<name>` the tensor method); nothing else a dump names is ever called. A call
 whose inputs are not all in the dump (a keyword tensor, an argument type not listed in
-`_value`) is left out and counted in a note. Backward calls, random ops (dropout) and
+`_value`), or whose outputs hold more than MAX_REPLAYED elements, is left out and counted
+in a note. Backward calls, random ops (dropout) and
 device-specific APIs (`NPU.*`) are not replayed.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -63,6 +65,7 @@ REPLAYABLE: dict[str, frozenset[str]] = {
     ),
 }
 _PLAIN = {"int", "float", "bool", "str"}
+MAX_REPLAYED = 1 << 27  # output elements (1 GiB in float64): a larger call is left out
 
 
 class _Unreplayable(Exception):
@@ -208,9 +211,12 @@ def _judged(
     strict_dtype: bool,
 ) -> Iterator[Row]:
     (api, r_entry), (_, t_entry) = found
+    r_keys, t_keys = ref.calls[rpos].outputs, tgt.calls[tpos].outputs
+    stats = getattr(ref.tensors, "stats", {})
+    if sum(math.prod(stats[k]["shape"]) for k in r_keys if k in stats) > MAX_REPLAYED:
+        raise _Unreplayable(f"outputs of more than {MAX_REPLAYED} elements")
     r_gold, ran = _replay(api, r_entry, ref.tensors)
     t_gold, _ = _replay(api, t_entry, tgt.tensors)
-    r_keys, t_keys = ref.calls[rpos].outputs, tgt.calls[tpos].outputs
     accuracy = kernel_accuracy(ran)
     for i, (rk, tk) in enumerate(zip(r_keys, t_keys)):
         if rk is None or tk is None or i >= len(r_gold) or r_gold[i] is None:

@@ -1,0 +1,60 @@
+"""align.judge.replay: msprobe API calls re-run in float64 from their dumped inputs (the
+end-to-end culprit test is tests/record/test_msprobe.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from align.judge.replay import REPLAYABLE, _function, _replay, _Unreplayable, _value
+
+
+@pytest.mark.parametrize(
+    "api",
+    ["Torch.save", "Torch.load", "Functional.dropout", "NPU.npu_fusion_attention", "os.system"],
+)
+def test_only_listed_arithmetic_is_ever_called(api):
+    with pytest.raises(_Unreplayable, match="not replayed"):
+        _function(api)
+
+
+def test_every_listed_api_exists_in_this_torch():
+    for prefix, names in REPLAYABLE.items():
+        for name in names:
+            assert callable(_function(f"{prefix}.{name}")), f"{prefix}.{name}"
+
+
+def test_a_call_is_rerun_in_float64_from_its_arguments():
+    x = torch.randn(2, 3)
+    tensors = {"x.pt": x, "w.pt": torch.randn(4, 3)}
+    entry = {
+        "input_args": [
+            {"type": "torch.Tensor", "data_name": "x.pt"},
+            {"type": "torch.Tensor", "data_name": "w.pt"},
+            None,
+        ],
+        "input_kwargs": {},
+    }
+    (out,), ran = _replay("Functional.linear", entry, tensors)
+    assert out.dtype == torch.float64 and ran & {"addmm", "mm"}  # a reduction: its floor
+    assert torch.allclose(out, x.double() @ tensors["w.pt"].double().T)
+    # in place: the dumped input is not changed
+    entry = {
+        "input_args": [{"type": "torch.Tensor", "data_name": "x.pt"}, {"type": "int", "value": 1}]
+    }
+    _replay("Tensor.add_", entry, tensors)
+    assert torch.equal(tensors["x.pt"], x)
+
+
+@pytest.mark.parametrize(
+    "value, why",
+    [
+        ({"type": "torch.Tensor", "data_name": "missing.pt"}, "without its file"),
+        ({"type": "torch.dtype", "value": "torch.float16"}, "type torch.dtype"),
+        ({"type": "int", "value": [1]}, "type int"),
+        ("text", "no known form"),
+    ],
+)
+def test_arguments_that_cannot_be_rebuilt_leave_the_call_out(value, why):
+    with pytest.raises(_Unreplayable, match=why):
+        _value(value, {})
