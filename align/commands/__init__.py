@@ -5,6 +5,7 @@
     align calibrate resnet50         # = python -m align.golden calibrate resnet50
 
 Index (one module per subcommand, each defining its `Command`):
+    summaries.py  the subcommands' names and one-line summaries (`align --help`, no torch)
     command.py    Command, its parser, the guard that maps errors to exit codes
     arguments.py  argparse types: positive numbers, precisions, writable paths
     check.py      align check: a model on two devices against a float64 golden
@@ -23,34 +24,46 @@ through `logging` (-q quiets it, -v adds debug lines); stdout holds the report.
 from __future__ import annotations
 
 import argparse
+import importlib
+import sys
 import textwrap
 from collections.abc import Sequence
+from typing import Any
 
-from align.commands.calibrate import CALIBRATE
-from align.commands.check import CHECK
 from align.commands.command import Command, Parser, execute
-from align.commands.compare import COMPARE
-from align.commands.dump import DUMP
-from align.commands.list import LIST
-from align.commands.report import REPORT
-from align.commands.run import RUN
+from align.commands.summaries import SUMMARIES
 
-__all__ = ["COMMANDS", "main"]
+__all__ = ["COMMANDS", "get_command", "main"]
 
-COMMANDS: tuple[Command, ...] = (CHECK, COMPARE, DUMP, LIST, RUN, REPORT, CALIBRATE)
+
+def get_command(name: str) -> Command:
+    """The subcommand `name`, its module imported now (most import torch)."""
+    return getattr(importlib.import_module(f"align.commands.{name}"), name.upper())
+
+
+def __getattr__(name: str) -> Any:
+    """COMMANDS, every subcommand in `align --help` order, built on first use."""
+    if name == "COMMANDS":
+        return tuple(get_command(n) for n in SUMMARIES)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main(
     argv: Sequence[str] | None = None, *, prog: str = "align", only: Sequence[str] = ()
 ) -> int:
     """`align COMMAND ...` (the console script); `only` offers some commands alone, as
-    `python -m align.golden calibrate` does."""
-    offered = [c for c in COMMANDS if not only or c.name in only]
+    `python -m align.golden calibrate` does. Only the command named is imported: `align
+    --help` lists them from their summaries without importing torch."""
+    # (no builtins named like a subcommand here: `list` is the align.commands.list module
+    # once it is imported)
+    argv = [*(sys.argv[1:] if argv is None else argv)]
+    offered = [name for name in SUMMARIES if not only or name in only]
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     parser = Parser(
         prog=prog,
         usage="%(prog)s COMMAND [OPTIONS ...]",
         description="Cross-device accuracy alignment of PyTorch models.\n\ncommands:\n"
-        + "\n".join(f"  {c.name:<10} {c.summary}" for c in offered),
+        + "\n".join(f"  {name:<10} {SUMMARIES[name]}" for name in offered),
         epilog=textwrap.fill(
             f"`{prog} COMMAND --help` shows a command's options and an example; "
             "`python -m align.COMMAND` runs the same command (calibrate: python -m "
@@ -63,6 +76,9 @@ def main(
     subparsers = parser.add_subparsers(
         metavar="COMMAND", required=True, help=argparse.SUPPRESS, prog=prog
     )
-    for command in offered:
-        command.add_to(subparsers)
+    for name in offered:
+        if name == chosen:
+            get_command(name).add_to(subparsers)
+        else:  # a name argparse knows, never parsed: only the command chosen is
+            subparsers.add_parser(name)
     return execute(parser.parse_args(argv))

@@ -23,6 +23,7 @@ from pathlib import Path
 from align.api import check
 from align.commands.arguments import precisions
 from align.commands.command import Command
+from align.commands.summaries import SUMMARIES
 from align.errors import AlignError, ExitCode
 from align.numerics.names import DEFAULT_TOLERANCE
 from align.zoo import get_case
@@ -213,7 +214,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 CALIBRATE = Command(
     "calibrate",
-    "measure a case's honest noise; write the tolerances into its golden file",
+    SUMMARIES["calibrate"],
     _arguments,
     _calibrate,
     examples=("resnet50 --precision fp32,bf16 --dry-run",),

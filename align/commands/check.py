@@ -9,6 +9,7 @@ from align.api import check
 from align.commands.arguments import model_options, positive_int, writable_dir, writable_file
 from align.commands.command import Command
 from align.commands.dump import dump_run
+from align.commands.summaries import SUMMARIES
 from align.errors import ExitCode
 from align.runtime.devices import resolve
 
@@ -81,7 +82,7 @@ def _dump_all(args: argparse.Namespace, target: str, emulate: str | None) -> Non
 
 CHECK = Command(
     "check",
-    "check a model's alignment: reference and target against a float64 golden",
+    SUMMARIES["check"],
     _check_arguments,
     _check,
     examples=("resnet50", "resnet18 --precision bf16 --batch 2 --size 64 --json result.json"),

@@ -9,6 +9,7 @@ import logging
 from align.api import compare
 from align.commands.arguments import writable_file
 from align.commands.command import Command
+from align.commands.summaries import SUMMARIES
 from align.errors import ExitCode
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 COMPARE = Command(
     "compare",
-    "judge a target dump against a reference (and golden) dump",
+    SUMMARIES["compare"],
     _compare_arguments,
     _compare,
     examples=("gpu_dump npu_dump --golden golden_dump --json result.json",),

@@ -9,6 +9,7 @@ from pathlib import Path
 from align.api import capture
 from align.commands.arguments import model_options, writable_dir
 from align.commands.command import Command
+from align.commands.summaries import SUMMARIES
 from align.errors import AlignError, ExitCode
 from align.record.readers import load_trace
 from align.record.trace import Trace
@@ -87,7 +88,7 @@ def _dump_one(args: argparse.Namespace) -> int:
 
 DUMP = Command(
     "dump",
-    "write one run's trace, to compare runs across machines",
+    SUMMARIES["dump"],
     _dump_arguments,
     _dump_one,
     examples=(

@@ -16,6 +16,7 @@ import textwrap
 from collections.abc import Sequence
 
 from align.commands.command import Command
+from align.commands.summaries import SUMMARIES
 from align.errors import ExitCode
 from align.zoo import get_case, list_cases
 from align.zoo.golden import load_golden
@@ -121,7 +122,7 @@ def _list(args: argparse.Namespace) -> int:
 
 LIST = Command(
     "list",
-    "list the cases with their documented figures and conditions",
+    SUMMARIES["list"],
     _arguments,
     _list,
     examples=("", "'resnet*' --exclude '*cifar*'"),

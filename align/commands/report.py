@@ -13,6 +13,7 @@ from pathlib import Path
 
 from align.commands.arguments import writable_file
 from align.commands.command import Command
+from align.commands.summaries import SUMMARIES
 from align.errors import AlignError, ExitCode
 from align.files import write_atomic
 from align.report.diff import compare_nights
@@ -69,7 +70,7 @@ def _report(args: argparse.Namespace) -> int:
 
 REPORT = Command(
     "report",
-    "HTML report and Markdown summary of a night's results, with history",
+    SUMMARIES["report"],
     _arguments,
     _report,
     examples=("results/ --history history.sqlite --out report.html --markdown summary.md",),

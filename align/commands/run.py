@@ -17,6 +17,7 @@ from pathlib import Path
 
 from align.commands.arguments import positive_float, positive_int
 from align.commands.command import Command
+from align.commands.summaries import SUMMARIES
 from align.errors import AlignError, ExitCode, require_extra
 
 
@@ -133,7 +134,7 @@ def _print_verdict(verdict, path: Path | None) -> int:
 
 RUN = Command(
     "run",
-    "train a case by its recipe on K cards; confirm its documented figure",
+    SUMMARIES["run"],
     _arguments,
     _run,
     examples=(

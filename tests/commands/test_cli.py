@@ -569,3 +569,18 @@ def test_dump_and_compare_across_processes_gives_the_in_process_verdict(
         assert failing[0] == expected[1]
     else:
         assert failing == []
+
+
+def test_align_help_imports_no_torch():
+    """`align --help` lists the commands from their summaries; only a command that runs
+    imports its module (and torch with it)."""
+    code = (
+        "import sys\nfrom align.commands import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "False", _explain(proc)
+    assert "  check      check a model's alignment" in proc.stdout
