@@ -11,8 +11,11 @@ reproduces the reduction's cancellation error, which is the error one draw misse
 Each op is nudged by as many roundings as an honest kernel of its kind may err
 (`precision.KERNEL_ACCURACY`: 1 for arithmetic, 2 for reductions, 4 for transcendental
 functions), so a draw stands for another honest device, not only for the reference's own
-rounding. The verdict scales its limits by the largest error of the reference and its
-draws.
+rounding. Jittering a result relative to itself misses what another summation order
+does to a long reduction that cancels (a BatchNorm weight gradient over 2x56x56 values),
+so every other whole-network draw also runs in the other memory format
+(`align.record.capture.honest_draw`): the device's own kernels for that layout, another
+order. The verdict scales its limits by the largest error of the reference and its draws.
 """
 
 from __future__ import annotations

@@ -118,3 +118,34 @@ def test_a_model_that_keeps_its_graph_does_not_keep_the_record():
     gc.collect()
     assert len(kept) == 3
     assert sum(isinstance(o, Recorder) for o in gc.get_objects()) == before
+
+
+def test_other_layout_is_the_memory_format_a_conv_model_does_not_run_in():
+    from align.record.capture import other_layout
+
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    assert other_layout(conv) == torch.channels_last
+    assert other_layout(copy.deepcopy(conv).to(memory_format=torch.channels_last)) == (
+        torch.contiguous_format
+    )
+    assert other_layout(nn.Linear(4, 4)) is None  # nothing to lay out: a jittered draw only
+
+
+def test_odd_honest_draws_run_in_the_other_layout_with_the_references_choices():
+    from align.numerics.precision import get_policy
+    from align.record.capture import honest_draw, run_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2))
+    x = torch.randn(2, 3, 12, 12)
+    kw = dict(backward=True, loss_fn=None, seed=0)
+    ref = run_model(model, x, device=torch.device("cpu"), policy=get_policy("fp32"), **kw)
+    draws = [honest_draw(model, x, ref, k, loss_fn=None) for k in (0, 1)]
+    assert [d.meta["memory_format"] for d in draws] == [None, "channels_last"]
+    assert draws[1].meta["decisions"] == "replayed"
+    for draw in draws:
+        for key, t in ref.trace.tensors.items():
+            other = draw.tensors[key]
+            assert other.shape == t.shape
+            # rounding apart (a gradient that cancels to ~1e-7 is all rounding)
+            assert float((other - t).norm()) <= 1e-5 * float(t.norm()) + 1e-6, key
