@@ -5,7 +5,11 @@ emulating npu-fp32 with ATen's native kernels; the same model in channels_last, 
 and image batches, which sends convolutions down another kernel with another summation
 order), on several
 input seeds; for every tensor we take the smallest k it would have passed with
-(`Row.needed_k`), and propose k = max(default, 1.5 x the worst seen). The golden file's
+(`Row.needed_k`), and propose k = max(default, 1.5 x the worst seen). The verdict's odd
+honest draws run in the other memory format too (align.record.capture.honest_draw), so
+the channels_last target measures what that layout's kernels add beyond the draws
+(~1 where the draws cover it; before they did, hrnet_w18 needed 2.98 and
+ssdlite_mobilenetv2 6.49 at fp32). The golden file's
 tolerance tables are rewritten with the measurement in comments, so a loosened tolerance
 is a visible, explained diff.
 """

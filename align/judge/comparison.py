@@ -8,6 +8,7 @@ module. Structural differences (missing modules, shapes) are errors, never a pas
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from functools import partial
@@ -17,7 +18,7 @@ import torch
 from align.errors import MismatchError
 from align.numerics.decisions import Fault
 from align.numerics.jitter import Pool
-from align.numerics.verdict import Row, Tolerance, judge_robustly
+from align.numerics.verdict import Divergence, Row, Tolerance, judge_robustly
 from align.record.trace import Call, Trace
 
 
@@ -75,6 +76,113 @@ def backward_events(ref: Trace) -> list[tuple[int, str, int]]:
 
 
 LABELS = {"outputs": "output", "grad_outputs": "grad_output", "grad_inputs": "grad_input"}
+
+
+_SLOTS = {**{label: slot for slot, label in LABELS.items()}, "input": "inputs"}  # + loop dumps
+_TENSOR = re.compile(r"(\w+)\[(\d+)\]$")  # "output[0]", or "step 3 output[0]" in loop dumps
+# What a row's tensor is computed from: a call's output from its inputs; its input
+# gradients and its parameters' gradients from its output gradients and its inputs.
+_SOURCES = {
+    "outputs": ("inputs",),
+    "grad_inputs": ("grad_outputs", "inputs"),
+    "param_grad": ("grad_outputs", "inputs"),
+}
+
+
+def origins(
+    ref: Trace,
+    tgt: Trace,
+    golden: Trace | None,
+    rows: Sequence[Row],
+    *,
+    tol: Tolerance,
+    strict_dtype: bool = True,
+    name_map: dict[str, str | None] | None = None,
+    draws: Sequence[Trace] | Pool[Trace] = (),
+) -> list[Divergence]:
+    """Where errors start, read from the tensors alone (no module is re-run): each module
+    call whose output, input gradient or parameter gradient fails while every recorded
+    tensor it was computed from passes, in the order of `rows` (compare_traces' rows of
+    these traces), innermost call first (a container is not named for its child's error).
+    A source no row judged (an input computed by the parent's own code between calls) is
+    judged here; a call is named only when its sources pass."""
+    calls = {c.key: (pos, c) for pos, c in enumerate(ref.calls)}
+    passed: dict[str, bool] = {}
+    for row in rows:
+        if (found := _row_key(ref, calls, row)) is not None:
+            passed.setdefault(found[1], row.passed)
+    tgt_calls = _target_index(ref, tgt, name_map or {})
+    gold_calls = _target_index(ref, golden, {}) if golden is not None else None
+    honest = _Draws(ref, draws)
+
+    def source_passes(call: Call, slot: str, i: int, key: str) -> bool:
+        if key not in passed:
+            tkeys = getattr(tgt_calls[call.key], slot)
+            gkey = getattr(gold_calls[call.key], slot)[i] if gold_calls else key
+            row = Row(call.module, call.index, "source", f"{slot}[{i}]", "", [])
+            if i >= len(tkeys) or tkeys[i] is None or gkey is None:
+                passed[key] = False
+            else:
+                judged = _judged(
+                    ref,
+                    tgt,
+                    golden or ref,
+                    key,
+                    tkeys[i],
+                    gkey,
+                    tol,
+                    strict_dtype,
+                    row,
+                    partial(honest.of_call, call.key, slot, i),
+                )
+                passed[key] = judged.passed
+        return passed[key]
+
+    named: list[int] = []
+    found: list[Divergence] = []
+    for row in rows:
+        where = _row_key(ref, calls, row)
+        slot = where[0] if where else "param_grad" if row.phase == "param_grad" else None
+        if not row.failed or slot not in _SOURCES or (row.module, row.call) not in calls:
+            continue
+        pos, call = calls[(row.module, row.call)]
+        owners = [call]
+        if slot == "param_grad":  # every call of the module added to its gradient
+            owners = [c for c in ref.calls if c.module == row.module]
+        sources = [
+            (c, source, i, k)
+            for c in owners
+            for source in _SOURCES[slot]
+            for i, k in enumerate(getattr(c, source))
+            if k is not None and c.key in tgt_calls
+        ]
+        if any(_encloses(ref, pos, other) for other in named):
+            continue
+        if all(source_passes(*s) for s in sources):
+            named.append(pos)
+            found.append(row.divergence())
+    return found
+
+
+def _row_key(ref: Trace, calls: dict, row: Row) -> tuple[str, str] | None:
+    """(slot, reference tensor key) a module tensor's row judged, or None."""
+    match = _TENSOR.search(row.tensor)
+    slot = _SLOTS.get(match[1]) if match else None
+    if slot is None or (row.module, row.call) not in calls:
+        return None
+    keys = getattr(calls[(row.module, row.call)][1], slot)
+    i = int(match[2])
+    return (slot, keys[i]) if i < len(keys) and keys[i] is not None else None
+
+
+def _encloses(ref: Trace, outer: int, inner: int) -> bool:
+    """True when call `inner` is `outer` or runs inside it."""
+    pos: int | None = inner
+    while pos is not None:
+        if pos == outer:
+            return True
+        pos = ref.calls[pos].parent
+    return False
 
 
 def param_order(ref: Trace) -> list[str]:

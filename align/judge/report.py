@@ -20,12 +20,15 @@ class Report:
     """The outcome of `align.check` / `align.compare`.
 
     rows: whole-network judgements in execution order; local_rows: isolated modules;
-    culprits: modules whose own computation is wrong, most upstream first.
+    culprits: modules whose own computation is wrong, most upstream first;
+    origins: where a dump comparison sees errors start (comparison.origins: a call whose
+    tensor fails while every recorded tensor it was computed from passes; no re-run).
     """
 
     rows: list[Row] = field(default_factory=list)
     local_rows: list[Row] = field(default_factory=list)
     culprits: list[Divergence] = field(default_factory=list)
+    origins: list[Divergence] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     train: dict[str, Any] | None = None
@@ -55,6 +58,7 @@ class Report:
             rows=[r for r in self.rows if r.phase in keep],
             local_rows=[r for r in self.local_rows if r.phase in keep],
             culprits=[c for c in self.culprits if c.phase in keep],
+            origins=[c for c in self.origins if c.phase in keep],
             meta={**self.meta, "phases": [phase]},
             notes=self.notes,
             train=self.train if phase == "train" else None,
@@ -73,6 +77,7 @@ class Report:
             "passed": self.passed,
             "first_divergence": None if first is None else vars(first),
             "culprits": [vars(c) for c in self.culprits],
+            "origins": [vars(c) for c in self.origins],
             "rows": [r.to_dict() for r in self.rows],
             "local_rows": [r.to_dict() for r in self.local_rows if r.failed],
             "sensitivity": self.sensitivity,
@@ -104,6 +109,9 @@ class Report:
             lines += _table([_div_cells(c) for c in self.culprits])
         elif not self.passed and self.local_rows:  # no isolation ran (dumps): nothing to say
             lines.append("culprits: none found in isolation (the error builds up across layers)")
+        if self.origins:
+            lines.append("errors start at (failing, computed from tensors that pass):")
+            lines += _table([_div_cells(c) for c in self.origins[:8]])
         if self.train:
             lines.append(_train_line(self.train))
         if self.rows:

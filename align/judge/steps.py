@@ -8,17 +8,18 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 import torch
 
 from align.errors import MismatchError
-from align.judge.comparison import _param_name, compare_traces
+from align.judge.comparison import _param_name, compare_traces, origins
 from align.judge.report import Report
 from align.numerics import decisions
 from align.numerics.precision import get_policy
-from align.numerics.verdict import Row, Tolerance, as_tolerance, judge_robustly
+from align.numerics.verdict import Divergence, Row, Tolerance, as_tolerance, judge_robustly
 from align.record.loop import DRAW_ENV, DRAWS_DIR, LoopDump, Step
 from align.record.trace import Trace
 
@@ -71,6 +72,8 @@ def compare(
     notes: list[str] = []
     rows: list[Row] = []
     table: list[dict[str, Any]] = []
+    started_at: list[Divergence] = []
+    failed_before = False
     for n in steps:
         ordered = []
         for rank in ranks:
@@ -86,12 +89,28 @@ def compare(
                 *sides, tol=tol, strict=strict, name_map=name_map or {}, draws=draws
             )
             label = f"rank {rank} step {n}" if len(ranks) > 1 else f"step {n}"
+            if not failed_before and any(r.failed for r in step_rows):
+                # where errors start, in the first failing step only: later steps compute
+                # from parameters that earlier steps' errors already moved
+                started_at += [
+                    replace(d, tensor=f"{label} {d.tensor}")
+                    for d in origins(
+                        *(side.trace for side in sides[:2]),
+                        sides[2].trace if gold is not None else None,
+                        step_rows,
+                        tol=tol,
+                        strict_dtype=strict,
+                        name_map=name_map,
+                        draws=[d.trace for d in draws],
+                    )
+                ]
             for row in step_rows:
                 row.tensor = f"{label} {row.tensor}"
             ordered += [(ORDER.get(r.phase, 1), rank, i, r) for i, r in enumerate(step_rows)]
             table.append(_step_entry(n, rank, sides, step_rows))
             notes += _step_notes(*sides)
         rows += [r for *_, r in sorted(ordered, key=lambda x: x[:3])]
+        failed_before = failed_before or any(r.failed for r in rows)
     failing = next((r for r in rows if r.failed), None)
     summary = _summary(table)
     report = Report(
@@ -117,6 +136,7 @@ def compare(
             "steps_run": len(steps),
         },
     )
+    report.origins = started_at
     skipped = sorted(set(ref.steps(ranks[0])) ^ set(tgt.steps(ranks[0])))
     if skipped:
         notes.append(f"steps {skipped} were recorded on one side only and not judged")

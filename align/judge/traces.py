@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from align.errors import AlignError, MismatchError
-from align.judge.comparison import compare_traces
+from align.judge.comparison import compare_traces, origins
 from align.judge.report import Report
 from align.numerics import decisions
 from align.numerics.names import parse_phases
@@ -28,6 +28,11 @@ from align.zoo import is_case
 from align.zoo.golden import case_tolerance
 
 IDENTICAL = "the target reproduced the reference bit for bit"
+ORIGINS_NOTE = (
+    "a dump localizes from its tensors alone (where errors start: a module call failing on "
+    "inputs that pass); isolation, which re-runs each module on the reference's inputs to "
+    "name culprits, needs the model: use align.check"
+)
 
 
 def judge_traces(
@@ -118,7 +123,18 @@ def judge_traces(
         report.notes.append(
             f"seeds differ (reference {ref.meta.get('seed')}, target {tgt.meta.get('seed')})"
         )
-    report.notes.append("localization by isolation needs the model: use align.check")
+    report.origins = origins(
+        ref,
+        tgt,
+        gold,
+        rows,
+        tol=tol,
+        strict_dtype=policy.name == "fp32",
+        name_map=name_map,
+        draws=ref.draws,
+    )
+    if not report.passed:
+        report.notes.append(ORIGINS_NOTE)
     return report
 
 

@@ -208,6 +208,10 @@ def test_fault_is_named_by_step_and_tensor(dumps, target, reference, where):
     assert report.train["first_divergence"]["tensor"] == where[2]
     n = int(where[2].split()[1])
     assert all(s["failing"] == 0 for s in report.train["steps"] if s["step"] < n), str(report)
+    # where the error starts, from the dumped tensors: the wrong layer, and nothing for a
+    # fault outside any module (the data, the optimizer)
+    starts = [(d.module, d.phase, d.tensor) for d in report.origins]
+    assert starts[:1] == ([where] if where[1] == "forward" else []), str(report)
 
 
 def test_hyperparameter_difference_is_noted(dumps):
