@@ -11,13 +11,18 @@ op's documented accuracy, as align.judge.isolation judges a module
 (align.numerics.verdict, `local`). A call that fails is a culprit: wrong given its own
 inputs, whatever happened upstream.
 
-Only forward calls of REPLAYABLE APIs run, pure tensor arithmetic named by msprobe's
+A call's backward entry (`Functional.conv2d.0.backward`: the gradient of its output
+in, the gradients of its tensor inputs out) is replayed the same way: the call re-run in
+float64 from its dumped forward inputs, differentiated against that side's own dumped
+output gradient, so a kernel whose backward alone is wrong is named too.
+
+Only REPLAYABLE APIs run, pure tensor arithmetic named by msprobe's
 prefix (`Functional.<name>` is torch.nn.functional's, `Torch.<name>` torch's,
 `Tensor.<name>` the tensor method); nothing else a dump names is ever called. A call
 whose inputs are not all in the dump (a keyword tensor, an argument type not listed in
 `_value`), or whose outputs hold more than MAX_REPLAYED elements, is left out and counted
-in a note. Backward calls, random ops (dropout) and
-device-specific APIs (`NPU.*`) are not replayed.
+in a note. Random ops (dropout), device-specific APIs (`NPU.*`) and the backward of
+in-place calls are not replayed.
 """
 
 from __future__ import annotations
@@ -125,6 +130,52 @@ def _replay(api: str, entry: dict, tensors: Any) -> tuple[list[torch.Tensor | No
     return [x if x is not None and x.is_floating_point() else None for x in floating], ops.ran
 
 
+def _replay_backward(
+    api: str, forward: dict, backward: dict, tensors: Any
+) -> tuple[list[torch.Tensor | None], set[str]]:
+    """The gradients of the call's tensor inputs (in the order of its tensor arguments, as
+    a backward entry's `output` lists them), re-run in float64: the call from its dumped
+    forward inputs, differentiated against the dumped gradient of its outputs."""
+    if api.endswith("_") or "__i" in api:
+        raise _Unreplayable("the backward of an in-place call is not re-run")
+    fn = _function(api)
+    args = _value(forward.get("input_args") or [], tensors)
+    kwargs = {k: _value(v, tensors) for k, v in (forward.get("input_kwargs") or {}).items()}
+    if any(k in kwargs for k in ("dtype", "out")):
+        raise _Unreplayable("a dtype or out argument")
+    at = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    args = [
+        a.detach().requires_grad_(a.is_floating_point()) if i in at else a
+        for i, a in enumerate(args)
+    ]
+    given = [_value(g, tensors) for g in backward.get("input") or []]
+    with Decisions() as ops:
+        try:
+            with torch.enable_grad():
+                out = fn(*args, **kwargs)
+            outs = [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
+            pairs = [
+                (o, g)
+                for o, g in zip(outs, given)
+                if isinstance(g, torch.Tensor) and o.requires_grad and g.shape == o.shape
+            ]
+            leaves = [args[i] for i in at if args[i].requires_grad]
+            if not pairs or not leaves:
+                raise _Unreplayable("no output gradient to differentiate against")
+            grads = torch.autograd.grad(
+                [o for o, _ in pairs],
+                leaves,
+                [g.double() for _, g in pairs],
+                allow_unused=True,
+            )
+        except _Unreplayable:
+            raise
+        except Exception as exc:  # arguments a dump flattened otherwise: not replayable
+            raise _Unreplayable(f"{type(exc).__name__}: {str(exc)[:80]}") from exc
+    found = iter(grads)
+    return [next(found) if args[i].requires_grad else None for i in at], ops.ran
+
+
 @functools.lru_cache(maxsize=4)
 def _dump_data(path: str) -> dict[str, Any]:
     """dump.json's `data` (read by align.record.msprobe before: it parses)."""
@@ -138,15 +189,16 @@ def _dump_data(path: str) -> dict[str, Any]:
     return data
 
 
-def _entry(trace: Trace, position: int) -> tuple[str, dict] | None:
-    """(API name, dump.json entry) of the call at `position`, for a forward API call."""
+def _entry(trace: Trace, position: int, phase: str = "forward") -> tuple[str, dict] | None:
+    """(API name, dump.json entry of `phase`) of the call at `position`, for an API call
+    with a forward entry."""
     names = trace.meta.get("entries") or []
     call = trace.calls[position]
     name = names[position] if position < len(names) else None
     if call.cls != "api" or not isinstance(name, str) or not name.endswith(".forward"):
         return None
-    entry = _dump_data(trace.meta["dump_file"]).get(name)
     api = name.rsplit(".", 2)[0]
+    entry = _dump_data(trace.meta["dump_file"]).get(f"{name[: -len('forward')]}{phase}")
     return (api, entry) if isinstance(entry, dict) else None
 
 
@@ -183,6 +235,13 @@ def replay_calls(
             skipped[f"not judged: {exc}"] = 1
             continue
         replayed += 1
+        try:
+            judged += list(_judged_backward(call, ref, tgt, pos, pairs[pos], tol, strict_dtype))
+        except _Unreplayable as exc:
+            reason = f"backward: {exc}"
+            skipped[reason] = skipped.get(reason, 0) + 1
+        except AlignError as exc:
+            skipped[f"backward not judged: {exc}"] = 1
         rows += judged
         failing = [r for r in judged if r.failed]
         if failing:
@@ -198,6 +257,35 @@ def replay_calls(
         shown = "; ".join(f"{n} x {why}" for why, n in sorted(skipped.items())[:8])
         notes.append(f"API calls not re-run from the dump: {shown}")
     return rows, culprits, notes
+
+
+def _judged_backward(
+    call: Call, ref: Trace, tgt: Trace, rpos: int, tpos: int, tol: Tolerance, strict_dtype: bool
+) -> Iterator[Row]:
+    """Rows of the call's input gradients against their float64 replays, when both sides
+    dumped its backward."""
+    found = [(_entry(t, p), _entry(t, p, "backward")) for t, p in ((ref, rpos), (tgt, tpos))]
+    if any(fwd is None or bwd is None for fwd, bwd in found):
+        return
+    (api, r_fwd), (_, r_bwd) = found[0]
+    (_, t_fwd), (_, t_bwd) = found[1]
+    r_gold, ran = _replay_backward(api, r_fwd, r_bwd, ref.tensors)
+    t_gold, _ = _replay_backward(api, t_fwd, t_bwd, tgt.tensors)
+    r_keys, t_keys = ref.calls[rpos].grad_inputs, tgt.calls[tpos].grad_inputs
+    yield from _rows(
+        call,
+        "backward",
+        "grad_input",
+        ref,
+        tgt,
+        r_keys,
+        t_keys,
+        r_gold,
+        t_gold,
+        tol,
+        strict_dtype,
+        kernel_accuracy(ran),
+    )
 
 
 def _judged(
@@ -218,15 +306,46 @@ def _judged(
     r_gold, ran = _replay(api, r_entry, ref.tensors)
     t_gold, _ = _replay(api, t_entry, tgt.tensors)
     accuracy = kernel_accuracy(ran)
+    yield from _rows(
+        call,
+        "forward",
+        "output",
+        ref,
+        tgt,
+        r_keys,
+        t_keys,
+        r_gold,
+        t_gold,
+        tol,
+        strict_dtype,
+        accuracy,
+    )
+
+
+def _rows(
+    call: Call,
+    phase: str,
+    label: str,
+    ref: Trace,
+    tgt: Trace,
+    r_keys: list[str | None],
+    t_keys: list[str | None],
+    r_gold: list[torch.Tensor | None],
+    t_gold: list[torch.Tensor | None],
+    tol: Tolerance,
+    strict_dtype: bool,
+    accuracy: float,
+) -> Iterator[Row]:
+    """Each dumped tensor against its side's replay, relative to the reference's error."""
     for i, (rk, tk) in enumerate(zip(r_keys, t_keys)):
-        if rk is None or tk is None or i >= len(r_gold) or r_gold[i] is None:
+        if rk is None or tk is None or i >= min(len(r_gold), len(t_gold)) or r_gold[i] is None:
             continue
         r, t, gr, gt = ref.tensors[rk], tgt.tensors[tk], r_gold[i], t_gold[i]
         if gt is None or r.shape != gr.shape or t.shape != gt.shape or r.shape != t.shape:
             continue
         # the reference's own error, moved onto the target's golden
         stand_in = (gt + (r.double() - gr)).to(r.dtype)
-        row = Row(call.module, call.index, "forward", f"output[{i}]", "", [], isolated=True)
+        row = Row(call.module, call.index, phase, f"{label}[{i}]", "", [], isolated=True)
         yield judge_robustly(
             t,
             stand_in,

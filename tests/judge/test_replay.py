@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from align.judge.replay import REPLAYABLE, _function, _replay, _Unreplayable, _value
+from align.judge.replay import (
+    REPLAYABLE,
+    _function,
+    _replay,
+    _replay_backward,
+    _Unreplayable,
+    _value,
+)
 
 
 @pytest.mark.parametrize(
@@ -58,3 +65,23 @@ def test_a_call_is_rerun_in_float64_from_its_arguments():
 def test_arguments_that_cannot_be_rebuilt_leave_the_call_out(value, why):
     with pytest.raises(_Unreplayable, match=why):
         _value(value, {})
+
+
+def test_a_backward_is_rerun_in_float64_against_the_dumped_output_gradient():
+    x, w, g = torch.randn(2, 3), torch.randn(4, 3), torch.randn(2, 4)
+    tensors = {"x.pt": x, "w.pt": w, "g.pt": g}
+    forward = {
+        "input_args": [
+            {"type": "torch.Tensor", "data_name": "x.pt"},
+            {"type": "torch.Tensor", "data_name": "w.pt"},
+        ]
+    }
+    backward = {"input": [{"type": "torch.Tensor", "data_name": "g.pt"}]}
+    (gx, gw), ran = _replay_backward("Functional.linear", forward, backward, tensors)
+    assert gx.dtype == torch.float64 and ran  # the ops it ran give its floor
+    assert torch.allclose(gx, g.double() @ w.double())
+    assert torch.allclose(gw, g.double().T @ x.double())
+    with pytest.raises(_Unreplayable, match="in-place"):
+        _replay_backward("Tensor.add_", forward, backward, tensors)
+    with pytest.raises(_Unreplayable, match="no output gradient"):
+        _replay_backward("Functional.linear", forward, {"input": [None]}, tensors)

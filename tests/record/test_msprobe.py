@@ -74,6 +74,16 @@ def _api_name(func) -> str:
     return f"Torch.{func.__name__}"
 
 
+class _BackwardGain(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 1.01
+
+
 def write_dump(
     directory: Path,
     task: str = "tensor",
@@ -81,6 +91,7 @@ def write_dump(
     *,
     seed: int = 0,
     gain: tuple[str, int] | None = None,
+    backward_gain: tuple[str, int] | None = None,
     honest: bool = False,
     variant: str = "",
 ) -> dict[str, torch.Tensor]:
@@ -88,7 +99,8 @@ def write_dump(
 
     level L0 records module calls, L1 API calls (construct.json then empty, as msprobe
     writes it), mix both with each API's module call in construct.json. `gain` scales
-    one API call's output by 1.01 (a faulty kernel); `honest` runs in float64 and
+    one API call's output by 1.01 (a faulty kernel), `backward_gain` the gradients it
+    sends back (a faulty backward kernel); `honest` runs in float64 and
     rounds what it records to float32 (an honest device: fp32 rounding noise only).
     Returns the tensors by data name (what a correct reader must give back).
     """
@@ -174,9 +186,34 @@ def write_dump(
                 "input_kwargs": {},
                 "output": [record(out, f"{name}.output.0.pt")],
             }
+            if backward_gain == (api, n):
+                out = _BackwardGain.apply(out)  # a kernel whose backward alone is wrong
             if out.requires_grad:
-                out.register_hook(grad_hook(f"{api}.{n}.backward", "input", 0))
+                backward = f"{api}.{n}.backward"
+                out.register_hook(grad_hook(backward, "input", 0))
+                out.register_hook(lambda g, b=backward: arriving.__setitem__(b, g))
+                # the same call on leaves of its own: its gradients of its inputs alone
+                leaves = {id(t): t.detach().requires_grad_(t.requires_grad) for t in tensors}
+                local = func(*(leaves.get(id(a), a) for a in args), **(kwargs or {}))
+                local = local * 1.01 if gain == (api, n) else local
+                local = _BackwardGain.apply(local) if backward_gain == (api, n) else local
+                calls.append((backward, local, [leaves[id(t)] for t in tensors]))
             return out
+
+    arriving: dict[str, torch.Tensor] = {}
+    calls: list[tuple[str, torch.Tensor, list[torch.Tensor]]] = []
+
+    def input_grads() -> None:
+        """Each API call's own gradients of its tensor inputs (msprobe's backward `output`)."""
+        for backward, local, leaves in calls:
+            if backward not in arriving:
+                continue
+            wanted = [t for t in leaves if t.requires_grad]
+            found = iter(torch.autograd.grad(local, wanted, arriving[backward]))
+            data[backward]["output"] = [
+                record(next(found), f"{backward}.output.{i}.pt") if t.requires_grad else None
+                for i, t in enumerate(leaves)
+            ]
 
     if level in ("L0", "mix"):
         for qualname, module in model.named_modules():
@@ -187,6 +224,7 @@ def write_dump(
     with ApiHooks() if level in ("L1", "mix") else contextlib.nullcontext():
         loss = model(x).square().sum()
     loss.backward()
+    input_grads()
     if level in ("L0", "mix"):
         data["Module.head.Linear.parameters_grad.0"] = {  # .0: the step's first gradient
             "weight": [
@@ -513,6 +551,25 @@ def test_api_calls_rerun_from_the_dump_name_the_faulty_kernel_without_a_golden(t
     honest = align.compare(ref, tgt)
     assert honest.passed and not honest.culprits, honest
     assert any(r.metrics["rel_rmse"] > 0 for r in honest.local_rows)
+
+
+@pytest.mark.parametrize("level", ["L1", "mix"])
+def test_a_faulty_backward_kernel_is_named_by_its_float64_replay(tmp_path, level):
+    """The linear whose backward alone is 1% off: its input gradients against the call
+    re-run in float64 from its dumped inputs and differentiated against its dumped output
+    gradient; its forward and every other call pass."""
+    ref, tgt = _pair(tmp_path / "faulty", level=level, backward_gain=("Functional.linear", 1))
+    report = align.compare(ref, tgt)
+    faulty = ("head/Functional.linear", 0) if level == "mix" else ("Functional.linear", 1)
+    assert [(c.module, c.call, c.phase) for c in report.culprits] == [(*faulty, "backward")]
+    backward = [r for r in report.local_rows if r.phase == "backward"]
+    assert len({r.module for r in backward}) >= 3 and all(
+        r.passed for r in backward if (r.module, r.call) != faulty
+    )
+    ref, tgt = _pair(tmp_path / "honest", level=level, honest=True)
+    honest = align.compare(ref, tgt)
+    assert honest.passed and not honest.culprits, honest
+    assert any(r.phase == "backward" and r.metrics["rel_rmse"] > 0 for r in honest.local_rows)
 
 
 def test_statistics_honest_rounding_passes_and_a_one_percent_gain_fails(tmp_path):
