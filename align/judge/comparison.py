@@ -113,7 +113,7 @@ def origins(
             passed.setdefault(found[1], row.passed)
     tgt_calls = _target_index(ref, tgt, name_map or {})
     gold_calls = _target_index(ref, golden, {}) if golden is not None else None
-    honest = _Draws(ref, draws)
+    judge = _Judge(ref, tgt, golden or ref, tol, strict_dtype, _Draws(ref, draws))
 
     def source_passes(call: Call, slot: str, i: int, key: str) -> bool:
         if key not in passed:
@@ -123,18 +123,7 @@ def origins(
             if i >= len(tkeys) or tkeys[i] is None or gkey is None:
                 passed[key] = False
             else:
-                judged = _judged(
-                    ref,
-                    tgt,
-                    golden or ref,
-                    key,
-                    tkeys[i],
-                    gkey,
-                    tol,
-                    strict_dtype,
-                    row,
-                    partial(honest.of_call, call.key, slot, i),
-                )
+                judged = judge.call_tensor(call, slot, i, tkeys[i], gkey, row)
                 passed[key] = judged.passed
         return passed[key]
 
@@ -216,8 +205,8 @@ def compare_traces(
     name_map = name_map or {}
     tgt_calls = _target_index(ref, tgt, name_map)
     gold_calls = _target_index(ref, golden, {}) if golden is not None else None
-    honest = _Draws(ref, draws)
     gold = golden if golden is not None else ref
+    judge = _Judge(ref, tgt, gold, tol, strict_dtype, _Draws(ref, draws))
     rows: list[Row] = []
     seen: set[tuple] = set()
     for phase, call, slot, i in _pairs(ref, phases):
@@ -239,18 +228,7 @@ def compare_traces(
             row.message = f"{call.label} {label} exists on the reference but not on {where}"
             rows.append(row)
             continue
-        row = _judged(
-            ref,
-            tgt,
-            gold,
-            rkey,
-            tkeys[i],
-            gkey,
-            tol,
-            strict_dtype,
-            row,
-            partial(honest.of_call, call.key, slot, i),
-        )
+        row = judge.call_tensor(call, slot, i, tkeys[i], gkey, row)
         rows.append(row)
     if "backward" in phases:
         param_rows: list[Row] = []
@@ -267,21 +245,7 @@ def compare_traces(
                 )
                 param_rows.append(row)
                 continue
-            gkey = gold.param_grads[name]
-            param_rows.append(
-                _judged(
-                    ref,
-                    tgt,
-                    gold,
-                    ref.param_grads[name],
-                    tgt.param_grads[tname],
-                    gkey,
-                    tol,
-                    strict_dtype,
-                    row,
-                    partial(honest.of_param, name),
-                )
-            )
+            param_rows.append(judge.param(name, tname, row))
         rows = _with_param_grads(rows, param_rows)
     return _with_faults(rows, tgt.faults, {t: r for r, t in name_map.items() if t})
 
@@ -354,14 +318,34 @@ def _param_name(name: str, name_map: dict[str, str | None]) -> str | None:
     return name
 
 
-def _judged(ref, tgt, gold, rkey, tkey, gkey, tol, strict_dtype, row: Row, draws) -> Row:
-    r, t, g = ref.tensor(rkey), tgt.tensor(tkey), gold.tensor(gkey)
-    if tuple(t.shape) != tuple(r.shape) or tuple(g.shape) != tuple(r.shape):
-        raise MismatchError(
-            f"{row.module or '<model>'} {row.tensor}: shape {tuple(r.shape)} on the reference, "
-            f"{tuple(t.shape)} on the target, {tuple(g.shape)} in the golden run; "
-            "the runs did not compute the same thing (same model, inputs and batch?)"
+class _Judge:
+    """Judges the tensors of one comparison: its traces, tolerance and honest draws."""
+
+    def __init__(self, ref: Trace, tgt: Trace, gold: Trace, tol, strict_dtype: bool, honest):
+        self.ref, self.tgt, self.gold, self.honest = ref, tgt, gold, honest
+        self.tol, self.strict_dtype = tol, strict_dtype
+
+    def call_tensor(self, call: Call, slot: str, i: int, tkey: str, gkey: str, row: Row) -> Row:
+        """Tensor `i` of `slot` of a reference call against the target's `tkey`."""
+        draws = partial(self.honest.of_call, call.key, slot, i)
+        return self._judged(getattr(call, slot)[i], tkey, gkey, row, draws)
+
+    def param(self, name: str, tname: str, row: Row) -> Row:
+        """The gradient of parameter `name` against the target's `tname`."""
+        ref, tgt, gold = self.ref, self.tgt, self.gold
+        draws = partial(self.honest.of_param, name)
+        return self._judged(
+            ref.param_grads[name], tgt.param_grads[tname], gold.param_grads[name], row, draws
         )
-    return judge_robustly(
-        t, r, g, tol, strict_dtype=strict_dtype, local=False, row=row, draws=draws
-    )
+
+    def _judged(self, rkey: str, tkey: str, gkey: str, row: Row, draws) -> Row:
+        r, t, g = self.ref.tensor(rkey), self.tgt.tensor(tkey), self.gold.tensor(gkey)
+        if tuple(t.shape) != tuple(r.shape) or tuple(g.shape) != tuple(r.shape):
+            raise MismatchError(
+                f"{row.module or '<model>'} {row.tensor}: shape {tuple(r.shape)} on the "
+                f"reference, {tuple(t.shape)} on the target, {tuple(g.shape)} in the golden "
+                "run; the runs did not compute the same thing (same model, inputs and batch?)"
+            )
+        return judge_robustly(
+            t, r, g, self.tol, strict_dtype=self.strict_dtype, local=False, row=row, draws=draws
+        )

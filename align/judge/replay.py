@@ -271,20 +271,10 @@ def _judged_backward(
     (_, t_fwd), (_, t_bwd) = found[1]
     r_gold, ran = _replay_backward(api, r_fwd, r_bwd, ref.tensors)
     t_gold, _ = _replay_backward(api, t_fwd, t_bwd, tgt.tensors)
-    r_keys, t_keys = ref.calls[rpos].grad_inputs, tgt.calls[tpos].grad_inputs
+    keys = (ref.calls[rpos].grad_inputs, tgt.calls[tpos].grad_inputs)
+    sides = ((ref, tgt), keys, (r_gold, t_gold))
     yield from _rows(
-        call,
-        "backward",
-        "grad_input",
-        ref,
-        tgt,
-        r_keys,
-        t_keys,
-        r_gold,
-        t_gold,
-        tol,
-        strict_dtype,
-        kernel_accuracy(ran),
+        call, "backward", "grad_input", *sides, tol, strict_dtype, kernel_accuracy(ran)
     )
 
 
@@ -305,39 +295,24 @@ def _judged(
         raise _Unreplayable(f"outputs of more than {MAX_REPLAYED} elements")
     r_gold, ran = _replay(api, r_entry, ref.tensors)
     t_gold, _ = _replay(api, t_entry, tgt.tensors)
-    accuracy = kernel_accuracy(ran)
-    yield from _rows(
-        call,
-        "forward",
-        "output",
-        ref,
-        tgt,
-        r_keys,
-        t_keys,
-        r_gold,
-        t_gold,
-        tol,
-        strict_dtype,
-        accuracy,
-    )
+    sides = ((ref, tgt), (r_keys, t_keys), (r_gold, t_gold))
+    yield from _rows(call, "forward", "output", *sides, tol, strict_dtype, kernel_accuracy(ran))
 
 
 def _rows(
     call: Call,
     phase: str,
     label: str,
-    ref: Trace,
-    tgt: Trace,
-    r_keys: list[str | None],
-    t_keys: list[str | None],
-    r_gold: list[torch.Tensor | None],
-    t_gold: list[torch.Tensor | None],
+    traces: tuple[Trace, Trace],
+    keys: tuple[list[str | None], list[str | None]],
+    golds: tuple[list[torch.Tensor | None], list[torch.Tensor | None]],
     tol: Tolerance,
     strict_dtype: bool,
     accuracy: float,
 ) -> Iterator[Row]:
     """Each dumped tensor against its side's replay, relative to the reference's error."""
-    for i, (rk, tk) in enumerate(zip(r_keys, t_keys)):
+    (ref, tgt), (r_gold, t_gold) = traces, golds
+    for i, (rk, tk) in enumerate(zip(*keys)):
         if rk is None or tk is None or i >= min(len(r_gold), len(t_gold)) or r_gold[i] is None:
             continue
         r, t, gr, gt = ref.tensors[rk], tgt.tensors[tk], r_gold[i], t_gold[i]

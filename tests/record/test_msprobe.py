@@ -23,6 +23,7 @@ from align.judge.msprobe_dumps import align_calls
 from align.judge.statistics import bound
 from align.record.msprobe import is_msprobe_dump, load_msprobe, statistics_only
 from align.record.readers import load_trace
+from align.testing.faults import _GradGain
 
 EXECUTED: list[str] = []
 
@@ -72,16 +73,6 @@ def _api_name(func) -> str:
     if getattr(func, "__module__", "") in ("torch._C._nn", "torch.nn.functional"):
         return f"Functional.{func.__name__}"
     return f"Torch.{func.__name__}"
-
-
-class _BackwardGain(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * 1.01
 
 
 def write_dump(
@@ -187,7 +178,7 @@ def write_dump(
                 "output": [record(out, f"{name}.output.0.pt")],
             }
             if backward_gain == (api, n):
-                out = _BackwardGain.apply(out)  # a kernel whose backward alone is wrong
+                out = _GradGain.apply(out)  # a kernel whose backward alone is wrong
             if out.requires_grad:
                 backward = f"{api}.{n}.backward"
                 out.register_hook(grad_hook(backward, "input", 0))
@@ -196,7 +187,7 @@ def write_dump(
                 leaves = {id(t): t.detach().requires_grad_(t.requires_grad) for t in tensors}
                 local = func(*(leaves.get(id(a), a) for a in args), **(kwargs or {}))
                 local = local * 1.01 if gain == (api, n) else local
-                local = _BackwardGain.apply(local) if backward_gain == (api, n) else local
+                local = _GradGain.apply(local) if backward_gain == (api, n) else local
                 calls.append((backward, local, [leaves[id(t)] for t in tensors]))
             return out
 
