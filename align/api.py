@@ -27,7 +27,7 @@ from align.numerics.emulate import parse_emulation
 from align.numerics.jitter import Pool
 from align.numerics.names import parse_phases
 from align.numerics.precision import Policy, get_policy
-from align.numerics.verdict import Tolerance, as_tolerance
+from align.numerics.verdict import HEADROOM_MESSAGE, Tolerance, as_tolerance
 from align.record.capture import LossFn, Run, capture, honest_draw, run_model
 from align.record.loop import is_dump as is_loop_dump
 from align.record.msprobe import is_msprobe_dump
@@ -264,6 +264,30 @@ def _runs(
         log.info("scaled gradients overflow: both runs again at loss scale %g", scale)
 
 
+def _near_overflow(run: Run) -> bool:
+    """True when `run` is unscaled fp16 whose gradients come within OVERFLOW_HEADROOM of
+    float16's largest value (`_runs` backed off to loss scale 1 and could not do better)."""
+    low = run.policy.low_precision
+    if low != torch.float16 or run.loss_scale > 1 or not run.trace.meta.get("backward"):
+        return False
+    return not _gradients_fit(run.trace, torch.finfo(low).max / OVERFLOW_HEADROOM)
+
+
+def _excuse_overflow(rows: list) -> set[tuple]:
+    """Gradient rows failing only by the target's NaN/Inf, judged as without signal (see
+    `_near_overflow`); returns where they are."""
+    excused = set()
+    for row in rows:
+        if row.phase in ("backward", "param_grad") and row.failed == ["nonfinite"]:
+            row.failed, row.message = [], HEADROOM_MESSAGE
+            excused.add(_where(row))
+    return excused
+
+
+def _where(row: Any) -> tuple:
+    return (row.module, row.call, row.phase, row.tensor)
+
+
 def _gradients_fit(trace: Trace, largest: float) -> bool:
     """Every gradient of `trace` finite and at most `largest` in magnitude."""
     keys = {k for c in trace.calls for slot in BACKWARD_SLOTS for k in getattr(c, slot) if k}
@@ -335,6 +359,9 @@ def _judge_runs(
     )
     require_judged(report.rows, phases)
     timings["compare"] = time.perf_counter() - t0 - timings.get("draws", 0.0)
+    near_overflow = _near_overflow(ref_run)
+    if near_overflow:
+        _excuse_overflow(report.rows)
     report.notes += no_signal_notes(report.rows)
     if "draws" in timings:
         report.notes.append(
@@ -356,6 +383,9 @@ def _judge_runs(
             draws=options.draws,
         )
         report.notes += notes
+        if near_overflow:
+            excused = _excuse_overflow(report.local_rows)
+            report.culprits = [c for c in report.culprits if _where(c) not in excused]
         timings["isolation"] = time.perf_counter() - t0
         if not report.culprits and any(r.failed for r in report.rows):
             report.notes.append(

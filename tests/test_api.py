@@ -8,6 +8,7 @@ from torch import nn
 
 import align
 from align.errors import AlignError
+from align.numerics.verdict import HEADROOM_MESSAGE
 
 
 def test_a_relu_flipped_by_honest_rounding_takes_the_references_branch():
@@ -71,3 +72,54 @@ def test_fp16_gradients_that_overflow_even_unscaled_are_a_clear_error():
         model[2].weight.mul_(1e7)  # input gradients of ~1e6: past fp16's 65504 at any scale
     with pytest.raises(AlignError, match="overflow torch.float16 even unscaled"):
         align.check(model, torch.randn(8, 16), target="cpu", precision="amp-fp16")
+
+
+def test_a_target_overflowing_where_unscaled_fp16_gradients_near_the_limit_is_no_signal():
+    """Unscaled fp16 gradients within 16x of 65504 on the reference: an honest device may
+    overflow there (a kernel's intermediate sum past the limit), and its Inf reaches every
+    gradient after it; those tensors are reported, not failed. A backward 30x too large
+    still fails, with its finite elements, and is named alone."""
+    from align.testing.honest import override_forward
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[2].weight.mul_(5e4)  # gradients up to ~1.4e4: within 16x of fp16's largest
+    x = torch.randn(8, 16)
+    checked = {}
+    for kind, wrap, module in (("overflows", _OverflowPast2000, 1), ("30x", _Times30, 2)):
+        target = copy.deepcopy(model)
+        base = type(target[module]).forward
+        override_forward(target[module], lambda self, x, b=base, w=wrap: w.apply(b(self, x)), kind)
+        checked[kind] = align.check(
+            model, x, target_model=target, target="cpu", precision="amp-fp16"
+        )
+    honest = checked["overflows"]
+    assert honest.passed and honest.meta["loss_scale"] == 1.0, honest
+    assert any("come within 16x" in n for n in honest.notes), honest
+    assert any(r.message == HEADROOM_MESSAGE for r in honest.rows)
+    faulty = checked["30x"]
+    assert not faulty.passed and faulty.culprits[0].module == "2", faulty
+
+
+class _OverflowPast2000(torch.autograd.Function):
+    """A backward that overflows fp16 where the gradient passes 2000 (an intermediate sum
+    past 65504), exact elsewhere."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.masked_fill(grad.abs() > 2000, float("inf"))
+
+
+class _Times30(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 30

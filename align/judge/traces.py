@@ -17,6 +17,7 @@ from align.numerics import decisions
 from align.numerics.names import parse_phases
 from align.numerics.precision import get_policy
 from align.numerics.verdict import (
+    HEADROOM_MESSAGE,
     NO_SIGNAL_MESSAGE,
     OVERFLOWED_MESSAGE,
     Row,
@@ -184,6 +185,11 @@ def no_signal_notes(rows: list[Row]) -> list[str]:
             "BatchNorm over a few values",
         ),
         (OVERFLOWED_MESSAGE, "an honest draw of the reference overflowed there"),
+        (
+            HEADROOM_MESSAGE,
+            "the target overflowed float16 where the reference's unscaled "
+            "gradients come within 16x of its largest value",
+        ),
     ):
         quiet = [r for r in rows if r.message == message]
         shown = ", ".join(f"{r.module or '<model>'} {r.phase} {r.tensor}" for r in quiet[:3])
