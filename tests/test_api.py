@@ -79,6 +79,7 @@ def test_a_target_overflowing_where_unscaled_fp16_gradients_near_the_limit_is_no
     overflow there (a kernel's intermediate sum past the limit), and its Inf reaches every
     gradient after it; those tensors are reported, not failed. A backward 30x too large
     still fails, with its finite elements, and is named alone."""
+    from align.testing.faults import _GradGain
     from align.testing.honest import override_forward
 
     torch.manual_seed(0)
@@ -87,10 +88,14 @@ def test_a_target_overflowing_where_unscaled_fp16_gradients_near_the_limit_is_no
         model[2].weight.mul_(5e4)  # gradients up to ~1.4e4: within 16x of fp16's largest
     x = torch.randn(8, 16)
     checked = {}
-    for kind, wrap, module in (("overflows", _OverflowPast2000, 1), ("30x", _Times30, 2)):
+    wraps = (
+        ("overflows", _OverflowPast2000.apply, 1),
+        ("30x", lambda t: _GradGain.apply(t, 30.0), 2),
+    )
+    for kind, wrap, module in wraps:
         target = copy.deepcopy(model)
         base = type(target[module]).forward
-        override_forward(target[module], lambda self, x, b=base, w=wrap: w.apply(b(self, x)), kind)
+        override_forward(target[module], lambda self, x, b=base, w=wrap: w(b(self, x)), kind)
         checked[kind] = align.check(
             model, x, target_model=target, target="cpu", precision="amp-fp16"
         )
@@ -113,13 +118,3 @@ class _OverflowPast2000(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad.masked_fill(grad.abs() > 2000, float("inf"))
-
-
-class _Times30(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * 30

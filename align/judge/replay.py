@@ -236,7 +236,9 @@ def replay_calls(
             continue
         replayed += 1
         try:
-            judged += list(_judged_backward(call, ref, tgt, pos, pairs[pos], tol, strict_dtype))
+            judged += list(
+                _judged_backward(call, ref, tgt, pos, pairs[pos], found, tol, strict_dtype)
+            )
         except _Unreplayable as exc:
             reason = f"backward: {exc}"
             skipped[reason] = skipped.get(reason, 0) + 1
@@ -260,15 +262,22 @@ def replay_calls(
 
 
 def _judged_backward(
-    call: Call, ref: Trace, tgt: Trace, rpos: int, tpos: int, tol: Tolerance, strict_dtype: bool
+    call: Call,
+    ref: Trace,
+    tgt: Trace,
+    rpos: int,
+    tpos: int,
+    found: tuple,
+    tol: Tolerance,
+    strict_dtype: bool,
 ) -> Iterator[Row]:
     """Rows of the call's input gradients against their float64 replays, when both sides
-    dumped its backward."""
-    found = [(_entry(t, p), _entry(t, p, "backward")) for t, p in ((ref, rpos), (tgt, tpos))]
-    if any(fwd is None or bwd is None for fwd, bwd in found):
+    dumped its backward (`found`: both sides' forward entries, as `_judged` takes them)."""
+    r_bwd, t_bwd = _entry(ref, rpos, "backward"), _entry(tgt, tpos, "backward")
+    if r_bwd is None or t_bwd is None:
         return
-    (api, r_fwd), (_, r_bwd) = found[0]
-    (_, t_fwd), (_, t_bwd) = found[1]
+    (api, r_fwd), (_, t_fwd) = found
+    r_bwd, t_bwd = r_bwd[1], t_bwd[1]
     r_gold, ran = _replay_backward(api, r_fwd, r_bwd, ref.tensors)
     t_gold, _ = _replay_backward(api, t_fwd, t_bwd, tgt.tensors)
     keys = (ref.calls[rpos].grad_inputs, tgt.calls[tpos].grad_inputs)
