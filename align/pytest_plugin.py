@@ -272,7 +272,7 @@ def _record(request: pytest.FixtureRequest, report: Any, meta: dict[str, Any]) -
     result = {**report.to_dict(), **meta, "nodeid": request.node.nodeid}
     checks.append(result)
     if options.report_dir:
-        from align.report.pytest_results import write_result
+        from align.pytest_records import write_result
 
         name = request.node.nodeid + (f"#{len(checks)}" if len(checks) > 1 else "")
         write_result(name, result, options.report_dir)
@@ -382,7 +382,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
     report = yield
     checks = item.stash.get(_CHECKS, [])
     if report.when == "call" and checks:
-        from align.report.pytest_results import junit_properties
+        from align.pytest_records import junit_properties
 
         for result in checks:
             item.user_properties.extend(junit_properties(result))

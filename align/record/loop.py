@@ -98,7 +98,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from align.errors import AlignError, TraceError
-from align.files import replace_dir, write_json_atomic
+from align.files import read_json, replace_dir, write_json_atomic
 from align.numerics import decisions
 from align.numerics.decisions import Decisions
 from align.numerics.jitter import Jitter
@@ -606,13 +606,8 @@ class LoopDump:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TraceError(
-            f"{path}: missing or not valid JSON ({exc}); the dump is incomplete or corrupt: "
-            "record it again"
-        ) from exc
+    what = "a readable JSON record (the dump is incomplete or corrupt: record it again)"
+    data = read_json(path, what=what, error=TraceError)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise TraceError(f"{path}: not an {FORMAT} record")
     return data

@@ -98,6 +98,7 @@ from typing import Any
 import torch
 
 from align.errors import TraceError
+from align.files import read_json
 from align.record.trace import Call, Trace
 
 DUMP_JSON = "dump.json"
@@ -196,11 +197,7 @@ def keyed_dumps(root: Path) -> dict[str, Path]:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-        raise TraceError(f"{path}: not valid JSON ({reason}); the dump is corrupt") from exc
+    return read_json(path, what="valid JSON (the dump is corrupt)", error=TraceError)
 
 
 def load_dump(directory: Path) -> Trace:

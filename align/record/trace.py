@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from align.errors import TraceError
-from align.files import replace_dir
+from align.files import read_json, replace_dir
 from align.numerics.decisions import Fault
 from align.numerics.names import call_label
 
@@ -260,10 +260,7 @@ def read_trace(directory: str | os.PathLike) -> Trace:
     path = root / MANIFEST
     if not path.is_file():
         raise TraceError(f"{root}: no {MANIFEST} here; not a directory written by Trace.save")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TraceError(f"{path}: not valid JSON ({exc}); the dump is corrupt") from exc
+    manifest = read_json(path, what="valid JSON (the dump is corrupt)", error=TraceError)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise TraceError(f"{path}: not an {FORMAT} manifest")
     try:

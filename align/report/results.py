@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError
-from align.report.files import read_json
+from align.files import read_json
 
 CHECK = "align.check/1"
 RUN = "align.run/1"

@@ -1,10 +1,10 @@
-"""align.report.pytest_results: JUnit properties and result files of the pytest plugin's checks."""
+"""align.pytest_records: JUnit properties and result files of the pytest plugin's checks."""
 
 from __future__ import annotations
 
 import json
 
-from align.report.pytest_results import junit_properties, result_filename, write_result
+from align.pytest_records import junit_properties, result_filename, write_result
 
 DIVERGENCE = {"module": "layer1.0.conv2", "phase": "forward", "tensor": "output[0]",
               "metric": "rel_rmse", "value": 0.003, "limit": 2e-06}  # fmt: skip
