@@ -39,6 +39,10 @@ class TraceError(AlignError):
     """A dump that cannot be read: missing, corrupt, truncated or unsafe."""
 
 
+class ModelRunError(AlignError):
+    """The model itself raised on a device at a precision: no verdict can be given."""
+
+
 class MismatchError(AlignError):
     """Reference and target cannot be compared: names, shapes or structure differ."""
 

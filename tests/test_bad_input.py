@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 import align
-from align.errors import AlignError, DeviceUnavailableError, MismatchError, UnknownCaseError
+from align.errors import (
+    AlignError,
+    DeviceUnavailableError,
+    MismatchError,
+    ModelRunError,
+    UnknownCaseError,
+)
 
 
 class Net(nn.Module):
@@ -218,6 +224,22 @@ def test_module_without_inputs(net):
 def test_model_of_another_type():
     with pytest.raises(AlignError, match="nn.Module or a name"):
         align.check(42, torch.zeros(1), reference="cpu", target="cpu")
+
+
+class NoHalfKernel(nn.Linear):
+    """A kernel this device lacks at half precision (CPU LSTMs under fp16 autocast)."""
+
+    def forward(self, x):
+        if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.half:
+            raise RuntimeError("could not create a primitive descriptor")
+        return super().forward(x)
+
+
+def test_a_model_that_cannot_run_at_a_precision_is_an_error_not_a_crash(net, x):
+    net.head = NoHalfKernel(16, 4)
+    check(net, x, precision="amp-bf16")  # runs
+    with pytest.raises(ModelRunError, match=r"RuntimeError on cpu at amp-fp16: could not"):
+        check(net, x, precision="amp-fp16")
 
 
 # -- the caller's model is never touched ----------------------------------------------------

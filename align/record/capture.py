@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from align.errors import AlignError
+from align.errors import AlignError, ModelRunError
 from align.numerics.decisions import Choices, Decisions
 from align.numerics.emulate import parse_emulation
 from align.numerics.jitter import Jitter
@@ -323,7 +323,7 @@ class Run:
 
     def draw(self, n: int) -> Run:
         """This run's n-th honest draw: the same model and record, rounding jittered."""
-        return dataclasses.replace(self, jitter=_jitter_seed(self.seed, n))
+        return dataclasses.replace(self, jitter=jitter_seed(self.seed, n))
 
     def place(self, t: torch.Tensor) -> torch.Tensor:
         """A private copy of a recorded tensor on this run's device (float64 if golden)."""
@@ -331,7 +331,8 @@ class Run:
         return t.to(device=self.device, dtype=dtype, copy=True)
 
 
-def _jitter_seed(seed: int, n: int) -> int:
+def jitter_seed(seed: int, n: int) -> int:
+    """The jitter seed of honest draw n of a run seeded `seed`."""
     return seed * 1000 + n + 1
 
 
@@ -374,7 +375,7 @@ def honest_draw(
         loss_scale=run.loss_scale,
         emulation=run.emulation,
         native_kernels=run.native_kernels,
-        jitter=_jitter_seed(run.seed, k),
+        jitter=jitter_seed(run.seed, k),
         grad_inputs=grad_inputs,
         replay=run.decisions.choices,
         memory_format=other_layout(model) if k % 2 else None,
@@ -426,10 +427,7 @@ def run_model(
         jitter,
         Decisions(replay),
     )
-    x = policy.cast_inputs(inputs, device)
-    if memory_format is not None:
-        private.to(memory_format=memory_format)
-        x = tree_map(partial(_laid_out, memory_format=memory_format), x)
+    x = laid_out(private, policy.cast_inputs(inputs, device), memory_format)
     if backward:
         tree_map(
             lambda t: (
@@ -456,6 +454,14 @@ def run_model(
             for name, param in private.named_parameters():
                 if param.grad is not None:
                     recorder.trace.param_grads[name] = recorder._store_grad(param.grad)
+    except AlignError:
+        raise
+    except Exception as exc:  # the user's model, on this device at this precision
+        raise ModelRunError(
+            f"the model raised {type(exc).__name__} on {device} at {policy.name}: "
+            f"{str(exc).strip()[:500]}\nno verdict: run it there outside align to see why "
+            "(a kernel this device or precision lacks: another --reference or --precision)"
+        ) from exc
     finally:
         recorder.remove()
         recorder.release()
@@ -480,6 +486,15 @@ def run_model(
     }
     run.trace, run.specs = trace, recorder.specs
     return run
+
+
+def laid_out(model: nn.Module, inputs: Any, memory_format: torch.memory_format | None) -> Any:
+    """Lay out `model`'s 4-d weights in `memory_format` (in place) and return `inputs`
+    with their 4-d floating tensors in it; None leaves both as they are."""
+    if memory_format is None:
+        return inputs
+    model.to(memory_format=memory_format)
+    return tree_map(partial(_laid_out, memory_format=memory_format), inputs)
 
 
 def _laid_out(t: Any, memory_format: torch.memory_format) -> Any:

@@ -193,7 +193,14 @@ def output_offset(model: nn.Module, name: str) -> None:
             return out + 2e-3 * out.detach().float().pow(2).mean().sqrt().to(out.dtype)
         with torch.no_grad(), torch.autocast(out.device.type, enabled=False):
             wide = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
-            exact = base(self, *wide, **kwargs)
+            saved = [(p, p.data) for p in self.parameters(recurse=False)]
+            try:  # a model cast to half (o2-fp16): its fp32 result with fp32 weights
+                for p, data in saved:
+                    p.data = data.float()
+                exact = base(self, *wide, **kwargs)
+            finally:
+                for p, data in saved:
+                    p.data = data
             shifted = (exact + 2e-3 * exact.pow(2).mean().sqrt()).to(out.dtype)
         return out + (shifted - out).detach()
 
