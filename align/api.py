@@ -204,6 +204,7 @@ def check(
             native_kernels=bool(options.emulate),
             options=options.train_options,
             target_options=options.target_train_options,
+            draws=options.draws,
         )
         timings["train"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started

@@ -4,6 +4,8 @@
     python bench/verdict_catalogue.py --models resnet26d --precisions fp32 --json out.json
     python bench/verdict_catalogue.py --models mixnet_s --honest threads summation_order \
         --faults unbiased_var channel_gain      # any timm model, other honest kinds / faults
+    python bench/verdict_catalogue.py --models unet lstm gru encoder audio \
+        --phases forward,backward,train         # models as users write them, short training
 
 Every model is a timm model outside the zoo, in train mode (BatchNorm on batch
 statistics over small maps), with dropout and drop-path on, checked with align's defaults
@@ -39,6 +41,7 @@ from align.testing import (
     transcendental_ulps,
     with_threads,
 )
+from align.testing.models import USER_MODELS
 
 MODELS = {
     "resnet26d": {},
@@ -70,22 +73,31 @@ NOT_A_FAULT_UNDER_BF16 = {"weight_via_fp16", "fp16_kernel", "gelu_tanh"}
 NOT_A_FAULT_UNDER_BF16_AT = {nn.GELU: "activation"}
 
 
-def _middle(model: nn.Module, kinds: tuple[type, ...], exact: bool = False) -> str | None:
-    names = [
-        n
-        for n, m in model.named_modules()
-        if n and (type(m) in kinds if exact else isinstance(m, kinds))
-    ]
-    return names[len(names) // 2] if names else None
+def called_modules(model: nn.Module, x: torch.Tensor) -> set[str]:
+    """Names of the modules a forward of `x` calls (torch's MultiheadAttention uses its
+    out_proj's weights without calling it: a fault in its forward would change nothing)."""
+    private, names = copy.deepcopy(model), set()
+    for name, m in private.named_modules():
+        m.register_forward_pre_hook(lambda m, args, name=name: names.add(name))
+    with torch.no_grad():
+        private(x)
+    return names
 
 
-def _middle_where(model: nn.Module, keep) -> str | None:
-    names = [n for n, m in model.named_modules() if n and keep(m)]
-    return names[len(names) // 2] if names else None
+def fault_sites(model: nn.Module, x: torch.Tensor | None = None) -> dict[str, str]:
+    """fault kind -> the module it goes into, chosen by type (the middle one of its kind;
+    of those a forward of `x` calls, when `x` is given)."""
+    called = None if x is None else called_modules(model, x)
 
+    def _middle_where(model: nn.Module, keep) -> str | None:
+        names = [
+            n for n, m in model.named_modules() if n and keep(m) and (called is None or n in called)
+        ]
+        return names[len(names) // 2] if names else None
 
-def fault_sites(model: nn.Module) -> dict[str, str]:
-    """fault kind -> the module it goes into, chosen by type (the middle one of its kind)."""
+    def _middle(model: nn.Module, kinds: tuple[type, ...], exact: bool = False) -> str | None:
+        return _middle_where(model, lambda m: type(m) in kinds if exact else isinstance(m, kinds))
+
     conv, norm = _middle(model, (nn.Conv2d, nn.Linear)), _middle(model, NORMS)
     plain = _middle(model, (nn.Conv2d, nn.Linear), exact=True)  # no forward of its own
     # faults of a norm's batch statistics: in eval mode not a BatchNorm (it normalizes by
@@ -151,9 +163,13 @@ def _bf16_exempt(model: nn.Module, kind: str, site: str | None) -> bool:
 
 
 def build(name: str, size: int, train: bool = True) -> tuple[nn.Module, torch.Tensor]:
-    """The timm model `name` (any: a name outside MODELS is tried with img_size=size, for
-    models with a fixed input size, then with timm's defaults), dropout and drop-path on
-    where the family has them."""
+    """A model as users write them (align.testing.USER_MODELS, its own inputs), or the timm
+    model `name` (any: a name outside MODELS is tried with img_size=size, for models with
+    a fixed input size, then with timm's defaults), dropout and drop-path on where the
+    family has them."""
+    if name in USER_MODELS:
+        model, x = USER_MODELS[name]()
+        return model.train(train), x
     import timm
 
     attempts = [MODELS[name]] if name in MODELS else [{"img_size": size}, {}]
@@ -204,11 +220,12 @@ def run(
     train: bool,
     honest: tuple[str, ...] = HONEST,
     faults: tuple[str, ...] | None = None,
+    phases: str = "forward,backward",
 ) -> list[dict]:
     results = []
     for name in models:
         model, x = build(name, size, train)
-        sites = fault_sites(model)
+        sites = fault_sites(model, x)
         checks = [(kind, None) for kind in honest] + [
             (kind, site) for kind, site in sites.items() if faults is None or kind in faults
         ]
@@ -226,6 +243,7 @@ def run(
                         target_model=target_for(model, kind, site),
                         target="cpu",
                         precision=precision,
+                        phases=phases,
                     )
                 except AlignError as exc:  # no check possible: said, not counted
                     print(f"{name:24s} {precision:9s} {kind:22s} not checkable: {exc}")
@@ -282,7 +300,10 @@ def totals(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--models", nargs="+", default=list(MODELS), help="timm model names (default: MODELS)"
+        "--models",
+        nargs="+",
+        default=list(MODELS),
+        help=f"timm model names or {', '.join(USER_MODELS)} (default: MODELS)",
     )
     p.add_argument("--honest", nargs="*", default=list(HONEST), choices=HONEST_KINDS)
     p.add_argument("--faults", nargs="*", default=None, choices=list(FAULTS), help="default: all")
@@ -290,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=64, help="image size (default 64)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval", action="store_true", help="eval mode (BatchNorm on running stats)")
+    p.add_argument("--phases", default="forward,backward", help="add ,train for a short training")
     p.add_argument("--json", default=None, help="write every check's outcome here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -300,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         not args.eval,
         tuple(args.honest),
         None if args.faults is None else tuple(args.faults),
+        args.phases,
     )
     print(totals(results))
     if args.json:

@@ -11,9 +11,12 @@ reproduces the reduction's cancellation error, which is the error one draw misse
 Each op is nudged by as many roundings as an honest kernel of its kind may err
 (`precision.KERNEL_ACCURACY`: 1 for arithmetic, 2 for reductions, 4 for transcendental
 functions), so a draw stands for another honest device, not only for the reference's own
-rounding. Jittering a result relative to itself misses what another summation order
+rounding. A reduction's operands are nudged by one rounding too (ONE_ROUNDING): a sum
+errs relative to its terms, not to its result, so a sum that cancels (the bias gradient of
+a convolution before a BatchNorm, fed the same gradient in isolation) may honestly miss by
+its own size, which nudging its result alone never shows. Nudges miss what another summation order
 does to a long reduction that cancels (a BatchNorm weight gradient over 2x56x56 values),
-so every other whole-network draw also runs in the other memory format
+so every other whole-network draw (and training draw) also runs in the other memory format
 (`align.record.capture.honest_draw`): the device's own kernels for that layout, another
 order. The verdict scales its limits by the largest error of the reference and its draws.
 """
@@ -27,7 +30,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from align.numerics.precision import op_accuracy, unit_roundoff
+from align.numerics.precision import REDUCTION_OPS, op_accuracy, unit_roundoff
 
 JITTERED = (torch.float32, torch.bfloat16, torch.float16)
 # A tensor that still fails against the first draws, by less than GRAY_ZONE times its
@@ -36,6 +39,11 @@ JITTERED = (torch.float32, torch.bfloat16, torch.float16)
 # sample of the honest spread decides).
 MORE_DRAWS = 3
 GRAY_ZONE = 3.0
+# A reduction's operands are nudged by as much as one rounding to nearest errs (uniform
+# within one unit roundoff: a standard deviation of u / sqrt(3)), then rounded back to their
+# dtype: where the nudge crosses a rounding boundary the term is one ulp off, as a term
+# another device computed may be.
+ONE_ROUNDING = 3**-0.5
 
 T = TypeVar("T")
 
@@ -74,19 +82,30 @@ class Jitter(TorchDispatchMode):
         self.generator = torch.Generator().manual_seed(seed)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
         if any(ret.alias_info is not None for ret in func._schema.returns):
-            return out
+            return func(*args, **(kwargs or {}))
         if not any(
             isinstance(a, torch.Tensor) and a.dtype in JITTERED for a in tree_flatten(args)[0]
         ):
-            return out
-        roundings = op_accuracy(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+        op = func.overloadpacket.__name__
+        if op in REDUCTION_OPS:  # its error is relative to its terms, not to its result
+            args, kwargs = tree_map(lambda t: self._perturb(t, ONE_ROUNDING), (args, kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        roundings = op_accuracy(op)
         return tree_map(lambda t: self._perturb(t, roundings), out)
 
     def _perturb(self, t, roundings: float):
-        if not isinstance(t, torch.Tensor) or t.dtype not in JITTERED or t.numel() == 0:
+        if not isinstance(t, torch.Tensor):
             return t
-        noise = torch.randn(t.shape, generator=self.generator, dtype=torch.float32)
-        factor = noise.mul_(unit_roundoff(t.dtype) * roundings).add_(1.0).to(t.device)
-        return (t.float() * factor).to(t.dtype)
+        return perturbed(t, roundings, self.generator)
+
+
+def perturbed(t: torch.Tensor, roundings: float, generator: torch.Generator) -> torch.Tensor:
+    """`t` times (1 + u * roundings * N(0, 1)), u its dtype's unit roundoff (float64 and
+    non-floating tensors unchanged)."""
+    if t.dtype not in JITTERED or t.numel() == 0:
+        return t
+    noise = torch.randn(t.shape, generator=generator, dtype=torch.float32)
+    factor = noise.mul_(unit_roundoff(t.dtype) * roundings).add_(1.0).to(t.device)
+    return (t.float() * factor).to(t.dtype)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import align
-from align.judge.training import TrainOptions, optimizer_state
+from align.judge.training import TrainOptions, compare_trajectories, optimizer_state
 
 
 def _net():
@@ -164,3 +164,59 @@ def test_a_loss_scale_of_the_users_own_trains_aligned():
         _net(), X, target="cpu", phases=("train",), steps=3, loss_fn=_loss, train_options=opts
     )
     assert report.passed, str(report)
+
+
+# -- honest draws of the reference's training ------------------------------------------------
+
+
+def _trajectory(losses: list[float], state: float) -> dict:
+    steps = [{"loss": v, "grad_norm": 1.0, "update_norm": 1.0} for v in losses]
+    return {"steps": steps, "state": {"param:fc.weight": torch.full((4,), state)}}
+
+
+GOLD = _trajectory([1.0, 1.0, 1.0], 1.0)
+REF = _trajectory([1.0, 1.0 + 1e-4, 1.0], 1.0)
+TOL = align.Tolerance(k=2.0, floor=1.0)
+
+
+def _draws(*trajectories: dict):
+    calls = []
+
+    def draws(round_: int) -> list[dict]:
+        calls.append(round_)
+        return list(trajectories)
+
+    return draws, calls
+
+
+def test_a_trajectory_within_its_honest_draws_passes_only_with_them():
+    target = _trajectory([1.0, 1.0 + 5e-4, 1.0], 1.0)  # 5x the reference's deviation
+    alone = compare_trajectories(target, REF, GOLD, TOL, floor=1e-6)
+    assert not alone["passed"] and alone["first_divergence"]["tensor"] == "step 1 loss"
+    draws, calls = _draws(_trajectory([1.0, 1.0 - 3e-4, 1.0], 1.0))  # an honest draw 3x off
+    judged = compare_trajectories(target, REF, GOLD, TOL, floor=1e-6, draws=draws)
+    assert judged["passed"], judged["summary"]
+    assert calls == [0]
+
+
+def test_a_trajectory_beyond_its_honest_draws_fails_after_all_of_them():
+    target = _trajectory([1.0, 1.0 + 9e-4, 1.0], 1.0)  # within GRAY_ZONE of the first limit
+    draws, calls = _draws(_trajectory([1.0, 1.0 - 3e-4, 1.0], 1.0))
+    judged = compare_trajectories(target, REF, GOLD, TOL, floor=1e-6, draws=draws)
+    assert not judged["passed"] and judged["first_divergence"]["tensor"] == "step 1 loss"
+    assert calls == [0, 1]
+
+
+def test_a_clean_trajectory_makes_no_draws_and_a_nonfinite_draw_counts_for_nothing():
+    draws, calls = _draws(_trajectory([1.0, float("nan"), 1.0], 1.0))
+    assert compare_trajectories(REF, REF, GOLD, TOL, floor=1e-6, draws=draws)["passed"]
+    assert calls == []
+    target = _trajectory([1.0, 1.0 + 5e-4, 1.0], 1.0)
+    assert not compare_trajectories(target, REF, GOLD, TOL, floor=1e-6, draws=draws)["passed"]
+
+
+def test_the_final_state_is_judged_against_the_draws_too():
+    target = _trajectory([1.0, 1.0, 1.0], 1.0 + 1e-3)
+    assert not compare_trajectories(target, REF, GOLD, TOL, floor=1e-6)["passed"]
+    draws, _ = _draws(_trajectory([1.0, 1.0, 1.0], 1.0 - 8e-4))
+    assert compare_trajectories(target, REF, GOLD, TOL, floor=1e-6, draws=draws)["passed"]

@@ -1,0 +1,136 @@
+"""Models as users write them, outside timm and the zoo: what a verdict tuned on image
+classifiers has never seen (recurrent layers, embeddings, transposed convolutions,
+instance and group norms, 1-d audio stacks, torch's own transformer encoder).
+
+`USER_MODELS[name]()` returns the model in train mode (dropout on) and one batch of
+inputs, both seeded; `bench/verdict_catalogue.py --models unet lstm ...` and
+tests/judge/test_user_models.py check them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class UNet(nn.Module):
+    """Encoder-decoder: GroupNorm, InstanceNorm, max pooling, a transposed convolution
+    and a bilinear upsampling joined by a skip connection, BatchNorm and LeakyReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc1 = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU())
+        self.pool = nn.MaxPool2d(2)
+        self.enc2 = nn.Sequential(
+            nn.Conv2d(16, 32, 3, padding=1), nn.InstanceNorm2d(32, affine=True), nn.ReLU()
+        )
+        self.up = nn.ConvTranspose2d(32, 16, 2, stride=2)
+        self.dec = nn.Sequential(
+            nn.Conv2d(32, 16, 3, padding=1), nn.BatchNorm2d(16), nn.LeakyReLU(0.1)
+        )
+        self.drop = nn.Dropout2d(0.1)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.enc1(x)
+        b = self.enc2(self.pool(a))
+        wide = F.interpolate(b, scale_factor=2, mode="bilinear", align_corners=False)
+        u = self.up(b) + wide[:, :16]
+        return self.head(self.drop(self.dec(torch.cat([a, u], 1))))
+
+
+class LSTMClassifier(nn.Module):
+    """Token ids through an embedding and a two-layer LSTM (dropout between layers)."""
+
+    def __init__(self, vocab: int = 500):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 32)
+        self.lstm = nn.LSTM(32, 48, num_layers=2, batch_first=True, dropout=0.1)
+        self.drop = nn.Dropout(0.2)
+        self.fc = nn.Linear(48, 5)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.emb(tokens))
+        return self.fc(self.drop(out[:, -1]))
+
+
+class GRUTagger(nn.Module):
+    """A bidirectional GRU over a float sequence, LayerNorm, tanh and a mean over time."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(8, 32, batch_first=True, bidirectional=True)
+        self.norm = nn.LayerNorm(64)
+        self.fc = nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.gru(x)
+        return self.fc(torch.tanh(self.norm(out)).mean(1))
+
+
+class TextEncoder(nn.Module):
+    """torch's nn.TransformerEncoder (GELU, dropout) over embedded tokens."""
+
+    def __init__(self, vocab: int = 300, norm_first: bool = False):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 64)
+        self.pos = nn.Parameter(torch.randn(1, 16, 64) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            64, 4, 128, dropout=0.1, batch_first=True, norm_first=norm_first, activation="gelu"
+        )
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.fc = nn.Linear(64, 7)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.enc(self.emb(tokens) + self.pos).mean(1))
+
+
+class AudioNet(nn.Module):
+    """1-d convolutions over a waveform: BatchNorm1d, GELU, ELU, Softplus, a grouped
+    convolution, max and adaptive average pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv1d(1, 16, 9, stride=2, padding=4),
+            nn.BatchNorm1d(16),
+            nn.GELU(),
+            nn.Conv1d(16, 32, 5, stride=2, padding=2),
+            nn.BatchNorm1d(32),
+            nn.ELU(),
+            nn.MaxPool1d(2),
+            nn.Conv1d(32, 32, 3, padding=1, groups=4),
+            nn.Softplus(),
+            nn.AdaptiveAvgPool1d(1),
+            nn.Flatten(),
+            nn.Dropout(0.3),
+            nn.Linear(32, 6),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _built(
+    make: Callable[[], nn.Module], inputs: Callable[[torch.Generator], torch.Tensor]
+) -> Callable[[], tuple[nn.Module, torch.Tensor]]:
+    def build() -> tuple[nn.Module, torch.Tensor]:
+        torch.manual_seed(0)
+        return make().train(), inputs(torch.Generator().manual_seed(1))
+
+    return build
+
+
+USER_MODELS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
+    "unet": _built(UNet, lambda g: torch.randn(2, 3, 32, 32, generator=g)),
+    "lstm": _built(LSTMClassifier, lambda g: torch.randint(0, 500, (4, 12), generator=g)),
+    "gru": _built(GRUTagger, lambda g: torch.randn(4, 10, 8, generator=g)),
+    "encoder": _built(TextEncoder, lambda g: torch.randint(0, 300, (4, 16), generator=g)),
+    "encoder_prenorm": _built(
+        lambda: TextEncoder(norm_first=True), lambda g: torch.randint(0, 300, (4, 16), generator=g)
+    ),
+    "audio": _built(AudioNet, lambda g: torch.randn(4, 1, 400, generator=g)),
+}
