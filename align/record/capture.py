@@ -494,6 +494,11 @@ def laid_out(model: nn.Module, inputs: Any, memory_format: torch.memory_format |
     if memory_format is None:
         return inputs
     model.to(memory_format=memory_format)
+    return inputs_laid_out(inputs, memory_format)
+
+
+def inputs_laid_out(inputs: Any, memory_format: torch.memory_format) -> Any:
+    """`inputs` (any nesting) with their 4-d floating tensors in `memory_format`."""
     return tree_map(partial(_laid_out, memory_format=memory_format), inputs)
 
 

@@ -64,8 +64,11 @@ Honest draws: the reference's own error against the golden is one sample of its
 rounding noise. Run the reference script again with `ALIGN_DRAW=1` (then 2, ...) in its
 environment, or `draw=1`: that run replays the reference dump's decisions, nudges every
 rounding at random (align.numerics.jitter, as another honest device would round) and
-writes DIR/draws/1/. The comparison then scales each tensor's limit by the largest error
-of the reference and its draws (as `align.dump --draws` does for case dumps).
+writes DIR/draws/1/. Odd draws also run the model in the other memory format
+(capture.other_layout: channels_last for a contiguous model with 4-d weights; its 4-d
+inputs follow), whose kernels sum in another order, as capture.honest_draw does. The
+comparison then scales each tensor's limit by the largest error of the reference and its
+draws (as `align.dump --draws` does for case dumps).
 
 Isolation (re-running one module on the reference's recorded inputs, align.judge.isolation) is
 possible from these dumps only together with the model: a dump holds each call's tensor
@@ -103,7 +106,7 @@ from align.numerics import decisions
 from align.numerics.decisions import Decisions
 from align.numerics.jitter import Jitter
 from align.record.buffers import HostBuffers
-from align.record.capture import KeepFloat64
+from align.record.capture import KeepFloat64, inputs_laid_out, other_layout
 from align.record.capture import Recorder as ModuleHooks
 from align.record.trace import BACKWARD_SLOTS, Trace, read_trace
 from align.record.writer import StepWriter, wait_for_writes
@@ -220,6 +223,9 @@ class Recorder:
         self.replay = None if replay is None else _rank_root(Path(replay), self.rank)
         if golden:
             _make_golden(model, optimizer, scaler)
+        self.memory_format = None
+        if self.draw is not None and self.draw % 2:
+            self.memory_format = _lay_out(model)
         self._names = {id(p): name for name, p in model.named_parameters()}
         self._given_loss: torch.Tensor | None = None
         self._recording = False
@@ -277,6 +283,9 @@ class Recorder:
                 "device": device,
                 "golden": self.golden,
                 "draw": self.draw,
+                "memory_format": None
+                if self.memory_format is None
+                else str(self.memory_format).split(".")[-1],
                 "optimizer": None if self.optimizer is None else type(self.optimizer).__name__,
                 "scaler": self.scaler is not None and self.scaler.is_enabled(),
                 "replay": None if self.replay is None else str(self.replay),
@@ -466,6 +475,19 @@ class Recorder:
                     if isinstance(value, (int, float)) or isinstance(value, torch.Tensor):
                         state[f"optim/{g}/{self._name(p)}/{key}"] = torch.as_tensor(value)
         return {k: self._buffers.copy(v, torch.contiguous_format) for k, v in state.items()}
+
+
+def _lay_out(model: nn.Module) -> torch.memory_format | None:
+    """Run `model` (an honest draw's: the reference script run again) in the memory format
+    it does not use, its 4-d inputs converted as they arrive; None without 4-d weights."""
+    memory_format = other_layout(model)
+    if memory_format is not None:
+        model.to(memory_format=memory_format)
+        model.register_forward_pre_hook(
+            lambda m, args, kwargs: inputs_laid_out((args, kwargs), memory_format),
+            with_kwargs=True,
+        )
+    return memory_format
 
 
 def _draw_number(draw: int | None) -> int | None:

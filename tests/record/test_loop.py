@@ -482,3 +482,33 @@ def test_a_new_reference_recording_drops_the_stale_draws_of_the_last(tmp_path):
     assert [d.root.name for d in LoopDump(tmp_path / "d").draws()] == ["1"]
     align.Recorder(model, tmp_path / "d", steps=[0], optimizer=opt).close()
     assert LoopDump(tmp_path / "d").draws() == []
+
+
+def test_odd_draws_run_a_convolutional_model_in_the_other_memory_format(tmp_path):
+    def conv_net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
+
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    laid_out = {}
+
+    def train(draw: int | None) -> LoopDump:
+        model = conv_net()
+        model[0].register_forward_pre_hook(
+            lambda m, args: laid_out.__setitem__(draw, args[0].is_contiguous())
+        )
+        rec = align.Recorder(model, tmp_path / "d", steps=[0], draw=draw)
+        with rec.step(0):
+            model(x).sum().backward()
+        rec.close()
+        return LoopDump(tmp_path / "d")
+
+    dump = train(None)
+    train(1)
+    train(2)
+    formats = {d.root.name: d.ranks[0]["memory_format"] for d in dump.draws()}
+    assert formats == {"1": "channels_last", "2": None}
+    assert laid_out == {None: True, 1: False, 2: True}  # the input follows the weights
+    first, ref = dump.draws()[0].load(0, 0), dump.load(0, 0)
+    mine, theirs = (s.trace.tensor(s.trace.param_grads["0.weight"]) for s in (first, ref))
+    assert 0 < float((mine - theirs).norm() / theirs.norm()) < 1e-5  # rounding apart
