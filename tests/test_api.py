@@ -89,7 +89,7 @@ def test_a_target_overflowing_where_unscaled_fp16_gradients_near_the_limit_is_no
     x = torch.randn(8, 16)
     checked = {}
     wraps = (
-        ("overflows", _OverflowPast2000.apply, 1),
+        ("overflows", lambda t: _OverflowPast.apply(t, 2000.0), 1),
         ("30x", lambda t: _GradGain.apply(t, 30.0), 2),
     )
     for kind, wrap, module in wraps:
@@ -107,9 +107,32 @@ def test_a_target_overflowing_where_unscaled_fp16_gradients_near_the_limit_is_no
     assert not faulty.passed and faulty.culprits[0].module == "2", faulty
 
 
-class _OverflowPast2000(torch.autograd.Function):
-    """A backward that overflows fp16 where the gradient passes 2000 (an intermediate sum
-    past 65504), exact elsewhere."""
+def test_a_target_overflowing_unscaled_fp16_where_honest_draws_overflow_elsewhere_is_no_signal():
+    """The reference's unscaled fp16 gradients stay far below 65504, but an honest draw of
+    it overflows (in its first layer's gradients): an honest device may overflow too, here
+    at the last layer, and every gradient before it is Inf; reported, not failed."""
+    from align.testing.honest import override_forward
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+    model.append(nn.Linear(16, 4))
+    with torch.no_grad():
+        model[4].weight.mul_(2e3)  # unscaled gradients ~1e3: beyond 4096 only when scaled
+    base = type(model[0]).forward
+    override_forward(model[0], lambda self, x: _OverflowInDraws.apply(base(self, x)), "Draws")
+    target = copy.deepcopy(model)
+    last = type(model[4]).forward
+    override_forward(target[4], lambda self, x: _OverflowPast.apply(last(self, x), 0.1), "Tgt")
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    report = align.check(model, x, target_model=target, target="cpu", precision="amp-fp16")
+    assert report.passed and report.meta["loss_scale"] == 1.0, report
+    assert any("an honest draw overflowed" in n for n in report.notes), report
+    assert any(r.message == HEADROOM_MESSAGE for r in report.rows)
+
+
+class _OverflowInDraws(torch.autograd.Function):
+    """A backward that overflows fp16 in an honest draw (under align.numerics.jitter's
+    Jitter), exact on the reference."""
 
     @staticmethod
     def forward(ctx, x):
@@ -117,4 +140,24 @@ class _OverflowPast2000(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.masked_fill(grad.abs() > 2000, float("inf"))
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+        from align.numerics.jitter import Jitter
+
+        if any(isinstance(m, Jitter) for m in _get_current_dispatch_mode_stack()):
+            return grad.masked_fill(grad.abs() > 0, float("inf"))
+        return grad
+
+
+class _OverflowPast(torch.autograd.Function):
+    """A backward that overflows fp16 where the gradient passes `threshold` (an
+    intermediate sum past 65504), exact elsewhere."""
+
+    @staticmethod
+    def forward(ctx, x, threshold: float):
+        ctx.threshold = threshold
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.masked_fill(grad.abs() > ctx.threshold, float("inf")), None

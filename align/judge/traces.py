@@ -20,6 +20,7 @@ from align.numerics.verdict import (
     HEADROOM_MESSAGE,
     NO_SIGNAL_MESSAGE,
     OVERFLOWED_MESSAGE,
+    SPREAD_MESSAGE,
     Row,
     Tolerance,
     as_tolerance,
@@ -186,9 +187,15 @@ def no_signal_notes(rows: list[Row]) -> list[str]:
         ),
         (OVERFLOWED_MESSAGE, "an honest draw of the reference overflowed there"),
         (
+            SPREAD_MESSAGE,
+            "the reference and its honest draws miss them by amounts 30x or more apart, so "
+            "no few runs bound an honest device's error: a BatchNorm over a few values "
+            "whose sign a rounding decides (align.check judges their modules in isolation)",
+        ),
+        (
             HEADROOM_MESSAGE,
             "the target overflowed float16 where the reference's unscaled "
-            "gradients come within 16x of its largest value",
+            "gradients come within 16x of its largest value or an honest draw overflowed",
         ),
     ):
         quiet = [r for r in rows if r.message == message]

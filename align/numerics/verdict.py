@@ -54,14 +54,26 @@ NOISE_DOMINATED = 0.5  # reference rel_rmse above this: golden ~ 0, both sides a
 # fault there still shows upstream and downstream, and in isolation.
 NO_SIGNAL = NOISE_DOMINATED
 OVERFLOWED_MESSAGE = "no signal at this precision (an honest draw of the reference overflowed)"
+# A propagated tensor whose honest runs (the reference and its draws, all 6 of them) miss it
+# by amounts this far apart has an error no handful of runs can bound: one more honest
+# device may miss it by anything (measured: mobilenetv3_large_100 at 32 px, fp32, the
+# output of a BatchNorm over 2x1x1 values whose sign a rounding decides: 24 honest draws
+# spanned 6.7e-10 to 0.073 in cos_err, and a one-ulp target's 0.071 failed 3 of 8 checks).
+# Light-tailed honest errors (every tensor of the zoo) stay within a few times each other.
+# Reported, not judged; a fault there shows in isolation, where the module alone is fed
+# the reference's inputs.
+HEAVY_TAIL_SPREAD = 30.0
+SPREAD_MESSAGE = "no signal at this precision (honest runs miss it by amounts 30x or more apart)"
+# what a heavy tail of honest errors may excuse: not NaN/Inf, shapes, dtypes
+SPREAD_METRICS = frozenset({"rel_rmse", "cos_err", "max_rel"})
 NO_SIGNAL_MESSAGE = "no signal at this precision (the reference misses it by half its size or more)"
 # Unscaled fp16 gradients whose reference comes within the check's headroom of float16's
 # largest value: an honest device overflows there, and its Inf then runs through every
 # gradient after it (measured: efficientnet_b0 at 32 px, amp-fp16, an honest
 # channels_last target's gradients Inf from blocks.5.1 on at loss scale 1).
 HEADROOM_MESSAGE = (
-    "no signal at this precision (the reference's own gradients come near float16's "
-    "largest value unscaled: an honest device may overflow)"
+    "no signal at this precision (unscaled gradients near float16's largest value: the "
+    "reference's within 16x, or an honest draw of it overflowed; an honest device may)"
 )
 
 
@@ -448,13 +460,15 @@ def judge_robustly(
     require_finite(row, [("reference", reference), ("golden", golden)])
     kw = dict(strict_dtype=strict_dtype, local=local, accuracy=accuracy)
     judged = judge(target, reference, golden, tol, row=row, **kw)
-    used = 0
+    used, finite = 0, []
     for round_ in (0, 1):
-        if judged.passed or (round_ and judged.ratio(judged.worst()) > GRAY_ZONE):
+        # an isolated tensor far beyond its limit is a fault; a propagated one may be
+        # honest and heavy-tailed (HEAVY_TAIL_SPREAD): it is judged on every draw
+        if judged.passed or (round_ and local and judged.ratio(judged.worst()) > GRAY_ZONE):
             return judged
         honest = draws(round_)
         if len(honest) <= used:
-            return judged  # no more draws to be had
+            break  # no more draws to be had
         used = len(honest)
         finite = [h for h in honest if metrics.all_finite(metrics.flat(h))]
         judged = Row(row.module, row.call, row.phase, row.tensor, "", [], isolated=row.isolated)
@@ -464,7 +478,23 @@ def judge_robustly(
             # largest value, so whatever the target holds, there is no signal to judge
             judged.failed, judged.message = [], OVERFLOWED_MESSAGE
             return judged
+    if not judged.passed and not local and set(judged.failed) <= SPREAD_METRICS and finite:
+        floor = error_floor(reference.dtype) * tol.floor * accuracy
+        if spread(reference, golden, finite, floor) >= HEAVY_TAIL_SPREAD:
+            judged.failed, judged.message = [], SPREAD_MESSAGE
     return judged
+
+
+def spread(
+    reference: torch.Tensor, golden: torch.Tensor, draws: Sequence[torch.Tensor], floor: float
+) -> float:
+    """How many times the largest rel_rmse of the reference and its draws is the smallest
+    (each at least `floor`): a few for honest errors that one number describes."""
+    against = metrics.Against(metrics.as_f64(golden))
+    errors = [
+        max(against.partial(metrics.flat(h))[0]["rel_rmse"], floor) for h in (reference, *draws)
+    ]
+    return max(errors) / min(errors)
 
 
 def require_finite(row: Row, sides: Sequence[tuple[str, torch.Tensor]]) -> None:

@@ -14,13 +14,17 @@ import torch
 
 from align.numerics.precision import error_floor, unit_roundoff
 from align.numerics.verdict import (
+    HEAVY_TAIL_SPREAD,
     NO_SIGNAL_MESSAGE,
+    SPREAD_MESSAGE,
     Divergence,
     Row,
     Tolerance,
     _k,
     _limit,
     judge,
+    judge_robustly,
+    spread,
 )
 
 N = 4096
@@ -466,3 +470,56 @@ def test_the_targets_overflow_of_a_tensor_without_signal_is_not_judged():
     t = noisy(g, 1e-7, 2)
     t[:4] = math.inf
     assert "nonfinite" in run(t, noisy(g, 1e-7, 1), g, local=False).failed
+
+
+# -- heavy-tailed honest errors ----------------------------------------------------------------
+
+
+def _robustly(t, r, g, draws, local):
+    calls = []
+
+    def made(round_):
+        calls.append(round_)
+        return draws[: 2 * 3**round_]
+
+    verdict = judge_robustly(
+        t, r, g, Tolerance(k=2.0), strict_dtype=False, local=local, row=row(), draws=made
+    )
+    return verdict, calls
+
+
+def test_a_propagated_tensor_whose_honest_runs_disagree_by_orders_is_not_judged():
+    """The reference and two draws within 3x of each other, four more up to 100x: one more
+    honest device may miss the tensor by anything (a BatchNorm over two values whose sign a
+    rounding decides), so a target 200x off is reported as no signal, not failed; but
+    judged on every draw first, though it fails far beyond the gray zone."""
+    g = golden(64, seed=5)
+    r = noisy(g, 1e-5, 0)
+    draws = [noisy(g, rel, n) for n, rel in enumerate([2e-5, 3e-5, 1e-5, 1e-3, 2e-5, 1e-5], 1)]
+    t = noisy(g, 5e-3, 9)
+    verdict, calls = _robustly(t, r, g, draws, local=False)
+    assert verdict.passed and verdict.message == SPREAD_MESSAGE, explain(verdict)
+    assert calls == [0, 1]
+    isolated, calls = _robustly(t, r, g, draws, local=True)
+    assert not isolated.passed and calls == [0]  # far beyond its limit: a fault, no more draws
+
+
+def test_a_propagated_tensor_whose_honest_runs_agree_still_fails():
+    g = golden(64, seed=5)
+    r = noisy(g, 1e-5, 0)
+    draws = [noisy(g, rel, n) for n, rel in enumerate([2e-5, 3e-5, 1e-5, 4e-5, 2e-5, 1e-5], 1)]
+    verdict, calls = _robustly(noisy(g, 5e-3, 9), r, g, draws, local=False)
+    assert not verdict.passed and verdict.message != SPREAD_MESSAGE, explain(verdict)
+    assert calls == [0, 1]
+    spread_of = spread(r, g, draws, floor=error_floor(torch.float32))
+    assert 1 < spread_of < HEAVY_TAIL_SPREAD
+
+
+def test_a_nonfinite_target_is_never_excused_by_a_wide_spread():
+    g = golden(64, seed=5)
+    r = noisy(g, 1e-5, 0)
+    draws = [noisy(g, rel, n) for n, rel in enumerate([2e-5, 3e-5, 1e-5, 1e-3, 2e-5, 1e-5], 1)]
+    t = noisy(g, 5e-3, 9)
+    t[0] = float("inf")
+    verdict, _ = _robustly(t, r, g, draws, local=False)
+    assert not verdict.passed and "nonfinite" in verdict.failed
