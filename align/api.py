@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from align.numerics.emulate import parse_emulation
 from align.numerics.jitter import Pool
 from align.numerics.names import parse_phases
 from align.numerics.precision import Policy, get_policy
-from align.numerics.verdict import HEADROOM_MESSAGE, Tolerance, as_tolerance
+from align.numerics.verdict import HEADROOM_MESSAGE, OVERFLOW_HEADROOM, Tolerance, as_tolerance
 from align.record.capture import LossFn, Run, capture, honest_draw, run_model
 from align.record.loop import is_dump as is_loop_dump
 from align.record.msprobe import is_msprobe_dump
@@ -217,9 +218,6 @@ def check(
     return report
 
 
-OVERFLOW_HEADROOM = 16.0  # scaled gradients stay this far below the dtype's largest value
-
-
 def _runs(
     resolved: Any,
     target_model: nn.Module,
@@ -276,7 +274,7 @@ def _near_overflow(run: Run, draws: list[Trace]) -> bool:
         return False
     largest = torch.finfo(low).max
     return not _gradients_fit(run.trace, largest / OVERFLOW_HEADROOM) or any(
-        not _gradients_fit(draw, largest) for draw in draws
+        _gradients(draw, lambda t: bool(torch.isinf(t).any())) for draw in draws
     )
 
 
@@ -297,12 +295,17 @@ def _where(row: Any) -> tuple:
 
 def _gradients_fit(trace: Trace, largest: float) -> bool:
     """Every gradient of `trace` finite and at most `largest` in magnitude."""
+    return not _gradients(
+        trace,
+        lambda t: not metrics.all_finite(t) or (t.numel() > 0 and float(t.abs().max()) > largest),
+    )
+
+
+def _gradients(trace: Trace, test: Callable[[torch.Tensor], bool]) -> bool:
+    """Whether any gradient of `trace` passes `test`."""
     keys = {k for c in trace.calls for slot in BACKWARD_SLOTS for k in getattr(c, slot) if k}
     keys |= set(trace.param_grads.values())
-    return all(
-        metrics.all_finite(t) and (t.numel() == 0 or float(t.abs().max()) <= largest)
-        for t in (trace.tensors[k] for k in keys)
-    )
+    return any(test(trace.tensors[k]) for k in keys)
 
 
 def _judge_runs(

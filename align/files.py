@@ -98,24 +98,25 @@ def read_json(
     *,
     what: str = "a readable JSON result",
     error: type[AlignError] = AlignError,
+    max_depth: int = MAX_JSON_DEPTH,
 ) -> Any:
-    """The JSON value of a file align wrote; `error` ("PATH: not WHAT (why)") if it
+    """The JSON value of a file align reads; `error` ("PATH: not WHAT (why)") if it
     cannot be one. Every JSON file align reads (results, dumps' manifests and records,
-    msprobe's dump.json) goes through here.
+    msprobe's dump.json, which nests its arguments deeper: `max_depth`) goes through here.
 
     Besides unreadable and malformed files this refuses what Python's json accepts but
     no align writer produces: numbers beyond float range (1e400, an integer of 400
-    digits) and nesting deeper than MAX_JSON_DEPTH. NaN and Infinity, which json.dump
+    digits) and nesting deeper than `max_depth`. NaN and Infinity, which json.dump
     writes for non-finite metrics, are kept.
     """
-    too_deep = f"nested deeper than {MAX_JSON_DEPTH} levels"
+    too_deep = f"nested deeper than {max_depth} levels"
     try:
         text = Path(path).read_text(encoding="utf-8")
         value = json.loads(text, parse_float=_float, parse_int=_int)
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         reason = too_deep if isinstance(exc, RecursionError) else str(exc)
         raise error(f"{path}: not {what} ({reason})") from None
-    if _depth(value) > MAX_JSON_DEPTH:
+    if _depth(value) > max_depth:
         raise error(f"{path}: not {what} ({too_deep})")
     return value
 

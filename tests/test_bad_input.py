@@ -230,16 +230,18 @@ class NoHalfKernel(nn.Linear):
     """A kernel this device lacks at half precision (CPU LSTMs under fp16 autocast)."""
 
     def forward(self, x):
-        if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.half:
+        y = super().forward(x)
+        if y.dtype == torch.half:
             raise RuntimeError("could not create a primitive descriptor")
-        return super().forward(x)
+        return y
 
 
-def test_a_model_that_cannot_run_at_a_precision_is_an_error_not_a_crash(net, x):
+@pytest.mark.parametrize("phases", ["forward,backward", "train"])
+def test_a_model_that_cannot_run_at_a_precision_is_an_error_not_a_crash(net, x, phases):
     net.head = NoHalfKernel(16, 4)
-    check(net, x, precision="amp-bf16")  # runs
+    check(net, x, precision="amp-bf16", phases=phases, steps=2)  # runs
     with pytest.raises(ModelRunError, match=r"RuntimeError on cpu at amp-fp16: could not"):
-        check(net, x, precision="amp-fp16")
+        check(net, x, precision="amp-fp16", phases=phases, steps=2)
 
 
 # -- the caller's model is never touched ----------------------------------------------------

@@ -18,7 +18,9 @@ from align.numerics.names import parse_phases
 from align.numerics.precision import get_policy
 from align.numerics.verdict import (
     HEADROOM_MESSAGE,
+    HEAVY_TAIL_SPREAD,
     NO_SIGNAL_MESSAGE,
+    OVERFLOW_HEADROOM,
     OVERFLOWED_MESSAGE,
     SPREAD_MESSAGE,
     Row,
@@ -188,14 +190,15 @@ def no_signal_notes(rows: list[Row]) -> list[str]:
         (OVERFLOWED_MESSAGE, "an honest draw of the reference overflowed there"),
         (
             SPREAD_MESSAGE,
-            "the reference and its honest draws miss them by amounts 30x or more apart, so "
+            f"the reference and its honest draws miss them by amounts {HEAVY_TAIL_SPREAD:g}x "
+            "or more apart, so "
             "no few runs bound an honest device's error: a BatchNorm over a few values "
             "whose sign a rounding decides (align.check judges their modules in isolation)",
         ),
         (
             HEADROOM_MESSAGE,
-            "the target overflowed float16 where the reference's unscaled "
-            "gradients come within 16x of its largest value or an honest draw overflowed",
+            "the target overflowed float16 where the reference's unscaled gradients come "
+            f"within {OVERFLOW_HEADROOM:g}x of its largest value or an honest draw overflowed",
         ),
     ):
         quiet = [r for r in rows if r.message == message]

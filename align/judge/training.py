@@ -31,8 +31,10 @@ from align.numerics.precision import Policy, error_floor, get_policy
 from align.numerics.verdict import Row, Tolerance, judge, require_finite
 from align.record.capture import (
     call_model,
+    inputs_laid_out,
     jitter_seed,
     laid_out,
+    model_errors,
     numerics,
     other_layout,
     prepare,
@@ -41,6 +43,7 @@ from align.record.capture import (
 from align.zoo import get_case
 
 QUANTITIES = ("loss", "grad_norm", "update_norm")
+UNEXCUSED = frozenset({"nonfinite", "missing", "shape", "dtype"})  # draws cannot excuse these
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ def _trajectory(
     `memory_format` make it an honest draw (align.record.capture.honest_draw).
     """
     private = prepare(model, device, policy)
-    laid_out(private, None, memory_format)
+    laid_out(private, None, memory_format)  # its inputs follow, step by step
     master = private
     if policy.name == "o2-fp16":  # fp32 master weights, half model (apex O2)
         master = copy.deepcopy(model).to(device)
@@ -119,17 +122,21 @@ def _trajectory(
     )
     steps, decided = [], []
     for step, batch in enumerate(batches):
-        x = laid_out(private, policy.cast_inputs(batch, device), memory_format)
+        x = policy.cast_inputs(batch, device)
+        if memory_format is not None:
+            x = inputs_laid_out(x, memory_format)
         torch.manual_seed(seed + step)
         decisions = Decisions(None if replay is None else replay[step])
         decided.append(decisions.log)
-        with decisions, numerics(policy, device, emulation, False, native_kernels, jitter):
-            with policy.autocast(device):
+        nudged = None if jitter is None else jitter * 1_000_003 + step  # new noise each step
+        with decisions, numerics(policy, device, emulation, False, native_kernels, nudged):
+            with model_errors(device, policy, jitter), policy.autocast(device):
                 out = call_model(private, x)
             loss = loss_fn(out, x)
             optimizer.zero_grad(set_to_none=True)
             private.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            with model_errors(device, policy, jitter):
+                scaler.scale(loss).backward()
         if master is not private:
             for p, q in zip(master.parameters(), private.parameters()):
                 p.grad = None if q.grad is None else q.grad.float()
@@ -197,12 +204,15 @@ def compare_trajectories(
 ) -> dict[str, Any]:
     """`judge_trajectories` against the reference alone, and where that fails, again with
     its honest draws (`draws(0)`, then `draws(1)` while the first failure is within
-    jitter.GRAY_ZONE of its limit), as the forward and backward verdict does: a training
-    of a few steps compounds each step's rounding, and one reference is one draw of it."""
+    jitter.GRAY_ZONE of its limit), as the verdict on isolated tensors does: a training of
+    a few steps compounds each step's rounding, and one reference is one draw of it. A
+    NaN/Inf or a missing state is never excused: no draw is made for it."""
     judged, used = judge_trajectories(tgt, ref, gold, tol, floor), 0
     for round_ in (0, 1):
         first = judged["first_divergence"]
-        if first is None or (round_ and first["value"] > GRAY_ZONE * first["limit"]):
+        if first is None or not math.isfinite(first["value"]) or first["metric"] in UNEXCUSED:
+            return judged  # passed, or failed in a way no honest draw excuses
+        if round_ and first["value"] > GRAY_ZONE * first["limit"]:
             return judged
         honest = [d for d in draws(round_) if _finite(d)]
         if len(honest) <= used:

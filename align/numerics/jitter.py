@@ -30,7 +30,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from align.numerics.precision import REDUCTION_OPS, op_accuracy, unit_roundoff
+from align.numerics.precision import SUMMING_OPS, op_accuracy, unit_roundoff
 
 JITTERED = (torch.float32, torch.bfloat16, torch.float16)
 # A tensor that still fails against the first draws, by less than GRAY_ZONE times its
@@ -44,6 +44,8 @@ GRAY_ZONE = 3.0
 # dtype: where the nudge crosses a rounding boundary the term is one ulp off, as a term
 # another device computed may be.
 ONE_ROUNDING = 3**-0.5
+# arguments ops update in place without saying so in their schema
+WRITTEN = frozenset({"running_mean", "running_var"})
 
 T = TypeVar("T")
 
@@ -70,11 +72,13 @@ class Pool(Generic[T]):
 
 
 class Jitter(TorchDispatchMode):
-    """Perturbs every fresh floating result of an op computed from floating inputs.
+    """Perturbs every fresh floating result of an op computed from floating inputs, and
+    the operands of a summing op (copies: the caller's tensors are never touched).
 
     Views and in-place results are left alone (perturbing them would break aliasing),
-    and so are factories (zeros, arange: exact, and not computed from data). float64
-    results are never touched, so a golden run under this mode stays exact.
+    and so are arguments an op writes (BatchNorm's running statistics), and factories
+    (zeros, arange: exact, and not computed from data). float64 results are never
+    touched, so a golden run under this mode stays exact.
     """
 
     def __init__(self, seed: int):
@@ -89,11 +93,24 @@ class Jitter(TorchDispatchMode):
         ):
             return func(*args, **(kwargs or {}))
         op = func.overloadpacket.__name__
-        if op in REDUCTION_OPS:  # its error is relative to its terms, not to its result
-            args, kwargs = tree_map(lambda t: self._perturb(t, ONE_ROUNDING), (args, kwargs or {}))
+        if op in SUMMING_OPS:  # its error is relative to its terms, not to its result
+            args, kwargs = self._operands(func, args, kwargs or {})
         out = func(*args, **(kwargs or {}))
         roundings = op_accuracy(op)
         return tree_map(lambda t: self._perturb(t, roundings), out)
+
+    def _operands(self, func, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The op's arguments with the ones it only reads nudged by ONE_ROUNDING."""
+        read_only = [a.alias_info is None and a.name not in WRITTEN for a in func._schema.arguments]
+        args = tuple(
+            self._perturb(a, ONE_ROUNDING) if i < len(read_only) and read_only[i] else a
+            for i, a in enumerate(args)
+        )
+        names = {a.name: ok for a, ok in zip(func._schema.arguments, read_only)}
+        kwargs = {
+            k: self._perturb(v, ONE_ROUNDING) if names.get(k) else v for k, v in kwargs.items()
+        }
+        return args, kwargs
 
     def _perturb(self, t, roundings: float):
         if not isinstance(t, torch.Tensor):

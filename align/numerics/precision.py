@@ -139,14 +139,18 @@ TRANSCENDENTAL_OPS = frozenset(
     _scaled_dot_product_flash_attention_for_cpu _scaled_dot_product_efficient_attention
     _scaled_dot_product_flash_attention""".split()
 )
-REDUCTION_OPS = frozenset(
+# ops that sum many terms: their error is relative to the terms (align.numerics.jitter)
+SUMMING_OPS = frozenset(
     """convolution convolution_backward mm addmm bmm baddbmm dot mv sum mean var std
     var_mean native_batch_norm native_batch_norm_backward _native_batch_norm_legit
     _native_batch_norm_legit_no_training batch_norm_backward native_layer_norm
     native_layer_norm_backward native_group_norm native_group_norm_backward
     avg_pool2d avg_pool2d_backward _adaptive_avg_pool2d _adaptive_avg_pool2d_backward
-    avg_pool3d adaptive_avg_pool3d cumsum linalg_vector_norm norm
-    hardswish hardswish_ hardswish_backward hardsigmoid hardsigmoid_
+    avg_pool3d adaptive_avg_pool3d cumsum linalg_vector_norm norm""".split()
+)
+# elementwise, but rounding twice (x * relu6(x + 3) / 6)
+REDUCTION_OPS = SUMMING_OPS | frozenset(
+    """hardswish hardswish_ hardswish_backward hardsigmoid hardsigmoid_
     hardsigmoid_backward""".split()
 )
 

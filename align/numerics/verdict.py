@@ -54,16 +54,20 @@ NOISE_DOMINATED = 0.5  # reference rel_rmse above this: golden ~ 0, both sides a
 # fault there still shows upstream and downstream, and in isolation.
 NO_SIGNAL = NOISE_DOMINATED
 OVERFLOWED_MESSAGE = "no signal at this precision (an honest draw of the reference overflowed)"
-# A propagated tensor whose honest runs (the reference and its draws, all 6 of them) miss it
-# by amounts this far apart has an error no handful of runs can bound: one more honest
-# device may miss it by anything (measured: mobilenetv3_large_100 at 32 px, fp32, the
-# output of a BatchNorm over 2x1x1 values whose sign a rounding decides: 24 honest draws
-# spanned 6.7e-10 to 0.073 in cos_err, and a one-ulp target's 0.071 failed 3 of 8 checks).
-# Light-tailed honest errors (every tensor of the zoo) stay within a few times each other.
-# Reported, not judged; a fault there shows in isolation, where the module alone is fed
-# the reference's inputs.
+# A propagated tensor whose honest runs (the reference and at least SPREAD_DRAWS draws)
+# miss it by amounts this far apart has an error no handful of runs can bound: one more
+# honest device may miss it by anything (measured: mobilenetv3_large_100 at 32 px, fp32,
+# the output of a BatchNorm over 2x1x1 values whose sign a rounding decides: 24 honest
+# draws spanned 6.7e-10 to 0.073 in cos_err, and a one-ulp target's 0.071 failed 3 of 8
+# checks). Light-tailed honest errors (every tensor of the zoo) stay within a few times
+# each other. Reported, not judged; a fault there shows upstream, and in align.check's
+# isolation, where the module alone is fed the reference's inputs.
 HEAVY_TAIL_SPREAD = 30.0
-SPREAD_MESSAGE = "no signal at this precision (honest runs miss it by amounts 30x or more apart)"
+SPREAD_DRAWS = 6  # fewer draws (a dump's one or two) say too little about a tail
+SPREAD_MESSAGE = (
+    f"no signal at this precision (honest runs miss it by amounts {HEAVY_TAIL_SPREAD:g}x "
+    "or more apart)"
+)
 # what a heavy tail of honest errors may excuse: not NaN/Inf, shapes, dtypes
 SPREAD_METRICS = frozenset({"rel_rmse", "cos_err", "max_rel"})
 NO_SIGNAL_MESSAGE = "no signal at this precision (the reference misses it by half its size or more)"
@@ -71,9 +75,11 @@ NO_SIGNAL_MESSAGE = "no signal at this precision (the reference misses it by hal
 # largest value: an honest device overflows there, and its Inf then runs through every
 # gradient after it (measured: efficientnet_b0 at 32 px, amp-fp16, an honest
 # channels_last target's gradients Inf from blocks.5.1 on at loss scale 1).
+OVERFLOW_HEADROOM = 16.0  # scaled gradients stay this far below the dtype's largest value
 HEADROOM_MESSAGE = (
     "no signal at this precision (unscaled gradients near float16's largest value: the "
-    "reference's within 16x, or an honest draw of it overflowed; an honest device may)"
+    f"reference's within {OVERFLOW_HEADROOM:g}x, or an honest draw of it overflowed; an "
+    "honest device may)"
 )
 
 
@@ -453,10 +459,13 @@ def judge_robustly(
 ) -> Row:
     """`judge` against the reference alone, and where that fails, again against the
     reference and its honest draws (made only then: they cost a run each): `draws(0)` the
-    first ones, and while the tensor still fails by less than jitter.GRAY_ZONE times its
-    limit, `draws(1)`, more of them. NaN/Inf in the reference or the golden is an
-    AlignError (`require_finite`); NaN/Inf in a draw of a whole-network tensor makes it
-    one without signal (OVERFLOWED_MESSAGE), in an isolated one a draw left out."""
+    first ones, then `draws(1)`, more of them: for an isolated tensor only while it fails
+    by less than jitter.GRAY_ZONE times its limit (far beyond is a fault), for a
+    whole-network one always, whose honest errors may be heavy-tailed: where they span
+    HEAVY_TAIL_SPREAD or more it is one without signal (SPREAD_MESSAGE). NaN/Inf in the
+    reference or the golden is an AlignError (`require_finite`); NaN/Inf in a draw of a
+    whole-network tensor makes it one without signal (OVERFLOWED_MESSAGE), in an
+    isolated one a draw left out."""
     require_finite(row, [("reference", reference), ("golden", golden)])
     kw = dict(strict_dtype=strict_dtype, local=local, accuracy=accuracy)
     judged = judge(target, reference, golden, tol, row=row, **kw)
@@ -478,7 +487,12 @@ def judge_robustly(
             # largest value, so whatever the target holds, there is no signal to judge
             judged.failed, judged.message = [], OVERFLOWED_MESSAGE
             return judged
-    if not judged.passed and not local and set(judged.failed) <= SPREAD_METRICS and finite:
+    if (
+        not judged.passed
+        and not local
+        and set(judged.failed) <= SPREAD_METRICS
+        and len(finite) >= SPREAD_DRAWS
+    ):
         floor = error_floor(reference.dtype) * tol.floor * accuracy
         if spread(reference, golden, finite, floor) >= HEAVY_TAIL_SPREAD:
             judged.failed, judged.message = [], SPREAD_MESSAGE

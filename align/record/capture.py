@@ -18,7 +18,7 @@ import dataclasses
 import time
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -443,25 +443,18 @@ def run_model(
     started = time.perf_counter()
     try:
         _seed_all(seed)
-        with run.decisions, run.numerics():
+        with model_errors(device, policy, jitter), run.decisions, run.numerics():
             output = call_model(private, x)
         recorder.remove()  # the loss is not a module call
         loss = None
         if backward:
             with run.decisions, run.numerics(autocast=False):
                 loss = loss_fn(output, x)
-                (loss * loss_scale).backward()
+                with model_errors(device, policy, jitter):
+                    (loss * loss_scale).backward()
             for name, param in private.named_parameters():
                 if param.grad is not None:
                     recorder.trace.param_grads[name] = recorder._store_grad(param.grad)
-    except AlignError:
-        raise
-    except Exception as exc:  # the user's model, on this device at this precision
-        raise ModelRunError(
-            f"the model raised {type(exc).__name__} on {device} at {policy.name}: "
-            f"{str(exc).strip()[:500]}\nno verdict: run it there outside align to see why "
-            "(a kernel this device or precision lacks: another --reference or --precision)"
-        ) from exc
     finally:
         recorder.remove()
         recorder.release()
@@ -500,6 +493,23 @@ def laid_out(model: nn.Module, inputs: Any, memory_format: torch.memory_format |
 def inputs_laid_out(inputs: Any, memory_format: torch.memory_format) -> Any:
     """`inputs` (any nesting) with their 4-d floating tensors in `memory_format`."""
     return tree_map(partial(_laid_out, memory_format=memory_format), inputs)
+
+
+@contextlib.contextmanager
+def model_errors(device: torch.device, policy: Policy, jitter: int | None = None) -> Iterator[None]:
+    """A ModelRunError for what the model's forward or backward raises on `device` at
+    `policy`'s precision (a kernel it lacks there), chained to the original error."""
+    try:
+        yield
+    except AlignError:
+        raise
+    except Exception as exc:
+        draw = "" if jitter is None else " in an honest draw of the reference"
+        raise ModelRunError(
+            f"the model raised {type(exc).__name__} on {device} at {policy.name}"
+            f"{draw}: {str(exc).strip()[:500]}\nno verdict: run it there outside align to see "
+            "why (a kernel this device or precision lacks: another --reference or --precision)"
+        ) from exc
 
 
 def _laid_out(t: Any, memory_format: torch.memory_format) -> Any:

@@ -223,15 +223,16 @@ class Recorder:
         self.replay = None if replay is None else _rank_root(Path(replay), self.rank)
         if golden:
             _make_golden(model, optimizer, scaler)
-        self.memory_format = None
-        if self.draw is not None and self.draw % 2:
-            self.memory_format = _lay_out(model)
         self._names = {id(p): name for name, p in model.named_parameters()}
         self._given_loss: torch.Tensor | None = None
         self._recording = False
         self._writer = StepWriter(self.root, self.world == 1 if background is None else background)
         self._buffers = HostBuffers()
+        self.memory_format = None
+        if self.draw is not None and self.draw % 2:
+            self.memory_format = other_layout(model)
         self._start()
+        self._layout = _LaidOut(model, self.memory_format)
 
     def __enter__(self) -> Recorder:
         return self
@@ -254,6 +255,7 @@ class Recorder:
             self._writer.close()
         finally:
             self._buffers.clear()
+            self._layout.undo()
 
     def _start(self) -> None:
         """Claim this rank's directory: refuse a foreign one, drop a previous recording's steps."""
@@ -477,17 +479,25 @@ class Recorder:
         return {k: self._buffers.copy(v, torch.contiguous_format) for k, v in state.items()}
 
 
-def _lay_out(model: nn.Module) -> torch.memory_format | None:
-    """Run `model` (an honest draw's: the reference script run again) in the memory format
-    it does not use, its 4-d inputs converted as they arrive; None without 4-d weights."""
-    memory_format = other_layout(model)
-    if memory_format is not None:
-        model.to(memory_format=memory_format)
-        model.register_forward_pre_hook(
-            lambda m, args, kwargs: inputs_laid_out((args, kwargs), memory_format),
-            with_kwargs=True,
-        )
-    return memory_format
+class _LaidOut:
+    """`model` (an honest draw's: the reference script run again) in `memory_format`, its
+    4-d inputs converted as they arrive, until `undo` (Recorder.close) lays it out as it
+    was; None changes nothing."""
+
+    def __init__(self, model: nn.Module, memory_format: torch.memory_format | None):
+        self.model, self.hook = model, None
+        if memory_format is not None:
+            model.to(memory_format=memory_format)
+            self.hook = model.register_forward_pre_hook(
+                lambda m, args, kwargs: inputs_laid_out((args, kwargs), memory_format),
+                with_kwargs=True,
+            )
+
+    def undo(self) -> None:
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
+            self.model.to(memory_format=other_layout(self.model))
 
 
 def _draw_number(draw: int | None) -> int | None:

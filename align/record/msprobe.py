@@ -197,7 +197,9 @@ def keyed_dumps(root: Path) -> dict[str, Path]:
 
 
 def _read_json(path: Path) -> Any:
-    return read_json(path, what="valid JSON (the dump is corrupt)", error=TraceError)
+    # an entry's arguments sit a few levels down: msprobe's own MAX_NESTING check says more
+    what = "valid JSON (the dump is corrupt)"
+    return read_json(path, what=what, error=TraceError, max_depth=2 * MAX_NESTING)
 
 
 def load_dump(directory: Path) -> Trace:

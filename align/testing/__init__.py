@@ -6,6 +6,8 @@
                 decomposed_norms, math_attention
     faults.py   FAULTS[kind](model, module_name): one known fault in one module; a fused
                 dropout kernel off its own mask (fused_dropout_kernel)
+    models.py   USER_MODELS[name](): models as users write them (LSTM, GRU, a UNet, torch's
+                transformer encoder, a 1-d audio stack) and a batch of inputs
 """
 
 from align.testing.faults import (
@@ -26,12 +28,14 @@ from align.testing.honest import (
     transcendental_ulps,
     with_threads,
 )
+from align.testing.models import USER_MODELS
 
 __all__ = [
     "ACCUMULATING",
     "CLOSE_ACTIVATION",
     "FAULTS",
     "PORT_FAULTS",
+    "USER_MODELS",
     "FusedDropout",
     "decomposed_norms",
     "fused_dropout_kernel",

@@ -200,7 +200,7 @@ def test_a_trajectory_within_its_honest_draws_passes_only_with_them():
 
 
 def test_a_trajectory_beyond_its_honest_draws_fails_after_all_of_them():
-    target = _trajectory([1.0, 1.0 + 9e-4, 1.0], 1.0)  # within GRAY_ZONE of the first limit
+    target = _trajectory([1.0, 1.0 + 9e-4, 1.0], 1.0)  # within GRAY_ZONE of the limit after round 0
     draws, calls = _draws(_trajectory([1.0, 1.0 - 3e-4, 1.0], 1.0))
     judged = compare_trajectories(target, REF, GOLD, TOL, floor=1e-6, draws=draws)
     assert not judged["passed"] and judged["first_divergence"]["tensor"] == "step 1 loss"
@@ -211,6 +211,9 @@ def test_a_clean_trajectory_makes_no_draws_and_a_nonfinite_draw_counts_for_nothi
     draws, calls = _draws(_trajectory([1.0, float("nan"), 1.0], 1.0))
     assert compare_trajectories(REF, REF, GOLD, TOL, floor=1e-6, draws=draws)["passed"]
     assert calls == []
+    diverged = _trajectory([1.0, float("inf"), 1.0], 1.0)
+    assert not compare_trajectories(diverged, REF, GOLD, TOL, floor=1e-6, draws=draws)["passed"]
+    assert calls == []  # no draw excuses an Inf
     target = _trajectory([1.0, 1.0 + 5e-4, 1.0], 1.0)
     assert not compare_trajectories(target, REF, GOLD, TOL, floor=1e-6, draws=draws)["passed"]
 

@@ -47,3 +47,16 @@ def test_a_pool_makes_each_draw_once_and_only_on_demand():
     assert made == []
     assert pool(0) == [0, 1] and pool(0) == [0, 1] and made == [0, 1]
     assert pool(1) == [0, 1, 2, 3, 4, 5] and made == [0, 1, 2, 3, 4, 5]
+
+
+def test_arguments_the_op_updates_in_place_are_left_alone():
+    """BatchNorm's running statistics are written by the op (its schema does not say so):
+    a draw in train mode updates them as the reference does, up to rounding."""
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0)) + 0.5
+    plain, jittered = torch.nn.BatchNorm2d(3).train(), torch.nn.BatchNorm2d(3).train()
+    plain(x)
+    with Jitter(1):
+        jittered(x)
+    assert torch.allclose(jittered.running_mean, plain.running_mean, rtol=1e-5)
+    assert torch.allclose(jittered.running_var, plain.running_var, rtol=1e-5)
+    assert not torch.equal(plain.running_mean, torch.zeros(3))

@@ -500,7 +500,8 @@ def test_odd_draws_run_a_convolutional_model_in_the_other_memory_format(tmp_path
         rec = align.Recorder(model, tmp_path / "d", steps=[0], draw=draw)
         with rec.step(0):
             model(x).sum().backward()
-        rec.close()
+        rec.close()  # the user's model as it was
+        assert model[0].weight.is_contiguous() and not model._forward_pre_hooks
         return LoopDump(tmp_path / "d")
 
     dump = train(None)
