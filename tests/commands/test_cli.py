@@ -413,11 +413,12 @@ def test_a_bug_exits_2_with_its_traceback_never_1(monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def dumps(tmp_path_factory) -> dict[str, Path]:
-    """reference (with two honest draws) and target dumped by two processes, and the golden."""
+    """reference (with six honest draws: as many as align.check makes for a whole-network
+    tensor that fails) and target dumped by two processes, and the golden."""
     root = tmp_path_factory.mktemp("dumps")
     out = {name: root / name for name in ("ref", "tgt", "golden")}
     runs = {  # in this order: target and golden take the reference's discrete choices
-        "ref": ["--device", "cpu", "--emulate", EMULATE, "--draws", "2"],
+        "ref": ["--device", "cpu", "--emulate", EMULATE, "--draws", "6"],
         "tgt": ["--device", "cpu", "--emulate", EMULATE, "--decisions", out["ref"]],
         "golden": ["--golden", "--decisions", out["ref"]],
     }
@@ -441,7 +442,7 @@ def test_the_same_dump_in_two_processes_is_bit_identical(dumps, tmp_path):
     assert proc.returncode == 0, _explain(proc)
     result = json.loads(out.read_text())
     assert result["schema"] == "align.check/1" and result["passed"] is True
-    assert len(ref.draws) == 2 and not tgt.draws
+    assert len(ref.draws) == 6 and not tgt.draws
     # nothing fails against the reference alone, so its draws are never consulted
     assert all(r["metrics"] == r["reference"] for r in result["rows"])
 
