@@ -31,12 +31,11 @@ from align.numerics.precision import Policy, error_floor, get_policy
 from align.numerics.verdict import Row, Tolerance, judge, require_finite
 from align.record.capture import (
     call_model,
+    draw_layout,
     inputs_laid_out,
     jitter_seed,
-    laid_out,
     model_errors,
     numerics,
-    other_layout,
     prepare,
     projection_loss,
 )
@@ -104,7 +103,8 @@ def _trajectory(
     `memory_format` make it an honest draw (align.record.capture.honest_draw).
     """
     private = prepare(model, device, policy)
-    laid_out(private, None, memory_format)  # its inputs follow, step by step
+    if memory_format is not None:  # its inputs follow, step by step
+        private.to(memory_format=memory_format)
     master = private
     if policy.name == "o2-fp16":  # fp32 master weights, half model (apex O2)
         master = copy.deepcopy(model).to(device)
@@ -367,7 +367,7 @@ def short_train(
             emulation,
             replay=ref["decisions"],
             jitter=jitter_seed(seed, k),
-            memory_format=other_layout(model) if k % 2 else None,
+            memory_format=draw_layout(model, k),
         )
 
     # Emulated HF32/TF32 math rounds to 10 mantissa bits: that, not fp32, sets the floor.

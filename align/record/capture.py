@@ -378,8 +378,14 @@ def honest_draw(
         jitter=jitter_seed(run.seed, k),
         grad_inputs=grad_inputs,
         replay=run.decisions.choices,
-        memory_format=other_layout(model) if k % 2 else None,
+        memory_format=draw_layout(model, k),
     ).trace
+
+
+def draw_layout(model: nn.Module, k: int) -> torch.memory_format | None:
+    """The memory format honest draw k runs `model` in: every other one (k odd) the
+    other layout (`other_layout`), the rest as the reference."""
+    return other_layout(model) if k % 2 else None
 
 
 def prepare(model: nn.Module, device: torch.device, policy: Policy) -> nn.Module:
