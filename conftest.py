@@ -6,6 +6,8 @@ registered once, by the `pytest11` entry point of the installed package, never f
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -20,6 +22,9 @@ def pytest_configure(config: pytest.Config) -> None:
             "align's pytest plugin is not loaded: install this checkout (pip install -e .), "
             "or with PYTEST_DISABLE_PLUGIN_AUTOLOAD set pass -p align.pytest_plugin"
         )
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:  # under pytest-xdist -n: each worker its share of the cores, not all
+        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
 
 
 @pytest.fixture(scope="module")

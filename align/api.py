@@ -423,16 +423,27 @@ def compare(
     tolerance: Tolerance | dict | None = None,
     phases: Any = None,
     name_map: dict[str, str | None] | None = None,
+    model: nn.Module | None = None,
 ) -> Report:
     """Judge a target trace against a reference trace (and a float64 golden trace).
 
     Traces may be directories written by `Trace.save` or msprobe dumps. Without a
     golden the reference stands in for it and only dtype floors remain as limits.
     Dumps of align.Recorder (a training loop) are judged step by step (align.judge.steps);
-    two msprobe dump trees step by step and rank by rank (align.judge.msprobe_dumps).
+    given `model`, the model the script trains, the first failing step's module calls
+    are re-run alone from the dumps to name the culprits (align.judge.step_isolation).
+    Two msprobe dump trees are judged step by step and rank by rank
+    (align.judge.msprobe_dumps).
     """
     if is_loop_dump(reference):
-        return loop_steps.compare(reference, target, golden, tolerance=tolerance, name_map=name_map)
+        return loop_steps.compare(
+            reference, target, golden, tolerance=tolerance, name_map=name_map, model=model
+        )
+    if model is not None:
+        raise AlignError(
+            "model= names culprits in align.Recorder dumps only; align.check isolates the "
+            "modules of a model it runs itself"
+        )
     if not isinstance(reference, Trace) and not isinstance(target, Trace):
         if is_msprobe_dump(reference) and is_msprobe_dump(target):
             return msprobe_dumps.compare_dumps(

@@ -7,7 +7,7 @@ import argparse
 import logging
 
 from align.api import compare
-from align.commands.arguments import writable_file
+from align.commands.arguments import model_factory, writable_file
 from align.commands.command import Command
 from align.commands.summaries import SUMMARIES
 from align.errors import ExitCode
@@ -24,11 +24,19 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--golden", default=None, help="float64 golden trace (align dump --golden)")
     p.add_argument("--json", type=writable_file, help="write the result JSON here")
+    p.add_argument(
+        "--model",
+        type=model_factory,
+        metavar="MODULE:FUNCTION",
+        help="align.Recorder dumps: the function that builds the model the script trains "
+        "(e.g. train:build_model); the first failing step's modules are then re-run alone "
+        "from the dumps to name the culprits",
+    )
 
 
 def _compare(args: argparse.Namespace) -> int:
     log.info("judging %s against %s", args.target, args.reference)
-    report = compare(args.reference, args.target, args.golden)
+    report = compare(args.reference, args.target, args.golden, model=args.model)
     print(report)
     if args.json:
         report.save(args.json)
@@ -40,5 +48,8 @@ COMPARE = Command(
     SUMMARIES["compare"],
     _compare_arguments,
     _compare,
-    examples=("gpu_dump npu_dump --golden golden_dump --json result.json",),
+    examples=(
+        "gpu_dump npu_dump --golden golden_dump --json result.json",
+        "gpu_dump npu_dump --golden golden_dump --model train:build_model",
+    ),
 )

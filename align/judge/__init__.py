@@ -7,6 +7,7 @@ Index:
     training.py       the short training phase: N optimizer steps on every device
     sensitivity.py    which layers an emulated number format hurts most
     steps.py          align.Recorder dumps judged step by step
+    step_isolation.py a Recorder dump's module calls re-run alone from its records: culprits
     msprobe_dumps.py  msprobe dump trees judged step by step, rank by rank
     replay.py         msprobe API calls re-run in float64 from their dumped inputs: culprits
     statistics.py     statistics-only dumps (Max/Min/Mean/Norm) judged, with their weaker power

@@ -54,7 +54,7 @@ class _Replay(torch.autograd.Function):
 
 
 @dataclass
-class _Local:
+class LocalRun:
     """What one isolated run of a module produced, by label."""
 
     forward: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -104,7 +104,7 @@ class Isolator:
     def _module_name(self, run: Run, name: str) -> str | None:
         return self.name_map.get(name, name) if run is self.tgt else name
 
-    def run(self, run: Run, pos: int) -> _Local:
+    def run(self, run: Run, pos: int) -> LocalRun:
         """One isolated call of the recorded call at `pos` on `run`."""
         trace, spec = self.ref.trace, self.ref.specs[pos]
         call = trace.calls[pos]
@@ -123,7 +123,7 @@ class Isolator:
                 t = t.clone()  # a non-leaf, so in-place modules (ReLU(inplace)) may run
             leaves.append(t)
         args, kwargs = tree_unflatten(leaves, spec.in_spec)
-        local = _Local(decisions=self._decisions(run, pos))
+        local = LocalRun(decisions=self._decisions(run, pos))
         replaced: list[tuple[torch.nn.Module, Any]] = []
         try:
             self._install_replays(run, pos, modules, local, replaced)
@@ -166,12 +166,12 @@ class Isolator:
                     local.backward[f"grad_to:{label}[{m}]"] = g
         return self._decided(run, pos, local)
 
-    def _decided(self, run: Run, pos: int, local: _Local) -> _Local:
+    def _decided(self, run: Run, pos: int, local: LocalRun) -> LocalRun:
         if run is self.ref:
             self.decided[pos] = local.decisions.log
         return local
 
-    def _install_replays(self, run: Run, pos: int, modules, local: _Local, replaced) -> None:
+    def _install_replays(self, run: Run, pos: int, modules, local: LocalRun, replaced) -> None:
         """Replace the children called by call `pos` with replays of their records."""
         trace = self.ref.trace
         queues: dict[str, deque[int]] = defaultdict(deque)
@@ -186,7 +186,7 @@ class Isolator:
             replaced.append((child, child.__dict__.get("forward")))
             child.forward = self._replay_fn(run, name, queue, local)
 
-    def _replay_fn(self, run: Run, name: str, queue: deque, local: _Local):
+    def _replay_fn(self, run: Run, name: str, queue: deque, local: LocalRun):
         trace = self.ref.trace
 
         def replay(*args, **kwargs):
@@ -231,7 +231,7 @@ def _seed(run: Run) -> None:
         torch.manual_seed(run.seed)
 
 
-def _identical(a: _Local, b: _Local) -> bool:
+def _identical(a: LocalRun, b: LocalRun) -> bool:
     left, right = list(a.items()), list(b.items())
     if [(p, n) for p, n, _ in left] != [(p, n) for p, n, _ in right]:
         return False
@@ -292,16 +292,16 @@ def isolate(
                 worst = failing.get(pos)
                 if worst is None or row.ratio(row.worst()) > worst.ratio(worst.worst()):
                     failing[pos] = row
-    culprits = [failing[p].divergence() for p in _culprits(ref.trace.calls, failing)]
+    culprits = [failing[p].divergence() for p in culprit_positions(ref.trace.calls, failing)]
     return rows, culprits, notes
 
 
 def _judge_local(
     call: Call,
-    r: _Local,
-    t: _Local,
-    g: _Local,
-    draws: Pool[_Local],
+    r: LocalRun,
+    t: LocalRun,
+    g: LocalRun,
+    draws: Pool[LocalRun],
     tol,
     strict_dtype,
     accuracy: float,
@@ -334,7 +334,7 @@ def _judge_local(
         )
 
 
-def _culprits(calls: list[Call], failing: dict[int, Row]) -> list[int]:
+def culprit_positions(calls: list[Call], failing: dict[int, Row]) -> list[int]:
     """Failing calls none of whose descendants fail, in call (upstream-first) order."""
     has_failing_descendant = set()
     for pos in failing:

@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from align.errors import AlignError, TraceError
 from align.numerics.decisions import Decisions
 from align.numerics.precision import kernel_accuracy
-from align.numerics.verdict import Divergence, Row, Tolerance, judge_robustly
+from align.numerics.verdict import Divergence, Row, Tolerance, judge_on_replays
 from align.record.trace import Call, Trace
 
 __all__ = ["REPLAYABLE", "replay_calls"]
@@ -327,17 +327,7 @@ def _rows(
         r, t, gr, gt = ref.tensors[rk], tgt.tensors[tk], r_gold[i], t_gold[i]
         if gt is None or r.shape != gr.shape or t.shape != gt.shape or r.shape != t.shape:
             continue
-        # the reference's own error, moved onto the target's golden
-        stand_in = (gt + (r.double() - gr)).to(r.dtype)
         row = Row(call.module, call.index, phase, f"{label}[{i}]", "", [], isolated=True)
-        yield judge_robustly(
-            t,
-            stand_in,
-            gt,
-            tol,
-            strict_dtype=strict_dtype,
-            local=True,
-            row=row,
-            draws=lambda _round: [],
-            accuracy=accuracy,
+        yield judge_on_replays(
+            t, r, gt, gr, tol, strict_dtype=strict_dtype, row=row, accuracy=accuracy
         )

@@ -105,7 +105,7 @@ class Report:
         if first is not None:
             lines.append(f"first divergence: {first}")
         if self.culprits:
-            lines.append("culprits (wrong on their own, fed the reference's inputs):")
+            lines.append("culprits (wrong on their own, each re-run alone):")
             lines += _table([_div_cells(c) for c in self.culprits])
         elif not self.passed and self.local_rows:  # no isolation ran (dumps): nothing to say
             lines.append("culprits: none found in isolation (the error builds up across layers)")

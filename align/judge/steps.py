@@ -13,20 +13,23 @@ from functools import partial
 from typing import Any
 
 import torch
+from torch import nn
 
 from align.errors import MismatchError
 from align.judge.comparison import _param_name, compare_traces, origins
 from align.judge.report import Report
+from align.judge.step_isolation import isolate_step
 from align.numerics import decisions
 from align.numerics.precision import get_policy
 from align.numerics.verdict import Divergence, Row, Tolerance, as_tolerance, judge_robustly
-from align.record.loop import DRAW_ENV, DRAWS_DIR, LoopDump, Step
+from align.record.loop import BEFORE, DRAW_ENV, DRAWS_DIR, LoopDump, Step
 from align.record.trace import Trace
 
 # param group entries that choose an implementation, not the arithmetic
 IMPLEMENTATION = {"foreach", "fused", "capturable", "differentiable"}
 # Within a step, rows are ordered across ranks by when their tensors are made.
 ORDER = {
+    "weights": 0,  # what a step starts from, where the step before it is not recorded
     "input": 0,
     "forward": 1,
     "loss": 2,
@@ -46,8 +49,11 @@ def compare(
     *,
     tolerance: Tolerance | dict | None = None,
     name_map: dict[str, str | None] | None = None,
+    model: nn.Module | None = None,
 ) -> Report:
-    """Judge a target loop dump against a reference (and a float64 golden) step by step."""
+    """Judge a target loop dump against a reference (and a float64 golden) step by step;
+    with the `model` the script trains, the first failing step's module calls are re-run
+    alone to name the culprits (align.judge.step_isolation)."""
     started = time.perf_counter()
     ref, tgt = LoopDump(reference), LoopDump(target)
     gold = None if golden is None else LoopDump(golden)
@@ -73,6 +79,8 @@ def compare(
     rows: list[Row] = []
     table: list[dict[str, Any]] = []
     started_at: list[Divergence] = []
+    culprits: list[Divergence] = []
+    local_rows: list[Row] = []
     failed_before = False
     for n in steps:
         ordered = []
@@ -104,6 +112,12 @@ def compare(
                         draws=[d.trace for d in draws],
                     )
                 ]
+                if model is not None:
+                    weights = [dump.weights_before(rank, n) for dump in (ref, tgt)]
+                    found = isolate_step(model, *sides[:2], weights, tol, strict_dtype=strict)
+                    local_rows += found[0]
+                    culprits += [replace(d, tensor=f"{label} {d.tensor}") for d in found[1]]
+                    notes += found[2]
             for row in step_rows:
                 row.tensor = f"{label} {row.tensor}"
             ordered += [(ORDER.get(r.phase, 1), rank, i, r) for i, r in enumerate(step_rows)]
@@ -136,7 +150,7 @@ def compare(
             "steps_run": len(steps),
         },
     )
-    report.origins = started_at
+    report.origins, report.culprits, report.local_rows = started_at, culprits, local_rows
     skipped = sorted(set(ref.steps(ranks[0])) ^ set(tgt.steps(ranks[0])))
     if skipped:
         notes.append(f"steps {skipped} were recorded on one side only and not judged")
@@ -223,6 +237,12 @@ def _judge_step(
                     rows.append(_exact_row(_owner(name), "optimizer", label, ref, tgt, key, tkey))
                 else:
                     rows.append(judged(_owner(name), "optimizer", label, key, tkey))
+    for key in (k for k in ref.state if k.startswith(BEFORE) and k in g.state):
+        kind, name = key[len(BEFORE) :].split("/", 1)
+        tname = _param_name(name, name_map)
+        if tname is not None:
+            label = f"{name} before the step"
+            rows.append(judged(_owner(name), "weights", label, key, f"{BEFORE}{kind}/{tname}"))
     group_of = {n: gi for gi, g in enumerate(ref.info.get("groups", [])) for n in g["params"]}
     for kind in ("param", "buffer"):
         for key in (k for k in ref.state if k.startswith(f"{kind}/")):

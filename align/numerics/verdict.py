@@ -499,6 +499,35 @@ def judge_robustly(
     return judged
 
 
+def judge_on_replays(
+    target: torch.Tensor,
+    reference: torch.Tensor,
+    target_replay: torch.Tensor,
+    reference_replay: torch.Tensor,
+    tol: Tolerance,
+    *,
+    strict_dtype: bool,
+    row: Row,
+    accuracy: float,
+) -> Row:
+    """An isolated tensor judged from each side's own inputs: `target` against its exact
+    (float64) replay, relative to the reference's error against its own replay, moved
+    onto the target's elementwise and rounded to the reference's dtype (align.judge.replay,
+    align.judge.step_isolation). No draws: a replay has no run to draw from."""
+    stand_in = (target_replay + (reference.double() - reference_replay)).to(reference.dtype)
+    return judge_robustly(
+        target,
+        stand_in,
+        target_replay,
+        tol,
+        strict_dtype=strict_dtype,
+        local=True,
+        row=row,
+        draws=lambda _round: [],
+        accuracy=accuracy,
+    )
+
+
 def spread(
     reference: torch.Tensor, golden: torch.Tensor, draws: Sequence[torch.Tensor], floor: float
 ) -> float:

@@ -42,12 +42,14 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 
 @dataclass
 class CallSpec:
-    """What is needed to call a module again with recorded tensors (kept in memory only)."""
+    """What is needed to call a module again with recorded tensors (align.record.arguments
+    writes it into a Recorder's dumps)."""
 
     in_spec: Any
     in_leaves: list[Any]  # non-tensor leaves of (args, kwargs); None where a tensor was
     out_spec: Any = None
     out_leaves: list[Any] = field(default_factory=list)
+    training: bool = True  # the module's mode when it was called
 
 
 class _Tap(torch.autograd.Function):
@@ -168,7 +170,9 @@ class Recorder:
         call.grad_inputs = [None] * len(keys)
         self.trace.calls.append(call)
         self.specs[pos] = CallSpec(
-            spec, [None if isinstance(x, torch.Tensor) else x for x in leaves]
+            spec,
+            [None if isinstance(x, torch.Tensor) else x for x in leaves],
+            training=module.training,
         )
         self._stack.append(pos)
         if tapped:

@@ -70,12 +70,16 @@ inputs follow), whose kernels sum in another order, as capture.honest_draw does.
 comparison then scales each tensor's limit by the largest error of the reference and its
 draws (as `align.dump --draws` does for case dumps).
 
-Isolation (re-running one module on the reference's recorded inputs, align.judge.isolation) is
-possible from these dumps only together with the model: a dump holds each call's tensor
-inputs and output gradients, but not its non-tensor arguments nor the module's code.
-The module's weights at step n are the parameters and buffers recorded after step n-1,
-so isolating step n needs step n-1 recorded too (or n = 0 and the initial weights). It
-is not implemented from dumps: align.check isolates on models it runs itself.
+Isolation: `align.compare(ref, tgt, golden, model=model)` (`align compare ... --model
+train:build_model`) re-runs each module call of the first failing step alone, in float64,
+from each side's own record (align.judge.step_isolation), and names the modules wrong
+given their own inputs. A step holds what that needs besides the modules' code: each
+call's tensors, its other arguments and mode (align.record.arguments; a call with an
+argument JSON cannot hold, a dtype or a user's object, is not re-run, and the report
+counts it), the owners of its random draws, and the weights the step started from: the
+parameters recorded after step n-1, or, where step n-1 is not recorded, the parameters
+and floating buffers before step n (state keys `before/param/...`, judged as the step's
+"weights" rows: a checkpoint that loads differently fails there).
 """
 
 from __future__ import annotations
@@ -105,6 +109,7 @@ from align.files import read_json, replace_dir, write_json_atomic
 from align.numerics import decisions
 from align.numerics.decisions import Decisions
 from align.numerics.jitter import Jitter
+from align.record.arguments import spec_to_json
 from align.record.buffers import HostBuffers
 from align.record.capture import KeepFloat64, inputs_laid_out, other_layout
 from align.record.capture import Recorder as ModuleHooks
@@ -119,6 +124,7 @@ DRAW_ENV = "ALIGN_DRAW"  # set to n: this run of the reference script is its hon
 STEP_FILE = "step.json"  # per step: scalars and the index of state.safetensors
 STATE_FILE = "state.safetensors"
 TRACE_DIR = "trace"
+BEFORE = "before/"  # state keys of the weights a step starts from, where step n-1 is not recorded
 _RANK_DIR = re.compile(r"^rank(\d+)$")
 _STEP_DIR = re.compile(r"^step(\d{6})$")
 
@@ -329,6 +335,8 @@ class Recorder:
         """Record step `n` around its one `yield`; return what writes it."""
         started = time.perf_counter()
         scale = self._scale()
+        # the weights this step computes with, where no recorded step before it left them
+        before = {} if n - 1 in self.steps else self._host_copies(self._weights(BEFORE))
         hooks = ModuleHooks(self.model, backward=True, snapshot=self._snapshot)
         accumulated: dict[str, str] = {}  # scaled, as backward left them
         received: dict[str, str] = {}  # as the optimizer received them
@@ -373,8 +381,11 @@ class Recorder:
             "decisions_differed": choices.summary(),
             "model": type(self.model).__name__,
             "backward": True,
+            # what isolation needs to call each module again (align.judge.step_isolation)
+            "calls": [spec_to_json(hooks.specs[pos]) for pos in range(len(trace.calls))],
+            "decision_owners": choices.owners,
         }
-        state = self._state()
+        state = {**before, **self._state()}
         loss = self._given_loss if self._given_loss is not None else roots.root
         if loss is not None and self._given_loss is None:
             loss = loss / scale
@@ -467,16 +478,29 @@ class Recorder:
         """Private copies of the parameters and floating buffers after the step, and of
         the optimizer's state, in host memory (a device's are copied there directly) and
         each with its own storage, as safetensors wants."""
-        state = {f"param/{n}": p for n, p in self.model.named_parameters()}
-        state.update(
-            {f"buffer/{n}": b for n, b in self.model.named_buffers() if b.is_floating_point()}
-        )
+        state = self._weights()
         for g, group in enumerate(self.optimizer.param_groups if self.optimizer else []):
             for p in group["params"]:
                 for key, value in self.optimizer.state.get(p, {}).items():
                     if isinstance(value, (int, float)) or isinstance(value, torch.Tensor):
                         state[f"optim/{g}/{self._name(p)}/{key}"] = torch.as_tensor(value)
+        return self._host_copies(state)
+
+    def _host_copies(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: self._buffers.copy(v, torch.contiguous_format) for k, v in state.items()}
+
+    def _weights(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The parameters and floating buffers as they are now, keyed prefix + param/NAME and
+        prefix + buffer/NAME."""
+        state = {f"{prefix}param/{n}": p for n, p in self.model.named_parameters()}
+        state.update(
+            {
+                f"{prefix}buffer/{n}": b
+                for n, b in self.model.named_buffers()
+                if b.is_floating_point()
+            }
+        )
+        return state
 
 
 class _LaidOut:
@@ -626,6 +650,21 @@ class LoopDump:
         """Step numbers recorded (completely: temporary directories are skipped) by `rank`."""
         d = self.root / f"rank{rank}"
         return sorted(int(m[1]) for p in d.iterdir() if (m := _STEP_DIR.match(p.name)))
+
+    def weights_before(self, rank: int, n: int) -> dict[str, torch.Tensor]:
+        """The parameters and floating buffers step `n` of `rank` started from, by name:
+        those recorded after step n-1, else those recorded before step n (none in a dump
+        of an earlier version that has neither)."""
+        if n - 1 in self.steps(rank):
+            prefix, state = "", self.load(rank, n - 1).state
+        else:
+            prefix, state = BEFORE, self.load(rank, n).state
+        kinds = (f"{prefix}param/", f"{prefix}buffer/")
+        return {
+            key[len(prefix) :].split("/", 1)[1]: t
+            for key, t in state.items()
+            if key.startswith(kinds)
+        }
 
     def load(self, rank: int, n: int) -> Step:
         """Read step `n` of `rank`; a truncated or corrupt record is a TraceError."""

@@ -1,0 +1,233 @@
+"""Which module computes wrong in the first failing step of a Recorder dump: every recorded
+module call re-run alone on the CPU in float64, from each side's own recorded inputs,
+weights and random draws, with the model the script trains.
+
+A Recorder dump (align.record.loop) holds each module call's tensor inputs, outputs and
+gradients, its other arguments and its mode (align.record.arguments), and its random draws;
+the weights of step n are the parameters recorded after step n-1, or the `before/` state
+of a step whose predecessor was not recorded. It does not hold the modules' code:
+`align.compare(..., model=model)` gives it (the model as the script builds it; its own
+weights are not used). Each call then runs as align.judge.isolation runs one (its children
+replaced by replays of their records) on each side's own record, in float64: that side's
+exact result for the call. The target's recorded tensors are judged against it relative
+to the reference's against its own (verdict.judge_on_replays): a module wrong given its
+own inputs is a culprit, whatever happened upstream.
+
+A call is not re-run when one of its arguments was neither a tensor nor a plain value
+(the dump says which), when the model has no module of its name, or when its weights are
+not in the dump; each is counted in a note. Parameter gradients are left to the step's
+own rows: a dump holds their sum over a module's calls, not each call's.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from align.judge.isolation import Isolator, LocalRun, culprit_positions
+from align.numerics.decisions import Decisions
+from align.numerics.precision import get_policy, kernel_accuracy
+from align.numerics.verdict import Divergence, Row, Tolerance, judge_on_replays
+from align.record.arguments import spec_from_json
+from align.record.capture import CallSpec, Run
+from align.record.loop import Step
+from align.record.trace import Trace
+
+__all__ = ["isolate_step"]
+
+
+class _NotIsolable(Exception):
+    """No call of this step can be re-run (why: the message)."""
+
+
+def isolate_step(
+    model: nn.Module,
+    ref: Step,
+    tgt: Step,
+    weights: Sequence[dict[str, torch.Tensor]],
+    tol: Tolerance,
+    *,
+    strict_dtype: bool,
+) -> tuple[list[Row], list[Divergence], list[str]]:
+    """Judge every module call of one step alone; `weights` are the reference's and the
+    target's parameters and floating buffers at the step's start, by name. Returns (rows,
+    culprits most upstream first, notes)."""
+    structure = [[(c.module, c.index, c.parent) for c in s.trace.calls] for s in (ref, tgt)]
+    if structure[0] != structure[1]:
+        return [], [], [f"modules not isolated in step {ref.number}: the sides called others"]
+    try:
+        runs = [_run(model, side, w) for side, w in zip((ref, tgt), weights)]
+    except _NotIsolable as exc:
+        return [], [], [f"modules not isolated in step {ref.number}: {exc}"]
+    isolators = [Isolator(run, run, run, backward=True) for run in runs]
+    rows: list[Row] = []
+    failing: dict[int, Row] = {}
+    skipped: dict[str, int] = {}
+    for pos in range(len(ref.trace.calls)):
+        if _same_records(ref.trace, tgt.trace, pos):
+            continue  # the target's error is the reference's
+        try:
+            replays = [_alone(iso, run, pos) for iso, run in zip(isolators, runs)]
+            judged = list(_judged(ref, tgt, pos, replays, tol, strict_dtype))
+        except Exception as exc:  # a module that cannot run or be judged alone is counted
+            why = str(exc).split("\n")[0][:160]
+            skipped[why] = skipped.get(why, 0) + 1
+            continue
+        rows += judged
+        if any(r.failed for r in judged):
+            failing[pos] = max((r for r in judged if r.failed), key=lambda r: r.ratio(r.worst()))
+    notes = []
+    if rows:
+        notes.append(
+            f"step {ref.number}: module calls re-run alone in float64 from each side's own "
+            "recorded inputs and weights (align.judge.step_isolation): a culprit computes "
+            "wrong given its own inputs"
+        )
+    if skipped:
+        shown = "; ".join(f"{n} x {why}" for why, n in sorted(skipped.items())[:6])
+        notes.append(f"step {ref.number}: module calls not re-run alone: {shown}")
+    culprits = [failing[p].divergence() for p in culprit_positions(ref.trace.calls, failing)]
+    return rows, culprits, notes
+
+
+def _judged(
+    ref: Step, tgt: Step, pos: int, replays: list[LocalRun], tol: Tolerance, strict_dtype: bool
+) -> Iterator[Row]:
+    """The target's recorded tensors of call `pos` against its replay, relative to the
+    reference's against its own."""
+    call = ref.trace.calls[pos]
+    golds = [{(p, n): x for p, n, x in replay.items()} for replay in replays]
+    accuracy = kernel_accuracy(replays[0].decisions.ran)
+    for (phase, label), gold_t in golds[1].items():
+        gold_r = golds[0].get((phase, label))
+        if phase == "param_grad" or gold_r is None:
+            continue
+        keys = [_recorded(side.trace, pos, phase, label) for side in (ref, tgt)]
+        if None in keys:
+            continue
+        r, t = ref.trace.tensor(keys[0]), tgt.trace.tensor(keys[1])
+        if not r.is_floating_point() or r.shape != t.shape or t.shape != gold_t.shape:
+            continue
+        row = Row(call.module, call.index, phase, label, "", [], isolated=True)
+        yield judge_on_replays(
+            t, r, gold_t, gold_r, tol, strict_dtype=strict_dtype, row=row, accuracy=accuracy
+        )
+
+
+def _run(model: nn.Module, step: Step, weights: dict[str, torch.Tensor]) -> Run:
+    """`model` in float64 with one side's weights and record of the step, as an isolation
+    run."""
+    calls = step.trace.calls
+    where = f"step {step.number} of rank {step.rank}"
+    if not weights:
+        raise _NotIsolable(
+            f"the dump has no weights the step started from: record step {step.number - 1} "
+            "too (or record again: Recorder writes them when the step before is not recorded)"
+        )
+    copied = copy.deepcopy(model)
+    names = {name for name, _ in copied.named_modules()}
+    if "module" not in names and any(c.module.startswith("module.") for c in calls):
+        holder = nn.Module()  # the dump of a DistributedDataParallel-wrapped model
+        holder.module = copied
+        copied = holder
+    copied = copied.to(device="cpu", dtype=torch.float64)
+    try:
+        loaded = copied.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # a shape that differs
+        raise _NotIsolable(f"the model given is not the one recorded: {exc}") from exc
+    params = {name for name, _ in copied.named_parameters()}
+    unmatched = sorted(params & set(loaded.missing_keys)) + sorted(loaded.unexpected_keys)
+    unmatched += sorted({c.module for c in calls} - {n for n, _ in copied.named_modules()})
+    if unmatched:
+        raise _NotIsolable(
+            f"the model given is not the one recorded ({', '.join(unmatched[:3])}: in one of "
+            "them only): give align.compare the model the script trains"
+        )
+    meta = step.trace.meta
+    entries, owners = meta.get("calls"), meta.get("decision_owners")
+    if not isinstance(entries, list) or len(entries) != len(calls):
+        raise _NotIsolable(
+            f"{where} does not hold its calls' arguments: record it again with this version"
+        )
+    specs: dict[int, CallSpec] = {}
+    for pos, entry in enumerate(entries):
+        spec = spec_from_json(entry, f"{where}, call {calls[pos].label}")
+        if isinstance(spec, CallSpec):
+            specs[pos] = spec
+    decisions = Decisions()
+    decisions.log = list(step.trace.decisions)
+    if not _owners_valid(owners, len(decisions.log), len(calls)):
+        raise _NotIsolable(f"{where}: its decisions' owners are missing or malformed")
+    decisions.owners = list(owners)
+    return Run(
+        model=copied,
+        device=torch.device("cpu"),
+        policy=get_policy("fp64"),
+        trace=step.trace,
+        specs=specs,
+        decisions=decisions,
+    )
+
+
+def _owners_valid(owners: Any, n: int, calls: int) -> bool:
+    return (
+        isinstance(owners, list)
+        and len(owners) == n
+        and all(o is None or (type(o) is int and 0 <= o < calls) for o in owners)
+    )
+
+
+def _alone(iso: Isolator, run: Run, pos: int) -> LocalRun:
+    """The call at `pos` re-run alone on `run`, in the mode it was recorded in."""
+    call = run.trace.calls[pos]
+    for p in (pos, *iso.children[pos]):  # the call and the children it replays
+        if p not in run.specs:
+            why = run.trace.meta["calls"][p]["not_recorded"]
+            raise ValueError(why if p == pos else f"calls {run.trace.calls[p].label}, with {why}")
+    module = iso.modules[id(run.model)][call.module]
+    module.training = run.specs[pos].training
+    return iso.run(run, pos)
+
+
+def _same_records(ref: Trace, tgt: Trace, pos: int) -> bool:
+    """Whether every tensor the call recorded is bit for bit the same on both sides."""
+    rc, tc = ref.calls[pos], tgt.calls[pos]
+    for slot in ("inputs", "outputs", "grad_outputs", "grad_inputs"):
+        for rk, tk in zip(getattr(rc, slot), getattr(tc, slot), strict=False):
+            if (rk is None) != (tk is None):
+                return False
+            if rk is not None:
+                r, t = ref.tensor(rk), tgt.tensor(tk)
+                if r.dtype != t.dtype or r.shape != t.shape or not torch.equal(r, t):
+                    return False
+    return True
+
+
+def _recorded(trace: Trace, pos: int, phase: str, label: str) -> str | None:
+    """The key of the recorded tensor an isolated run's `label` reproduces (Isolator's
+    labels: output[i], feed:<child>[j], grad_input[j], grad_to:<child>[m])."""
+    call = trace.calls[pos]
+    name, _, index = label.rpartition("[")
+    i = int(index.rstrip("]"))
+    if name == "output":
+        keys = [k for k in call.outputs if k is not None]
+    elif name == "grad_input":
+        keys = call.grad_inputs
+    else:
+        kind, _, child_label = name.partition(":")
+        child = next((c for c in trace.children(pos) if c.label == child_label), None)
+        if child is None or kind not in ("feed", "grad_to"):
+            return None
+        if kind == "feed":
+            keys = [k for k in child.inputs if k is not None]
+        else:  # the gradients of the child's floating outputs
+            keys = [
+                g
+                for k, g in zip(child.outputs, child.grad_outputs)
+                if k is not None and trace.tensor(k).is_floating_point()
+            ]
+    return keys[i] if i < len(keys) else None

@@ -1,0 +1,116 @@
+"""A module call's arguments and results as JSON, its tensors left out: with the tensors a
+dump holds, what is needed to call the module again (align.judge.step_isolation).
+
+A capture's CallSpec (align.record.capture) keeps the call's pytree structure and its
+non-tensor leaves in memory. Here the structure is written as nested tuples, lists and
+dicts with string keys, and the leaves as JSON's plain values; a call whose arguments hold
+anything else (a namedtuple, a dtype, a user's object) is written as the reason it cannot
+be rebuilt. Reading builds nothing but those containers and plain values: a crafted dump
+cannot make align import or call anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+
+from align.errors import TraceError
+from align.record.capture import CallSpec
+
+__all__ = ["spec_from_json", "spec_to_json"]
+
+PLAIN = (type(None), bool, int, float, str)
+_LEAF = 0  # a leaf's place in a written structure
+_CONTAINERS = {"tuple": tuple, "list": list}
+
+
+class _NotPlain(ValueError):
+    """The call holds a value or a container this format does not write."""
+
+
+def spec_to_json(spec: CallSpec) -> dict[str, Any]:
+    """The call's structure, plain leaves and training flag; or why it cannot be written."""
+    try:
+        if spec.out_spec is None:
+            raise _NotPlain("a call that did not return")
+        return {
+            "in": _structure(spec.in_spec),
+            "in_leaves": [_plain(v) for v in spec.in_leaves],
+            "out": _structure(spec.out_spec),
+            "out_leaves": [_plain(v) for v in spec.out_leaves],
+            "training": spec.training,
+        }
+    except _NotPlain as exc:
+        return {"not_recorded": str(exc)}
+
+
+def spec_from_json(data: Any, where: str) -> CallSpec | str:
+    """The CallSpec written by `spec_to_json`, or the reason the call was not written; a
+    malformed entry is a TraceError naming `where`."""
+    if isinstance(data, dict) and isinstance(data.get("not_recorded"), str):
+        return data["not_recorded"]
+    try:
+        in_spec, in_leaves = _spec(data["in"], data["in_leaves"])
+        out_spec, out_leaves = _spec(data["out"], data["out_leaves"])
+        training = data["training"]
+        if not isinstance(training, bool):
+            raise ValueError("'training' is not a boolean")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TraceError(
+            f"{where}: a call's arguments are malformed ({exc}); the dump is corrupt: record "
+            "it again"
+        ) from exc
+    return CallSpec(in_spec, in_leaves, out_spec, out_leaves, training)
+
+
+def _plain(value: Any) -> Any:
+    if type(value) not in PLAIN:
+        raise _NotPlain(f"an argument of type {type(value).__name__}")
+    return value
+
+
+def _structure(spec: TreeSpec) -> Any:
+    return _written(tree_unflatten([_Slot() for _ in range(spec.num_leaves)], spec))
+
+
+def _written(tree: Any) -> Any:
+    if isinstance(tree, _Slot):
+        return _LEAF
+    if type(tree) in (tuple, list):
+        return {type(tree).__name__: [_written(c) for c in tree]}
+    if type(tree) is dict and all(isinstance(k, str) for k in tree):
+        return {"dict": [[k, _written(c)] for k, c in tree.items()]}
+    raise _NotPlain(f"arguments in a {type(tree).__name__}")
+
+
+class _Slot:
+    """A leaf's place while a structure is rebuilt."""
+
+
+def _tree(node: Any, depth: int = 0) -> Any:
+    if depth > 32:
+        raise ValueError("arguments nested deeper than 32")
+    if node == _LEAF and type(node) is int:
+        return _Slot()
+    if not isinstance(node, dict) or len(node) != 1:
+        raise ValueError(f"not a written structure: {str(node)[:60]}")
+    ((kind, children),) = node.items()
+    if not isinstance(children, list):
+        raise ValueError(f"{kind} without a list of children")
+    if kind in _CONTAINERS:
+        return _CONTAINERS[kind](_tree(c, depth + 1) for c in children)
+    if kind == "dict" and all(
+        isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in children
+    ):
+        return {k: _tree(c, depth + 1) for k, c in children}
+    raise ValueError(f"an unknown container {kind!r}")
+
+
+def _spec(structure: Any, leaves: Any) -> tuple[TreeSpec, list[Any]]:
+    slots, spec = tree_flatten(_tree(structure))
+    if not isinstance(leaves, list) or len(leaves) != len(slots):
+        raise ValueError("the leaves do not fill the structure")
+    if not all(type(v) in PLAIN for v in leaves):
+        raise ValueError("a leaf is not a plain value")
+    return spec, leaves

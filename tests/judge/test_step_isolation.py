@@ -1,0 +1,199 @@
+"""Culprits from align.Recorder dumps: `align.compare(ref, tgt, golden, model=model)` re-runs
+the first failing step's module calls alone in float64 from each side's own records.
+
+A small training loop (conv, BatchNorm, ReLU, dropout, a module with a float argument, a
+linear head) is recorded in-process on steps 1 and 2: step 1's weights come from the
+`before/` state (step 0 is not recorded), step 2's from step 1's parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import align
+from align.errors import TraceError
+from align.judge.step_isolation import isolate_step
+from align.numerics.jitter import Jitter
+from align.numerics.precision import get_policy
+from align.numerics.verdict import as_tolerance
+from align.record.loop import LoopDump
+from align.testing.faults import (
+    backward_gain,
+    kernel_gain,
+    norm_eps,
+    output_offset,
+    weight_via_fp16,
+)
+
+
+class Scale(nn.Module):
+    def forward(self, x: torch.Tensor, factor: float) -> torch.Tensor:
+        return x * factor
+
+
+class Cast(nn.Module):
+    def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return x.to(dtype)
+
+
+class Net(nn.Module):
+    def __init__(self, cast: bool = False):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 8, 3)
+        self.norm = nn.BatchNorm1d(8)
+        self.drop = nn.Dropout(0.3)
+        self.scale = Scale()
+        self.head = nn.Linear(8 * 14, 5)
+        self.cast, self.to_dtype = cast, Cast()
+
+    def forward(self, x):
+        h = torch.relu(self.norm(self.conv(x)))
+        h = self.scale(self.drop(h), 0.5)
+        if self.cast:  # an argument the dump cannot hold: a dtype
+            h = self.to_dtype(h, torch.float32)
+        return self.head(h.flatten(1))
+
+
+STEPS = [1, 2]
+
+
+def _train(out: Path, *, fault=None, replay=None, golden=False, jitter=False, cast=False):
+    torch.manual_seed(0)
+    model = Net(cast)
+    if fault is not None:
+        fault[0](model, fault[1])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    data = torch.randn(3, 6, 3, 16, generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, 5, (3, 6), generator=torch.Generator().manual_seed(2))
+    rec = align.Recorder(model, out, steps=STEPS, optimizer=opt, replay=replay, golden=golden)
+    for step in range(3):
+        with rec.step(step), Jitter(step + 1) if jitter else torch.enable_grad():
+            loss = nn.functional.cross_entropy(model(data[step]), targets[step])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+
+@pytest.fixture(scope="module")
+def dumps(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("steps")
+    _train(root / "ref")
+    _train(root / "gold", replay=root / "ref", golden=True)
+    _train(root / "honest", replay=root / "ref", jitter=True)
+    return root
+
+
+def _compare(dumps: Path, target: str, model: nn.Module | None = None) -> align.Report:
+    return align.compare(dumps / "ref", dumps / target, dumps / "gold", model=model or Net())
+
+
+def test_an_honest_target_passes_and_every_module_passes_alone(dumps):
+    assert _compare(dumps, "honest").passed
+    ref, honest = LoopDump(dumps / "ref"), LoopDump(dumps / "honest")
+    tol = as_tolerance(None, get_policy("fp32"))
+    for n in STEPS:
+        weights = [d.weights_before(0, n) for d in (ref, honest)]
+        rows, culprits, notes = isolate_step(
+            Net(), ref.load(0, n), honest.load(0, n), weights, tol, strict_dtype=True
+        )
+        assert culprits == [] and not [r for r in rows if r.failed], notes
+        judged = {(r.module, r.phase) for r in rows}
+        for module in ("conv", "norm", "drop", "scale", "head"):
+            assert (module, "forward") in judged, (n, sorted(judged))
+        assert ("norm", "backward") in judged and ("drop", "backward") in judged
+
+
+@pytest.mark.parametrize(
+    "fault, site",
+    [
+        (kernel_gain, "conv"),  # a forward 0.3% off
+        (backward_gain, "norm"),  # an exact forward, a backward 1% off
+        (norm_eps, "norm"),  # another eps: wrong given its own inputs
+        (output_offset, "head"),  # a bias bug of 0.2% of the output's RMS
+    ],
+)
+def test_a_faulty_module_is_named_from_the_dumps(dumps, tmp_path, fault, site):
+    _train(tmp_path / "bad", fault=(fault, site), replay=dumps / "ref")
+    report = align.compare(dumps / "ref", tmp_path / "bad", dumps / "gold", model=Net())
+    assert not report.passed
+    assert [c.module for c in report.culprits][:1] == [site], str(report)
+    assert report.culprits[0].tensor.startswith("step 1 "), str(report)
+    assert any(r.isolated and r.failed for r in report.local_rows)
+    without = align.compare(dumps / "ref", tmp_path / "bad", dumps / "gold")
+    assert without.culprits == [] and not without.local_rows  # no model: nothing re-run
+
+
+def test_weights_that_load_differently_fail_before_the_first_step(dumps, tmp_path):
+    _train(tmp_path / "bad", fault=(weight_via_fp16, "conv"), replay=dumps / "ref")
+    report = align.compare(dumps / "ref", tmp_path / "bad", dumps / "gold", model=Net())
+    first = report.first_divergence
+    assert (first.module, first.phase, first.tensor) == (
+        "conv",
+        "weights",
+        "step 1 conv.weight before the step",
+    ), str(report)
+    assert report.culprits == []  # each module computes right with the weights it was given
+
+
+def test_calls_that_cannot_be_rebuilt_and_a_foreign_model_are_notes(dumps, tmp_path):
+    _train(tmp_path / "ref", cast=True)
+    _train(tmp_path / "gold", replay=tmp_path / "ref", golden=True, cast=True)
+    _train(tmp_path / "bad", fault=(kernel_gain, "conv"), replay=tmp_path / "ref", cast=True)
+    report = align.compare(
+        tmp_path / "ref", tmp_path / "bad", tmp_path / "gold", model=Net(cast=True)
+    )
+    assert [c.module for c in report.culprits][:1] == ["conv"], str(report)
+    assert any("not re-run alone: 1 x an argument of type dtype" in n for n in report.notes)
+
+    foreign = nn.Sequential(nn.Linear(2, 2))
+    report = align.compare(tmp_path / "ref", tmp_path / "bad", tmp_path / "gold", model=foreign)
+    assert not report.passed and report.culprits == []
+    assert any("the model given is not the one recorded" in n for n in report.notes), report.notes
+
+
+def test_a_crafted_call_record_is_a_trace_error(dumps, tmp_path):
+    _train(tmp_path / "bad", fault=(kernel_gain, "conv"), replay=dumps / "ref")
+    manifest = tmp_path / "bad" / "rank0" / "step000001" / "trace" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["meta"]["calls"][1] = {"in": {"os.system": [0]}, "in_leaves": ["rm -rf /"]}
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(TraceError, match="a call's arguments are malformed"):
+        align.compare(dumps / "ref", tmp_path / "bad", dumps / "gold", model=Net())
+
+
+def test_the_command_line_names_the_culprit_with_the_users_model_factory(dumps, tmp_path):
+    _train(tmp_path / "bad", fault=(kernel_gain, "conv"), replay=dumps / "ref")
+    (tmp_path / "train.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_step_isolation import Net\n\n\ndef build_model():\n    return Net()\n"
+    )
+
+    def cli(*more: str) -> subprocess.CompletedProcess:
+        args = [dumps / "ref", tmp_path / "bad", "--golden", dumps / "gold", *more]
+        return subprocess.run(
+            [sys.executable, "-m", "align.compare", *map(str, args)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    named = cli("--model", "train:build_model")
+    assert named.returncode == 1, named.stderr
+    culprits = named.stdout.split("culprits (wrong on their own, each re-run alone):\n")[-1]
+    assert culprits.splitlines()[1].split()[:4] == ["conv", "forward", "step", "1"], named.stdout
+    for bad, message in [
+        ("train", "give MODULE:FUNCTION"),
+        ("train:nothing", "AttributeError"),
+        ("nowhere:build", "ModuleNotFoundError: No module named 'nowhere'"),
+    ]:
+        wrong = cli("--model", bad)
+        assert wrong.returncode == 2 and message in wrong.stderr, wrong.stderr
+        assert "Traceback" not in wrong.stderr

@@ -1,0 +1,87 @@
+"""A module call's arguments written as JSON and read back (align.record.arguments)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from align.errors import TraceError
+from align.record.arguments import spec_from_json, spec_to_json
+from align.record.capture import CallSpec
+
+plain = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5)
+leaf = plain | st.builds(lambda n: torch.arange(float(n)), st.integers(0, 3))
+trees = st.recursive(
+    leaf,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.lists(inner, max_size=3).map(tuple)
+        | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+def _spec(args: tuple, kwargs: dict, output, training: bool) -> CallSpec:
+    leaves, spec = tree_flatten((args, kwargs))
+    out_leaves, out_spec = tree_flatten(output)
+    hide = [None if isinstance(x, torch.Tensor) else x for x in leaves]
+    out_hide = [None if isinstance(x, torch.Tensor) else x for x in out_leaves]
+    return CallSpec(spec, hide, out_spec, out_hide, training)
+
+
+@given(
+    st.lists(trees, max_size=3).map(tuple),
+    st.dictionaries(st.text(max_size=4), trees, max_size=2),
+    trees,
+    st.booleans(),
+)
+def test_written_arguments_rebuild_the_call_with_its_tensors(args, kwargs, output, training):
+    spec = _spec(args, kwargs, output, training)
+    read = spec_from_json(json.loads(json.dumps(spec_to_json(spec))), "here")
+    assert isinstance(read, CallSpec) and read.training == training
+    original, structure = tree_flatten((args, kwargs))
+    # the tensors come from the dump, the rest from the record
+    leaves = [x if isinstance(x, torch.Tensor) else v for x, v in zip(original, read.in_leaves)]
+    rebuilt = tree_unflatten(leaves, read.in_spec)
+    assert read.in_spec == structure and read.out_spec == tree_flatten(output)[1]
+    again = tree_flatten(rebuilt)[0]
+    assert all(
+        a is b if isinstance(a, torch.Tensor) else (a == b and type(a) is type(b))
+        for a, b in zip(again, original, strict=True)
+    )
+
+
+def test_a_call_with_a_value_json_cannot_hold_says_why():
+    spec = _spec((torch.ones(2), torch.float16), {}, torch.ones(2), True)
+    assert spec_to_json(spec) == {"not_recorded": "an argument of type dtype"}
+    assert spec_from_json(spec_to_json(spec), "here") == "an argument of type dtype"
+
+
+GOOD = {"in": 0, "in_leaves": [1], "out": 0, "out_leaves": [None], "training": True}
+
+
+def test_the_good_entry_reads():
+    assert isinstance(spec_from_json(GOOD, "here"), CallSpec)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {**GOOD, "in": {"builtins.eval": [0]}},  # only tuples, lists and dicts are built
+        {**GOOD, "in_leaves": [[1]]},  # a leaf that is not a plain value
+        {**GOOD, "in_leaves": [1, 2]},  # more leaves than places
+        {**GOOD, "training": "yes"},
+        {**GOOD, "in": {"tuple": 5}},
+        {k: v for k, v in GOOD.items() if k != "out"},
+        "not a dict",
+    ],
+)
+def test_a_malformed_entry_is_a_trace_error(entry):
+    with pytest.raises(TraceError, match="step 3, call fc: a call's arguments are malformed"):
+        spec_from_json(entry, "step 3, call fc")
