@@ -430,7 +430,7 @@ def compare(
     Traces may be directories written by `Trace.save` or msprobe dumps. Without a
     golden the reference stands in for it and only dtype floors remain as limits.
     Dumps of align.Recorder (a training loop) are judged step by step (align.judge.steps);
-    given `model`, the model the script trains, the first failing step's module calls
+    given `model`, the model the script trains, the first failing (else first) step's calls
     are re-run alone from the dumps to name the culprits (align.judge.step_isolation).
     Two msprobe dump trees are judged step by step and rank by rank
     (align.judge.msprobe_dumps).

@@ -29,8 +29,8 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
         type=model_factory,
         metavar="MODULE:FUNCTION",
         help="align.Recorder dumps: the function that builds the model the script trains "
-        "(e.g. train:build_model); the first failing step's modules are then re-run alone "
-        "from the dumps to name the culprits",
+        "(e.g. train:build_model); the first failing (else first) step's modules are "
+        "re-run alone from the dumps to name the culprits",
     )
 
 

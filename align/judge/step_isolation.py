@@ -1,6 +1,7 @@
-"""Which module computes wrong in the first failing step of a Recorder dump: every recorded
-module call re-run alone on the CPU in float64, from each side's own recorded inputs,
-weights and random draws, with the model the script trains.
+"""Which module computes wrong in a step of a Recorder dump (align.judge.steps picks the
+first failing step, else the first): every recorded module call re-run alone on the CPU in
+float64, from each side's own recorded inputs, weights and random draws, with the model
+the script trains.
 
 A Recorder dump (align.record.loop) holds each module call's tensor inputs, outputs and
 gradients, its other arguments and its mode (align.record.arguments), and its random draws;

@@ -52,8 +52,9 @@ def compare(
     model: nn.Module | None = None,
 ) -> Report:
     """Judge a target loop dump against a reference (and a float64 golden) step by step;
-    with the `model` the script trains, the first failing step's module calls are re-run
-    alone to name the culprits (align.judge.step_isolation)."""
+    with the `model` the script trains, the module calls of the first failing step (else
+    of the first step: a kernel fault that the whole network's noise hides shows alone)
+    are re-run alone to name the culprits (align.judge.step_isolation)."""
     started = time.perf_counter()
     ref, tgt = LoopDump(reference), LoopDump(target)
     gold = None if golden is None else LoopDump(golden)
@@ -79,8 +80,7 @@ def compare(
     rows: list[Row] = []
     table: list[dict[str, Any]] = []
     started_at: list[Divergence] = []
-    culprits: list[Divergence] = []
-    local_rows: list[Row] = []
+    isolated_step = steps[0]  # the first failing step, else the first
     failed_before = False
     for n in steps:
         ordered = []
@@ -112,12 +112,7 @@ def compare(
                         draws=[d.trace for d in draws],
                     )
                 ]
-                if model is not None:
-                    weights = [dump.weights_before(rank, n) for dump in (ref, tgt)]
-                    found = isolate_step(model, *sides[:2], weights, tol, strict_dtype=strict)
-                    local_rows += found[0]
-                    culprits += [replace(d, tensor=f"{label} {d.tensor}") for d in found[1]]
-                    notes += found[2]
+                isolated_step = n
             for row in step_rows:
                 row.tensor = f"{label} {row.tensor}"
             ordered += [(ORDER.get(r.phase, 1), rank, i, r) for i, r in enumerate(step_rows)]
@@ -125,6 +120,18 @@ def compare(
             notes += _step_notes(*sides)
         rows += [r for *_, r in sorted(ordered, key=lambda x: x[:3])]
         failed_before = failed_before or any(r.failed for r in rows)
+    local_rows, culprits = [], []
+    if model is not None:
+        for rank in ranks:
+            label = (
+                f"rank {rank} step {isolated_step}" if len(ranks) > 1 else f"step {isolated_step}"
+            )
+            sides = [dump.load(rank, isolated_step) for dump in (ref, tgt)]
+            weights = [dump.weights_before(rank, isolated_step) for dump in (ref, tgt)]
+            found = isolate_step(model, *sides, weights, tol, strict_dtype=strict)
+            local_rows += found[0]
+            culprits += [replace(d, tensor=f"{label} {d.tensor}") for d in found[1]]
+            notes += found[2]
     failing = next((r for r in rows if r.failed), None)
     summary = _summary(table)
     report = Report(

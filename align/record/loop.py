@@ -71,15 +71,16 @@ comparison then scales each tensor's limit by the largest error of the reference
 draws (as `align.dump --draws` does for case dumps).
 
 Isolation: `align.compare(ref, tgt, golden, model=model)` (`align compare ... --model
-train:build_model`) re-runs each module call of the first failing step alone, in float64,
-from each side's own record (align.judge.step_isolation), and names the modules wrong
-given their own inputs. A step holds what that needs besides the modules' code: each
-call's tensors, its other arguments and mode (align.record.arguments; a call with an
-argument JSON cannot hold, a dtype or a user's object, is not re-run, and the report
-counts it), the owners of its random draws, and the weights the step started from: the
-parameters recorded after step n-1, or, where step n-1 is not recorded, the parameters
-and floating buffers before step n (state keys `before/param/...`, judged as the step's
-"weights" rows: a checkpoint that loads differently fails there).
+train:build_model`) re-runs each module call of the first failing step (else of the
+first step) alone, in float64, from each side's own record (align.judge.step_isolation),
+and names the modules wrong given their own inputs. A step holds what that needs besides
+the modules' code: each call's tensors, its other arguments and mode
+(align.record.arguments; a call with an argument JSON cannot hold, a dtype or a user's
+object, is not re-run, and the report counts it), the owners of its random draws, and
+the weights the step started from: the parameters recorded after step n-1, or, where
+step n-1 is not recorded, the parameters and floating buffers before step n (state keys
+`before/param/...`, judged as the step's "weights" rows: a checkpoint that loads
+differently fails there).
 """
 
 from __future__ import annotations

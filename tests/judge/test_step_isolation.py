@@ -8,9 +8,11 @@ linear head) is recorded in-process on steps 1 and 2: step 1's weights come from
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from align.numerics.jitter import Jitter
 from align.numerics.precision import get_policy
 from align.numerics.verdict import as_tolerance
 from align.record.loop import LoopDump
+from align.testing import perturb
 from align.testing.faults import (
     backward_gain,
     kernel_gain,
@@ -64,18 +67,35 @@ class Net(nn.Module):
 STEPS = [1, 2]
 
 
-def _train(out: Path, *, fault=None, replay=None, golden=False, jitter=False, cast=False):
+def _train(
+    out: Path,
+    *,
+    fault=None,
+    replay=None,
+    golden=False,
+    jitter=False,
+    cast=False,
+    bf16=False,
+    honest=None,
+    draw=None,
+):
     torch.manual_seed(0)
     model = Net(cast)
     if fault is not None:
         fault[0](model, fault[1])
+    if honest is not None:
+        model = honest(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     data = torch.randn(3, 6, 3, 16, generator=torch.Generator().manual_seed(1))
     targets = torch.randint(0, 5, (3, 6), generator=torch.Generator().manual_seed(2))
-    rec = align.Recorder(model, out, steps=STEPS, optimizer=opt, replay=replay, golden=golden)
+    rec = align.Recorder(
+        model, out, steps=STEPS, optimizer=opt, replay=replay, golden=golden, draw=draw
+    )
     for step in range(3):
-        with rec.step(step), Jitter(step + 1) if jitter else torch.enable_grad():
-            loss = nn.functional.cross_entropy(model(data[step]), targets[step])
+        with rec.step(step):
+            with torch.autocast("cpu", torch.bfloat16, enabled=bf16 and not golden):
+                with Jitter(step + 1) if jitter else contextlib.nullcontext():
+                    loss = nn.functional.cross_entropy(model(data[step]).float(), targets[step])
             loss.backward()
             opt.step()
             opt.zero_grad()
@@ -197,3 +217,27 @@ def test_the_command_line_names_the_culprit_with_the_users_model_factory(dumps, 
         wrong = cli("--model", bad)
         assert wrong.returncode == 2 and message in wrong.stderr, wrong.stderr
         assert "Traceback" not in wrong.stderr
+
+
+@pytest.fixture(scope="module")
+def bf16(tmp_path_factory) -> Path:
+    """An AMP (bf16 autocast) script: reference, golden, two honest draws of the reference
+    and an honest target whose accumulating kernels round one ulp otherwise."""
+    root = tmp_path_factory.mktemp("bf16")
+    _train(root / "ref", bf16=True)
+    _train(root / "gold", replay=root / "ref", golden=True, bf16=True)
+    for n in (1, 2):
+        _train(root / "ref", bf16=True, draw=n)
+    _train(root / "honest", replay=root / "ref", bf16=True, honest=partial(perturb, ulps=1.0))
+    return root
+
+
+def test_under_bf16_an_honest_target_passes_and_a_hidden_fault_is_named(bf16, tmp_path):
+    honest = align.compare(bf16 / "ref", bf16 / "honest", bf16 / "gold", model=Net())
+    assert honest.passed and honest.local_rows, str(honest)
+    for fault, site in [(norm_eps, "norm"), (kernel_gain, "conv")]:
+        _train(tmp_path / site, fault=(fault, site), replay=bf16 / "ref", bf16=True)
+        report = align.compare(bf16 / "ref", tmp_path / site, bf16 / "gold", model=Net())
+        # bf16's noise may hide it from the whole network; alone, the module is wrong
+        assert not report.passed, str(report)
+        assert [c.module for c in report.culprits][:1] == [site], str(report)
