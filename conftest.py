@@ -24,7 +24,9 @@ def pytest_configure(config: pytest.Config) -> None:
         )
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:  # under pytest-xdist -n: each worker its share of the cores, not all
-        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
+        threads = max(1, torch.get_num_threads() // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # and the processes its tests start
 
 
 @pytest.fixture(scope="module")

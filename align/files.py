@@ -20,7 +20,14 @@ from typing import Any
 
 from align.errors import AlignError, TraceError
 
-__all__ = ["read_json", "replace_dir", "write_atomic", "write_json_atomic"]
+__all__ = [
+    "place_dir",
+    "read_json",
+    "replace_dir",
+    "staging_dir",
+    "write_atomic",
+    "write_json_atomic",
+]
 
 
 def _umask() -> int:
@@ -60,6 +67,18 @@ def replace_dir(
 ) -> Path:
     """Fill a temporary sibling of `directory` with `write(tmp)`, then rename it into place:
     the directory is complete or untouched. A non-empty one without `marker` is refused."""
+    tmp = staging_dir(directory, marker, what)
+    try:
+        write(tmp)
+        return place_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def staging_dir(directory: str | os.PathLike, marker: str, what: str) -> Path:
+    """A new hidden temporary sibling of `directory`, to fill and then `place_dir`; a
+    non-empty `directory` without `marker` (not one of align's) is refused first."""
     target = Path(os.path.abspath(directory))  # "." has no name to make a sibling of
     if target.exists() or target.is_symlink():
         if not target.is_dir() or (any(target.iterdir()) and not (target / marker).is_file()):
@@ -69,22 +88,24 @@ def replace_dir(
             )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it private
+    return tmp
+
+
+def place_dir(tmp: Path, directory: str | os.PathLike) -> Path:
+    """Rename the filled `tmp` (from `staging_dir`) to `directory`, replacing what was there
+    only once the new one is in place."""
+    target = Path(os.path.abspath(directory))
+    old = tmp.with_name(tmp.name + ".old")
+    if target.exists():
+        os.rename(target, old)  # keep the previous dump until the new one is in place
     try:
-        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it private
-        write(tmp)
-        old = tmp.with_name(tmp.name + ".old")
-        if target.exists():
-            os.rename(target, old)  # keep the previous dump until the new one is in place
-        try:
-            os.replace(tmp, target)
-        except BaseException:
-            if old.exists():
-                os.rename(old, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists():
+            os.rename(old, target)
         raise
+    shutil.rmtree(old, ignore_errors=True)
     return target
 
 

@@ -12,13 +12,13 @@ bare and, alternating with it, with a Recorder present but the step not in its `
 * the two plain steps after a recorded one, run while the writer writes it: the share of
   the write's CPU (and GIL) time that lands on the loop when no core is free for it;
 * back to back: recorded steps in a row, the writer busy with the one before (the loop
-  waits once two steps are held), then the flush of the last;
+  waits at a step's start until the one before is on disk), then the flush of the last;
 * synchronous (`background=False`): the step and its write, as before the writer thread.
 
-Then, each in a fresh process, the peak RSS of 4 training steps recording none, 1 and all
-4 of them: memory is bounded by two steps when recording 4 costs about what recording 1
-does. Each ratio is the median of a figure over the bare step timed just before it, so
-a load that changes between phases moves both; the machine's load average is printed.
+Then, each in a fresh process, the peak RSS of 4 training steps recording none, 1 and
+all 4 of them: memory is bounded by one step when recording 4 costs what recording 1
+does. Each ratio is the median of a figure over the bare step timed just before it, so a
+load that changes between phases moves both; the machine's load average is printed.
 """
 
 from __future__ import annotations

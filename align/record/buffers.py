@@ -3,10 +3,11 @@
 A recorded step copies every tensor it keeps (module outputs and gradients, parameters,
 optimizer state) to host memory; freshly allocated, a copy that size costs the loop its
 page faults too (measured: timm ResNet-18 at batch 4, 64 px, 150 MB a step: 163 ms a
-recorded step against 128 ms with memory the allocator keeps). `HostBuffers` hands the
-buffers of the last written step to the next one: `copy(t)` takes a buffer of t's shape,
-dtype and layout (or allocates one), `give(tensors)` returns a written step's. It holds
-at most one step's buffers between recorded steps; `clear()` frees them.
+recorded step against 128 ms with memory the allocator keeps). `HostBuffers` recycles
+them: `copy(t)` takes a buffer of t's shape, dtype and layout (or allocates one),
+`give(tensors)` returns buffers once written (a step streams, so that is during the step
+too), and `next_step()` frees what the step before last gave and the last one did not
+take: it holds at most about one step's buffers. `clear()` frees them all.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ def _layout(t: torch.Tensor) -> torch.memory_format:
 
 
 class HostBuffers:
-    """Host tensors to copy into, recycled from the last written step (thread-safe: the
+    """Host tensors to copy into, recycled from the last recorded step (thread-safe: the
     loop takes, the writer thread gives)."""
 
     def __init__(self) -> None:
-        self._free: dict[_Key, list[torch.Tensor]] = defaultdict(list)
+        self._last: dict[_Key, list[torch.Tensor]] = defaultdict(list)  # given before
+        self._free: dict[_Key, list[torch.Tensor]] = defaultdict(list)  # given this step
         self._lock = threading.Lock()
 
     def copy(self, t: torch.Tensor, layout: torch.memory_format | None = None) -> torch.Tensor:
@@ -45,23 +47,26 @@ class HostBuffers:
         layout = layout or _layout(t)
         key = (tuple(t.shape), t.dtype, layout)
         with self._lock:
-            free = self._free.get(key)
+            free = self._last.get(key) or self._free.get(key)
             buffer = free.pop() if free else None
         if buffer is None:
             buffer = torch.empty(t.shape, dtype=t.dtype, memory_format=layout)
         return buffer.copy_(t)
 
     def give(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Buffers nothing refers to any more (a written step's), for the next step;
-        the ones of the step before, not taken since, are freed."""
-        free: dict[_Key, list[torch.Tensor]] = defaultdict(list)
-        for t in {id(t): t for t in tensors}.values():
-            if t.device.type == "cpu" and t._base is None:
-                free[(tuple(t.shape), t.dtype, _layout(t))].append(t)
+        """Buffers nothing refers to any more (written ones), for what is copied next."""
         with self._lock:
-            self._free = free
+            for t in {id(t): t for t in tensors}.values():
+                if t.device.type == "cpu" and t._base is None:
+                    self._free[(tuple(t.shape), t.dtype, _layout(t))].append(t)
+
+    def next_step(self) -> None:
+        """A recorded step starts: free the buffers the last one did not take (shapes it
+        did not use); what the last one gave is what this one takes from."""
+        with self._lock:
+            self._last, self._free = self._free, defaultdict(list)
 
     def clear(self) -> None:
         """Free every buffer held."""
         with self._lock:
-            self._free = defaultdict(list)
+            self._last, self._free = defaultdict(list), defaultdict(list)

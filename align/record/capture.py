@@ -89,10 +89,14 @@ class Recorder:
         self,
         model: nn.Module,
         backward: bool,
-        snapshot: Callable[[torch.Tensor], torch.Tensor] = torch.clone,
+        snapshot: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+        grad_snapshot: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     ):
         self.backward = backward
-        self._snapshot = snapshot  # align.record.loop's copies into reused host memory
+        # what the trace keeps of a tensor stored under a key: a clone, or (align.record.loop)
+        # a stand-in while a host copy streams to disk; gradients may be kept otherwise
+        self._snapshot = snapshot or _clone
+        self._grad_snapshot = grad_snapshot or self._snapshot
         self.trace = Trace(calls=[], tensors={})
         self.specs: dict[int, CallSpec] = {}
         self._stack: list[int] = []
@@ -133,16 +137,17 @@ class Recorder:
         if hit is not None:
             return hit[1]
         key = f"t{len(self.trace.tensors)}"
-        self.trace.tensors[key] = self._snapshot(t.detach())
+        self.trace.tensors[key] = self._snapshot(key, t.detach())
         self._seen[content] = (t, key)  # keeps `t` alive so its storage is not reused
         return key
 
-    def _store_grad(self, grad: torch.Tensor) -> str:
+    def store_grad(self, grad: torch.Tensor) -> str:
+        """Key of a snapshot of the gradient `grad`; the same tensor is stored once."""
         hit = self._grads.get(id(grad))
         if hit is not None and hit[0] is grad:
             return hit[1]
         key = f"t{len(self.trace.tensors)}"
-        self.trace.tensors[key] = self._snapshot(grad.detach())
+        self.trace.tensors[key] = self._grad_snapshot(key, grad.detach())
         self._grads[id(grad)] = (grad, key)
         return key
 
@@ -205,12 +210,16 @@ class Recorder:
     def _grad_out(self, pos: int, i: int, grad: torch.Tensor) -> None:
         self._mark(pos)
         self.trace.backward_events.append((pos, "grad_outputs", i))
-        self.trace.calls[pos].grad_outputs[i] = self._store_grad(grad)
+        self.trace.calls[pos].grad_outputs[i] = self.store_grad(grad)
 
     def _grad_in(self, pos: int, i: int, grad: torch.Tensor) -> None:
         self._mark(pos)
         self.trace.backward_events.append((pos, "grad_inputs", i))
-        self.trace.calls[pos].grad_inputs[i] = self._store_grad(grad)
+        self.trace.calls[pos].grad_inputs[i] = self.store_grad(grad)
+
+
+def _clone(key: str, t: torch.Tensor) -> torch.Tensor:
+    return t.clone()
 
 
 def _weakly(recorder: weakref.ref, method: str, pos: int, i: int, grad: torch.Tensor) -> None:
@@ -464,7 +473,7 @@ def run_model(
                     (loss * loss_scale).backward()
             for name, param in private.named_parameters():
                 if param.grad is not None:
-                    recorder.trace.param_grads[name] = recorder._store_grad(param.grad)
+                    recorder.trace.param_grads[name] = recorder.store_grad(param.grad)
     finally:
         recorder.remove()
         recorder.release()

@@ -8,15 +8,16 @@
 
     python -m align.compare gpu_dump npu_dump [--golden golden_dump]
 
-A recorded step is written after it ends, to DIR/rank{N}/step{n:06d}/ (N is the
-torch.distributed rank, 0 without it), through a temporary directory and a rename, so a
-step on disk is complete (a killed process leaves only hidden temporary directories).
-The write runs on a background thread while the loop goes on (align.record.writer): the
-step's tensors are private copies, memory holds two steps' at most (the one being
-written, the one being recorded), the last recorded step returns once every step is on
-disk, and a failed write is raised at the next `rec.step()`. The dump is complete after
-the last recorded step, `rec.close()` (or the end of `with align.Recorder(...) as rec:`),
-or `rec.flush()`. What a step holds:
+A recorded step is written to DIR/rank{N}/step{n:06d}/ (N is the torch.distributed rank,
+0 without it), through a temporary directory and a rename, so a step on disk is complete
+(a killed process leaves only hidden temporary directories). It streams
+(align.record.writer): its tensors are private copies in host memory, gathered into
+shards of STREAM_SHARD_BYTES that a background thread writes while the step goes on; the
+rest is written once it ends. Memory holds one step's tensors at most (a recorded step
+waits at its start for the one before to be on disk), the last recorded step returns
+once every step is on disk, and a failed write is raised at the next `rec.step()`. The
+dump is complete after the last recorded step, `rec.close()` (or the end of `with
+align.Recorder(...) as rec:`), or `rec.flush()`. What a step holds:
 
 * `trace/` (an align trace, align.record.trace): every module call's inputs, outputs and the
   gradients it sends back (align.capture's hooks); the parameter gradients the optimizer
@@ -106,7 +107,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from align.errors import AlignError, TraceError
-from align.files import read_json, replace_dir, write_json_atomic
+from align.files import read_json, write_json_atomic
 from align.numerics import decisions
 from align.numerics.decisions import Decisions
 from align.numerics.jitter import Jitter
@@ -114,8 +115,8 @@ from align.record.arguments import spec_to_json
 from align.record.buffers import HostBuffers
 from align.record.capture import KeepFloat64, inputs_laid_out, other_layout
 from align.record.capture import Recorder as ModuleHooks
-from align.record.trace import BACKWARD_SLOTS, Trace, read_trace
-from align.record.writer import StepWriter, wait_for_writes
+from align.record.trace import Trace, read_trace
+from align.record.writer import StepFiles, StepWriter, wait_for_writes
 from align.runtime import environment
 
 FORMAT = "align.loop/1"
@@ -176,7 +177,8 @@ class Recorder:
         draw: this run of the reference script is its honest draw `draw` (default: the
             ALIGN_DRAW environment variable): it writes OUT/draws/{draw}/, replays OUT's
             decisions, and runs every step with its rounding nudged (align.numerics.jitter).
-        background: write each step on a background thread; False writes it before
+        background: write each step on a background thread, its shards while it runs;
+            False writes each shard in the loop as it fills and the rest before
             `rec.step()` returns: the same files either way. Default: a thread, except
             under torch.distributed (a gloo rank that had run the writer thread aborted at
             exit, after every step was written, in 1 of 40 runs on torch 2.14; 0 of 40
@@ -235,6 +237,7 @@ class Recorder:
         self._recording = False
         self._writer = StepWriter(self.root, self.world == 1 if background is None else background)
         self._buffers = HostBuffers()
+        self._on_device: dict[str, torch.Tensor] = {}  # a step's copies on its device
         self.memory_format = None
         if self.draw is not None and self.draw % 2:
             self.memory_format = other_layout(model)
@@ -312,17 +315,23 @@ class Recorder:
             return
         if self._recording:
             raise AlignError(f"rec.step({n}) entered inside another recorded step")
-        self._writer.reserve()
+        self._writer.reserve()  # waits for the step before to be on disk
         self._recording = True
+        files = None
         try:
-            write = yield from self._record(n)
+            files = self._files(n)
+            write = yield from self._record(n, files)
         except BaseException:
-            self._writer.cancel()
+            if files is None:
+                self._writer.cancel(n, self.root / _step_dir(n), lambda: None)
+            else:
+                files.abandon()
             raise
         finally:
             self._recording = False
             self._given_loss = None
-        self._writer.submit(n, self.root / _step_dir(n), write)
+            self._on_device.clear()
+        files.finish(write)
         if n == self._last:
             self.close()
 
@@ -332,19 +341,37 @@ class Recorder:
             self._given_loss = loss.detach()
         return loss
 
-    def _record(self, n: int) -> Iterator[None]:
-        """Record step `n` around its one `yield`; return what writes it."""
+    def _files(self, n: int) -> StepFiles:
+        """Step n's directory while it is recorded (its tensors stream there)."""
+        self._buffers.next_step()
+        return StepFiles(
+            self.root / _step_dir(n),
+            n,
+            self._writer,
+            self._buffers,
+            marker=STEP_FILE,
+            trace_dir=TRACE_DIR,
+        )
+
+    def _record(self, n: int, files: StepFiles) -> Iterator[None]:
+        """Record step `n` around its one `yield`, streaming its tensors to `files`; return
+        what writes the rest."""
         started = time.perf_counter()
         scale = self._scale()
         # the weights this step computes with, where no recorded step before it left them
         before = {} if n - 1 in self.steps else self._host_copies(self._weights(BEFORE))
-        hooks = ModuleHooks(self.model, backward=True, snapshot=self._snapshot)
-        accumulated: dict[str, str] = {}  # scaled, as backward left them
+        hooks = ModuleHooks(
+            self.model,
+            backward=True,
+            snapshot=partial(self._snapshot, files, 1.0),
+            grad_snapshot=partial(self._snapshot, files, scale),  # recorded unscaled
+        )
+        accumulated: dict[str, str] = {}  # as backward left them (unscaled when recorded)
         received: dict[str, str] = {}  # as the optimizer received them
         stepped: list[bool] = []
 
         def take_accumulated(name: str, p: torch.Tensor) -> None:
-            accumulated[name] = hooks.store(p.grad)
+            accumulated[name] = hooks.store_grad(p.grad)
 
         def take_received(optimizer, args, kwargs) -> None:
             stepped.append(True)
@@ -372,8 +399,6 @@ class Recorder:
             stack.enter_context(roots)
             yield
         trace = hooks.trace
-        if scale != 1.0:
-            _unscale(trace, scale, accumulated.values())
         trace.param_grads = {**accumulated, **received}
         trace.decisions, trace.faults = choices.choices, choices.faults
         trace.meta = {
@@ -403,28 +428,37 @@ class Recorder:
             ),
             "seconds": time.perf_counter() - started,
         }
-        self._to_host(trace)
-        write = partial(self._write, trace, state, info)
-        return partial(replace_dir, self.root / _step_dir(n), write, STEP_FILE, "step")
+        self._to_host(trace, files)
+        return partial(self._write, trace, state, info, files.shards.index)
 
-    def _snapshot(self, t: torch.Tensor) -> torch.Tensor:
-        """A private copy of `t`: in reused host memory on the CPU, on its device elsewhere
-        (`_to_host` moves it after the step, off the device's stream)."""
-        return self._buffers.copy(t) if t.device.type == "cpu" else t.clone()
+    def _snapshot(self, files: StepFiles, scale: float, key: str, t: torch.Tensor) -> torch.Tensor:
+        """Record `t` under `key`, divided by the loss `scale` it has (a gradient): a copy
+        in reused host memory, streamed to the step's files at once; on a device, a copy
+        there until the step ends (`_to_host`). The trace keeps a stand-in (a meta
+        tensor: the shape and dtype, no memory)."""
+        copy = self._buffers.copy(t) if t.device.type == "cpu" else t.clone()
+        if scale != 1.0:
+            copy.div_(scale)
+        if t.device.type == "cpu":
+            files.add(key, copy)
+        else:
+            self._on_device[key] = copy
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
-    def _to_host(self, trace: Trace) -> None:
-        """Move a trace's tensors to the CPU in the loop's thread (and so its device
-        stream), before another thread writes them."""
-        trace.tensors = {
-            k: t if t.device.type == "cpu" else self._buffers.copy(t)
-            for k, t in trace.tensors.items()
-        }
+    def _to_host(self, trace: Trace, files: StepFiles) -> None:
+        """Move what the step kept on its device to host memory and the step's files, in
+        the loop's thread (and so its device stream), before another thread writes them."""
+        for key, t in self._on_device.items():
+            files.add(key, self._buffers.copy(t))
+        self._on_device.clear()
         trace.decisions = [(op, t.cpu()) for op, t in trace.decisions]
 
-    def _write(self, trace: Trace, state: dict[str, torch.Tensor], info: dict, to: Path) -> None:
-        """Write a step, then hand its host memory to the next recorded step."""
-        _write_step(trace, state, info, to)
-        self._buffers.give([*trace.tensors.values(), *state.values()])
+    def _write(
+        self, trace: Trace, state: dict[str, torch.Tensor], info: dict, index: dict, to: Path
+    ) -> None:
+        """Write the rest of a step, then hand its host memory to the next recorded step."""
+        _write_step(trace, state, info, to, index)
+        self._buffers.give(state.values())
 
     def _numerics(self, n: int) -> contextlib.AbstractContextManager:
         """What every step of this run computes under: float64 kept (the golden), rounding
@@ -569,13 +603,6 @@ def _inputs_to_float64(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tu
     return tree_map(cast, (args, kwargs))
 
 
-def _unscale(trace: Trace, scale: float, more: Iterable[str]) -> None:
-    """Divide the recorded module gradients (and `more` keys) by the loss scale they had."""
-    keys = {k for c in trace.calls for slot in BACKWARD_SLOTS for k in getattr(c, slot) if k}
-    for key in keys | set(more):
-        trace.tensors[key] = trace.tensors[key] / scale
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
@@ -584,8 +611,11 @@ def _jsonable(value: Any) -> Any:
     return value if isinstance(value, (int, float, str, bool, type(None))) else repr(value)
 
 
-def _write_step(trace: Trace, state: dict[str, torch.Tensor], info: dict, directory: Path) -> None:
-    trace.save(directory / TRACE_DIR)
+def _write_step(
+    trace: Trace, state: dict[str, torch.Tensor], info: dict, directory: Path, index: dict
+) -> None:
+    """What is left of a step once its tensors are in their shards (`index`)."""
+    trace.write_records(directory / TRACE_DIR, index)
     save_file(state, str(directory / STATE_FILE))
     info["state"] = {k: {"shape": list(t.shape), "dtype": str(t.dtype)} for k, t in state.items()}
     (directory / STEP_FILE).write_text(json.dumps(info, indent=1, default=str))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,7 +152,15 @@ class Trace:
 
     def _write(self, directory: Path) -> None:
         """Shards, manifest and draws into an empty `directory`."""
-        index = self._write_shards(directory)
+        shards = ShardWriter(lambda name, shard: save_file(shard, str(directory / name)))
+        for key in sorted(self.keys(), key=_natural):
+            shards.add(key, self.tensor(key).detach().cpu().contiguous())
+        shards.flush()
+        self.write_records(directory, shards.index)
+
+    def write_records(self, directory: Path, index: dict[str, dict[str, Any]]) -> None:
+        """Everything but the tensors into `directory`, whose shards hold them as `index`
+        says (ShardWriter's): the draws, the decisions and the manifest."""
         for n, draw in enumerate(self.draws):
             sub = directory / DRAWS / str(n)
             sub.mkdir(parents=True)
@@ -180,29 +188,39 @@ class Trace:
         }
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
 
-    def _write_shards(self, directory: Path) -> dict[str, dict[str, Any]]:
-        index: dict[str, dict[str, Any]] = {}
-        shard: dict[str, torch.Tensor] = {}
-        size = 0
 
-        def flush() -> None:
-            nonlocal shard, size
-            if shard:
-                name = f"tensors-{len({e['shard'] for e in index.values()}):05d}.safetensors"
-                save_file(shard, str(directory / name))
-                for key in shard:
-                    index[key]["shard"] = name
-            shard, size = {}, 0
+class ShardWriter:
+    """Tensors gathered into safetensors shards of about SHARD_BYTES each, in the order
+    they are added: `save(name, tensors)` writes each full shard (at once, or on a thread:
+    align.record.writer streams a recorded step this way); `index` maps every key added to
+    its shape, dtype and shard, as a trace's manifest lists them."""
 
-        for key in sorted(self.keys(), key=_natural):
-            t = self.tensor(key).detach().cpu().contiguous()
-            index[key] = {"shape": list(t.shape), "dtype": str(t.dtype), "shard": None}
-            shard[key] = t
-            size += t.numel() * t.element_size()
-            if size >= SHARD_BYTES:
-                flush()
-        flush()
-        return index
+    def __init__(
+        self, save: Callable[[str, dict[str, torch.Tensor]], None], limit: int | None = None
+    ):
+        self.index: dict[str, dict[str, Any]] = {}
+        self._save, self._limit = save, limit or SHARD_BYTES
+        self._shard: dict[str, torch.Tensor] = {}
+        self._size = 0
+        self._count = 0
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        self.index[key] = {"shape": list(t.shape), "dtype": str(t.dtype), "shard": None}
+        self._shard[key] = t
+        self._size += t.numel() * t.element_size()
+        if self._size >= self._limit:
+            self.flush()
+
+    def flush(self) -> None:
+        """Save the shard being gathered, if it holds anything."""
+        if not self._shard:
+            return
+        name = f"tensors-{self._count:05d}.safetensors"
+        for key in self._shard:
+            self.index[key]["shard"] = name
+        shard, self._shard, self._size = self._shard, {}, 0
+        self._count += 1
+        self._save(name, shard)
 
 
 def _validate(trace: Trace, index: Any) -> None:

@@ -18,17 +18,21 @@ def test_a_copy_is_private_and_keeps_the_layout():
     assert not torch.equal(copy, x)
 
 
-def test_a_written_steps_buffers_are_reused_once_and_then_freed():
+def test_written_buffers_are_reused_once_and_the_untaken_freed_a_step_later():
     buffers = HostBuffers()
     step = [buffers.copy(torch.randn(8, 4)), buffers.copy(torch.randn(3))]
     pointers = {t.data_ptr() for t in step}
-    buffers.give(step)
-    again = [buffers.copy(torch.randn(8, 4)), buffers.copy(torch.randn(3))]
-    assert {t.data_ptr() for t in again} == pointers
-    # a shape the last step did not have, or a buffer already taken: a new allocation
+    buffers.give(step)  # written (a shard, during the step)
+    buffers.next_step()
+    assert buffers.copy(torch.randn(8, 4)).data_ptr() in pointers
+    # a buffer already taken, or a shape never given: a new allocation
     assert buffers.copy(torch.randn(8, 4)).data_ptr() not in pointers
-    buffers.give([torch.randn(2)])  # the next written step replaces what was not taken
+    assert buffers.copy(torch.randn(5)).data_ptr() not in pointers
+    buffers.next_step()  # the (3,) buffer, which the last step did not take, is freed
     assert buffers.copy(torch.randn(3)).data_ptr() not in pointers
+    mine = buffers.copy(torch.randn(6))
+    buffers.give([mine])  # given back within a step: the same step takes it again
+    assert buffers.copy(torch.randn(6)).data_ptr() == mine.data_ptr()
 
 
 def test_views_and_device_tensors_are_never_handed_out_again():
