@@ -1,6 +1,7 @@
 """Cost of align.Recorder in a training loop: timm ResNet-18, SGD with momentum, CPU.
 
     python bench/bench_loop.py [--batch 4] [--size 64] [--repeat 5] [--threads 1]
+                               [--steps-in-memory 1]
 
 Times the median training step (forward, loss, backward, optimizer step, zero_grad)
 bare and, alternating with it, with a Recorder present but the step not in its `steps`
@@ -93,7 +94,7 @@ def times(args: argparse.Namespace) -> tuple[dict[str, tuple[float, float]], flo
     row of them, follows a bare step of its own.
     """
     model, opt, x, y = _setup(args.batch, args.size)
-    r = args.repeat
+    r, held = args.repeat, args.steps_in_memory
     alone, overlap, in_row = range(1, r + 1), range(r + 1, 2 * r + 1), range(2 * r + 1, 3 * r + 1)
     figures: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
 
@@ -105,7 +106,9 @@ def times(args: argparse.Namespace) -> tuple[dict[str, tuple[float, float]], flo
 
     with tempfile.TemporaryDirectory() as tmp:
         out, sync_out = Path(tmp) / "background", Path(tmp) / "sync"
-        rec = align.Recorder(model, out, steps=range(1, 3 * r + 2), optimizer=opt)
+        rec = align.Recorder(
+            model, out, steps=range(1, 3 * r + 2), optimizer=opt, steps_in_memory=held
+        )
         sync = align.Recorder(
             model, sync_out, steps=range(1, r + 2), optimizer=opt, background=False
         )
@@ -162,7 +165,11 @@ def peak(args: argparse.Namespace) -> int:
     """Peak RSS of 4 training steps recording the first `args.record` of them."""
     model, opt, x, y = _setup(args.batch, args.size)
     with tempfile.TemporaryDirectory() as tmp:
-        rec = align.Recorder(model, tmp, steps=range(args.record)) if args.record else None
+        rec = None
+        if args.record:
+            rec = align.Recorder(
+                model, tmp, steps=range(args.record), steps_in_memory=args.steps_in_memory
+            )
         for n in range(4):
             _timed(rec, n, model, opt, x, y)
     return _peak_rss()
@@ -171,7 +178,7 @@ def peak(args: argparse.Namespace) -> int:
 def _child_peak(args: argparse.Namespace, record: int) -> int:
     command = [sys.executable, __file__, "--peak", "--record", str(record)]
     command += ["--batch", str(args.batch), "--size", str(args.size)]
-    command += ["--threads", str(args.threads)]
+    command += ["--threads", str(args.threads), "--steps-in-memory", str(args.steps_in_memory)]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return int(out.split()[-1])
 
@@ -182,6 +189,9 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--steps-in-memory", type=int, default=1, help="Recorder(steps_in_memory=...) (default 1)"
+    )
     p.add_argument("--peak", action="store_true", help=argparse.SUPPRESS)  # child process
     p.add_argument("--record", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -193,7 +203,7 @@ def main() -> None:
     peaks = {n: _child_peak(args, n) for n in (0, 1, 4)}
     print(
         f"ResNet-18 batch {args.batch} {args.size}px, SGD momentum, {args.threads} thread(s), "
-        f"load average {os.getloadavg()[0]:.1f}"
+        f"steps_in_memory={args.steps_in_memory}, load average {os.getloadavg()[0]:.1f}"
     )
 
     def ms(key: str) -> str:

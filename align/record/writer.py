@@ -5,10 +5,10 @@ recorded step streams: `StepFiles` gathers its tensors into shards as the step p
 them and hands each full shard to the writer, so the step's tensors go to disk while the
 step runs; what is left (the last shard, the parameters and optimizer state after the
 step, the records) is written once it ends, and the step's directory renamed into place.
-At most `HELD` step is in memory at once: a recorded step waits at its start until the
-writer has finished the one before. A failed write is raised in the loop, at the next
-`rec.step()` or at `flush` / `close`. A reader of a dump in the same process first waits
-for its steps (`wait_for_writes`).
+At most `held` steps are in memory at once: a recorded step waits at its start until the
+writer has room (`held` 1: until it has finished the one before). A failed write is raised in the
+loop, at the next `rec.step()` or at `flush` / `close`. A reader of a dump in the same
+process first waits for its steps (`wait_for_writes`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from align.files import place_dir, staging_dir
 from align.record.buffers import HostBuffers
 from align.record.trace import ShardWriter
 
-HELD = 1  # recorded steps in memory at once: the one being recorded (its start waits)
 STREAM_SHARD_BYTES = 64 << 20  # a recorded step's tensors go to disk in shards this size
 _ACTIVE: set[StepWriter] = set()  # writers with a thread: steps may still be unwritten
 
@@ -48,9 +47,9 @@ class StepWriter:
     """Writes recorded steps under `root` in order: on one daemon thread (`background`) or
     at once."""
 
-    def __init__(self, root: Path, background: bool) -> None:
+    def __init__(self, root: Path, background: bool, held: int) -> None:
         self.root, self.background = Path(os.path.abspath(root)), background
-        self._room = threading.Semaphore(HELD)
+        self._room = threading.Semaphore(held)  # recorded steps in memory at once
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards the two below, set on the writer thread

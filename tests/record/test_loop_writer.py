@@ -216,7 +216,8 @@ def test_failed_write_is_raised_at_close_or_by_the_last_step(tmp_path, monkeypat
         _record(tmp_path / "sync", steps=[2, 7], train=3, background=False)  # at once
 
 
-def test_one_step_is_held_its_tensors_stream_and_the_next_waits(tmp_path, monkeypatch):
+@pytest.mark.parametrize("held", [1, 2])
+def test_held_steps_stream_their_tensors_and_the_next_waits(tmp_path, monkeypatch, held):
     gate, write = threading.Event(), loop._write_step
     writing: list[int] = []
 
@@ -229,7 +230,7 @@ def test_one_step_is_held_its_tensors_stream_and_the_next_waits(tmp_path, monkey
     monkeypatch.setattr(writer, "STREAM_SHARD_BYTES", 256)  # a shard every few tensors
     model = _net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    rec = align.Recorder(model, tmp_path / "d", steps=range(5), optimizer=opt)
+    rec = align.Recorder(model, tmp_path / "d", steps=range(5), optimizer=opt, steps_in_memory=held)
     entered: list[int] = []
 
     def train() -> None:
@@ -245,10 +246,10 @@ def test_one_step_is_held_its_tensors_stream_and_the_next_waits(tmp_path, monkey
     deadline = time.monotonic() + 60
     while not writing and time.monotonic() < deadline:
         time.sleep(0.01)
-    time.sleep(0.5)  # time enough to enter step 1, were it allowed
-    # step 0's shards were written while it ran; the rest of it waits at the gate, and
-    # step 1 waits for it at its start: one step in memory
-    assert (writing, entered) == ([0], [0])
+    time.sleep(0.5)  # time enough to enter the next steps, were it allowed
+    # step 0's shards were written while it ran; the rest of it waits at the gate, and the
+    # step `held` waits for it at its start: `held` steps in memory
+    assert (writing, entered) == ([0], list(range(held)))
     shards = list((tmp_path / "d" / "rank0").glob(".step000000.*/trace/tensors-*.safetensors"))
     assert len(shards) > 3, shards
     gate.set()
