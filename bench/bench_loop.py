@@ -13,7 +13,7 @@ bare and, alternating with it, with a Recorder present but the step not in its `
 * the two plain steps after a recorded one, run while the writer writes it: the share of
   the write's CPU (and GIL) time that lands on the loop when no core is free for it;
 * back to back: recorded steps in a row, the writer busy with the one before (the loop
-  waits at a step's start until the one before is on disk), then the flush of the last;
+  waits at a step's start for room: --steps-in-memory), then the flush of the last;
 * synchronous (`background=False`): the step and its write, as before the writer thread.
 
 Then, each in a fresh process, the peak RSS of 4 training steps recording none, 1 and

@@ -328,7 +328,7 @@ class Recorder:
             return
         if self._recording:
             raise AlignError(f"rec.step({n}) entered inside another recorded step")
-        self._writer.reserve()  # waits for the step before to be on disk
+        self._writer.reserve()  # waits for room: steps_in_memory
         self._recording = True
         files = None
         try:
