@@ -244,7 +244,7 @@ def test_held_steps_stream_their_tensors_and_the_next_waits(tmp_path, monkeypatc
     loop_thread = threading.Thread(target=train)
     loop_thread.start()
     deadline = time.monotonic() + 60
-    while not writing and time.monotonic() < deadline:
+    while (not writing or len(entered) < held) and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.5)  # time enough to enter the next steps, were it allowed
     # step 0's shards were written while it ran; the rest of it waits at the gate, and the
