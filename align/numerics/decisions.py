@@ -368,11 +368,14 @@ class Decisions(TorchDispatchMode):
         key = _key(func, args)
         inplace = func._schema.is_mutable
         own_branch = None if func in _OUTPUT_IS_BRANCH else piece.branch(*args, **kwargs)
-        recorded = self._take(key, None)
+        shape = args[0].shape if inplace else None if own_branch is None else own_branch.shape
+        recorded = None if shape is None else self._take(key, shape)
         original = args[0].clone() if inplace and recorded is not None else None
         out = func(*args, **kwargs)
         if own_branch is None:
             own_branch = out
+            if shape is None:
+                recorded = self._take(key, out.shape)
         if recorded is not None:
             recorded = recorded.to(own_branch.device)
         if recorded is None or recorded.shape != own_branch.shape:
@@ -431,12 +434,19 @@ class Decisions(TorchDispatchMode):
     # -- records --------------------------------------------------------------------------
 
     def _take(self, key: str, shape) -> torch.Tensor | None:
-        """The next record of `key` (of `shape` when given), or None."""
+        """The next record of `key` of `shape` (of any shape when None), or None. Calls of
+        other shapes keep theirs: a run whose graph orders its backward otherwise (an
+        in-place ReLU become an out-of-place threshold) still gets each call's own."""
         queue = self._queues.get(key)
         if not queue:
             return None
-        recorded = queue.popleft()
-        return None if shape is not None and recorded.shape != shape else recorded
+        if shape is None:
+            return queue.popleft()
+        for i, recorded in enumerate(queue):
+            if recorded.shape == shape:
+                del queue[i]
+                return recorded
+        return None
 
     def _unmatched(self) -> None:
         if self.replay is not None:
