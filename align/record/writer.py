@@ -52,7 +52,7 @@ class StepWriter:
         self._room = threading.Semaphore(held)  # recorded steps in memory at once
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()  # guards the two below, set on the writer thread
+        self._lock = threading.Lock()  # guards the three below, set on the writer thread
         self._error: AlignError | None = None
         self._dropped: list[int] = []
         self._failed: int | None = None  # the step whose write failed
