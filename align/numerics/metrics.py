@@ -12,7 +12,7 @@ share      fraction of elements with |x - g| > tau  how widespread large errors 
 mean_err   mean(x - g) / rms(g)                    signed: systematic offset
 scale_err  <x - g, g> / <g, g>                     signed: systematic gain (x ~ (1+s) g)
 
-`slice_gains` measures scale_err per slice of a tensor (one channel, one row, one spatial
+`Slices.gains` measures scale_err per slice of a tensor (one channel, one row, one spatial
 position), with its standard error: a fault confined to a slice (one wrong channel) is
 diluted in the whole tensor's metrics by the number of slices.
 """
@@ -57,22 +57,39 @@ def all_finite(x: torch.Tensor) -> bool:
 MIN_SLICE = 16  # elements a slice needs for its gain's standard error to mean something
 
 
-def slice_gains(
-    d: torch.Tensor, g: torch.Tensor, shape: tuple[int, ...], dim: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per slice of `shape` along `dim`: the least-squares gain of the error `d` on the
-    golden `g` (both flat float64), and its standard error from the slice's own residual
-    (the sandwich estimator: rounding noise is heteroscedastic, |error| grows with |g|).
-    Slices where g is 0 get gain 0, standard error inf."""
-    rows = shape[dim]
-    dd = d.reshape(shape).movedim(dim, 0).reshape(rows, -1)
-    gg = g.reshape(shape).movedim(dim, 0).reshape(rows, -1)
-    norm = (gg * gg).sum(1)
-    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
-    gain = (dd * gg).sum(1) / safe
-    resid = dd - gain[:, None] * gg
-    se = ((resid * gg).square().sum(1)).sqrt() / safe
-    return torch.where(norm > 0, gain, 0.0), torch.where(norm > 0, se, math.inf)
+class Slices:
+    """The slices of a golden `g` (flat float64, of `shape`) along `dim`: one channel, one
+    row, one spatial position each, for the gains of errors on them."""
+
+    def __init__(self, g: torch.Tensor, shape: tuple[int, ...], dim: int):
+        self.shape, self.dim = shape, dim
+        self.g = self.rows(g)
+        self.norm = self.g.square().sum(1)
+        self._safe = torch.where(self.norm > 0, self.norm, torch.ones_like(self.norm))
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` (flat, of `shape`) as one row per slice."""
+        return x.reshape(self.shape).movedim(self.dim, 0).reshape(self.shape[self.dim], -1)
+
+    def gains(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per slice: the least-squares gain of the error `d` (flat float64) on the golden,
+        and its standard error from the slice's own residual (the sandwich estimator:
+        rounding noise is heteroscedastic, |error| grows with |g|). Slices where g is 0
+        get gain 0, standard error inf."""
+        dd = self.rows(d)
+        gain = (dd * self.g).sum(1) / self._safe
+        resid = dd.sub_(gain[:, None] * self.g).mul_(self.g)
+        se = resid.square_().sum(1).sqrt() / self._safe
+        zero = self.norm == 0
+        return gain.masked_fill(zero, 0.0), se.masked_fill(zero, math.inf)
+
+    def concentration(self) -> torch.Tensor:
+        """Per slice: 1 / sqrt of its effective number of elements, (sum g^4)^(1/2) /
+        sum g^2. A gain weighs each element by g^2: a slice with a few large values is
+        measured by those few (1 for one nonzero value, 1/sqrt(n) for n equal ones).
+        Slices where g is 0 get 1."""
+        fourth = self.g.square().square_().sum(1).sqrt()
+        return (fourth / self._safe).masked_fill(self.norm == 0, 1.0)
 
 
 SHARED_ROUNDING = 32  # golden values within 1/32 ulp of each other share their rounding

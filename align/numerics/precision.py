@@ -155,6 +155,24 @@ REDUCTION_OPS = SUMMING_OPS | frozenset(
 )
 
 
+# How far the kernels that made a tensor may honestly bias a whole slice of it (a channel,
+# a row) beyond the reference's own bias there, in roundings. Correctly rounded arithmetic
+# and conversions: one rounding of a value the slice shares, at most a unit roundoff
+# (IEEE 754-2019 section 4.3). Reductions: their summation-order errors have mean zero;
+# what they can share is again one rounding of a common input (measured: mobilenetv3's
+# conv_head weight gradient under amp-bf16, one input channel 0.18% off on an honest
+# target, half a bf16 roundoff). Transcendental functions: documented to 2 ulp with no
+# claim that the errors average out, so a biased implementation may move every element
+# by its whole accuracy.
+KERNEL_BIAS = {"arithmetic": 1.0, "reduction": 1.0, "transcendental": 4.0}
+
+
+def kernel_bias(accuracy: float) -> float:
+    """The shared bias, in roundings, of kernels of documented `accuracy` (kernel_accuracy)."""
+    kinds = [kind for kind, a in KERNEL_ACCURACY.items() if a <= accuracy] or ["arithmetic"]
+    return KERNEL_BIAS[max(kinds, key=KERNEL_ACCURACY.__getitem__)]
+
+
 def op_accuracy(op: str) -> float:
     """The documented accuracy, in roundings, of the aten op (overload packet) `op`."""
     if op in TRANSCENDENTAL_OPS:

@@ -249,10 +249,13 @@ def split_summation(model: nn.Module) -> nn.Module:
     x taps, as a blocked kernel accumulates them), and the batch is computed in two halves,
     so the weight gradient is the sum of two partial sums too. Under autocast the inputs
     are rounded to the autocast dtype and accumulated in fp32, rounded once at the end (as
-    the reference's bf16 kernels do). Depthwise convolutions split their taps."""
+    the reference's bf16 kernels do). Depthwise convolutions split their taps. Subclasses
+    that compute their weight in their own forward (timm's weight-standardized
+    ScaledStdConv2d) keep it: splitting their raw weight would compute something else."""
     target = copy.deepcopy(model)
+    plain = (nn.Conv2d.forward, nn.Linear.forward)
     for m in target.modules():
-        if not isinstance(m, (nn.Conv2d, nn.Linear)) or m.weight[0].numel() < 2:
+        if type(m).forward not in plain or m.weight[0].numel() < 2:
             continue
         cls = type(m)
 

@@ -332,3 +332,31 @@ def test_design_effects_of_a_large_tensor_come_from_a_sample_that_scales_to_it(d
     g[::7] = 0.5  # a repeated value: one cell of 37k elements
     full = metrics.design_effects(g, metrics.rounding_cells(g, dtype))
     assert metrics.design_effects_of(g, dtype) == pytest.approx(full, rel=0.1)
+
+
+def test_slice_concentration_counts_the_elements_a_gain_weighs():
+    """1/sqrt(n) for n equal values, 1 for one nonzero value, in between for a few large."""
+    g = torch.ones(3, 16, dtype=torch.float64)
+    g[1] = 0.0
+    g[1, 4] = 2.0
+    g[2, :4] = 10.0
+    g[2, 4:] = 1e-3
+    c = metrics.Slices(g.flatten(), (3, 16), 0).concentration()
+    assert float(c[0]) == pytest.approx(0.25)
+    assert float(c[1]) == pytest.approx(1.0)
+    assert float(c[2]) == pytest.approx(0.5, rel=1e-3)  # four dominant values
+
+
+@given(st.integers(0, 2), st.floats(-0.05, 0.05))
+@settings(max_examples=25, deadline=None)
+def test_slice_gains_measure_a_gain_on_one_slice_along_any_dim(dim, gain):
+    """A gain on one slice along `dim` is that slice's gain, every other slice's is 0."""
+    shape = (3, 4, 5)
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(dim), dtype=torch.float64)
+    d = torch.zeros(shape, dtype=torch.float64)
+    d.select(dim, 1).copy_(gain * g.select(dim, 1))
+    found, se = metrics.Slices(g.flatten(), shape, dim).gains(d.flatten())
+    expected = torch.zeros(shape[dim], dtype=torch.float64)
+    expected[1] = gain
+    assert torch.allclose(found, expected, atol=1e-12)
+    assert float(se.max()) < 1e-12  # an exact gain leaves no residual

@@ -5,7 +5,14 @@ import torch
 from torch import nn
 
 from align.errors import AlignError
-from align.numerics.precision import error_floor, get_policy, unit_roundoff
+from align.numerics.precision import (
+    KERNEL_ACCURACY,
+    error_floor,
+    get_policy,
+    kernel_accuracy,
+    kernel_bias,
+    unit_roundoff,
+)
 
 
 @pytest.mark.parametrize(
@@ -54,3 +61,11 @@ def test_floors_order_by_precision():
         unit_roundoff(torch.float64) < unit_roundoff(torch.float32) < unit_roundoff(torch.float16)
     )
     assert error_floor(torch.float32) < error_floor(torch.float16) < error_floor(torch.bfloat16)
+
+
+def test_kernel_bias_is_one_rounding_but_for_transcendental_functions():
+    """A slice may share one rounding's bias; a 2-ulp transcendental kernel all of it."""
+    assert kernel_bias(kernel_accuracy({"add", "mul"})) == 1.0
+    assert kernel_bias(kernel_accuracy({"convolution", "add"})) == 1.0
+    transcendental = KERNEL_ACCURACY["transcendental"]
+    assert kernel_bias(kernel_accuracy({"convolution", "silu"})) == transcendental

@@ -523,3 +523,48 @@ def test_a_nonfinite_target_is_never_excused_by_a_wide_spread():
     t[0] = float("inf")
     verdict, _ = _robustly(t, r, g, draws, local=False)
     assert not verdict.passed and "nonfinite" in verdict.failed
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_channel_gain_is_judged_against_the_reference_not_beside_it(seed):
+    """bf16 outputs of a convolution (a reduction: two roundings' accuracy), (2, 64, 8, 8),
+    whose every channel carries a bias both devices share (their common inputs and
+    weights rounded to bf16, ~0.05%): a target 1% off on one channel (2.5 bf16 roundoffs,
+    over 128 elements) departs from the reference there by far more than its own rounding
+    explains, though its error against the golden is within a few ulp. An honest target
+    (its own output rounding) passes."""
+    shape = (2, 64, 8, 8)
+    g = golden(8192, seed=seed).reshape(shape)
+    gen = torch.Generator().manual_seed(seed)
+    common = g * (1 + 5e-4 * torch.randn(1, 64, 1, 1, generator=gen, dtype=torch.float64))
+    r = common.to(torch.bfloat16)
+
+    def conv(t: torch.Tensor) -> Row:
+        return judge(
+            t, r, g, Tolerance(k=3.0), strict_dtype=True, local=True, row=row(), accuracy=2.0
+        )
+
+    honest = noisy(common, 1e-3, seed, dtype=torch.bfloat16)
+    assert conv(honest).passed, explain(conv(honest))
+    bad = common.clone()
+    bad[:, 40] *= 1.01
+    verdict = conv(bad.to(torch.bfloat16))
+    assert "slice_gain" in verdict.failed, explain(verdict)
+    assert "slice 40 of dim 1" in verdict.message
+
+
+def test_a_slice_of_few_effective_elements_may_carry_their_honest_ulps():
+    """A bf16 channel of 32 values, four of which dominate (a BatchNorm over 2x4x4 values
+    after a ReLU), all four one ulp low on an honest target by chance: its residual sees
+    no noise, but four elements one ulp off are what an honest device may show."""
+    gen = torch.Generator().manual_seed(0)
+    g = (torch.rand(2, 16, 32, generator=gen, dtype=torch.float64) * 0.3).to(torch.bfloat16)
+    g[:, 5] = 0.0
+    g[:, 5, :4] = torch.tensor([1.336, 1.18, 3.578, 1.383], dtype=torch.bfloat16)
+    g[:, 5, 4:12] = 0.26
+    r = g.clone()
+    t = r.clone()
+    t[:, 5, :4] = (r[:, 5, :4].double() * (1 - 2**-8)).to(torch.bfloat16)  # one ulp low
+    assert (t[:, 5, :4] < r[:, 5, :4]).all()
+    verdict = run(t, r, g.double(), strict_dtype=False)
+    assert "slice_gain" not in verdict.failed, explain(verdict)
