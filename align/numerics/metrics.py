@@ -76,9 +76,9 @@ class Slices:
         and its standard error from the slice's own residual (the sandwich estimator:
         rounding noise is heteroscedastic, |error| grows with |g|). Slices where g is 0
         get gain 0, standard error inf."""
-        dd = self.rows(d)
+        dd = self.rows(d.to(torch.float64))
         gain = (dd * self.g).sum(1) / self._safe
-        resid = dd.sub_(gain[:, None] * self.g).mul_(self.g)
+        resid = (dd - gain[:, None] * self.g).mul_(self.g)
         se = resid.square_().sum(1).sqrt() / self._safe
         zero = self.norm == 0
         return gain.masked_fill(zero, 0.0), se.masked_fill(zero, math.inf)

@@ -432,7 +432,7 @@ def _worst_slice(
             continue
         slices = metrics.Slices(g, tuple(shape), dim)
         ref = slices.gains(r - g)[0]
-        diff, se = slices.gains(t - r)
+        diff, se = slices.gains(t.double() - r.double())  # integers would wrap around
         concentration = slices.concentration()
         chance = (PRIOR_SIGMAS * per_element / math.sqrt(3) * concentration).clamp(max=per_element)
         noise = (BIAS_SIGMAS * se).clamp(min=shared).maximum(chance)

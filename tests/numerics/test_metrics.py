@@ -360,3 +360,14 @@ def test_slice_gains_measure_a_gain_on_one_slice_along_any_dim(dim, gain):
     expected[1] = gain
     assert torch.allclose(found, expected, atol=1e-12)
     assert float(se.max()) < 1e-12  # an exact gain leaves no residual
+
+
+def test_slice_gains_take_integer_errors_and_leave_them_unchanged():
+    """A difference of two uint8 masks (a detector's) is measured in float64, in place of
+    nothing: the caller's tensor stays as it was."""
+    g = torch.arange(1.0, 65.0, dtype=torch.float64)
+    d = (torch.arange(64) % 3 == 0).to(torch.uint8)
+    before = d.clone()
+    gain, se = metrics.Slices(g, (4, 16), 0).gains(d)
+    assert gain.dtype == torch.float64 and torch.isfinite(se).all()
+    assert torch.equal(d, before)

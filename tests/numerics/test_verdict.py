@@ -568,3 +568,12 @@ def test_a_slice_of_few_effective_elements_may_carry_their_honest_ulps():
     assert (t[:, 5, :4] < r[:, 5, :4]).all()
     verdict = run(t, r, g.double(), strict_dtype=False)
     assert "slice_gain" not in verdict.failed, explain(verdict)
+
+
+def test_integer_tensors_are_judged_in_float64_without_wrapping():
+    """uint8 masks (a detector's): a target one below the reference is -1 there, not 255."""
+    r = (torch.arange(128) % 2).to(torch.uint8).reshape(2, 64)
+    t = r.clone()
+    t[0, 1] = 0
+    verdict = run(t, r, r.double(), strict_dtype=False)
+    assert verdict.metrics["slice_gain"] < 0, explain(verdict)
