@@ -42,8 +42,9 @@ BIAS_SIGMAS = 12.0
 # values of which four dominate, all four one ulp low on an honest one-ulp target, 13
 # residual standard errors). So a slice may also show what its effective elements, each
 # honestly up to one ulp off and uniformly so, add up to within PRIOR_SIGMAS (that
-# uniform spread overstates honest kernels' several times: measured quiet on 256 honest
-# targets of 16 timm models, eight kinds, fp32 and amp-bf16).
+# uniform spread overstates honest kernels' several times: measured quiet on the 48 honest
+# targets of bench/verdict_catalogue.py's default and 24 of 8 more timm models under
+# amp-bf16, and with half the reference's gain on 256 of 16 models, eight kinds).
 PRIOR_SIGMAS = 3.0
 # A systematic error is only called one when it is a visible part of the error: honest
 # kernels' summation orders leave biases of up to ~5% of the reference's own error
@@ -419,12 +420,12 @@ def _worst_slice(
     times the reference's own gain there (the reference kernel's bias, which another
     device does not share but has its own of: measured, efficientnet_b4's depthwise
     weight gradients under amp-bf16, 25-element slices 2.2x the reference's bias off on
-    an honest target), plus the largest of: BIAS_SIGMAS standard
-    errors of the difference's residual; `shared`, the bias one rounding shared by the
-    slice may honestly leave (precision.KERNEL_BIAS: a repeated value, an input every
-    element multiplies, which a kernel computing in HF32 or bf16 rounds once); and
-    PRIOR_SIGMAS of what the slice's effective elements, each up to `per_element` off,
-    add up to (never more than `per_element`). Returns (the difference, the reference's
+    an honest target), plus the largest of: BIAS_SIGMAS standard errors of the
+    difference's residual; `shared`, the bias one rounding shared by the slice may
+    honestly leave (precision.KERNEL_BIAS: a repeated value, an input every element
+    multiplies, which a kernel computing in HF32 or bf16 rounds once); and PRIOR_SIGMAS
+    of what the slice's effective elements, each up to `per_element` off, add up to
+    (never more than `per_element`). Returns (the difference, the reference's
     gain, the limit on the difference, what to say, the k it needs) or None."""
     best, numel = None, t.numel()
     for dim, rows in enumerate(shape):
@@ -450,8 +451,8 @@ def _worst_slice(
                 f"{BIAS_SIGMAS:.0f} standard errors, one shared rounding {shared:.3g}, and "
                 f"chance over the effective elements {float(chance[i]):.3g})"
             )
-            excess, own = float(diff[i].abs() - noise[i]), float(ref[i].abs())
-            needed = 0.0 if excess <= 0 else math.inf if not own else excess / own
+            excess, ref_gain = float(diff[i].abs() - noise[i]), float(ref[i].abs())
+            needed = 0.0 if excess <= 0 else math.inf if not ref_gain else excess / ref_gain
             best = (float(ratio[i]), float(diff[i]), float(ref[i]), float(limit[i]), note, needed)
     return None if best is None else best[1:]
 
