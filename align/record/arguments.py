@@ -3,9 +3,11 @@ dump holds, what is needed to call the module again (align.judge.step_isolation)
 
 A capture's CallSpec (align.record.capture) keeps the call's pytree structure and its
 non-tensor leaves in memory. Here the structure is written as nested tuples, lists and
-dicts with string keys, and the leaves as JSON's plain values; a call whose arguments hold
-anything else (a namedtuple, a dtype, a user's object) is written as the reason it cannot
-be rebuilt. Reading builds nothing but those containers and plain values: a crafted dump
+dicts with string keys, and the leaves as JSON's plain values, or torch's dtypes and
+memory formats by name ({"dtype": "float16"}: `x.to(torch.float16)` inside a module); a
+call whose arguments hold anything else (a namedtuple, a device, a user's object) is
+written as the reason it cannot be rebuilt. Reading builds nothing but those containers,
+plain values and the named torch constants it looks up in fixed tables: a crafted dump
 cannot make align import or call anything.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from align.errors import TraceError
@@ -21,6 +24,16 @@ from align.record.capture import CallSpec
 __all__ = ["spec_from_json", "spec_to_json"]
 
 PLAIN = (type(None), bool, int, float, str)
+# torch constants a leaf may name, by kind: looked up, never evaluated
+NAMED = {
+    "dtype": {
+        str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
+    },
+    "memory_format": {
+        name: getattr(torch, name)
+        for name in ("contiguous_format", "channels_last", "channels_last_3d", "preserve_format")
+    },
+}
 _LEAF = 0  # a leaf's place in a written structure
 _CONTAINERS = {"tuple": tuple, "list": list}
 
@@ -65,9 +78,24 @@ def spec_from_json(data: Any, where: str) -> CallSpec | str:
 
 
 def _plain(value: Any) -> Any:
-    if type(value) not in PLAIN:
-        raise _NotPlain(f"an argument of type {type(value).__name__}")
-    return value
+    if type(value) in PLAIN:
+        return value
+    for kind, names in NAMED.items():
+        name = next((n for n, v in names.items() if v == value and type(v) is type(value)), None)
+        if name is not None:
+            return {kind: name}
+    raise _NotPlain(f"an argument of type {type(value).__name__}")
+
+
+def _leaf(value: Any) -> Any:
+    """A written leaf as the value it stands for."""
+    if type(value) in PLAIN:
+        return value
+    if isinstance(value, dict) and len(value) == 1:
+        ((kind, name),) = value.items()
+        if isinstance(name, str) and name in NAMED.get(kind, {}):
+            return NAMED[kind][name]
+    raise ValueError(f"a leaf is neither a plain value nor a named dtype or format: {value!r:.60}")
 
 
 def _structure(spec: TreeSpec) -> Any:
@@ -111,6 +139,4 @@ def _spec(structure: Any, leaves: Any) -> tuple[TreeSpec, list[Any]]:
     slots, spec = tree_flatten(_tree(structure))
     if not isinstance(leaves, list) or len(leaves) != len(slots):
         raise ValueError("the leaves do not fill the structure")
-    if not all(type(v) in PLAIN for v in leaves):
-        raise ValueError("a leaf is not a plain value")
-    return spec, leaves
+    return spec, [_leaf(v) for v in leaves]

@@ -15,7 +15,8 @@ from align.record.arguments import spec_from_json, spec_to_json
 from align.record.capture import CallSpec
 
 plain = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5)
-leaf = plain | st.builds(lambda n: torch.arange(float(n)), st.integers(0, 3))
+named = st.sampled_from([torch.float16, torch.bfloat16, torch.int64, torch.channels_last])
+leaf = plain | named | st.builds(lambda n: torch.arange(float(n)), st.integers(0, 3))
 trees = st.recursive(
     leaf,
     lambda inner: (
@@ -58,9 +59,17 @@ def test_written_arguments_rebuild_the_call_with_its_tensors(args, kwargs, outpu
 
 
 def test_a_call_with_a_value_json_cannot_hold_says_why():
-    spec = _spec((torch.ones(2), torch.float16), {}, torch.ones(2), True)
-    assert spec_to_json(spec) == {"not_recorded": "an argument of type dtype"}
-    assert spec_from_json(spec_to_json(spec), "here") == "an argument of type dtype"
+    spec = _spec((torch.ones(2), torch.device("cpu")), {}, torch.ones(2), True)
+    assert spec_to_json(spec) == {"not_recorded": "an argument of type device"}
+    assert spec_from_json(spec_to_json(spec), "here") == "an argument of type device"
+
+
+def test_dtypes_and_memory_formats_are_written_by_name():
+    spec = _spec((torch.ones(2), torch.float16), {"memory_format": torch.channels_last}, (), True)
+    written = spec_to_json(spec)
+    assert written["in_leaves"] == [None, {"dtype": "float16"}, {"memory_format": "channels_last"}]
+    read = spec_from_json(json.loads(json.dumps(written)), "here")
+    assert read.in_leaves[1:] == [torch.float16, torch.channels_last]
 
 
 GOOD = {"in": 0, "in_leaves": [1], "out": 0, "out_leaves": [None], "training": True}
@@ -75,6 +84,9 @@ def test_the_good_entry_reads():
     [
         {**GOOD, "in": {"builtins.eval": [0]}},  # only tuples, lists and dicts are built
         {**GOOD, "in_leaves": [[1]]},  # a leaf that is not a plain value
+        {**GOOD, "in_leaves": [{"dtype": "os.system"}]},  # names are looked up, not evaluated
+        {**GOOD, "in_leaves": [{"builtins": "eval"}]},
+        {**GOOD, "in_leaves": [{"dtype": "float16", "memory_format": "channels_last"}]},
         {**GOOD, "in_leaves": [1, 2]},  # more leaves than places
         {**GOOD, "training": "yes"},
         {**GOOD, "in": {"tuple": 5}},
