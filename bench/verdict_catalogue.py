@@ -110,6 +110,15 @@ def fault_sites(model: nn.Module, x: torch.Tensor | None = None) -> dict[str, st
             and (getattr(m, "weight", None) is None or bool(m.weight.detach().abs().max() > 0))
         ),
     )
+    running = _middle_where(
+        model,
+        lambda m: (
+            model.training
+            and isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.track_running_stats
+            and m.momentum is not None
+        ),
+    )
     sites = {
         "kernel_gain": conv,
         "weight_via_fp16": _middle(model, (nn.Conv2d,)) or conv,
@@ -152,6 +161,18 @@ def fault_sites(model: nn.Module, x: torch.Tensor | None = None) -> dict[str, st
             model, lambda m: type(m) in (nn.Conv2d, nn.Linear) and m.bias is not None
         ),
         "channel_gain": _middle(model, (nn.Conv2d,), exact=True),
+        "pad_value": _middle_where(
+            model,
+            lambda m: (
+                type(m) is nn.Conv2d
+                and m.padding_mode == "zeros"
+                and not isinstance(m.padding, str)
+                and any(m.padding)
+            ),
+        ),
+        # running statistics: written in train mode only
+        "norm_momentum": running,
+        "running_var_biased": running,
     }
     return {kind: site for kind, site in sites.items() if site is not None}
 

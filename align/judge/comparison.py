@@ -18,8 +18,9 @@ import torch
 from align.errors import MismatchError
 from align.numerics.decisions import Fault
 from align.numerics.jitter import Pool
+from align.numerics.names import BUFFER
 from align.numerics.verdict import Divergence, Row, Tolerance, judge_robustly
-from align.record.trace import Call, Trace
+from align.record.trace import STATE_SLOTS, Call, Trace
 
 
 def _target_index(ref: Trace, tgt: Trace, name_map: dict[str, str | None]) -> dict:
@@ -54,6 +55,8 @@ def _pairs(ref: Trace, phases: tuple[str, ...]) -> Iterator[tuple[str, Call, str
         for call in (ref.calls[pos] for pos in order):
             for i in range(len(call.outputs)):
                 yield "forward", call, "outputs", i
+            for i in range(len(call.buffers)):
+                yield "forward", call, "buffers", i
     if "backward" in phases:
         for pos, slot, i in backward_events(ref):
             yield "backward", ref.calls[pos], slot, i
@@ -78,6 +81,22 @@ def backward_events(ref: Trace) -> list[tuple[int, str, int]]:
 LABELS = {"outputs": "output", "grad_outputs": "grad_output", "grad_inputs": "grad_input"}
 
 
+def tensor_label(call: Call, slot: str, i: int) -> str:
+    """How a row names tensor `i` of a call's `slot`: "output[0]", "buffer running_var"."""
+    if slot in STATE_SLOTS:
+        return BUFFER + call.buffer_names[i]
+    return f"{LABELS[slot]}[{i}]"
+
+
+def index_in(call: Call, other: Call, slot: str, i: int) -> int:
+    """Tensor `i` of `slot` of `call` as `other`, the same call on another run, numbers
+    it: buffers by name (len of the slot where `other` wrote no such buffer)."""
+    if slot not in STATE_SLOTS:
+        return i
+    name = call.buffer_names[i]
+    return other.buffer_names.index(name) if name in other.buffer_names else len(other.buffers)
+
+
 _SLOTS = {**{label: slot for slot, label in LABELS.items()}, "input": "inputs"}  # + loop dumps
 _TENSOR = re.compile(r"(\w+)\[(\d+)\]$")  # "output[0]", or "step 3 output[0]" in loop dumps
 # What a row's tensor is computed from: a call's output from its inputs; its input
@@ -86,6 +105,7 @@ _SOURCES = {
     "outputs": ("inputs",),
     "grad_inputs": ("grad_outputs", "inputs"),
     "param_grad": ("grad_outputs", "inputs"),
+    "buffers": ("inputs", "buffers_in"),  # a running statistic: of its inputs and its past
 }
 
 
@@ -117,13 +137,14 @@ def origins(
 
     def source_passes(call: Call, slot: str, i: int, key: str) -> bool:
         if key not in passed:
-            tkeys = getattr(tgt_calls[call.key], slot)
-            gkey = getattr(gold_calls[call.key], slot)[i] if gold_calls else key
+            tcall = tgt_calls[call.key]
+            ti, tkeys = index_in(call, tcall, slot, i), getattr(tcall, slot)
+            gkey = _golden_key(call, gold_calls, slot, i) if gold_calls else key
             row = Row(call.module, call.index, "source", f"{slot}[{i}]", "", [])
-            if i >= len(tkeys) or tkeys[i] is None or gkey is None:
+            if ti >= len(tkeys) or tkeys[ti] is None or gkey is None:
                 passed[key] = False
             else:
-                judged = judge.call_tensor(call, slot, i, tkeys[i], gkey, row)
+                judged = judge.call_tensor(call, slot, i, tkeys[ti], gkey, row)
                 passed[key] = judged.passed
         return passed[key]
 
@@ -153,14 +174,26 @@ def origins(
     return found
 
 
+def _golden_key(call: Call, gold_calls: dict, slot: str, i: int) -> str | None:
+    gcall = gold_calls[call.key]
+    gi, gkeys = index_in(call, gcall, slot, i), getattr(gcall, slot)
+    return gkeys[gi] if gi < len(gkeys) else None
+
+
 def _row_key(ref: Trace, calls: dict, row: Row) -> tuple[str, str] | None:
     """(slot, reference tensor key) a module tensor's row judged, or None."""
-    match = _TENSOR.search(row.tensor)
-    slot = _SLOTS.get(match[1]) if match else None
-    if slot is None or (row.module, row.call) not in calls:
+    if (row.module, row.call) not in calls:
         return None
-    keys = getattr(calls[(row.module, row.call)][1], slot)
-    i = int(match[2])
+    call = calls[(row.module, row.call)][1]
+    if row.tensor.startswith(BUFFER) and row.tensor[len(BUFFER) :] in call.buffer_names:
+        slot, i = "buffers", call.buffer_names.index(row.tensor[len(BUFFER) :])
+    else:
+        match = _TENSOR.search(row.tensor)
+        slot = _SLOTS.get(match[1]) if match else None
+        if slot is None:
+            return None
+        i = int(match[2])
+    keys = getattr(call, slot)
     return (slot, keys[i]) if i < len(keys) and keys[i] is not None else None
 
 
@@ -214,21 +247,21 @@ def compare_traces(
             continue
         rkey = getattr(call, slot)[i]
         tcall = tgt_calls[call.key]
-        label = f"{LABELS[slot]}[{i}]"
-        tkeys = getattr(tcall, slot)
-        pair = (rkey, tkeys[i] if i < len(tkeys) else None)
-        if rkey is None or pair in seen:
+        label = tensor_label(call, slot, i)
+        ti, tkeys = index_in(call, tcall, slot, i), getattr(tcall, slot)
+        tkey = tkeys[ti] if ti < len(tkeys) else None
+        if rkey is None or (rkey, tkey) in seen:
             continue  # the same tensor on both sides, already judged under an inner module
-        seen.add(pair)
-        gkey = getattr(gold_calls[call.key], slot)[i] if gold_calls else rkey
+        seen.add((rkey, tkey))
+        gkey = _golden_key(call, gold_calls, slot, i) if gold_calls else rkey
         row = Row(call.module, call.index, phase, label, "", [])
-        if i >= len(tkeys) or tkeys[i] is None or gkey is None:
-            where = "the target" if i >= len(tkeys) or tkeys[i] is None else "the golden run"
+        if tkey is None or gkey is None:
+            where = "the target" if tkey is None else "the golden run"
             row.failed.append("missing")
             row.message = f"{call.label} {label} exists on the reference but not on {where}"
             rows.append(row)
             continue
-        row = judge.call_tensor(call, slot, i, tkeys[i], gkey, row)
+        row = judge.call_tensor(call, slot, i, tkey, gkey, row)
         rows.append(row)
     if "backward" in phases:
         param_rows: list[Row] = []

@@ -31,6 +31,7 @@ from torch import nn
 
 from align.judge.isolation import Isolator, LocalRun, culprit_positions
 from align.numerics.decisions import Decisions
+from align.numerics.names import BUFFER
 from align.numerics.precision import get_policy, kernel_accuracy
 from align.numerics.verdict import Divergence, Row, Tolerance, judge_on_replays
 from align.record.arguments import spec_from_json
@@ -115,7 +116,15 @@ def _judged(
             continue
         row = Row(call.module, call.index, phase, label, "", [], isolated=True)
         yield judge_on_replays(
-            t, r, gold_t, gold_r, tol, strict_dtype=strict_dtype, row=row, accuracy=accuracy
+            t,
+            r,
+            gold_t,
+            gold_r,
+            tol,
+            strict_dtype=strict_dtype,
+            row=row,
+            accuracy=accuracy,
+            local=not label.startswith(BUFFER),
         )
 
 
@@ -197,7 +206,9 @@ def _alone(iso: Isolator, run: Run, pos: int) -> LocalRun:
 def _same_records(ref: Trace, tgt: Trace, pos: int) -> bool:
     """Whether every tensor the call recorded is bit for bit the same on both sides."""
     rc, tc = ref.calls[pos], tgt.calls[pos]
-    for slot in ("inputs", "outputs", "grad_outputs", "grad_inputs"):
+    if rc.buffer_names != tc.buffer_names:
+        return False
+    for slot in ("inputs", "outputs", "grad_outputs", "grad_inputs", "buffers_in", "buffers"):
         for rk, tk in zip(getattr(rc, slot), getattr(tc, slot), strict=False):
             if (rk is None) != (tk is None):
                 return False
@@ -210,8 +221,12 @@ def _same_records(ref: Trace, tgt: Trace, pos: int) -> bool:
 
 def _recorded(trace: Trace, pos: int, phase: str, label: str) -> str | None:
     """The key of the recorded tensor an isolated run's `label` reproduces (Isolator's
-    labels: output[i], feed:<child>[j], grad_input[j], grad_to:<child>[m])."""
+    labels: output[i], feed:<child>[j], grad_input[j], grad_to:<child>[m], buffer <name>)."""
     call = trace.calls[pos]
+    if label.startswith(BUFFER):  # a buffer the call wrote, by name
+        names = call.buffer_names
+        buffer = label[len(BUFFER) :]
+        return call.buffers[names.index(buffer)] if buffer in names else None
     name, _, index = label.rpartition("[")
     i = int(index.rstrip("]"))
     if name == "output":

@@ -150,7 +150,9 @@ def identical(a: Trace, b: Trace) -> bool:
     if [(c.key, len(c.outputs)) for c in a.calls] != [(c.key, len(c.outputs)) for c in b.calls]:
         return False
     for ca, cb in zip(a.calls, b.calls):
-        for slot in ("outputs", "grad_outputs", "grad_inputs"):
+        if ca.buffer_names != cb.buffer_names:
+            return False
+        for slot in ("outputs", "grad_outputs", "grad_inputs", "buffers"):
             for ka, kb in zip(getattr(ca, slot), getattr(cb, slot)):
                 if (ka is None) != (kb is None):
                     return False

@@ -13,6 +13,7 @@ from align.errors import AlignError
 
 __all__ = [
     "ALIASES",
+    "BUFFER",
     "DEFAULT_K",
     "DEFAULT_TOLERANCE",
     "PHASES",
@@ -26,6 +27,7 @@ PRECISIONS = ("fp32", "amp-fp16", "amp-bf16", "o2-fp16")  # what a check runs at
 GOLDEN_PRECISION = "fp64"  # the golden run's; never asked for
 ALIASES = {"o1": "amp-fp16", "o2": "o2-fp16", "amp": "amp-fp16", "bf16": "amp-bf16"}
 PHASES = ("forward", "backward", "train")  # of align.check; "train" is a short training
+BUFFER = "buffer "  # names the row of a buffer a module call wrote: "buffer running_var"
 
 # err(target) <= k * err(reference) + floor * dtype floor. k about 2 for fp32 and 3 for
 # fp16/bf16: the multipliers of PyTorch dynamo's accuracy check (torch/_dynamo/utils.py,

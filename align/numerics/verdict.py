@@ -53,6 +53,17 @@ PRIOR_SIGMAS = 3.0
 # seen from 0.05 sigma.
 BIAS_FRACTION = 0.05
 UNIT_FP32 = 2.0**-24  # the bias floor's constant: far below any gain fault, in any dtype
+# Elements of an isolated reduced-precision tensor further from the golden than the
+# reference's own element by more than EXCESS_ULPS of their value (an honest kernel's
+# output is one rounding of nearly the sum the reference formed: within 1.5 ulp of the
+# reference's, 4 ulp for a transcendental one) plus one at the tensor's RMS (what another
+# fp32 summation order leaves): a share of them beyond SHARE_FLOOR is a wrong kernel whose
+# elements stray where bf16's shared rounding of the weights hides them in the reference's
+# own error (measured: a 3x3 convolution padding with 5% of RMS, 1.2% of error on top of
+# the reference's 1.0%, under amp-bf16 in resnet26d and mobilenetv3_large_100). A target
+# more accurate than the reference (an fp16 kernel under bf16 autocast) is never further.
+EXCESS_ULPS = 4.0
+REDUCED = (torch.bfloat16, torch.float16)
 NOISE_DOMINATED = 0.5  # reference rel_rmse above this: golden ~ 0, both sides are roundoff
 # A propagated tensor the reference misses by half its size or more (noise-dominated)
 # carries no signal at this precision: its exact value cancels below the rounding of its
@@ -267,13 +278,17 @@ def judge(
     row: Row,
     draws: Sequence[torch.Tensor] = (),
     accuracy: float = 1.0,
+    paired: bool = True,
 ) -> Row:
     """Fill `row` with the metrics of target and reference against golden, and the verdict.
 
     `draws` are honest draws of the reference (align.numerics.jitter); the reference's error on
     each metric is then the largest of the reference's and the draws'. `accuracy` scales
     the dtype floor by what the kernels that made the tensor may honestly differ by
-    (`precision.kernel_accuracy`: 4 where transcendental functions ran). NaN/Inf on the
+    (`precision.kernel_accuracy`: 4 where transcendental functions ran). `paired`: target
+    and reference computed from the same inputs (an isolated module fed the reference's),
+    so each element of the target may stray from the reference's by roundings only
+    (`EXCESS_ULPS`); not so for replays of each side's own inputs. NaN/Inf on the
     target where the others are finite fail `nonfinite`, as does a tensor with no element
     finite on every side; callers refuse NaN/Inf in the reference or golden first
     (`require_finite`, in `judge_robustly`).
@@ -320,6 +335,11 @@ def judge(
     for found, abs_h, _ in judged:
         found["share"] = against.share(abs_h, tau)
     mr = _envelope([found for found, _, _ in judged])
+    paired = paired and clean and reference.dtype in REDUCED
+    if paired:  # each element against the reference's own (`EXCESS_ULPS`)
+        excess = (honest[0] - g).abs_().neg_().add_(abs_t)  # one tensor: large ones abound
+        beyond = excess.sub_(floor * scale).div_(floor * EXCESS_ULPS)  # in units of |g|
+        mt["excess_share"], mr["excess_share"] = against.share(beyond, against.abs_g), 0.0
     # Standard error of a mean of n rounding errors, times BIAS_SIGMAS: rounding errors of
     # one tensor are correlated (shared weights, shared inputs), so n overstates the
     # independent draws; 12 sigmas measured quiet on honest kernel differences. The noise
@@ -349,6 +369,8 @@ def judge(
     floors = {"rel_rmse": floor, "cos_err": floor * floor / 2, "max_rel": 2 * floor}
     if local:  # element-level and bias metrics: only where errors are local rounding noise
         floors["share"] = max(SHARE_FLOOR, SHARE_COUNT / max(abs_t.numel(), 1))
+        if paired:
+            floors["excess_share"] = floors["share"]
         floors.update(
             {m: max(BIAS_SIGMAS * sigma[m], BIAS_FRACTION * own) + 2 * UNIT_FP32 for m in SIGNED}
         )
@@ -381,6 +403,13 @@ def judge(
         row.failed += [m for m, limit in limits.items() if abs(mt[m]) > limit]
     if "slice_gain" in row.failed and not row.message:
         row.message = slice_note
+    if "excess_share" in row.failed and not row.message:
+        row.message = (
+            f"{mt['excess_share']:.1%} of the elements are further from the golden than the "
+            f"reference's by more than {EXCESS_ULPS:g} ulp of their value and one at the "
+            f"tensor's RMS (limit: {floors['excess_share']:.1%}; an honest kernel's elements "
+            "are within one or two roundings of the reference's)"
+        )
     biased = [m for m in SIGNED if m in row.failed]
     if biased and not row.message:  # the statistics behind a systematic error, stated
         row.message = "; ".join(
@@ -392,7 +421,7 @@ def judge(
     linear = max(
         _needed_k(m, abs(mt[m]), mr_cos if m == "cos_err" else abs(mr[m]), f, local)
         for m, f in floors.items()
-        if m != "share"
+        if m not in ("share", "excess_share")  # no k lets a straying element pass
     )
     row.needed_k = linear / ramp
     if local:
@@ -480,6 +509,7 @@ def judge_robustly(
     row: Row,
     draws: Callable[[int], Sequence[torch.Tensor]],
     accuracy: float = 1.0,
+    paired: bool = True,
 ) -> Row:
     """`judge` against the reference alone, and where that fails, again against the
     reference and its honest draws (made only then: they cost a run each): `draws(0)` the
@@ -491,7 +521,7 @@ def judge_robustly(
     whole-network tensor makes it one without signal (OVERFLOWED_MESSAGE), in an
     isolated one a draw left out."""
     require_finite(row, [("reference", reference), ("golden", golden)])
-    kw = dict(strict_dtype=strict_dtype, local=local, accuracy=accuracy)
+    kw = dict(strict_dtype=strict_dtype, local=local, accuracy=accuracy, paired=paired)
     judged = judge(target, reference, golden, tol, row=row, **kw)
     used, finite = 0, []
     for round_ in (0, 1):
@@ -533,11 +563,13 @@ def judge_on_replays(
     strict_dtype: bool,
     row: Row,
     accuracy: float,
+    local: bool = True,
 ) -> Row:
     """An isolated tensor judged from each side's own inputs: `target` against its exact
     (float64) replay, relative to the reference's error against its own replay, moved
     onto the target's elementwise and rounded to the reference's dtype (align.judge.replay,
-    align.judge.step_isolation). No draws: a replay has no run to draw from."""
+    align.judge.step_isolation). No draws: a replay has no run to draw from. `local`:
+    False for a running statistic (align.judge.isolation says why)."""
     stand_in = (target_replay + (reference.double() - reference_replay)).to(reference.dtype)
     return judge_robustly(
         target,
@@ -545,10 +577,11 @@ def judge_on_replays(
         target_replay,
         tol,
         strict_dtype=strict_dtype,
-        local=True,
+        local=local,
         row=row,
         draws=lambda _round: [],
         accuracy=accuracy,
+        paired=False,  # each side's error is its own: their elements are independent
     )
 
 

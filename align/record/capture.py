@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from align.errors import AlignError, ModelRunError
@@ -103,6 +103,8 @@ class Recorder:
         self._counts: dict[str, int] = {}
         self._seen: dict[tuple, tuple[torch.Tensor, str]] = {}
         self._grads: dict[int, tuple[torch.Tensor, str]] = {}
+        # per running call: copies of its module's floating buffers as they were before it
+        self._buffers: dict[int, list[tuple[str, torch.Tensor]]] = {}
         self._handles = []
         for name, module in model.named_modules():
             self._handles.append(
@@ -129,6 +131,7 @@ class Recorder:
         back here, a cycle through C++ that Python's gc cannot free (a leak per run)."""
         self._seen.clear()
         self._grads.clear()
+        self._buffers.clear()
 
     def store(self, t: torch.Tensor) -> str:
         """Key of a snapshot of `t`; the same contents are stored once."""
@@ -179,6 +182,12 @@ class Recorder:
             [None if isinstance(x, torch.Tensor) else x for x in leaves],
             training=module.training,
         )
+        with _disable_current_modes():  # a copy, not an op of the run (jitter would nudge it)
+            self._buffers[pos] = [
+                (n, b.detach().clone())
+                for n, b in module.named_buffers(recurse=False)
+                if b.is_floating_point()
+            ]
         self._stack.append(pos)
         if tapped:
             return tree_unflatten(fed, spec)
@@ -199,6 +208,14 @@ class Recorder:
                 leaf.register_hook(partial(_weakly, weakref.ref(self), "_grad_out", pos, i))
         call.outputs = keys
         call.grad_outputs = [None] * len(keys)
+        with _disable_current_modes():
+            for buffer, before in self._buffers.pop(pos, ()):
+                now = module._buffers.get(buffer)
+                # (kernels write running statistics without bumping the version counter)
+                if now is not None and not _same(now, before):
+                    call.buffer_names.append(buffer)  # written: a running statistic
+                    call.buffers_in.append(self.store(before))
+                    call.buffers.append(self.store(now))
         self.specs[pos].out_spec = spec
         self.specs[pos].out_leaves = [None if isinstance(x, torch.Tensor) else x for x in leaves]
 
@@ -216,6 +233,10 @@ class Recorder:
         self._mark(pos)
         self.trace.backward_events.append((pos, "grad_inputs", i))
         self.trace.calls[pos].grad_inputs[i] = self.store_grad(grad)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.detach(), b)
 
 
 def _clone(key: str, t: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,8 @@ _SHARD_NAME = re.compile(r"^tensors-\d{5}\.safetensors$")
 # The tensor lists a Call carries, in the order a record is reported.
 FORWARD_SLOTS = ("inputs", "outputs")
 BACKWARD_SLOTS = ("grad_outputs", "grad_inputs")
+# A call's buffers it wrote in place (BatchNorm's running statistics), before and after it
+STATE_SLOTS = ("buffers_in", "buffers")
 DRAWS = "draws"  # subdirectory of a dump holding its honest draws
 DECISIONS = "decisions.safetensors"  # the run's discrete choices (align.numerics.decisions)
 
@@ -49,6 +51,10 @@ class Call:
     outputs: list[str | None] = field(default_factory=list)
     grad_outputs: list[str | None] = field(default_factory=list)
     grad_inputs: list[str | None] = field(default_factory=list)
+    # the buffers the call wrote (in place or anew), by name, with their keys before and after
+    buffer_names: list[str] = field(default_factory=list)
+    buffers_in: list[str | None] = field(default_factory=list)
+    buffers: list[str | None] = field(default_factory=list)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -140,7 +146,7 @@ class Trace:
         used = {
             k
             for c in self.calls
-            for slot in FORWARD_SLOTS + BACKWARD_SLOTS
+            for slot in FORWARD_SLOTS + BACKWARD_SLOTS + STATE_SLOTS
             for k in getattr(c, slot)
             if k is not None
         }
@@ -235,13 +241,17 @@ def _validate(trace: Trace, index: Any) -> None:
         raise TypeError("'tensors' must map keys to {shape: [int], dtype: str, shard: str}")
     n = len(trace.calls)
     for call in trace.calls:
-        slots = [getattr(call, s) for s in FORWARD_SLOTS + BACKWARD_SLOTS]
+        slots = [getattr(call, s) for s in FORWARD_SLOTS + BACKWARD_SLOTS + STATE_SLOTS]
+        names = call.buffer_names
         if (
             not isinstance(call.module, str)
             or not isinstance(call.index, int)
             or not (call.parent is None or isinstance(call.parent, int) and 0 <= call.parent < n)
             or not all(isinstance(s, list) for s in slots)
             or not all(k is None or isinstance(k, str) for s in slots for k in s)
+            or not isinstance(names, list)
+            or not all(isinstance(n, str) for n in names)
+            or not len(names) == len(call.buffers_in) == len(call.buffers)
         ):
             raise TypeError(f"malformed call record {asdict(call)}")
     for order in ("backward_order", "forward_order"):

@@ -1,10 +1,10 @@
 """Faulty targets: `FAULTS[kind](model, module_name)` injects one known fault into a
 module of a copy (a kernel gain, a weight through fp16, a norm's eps, a close-but-wrong
 activation, a backward gain, a dropout without its rescale, a wrong channel, a norm's
-backward without a term...), so the verdict must fail it and name the module. Forward
-overrides swap the module's class for a subclass, so they survive the deep copies align
-makes of a target. `fused_dropout_kernel()` swaps the CPU's fused dropout kernel for a
-wrong one while it is active.
+backward without a term, a padding value, running statistics...), so the verdict must fail
+it and name the module. Forward overrides swap the module's class for a subclass, so they
+survive the deep copies align makes of a target. `fused_dropout_kernel()` swaps the CPU's
+fused dropout kernel for a wrong one while it is active.
 """
 
 from __future__ import annotations
@@ -327,9 +327,51 @@ def channel_gain(model: nn.Module, name: str) -> None:
     override_forward(module(model, name), forward, "ChannelGain")
 
 
+def pad_value(model: nn.Module, name: str) -> None:
+    """A convolution that pads its input with 5% of the input's RMS instead of zeros (a
+    border bug: only the elements its window reaches past the edge are wrong)."""
+    base = type(module(model, name)).forward
+
+    def forward(self, x):
+        if self.padding_mode != "zeros" or isinstance(self.padding, str) or not any(self.padding):
+            return base(self, x)
+        value = float(x.detach().float().pow(2).mean().sqrt()) * 0.05
+        pads = [p for p in reversed(self.padding) for _ in range(2)]
+        padded = F.pad(x, pads, value=value)
+        return F.conv2d(padded, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+    override_forward(module(model, name), forward, "PadValue")
+
+
+def norm_momentum(model: nn.Module, name: str) -> None:
+    """A BatchNorm whose running statistics move with momentum 0.01 instead of 0.1: its
+    train-mode outputs and gradients are exact; the running mean and variance, what eval
+    mode and the trained model use, are not."""
+    module(model, name).momentum = 0.01
+
+
+def running_var_biased(model: nn.Module, name: str) -> None:
+    """A BatchNorm that keeps the biased variance (N) in its running variance where torch
+    keeps the unbiased one (N - 1); its outputs and gradients are exact."""
+    base = type(module(model, name)).forward
+
+    def forward(self, x):
+        before = self.running_var.detach().clone()
+        out = base(self, x)
+        if self.training and self.momentum is not None:
+            with torch.no_grad():
+                dims = [0, *range(2, x.dim())]
+                var = x.detach().float().var(dims, unbiased=False)
+                self.running_var.data = before.lerp(var.to(before.dtype), self.momentum)
+        return out
+
+    override_forward(module(model, name), forward, "BiasedRunningVar")
+
+
 # porting bugs met in the hold-out catalogue (bench/verdict_catalogue.py): padding and
 # interpolation flags, a norm's variance and backward terms, attention and GELU variants,
-# a gradient-only gain, a dropped bias gradient, one wrong channel
+# a gradient-only gain, a dropped bias gradient, one wrong channel, a wrong padding value,
+# running statistics
 PORT_FAULTS = {
     "avgpool_include_pad": avgpool_include_pad,
     "align_corners": align_corners,
@@ -341,5 +383,8 @@ PORT_FAULTS = {
     "weight_grad_gain": weight_grad_gain,
     "bias_grad_dropped": bias_grad_dropped,
     "channel_gain": channel_gain,
+    "pad_value": pad_value,
+    "norm_momentum": norm_momentum,
+    "running_var_biased": running_var_biased,
 }
 FAULTS.update(PORT_FAULTS)

@@ -83,3 +83,22 @@ def test_an_error_of_the_parents_own_code_names_no_module_after_it(model):
 def test_an_honest_target_has_no_origin(model):
     report = _report(perturb(model, 0.5), model)
     assert report.passed and report.origins == [], str(report)
+
+
+def test_a_wrong_running_statistic_is_where_the_error_starts():
+    """A BatchNorm whose outputs are exact and whose running variance is not: the dumps'
+    comparison fails on the buffer and names the norm (its inputs and past state pass)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    target = copy.deepcopy(model)
+    FAULTS["running_var_biased"](target, "1")
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = align.capture(model, x)
+    gold = align.capture(model, x, precision="fp64", decisions_of=ref)
+    report = align.compare(ref, align.capture(target, x, decisions_of=ref), gold)
+    assert not report.passed
+    failing = [(r.module, r.tensor) for r in report.rows if r.failed]
+    assert failing == [("1", "buffer running_var")]
+    assert [(d.module, d.tensor) for d in report.origins] == [("1", "buffer running_var")]
+    honest = align.compare(ref, align.capture(perturb(model, 1.0), x, decisions_of=ref), gold)
+    assert honest.passed, [r for r in honest.rows if r.failed]

@@ -32,6 +32,7 @@ from align.testing.faults import (
     kernel_gain,
     norm_eps,
     output_offset,
+    running_var_biased,
     weight_via_fp16,
 )
 
@@ -42,8 +43,8 @@ class Scale(nn.Module):
 
 
 class Cast(nn.Module):
-    def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return x.to(dtype)
+    def forward(self, x: torch.Tensor, to: torch.dtype | torch.device) -> torch.Tensor:
+        return x.to(to)
 
 
 class Net(nn.Module):
@@ -54,13 +55,13 @@ class Net(nn.Module):
         self.drop = nn.Dropout(0.3)
         self.scale = Scale()
         self.head = nn.Linear(8 * 14, 5)
-        self.cast, self.to_dtype = cast, Cast()
+        self.cast, self.to_device, self.to_float = cast, Cast(), Cast()
 
     def forward(self, x):
         h = torch.relu(self.norm(self.conv(x)))
-        h = self.scale(self.drop(h), 0.5)
-        if self.cast:  # an argument the dump cannot hold: a dtype
-            h = self.to_dtype(h, torch.float32)
+        h = self.to_float(self.scale(self.drop(h), 0.5), torch.float32)  # a dtype argument
+        if self.cast:  # an argument the dump cannot hold: a device
+            h = self.to_device(h, torch.device("cpu"))
         return self.head(h.flatten(1))
 
 
@@ -125,7 +126,7 @@ def test_an_honest_target_passes_and_every_module_passes_alone(dumps):
         )
         assert culprits == [] and not [r for r in rows if r.failed], notes
         judged = {(r.module, r.phase) for r in rows}
-        for module in ("conv", "norm", "drop", "scale", "head"):
+        for module in ("conv", "norm", "drop", "scale", "to_float", "head"):
             assert (module, "forward") in judged, (n, sorted(judged))
         assert ("norm", "backward") in judged and ("drop", "backward") in judged
 
@@ -137,6 +138,7 @@ def test_an_honest_target_passes_and_every_module_passes_alone(dumps):
         (backward_gain, "norm"),  # an exact forward, a backward 1% off
         (norm_eps, "norm"),  # another eps: wrong given its own inputs
         (output_offset, "head"),  # a bias bug of 0.2% of the output's RMS
+        (running_var_biased, "norm"),  # exact outputs, a running statistic wrong
     ],
 )
 def test_a_faulty_module_is_named_from_the_dumps(dumps, tmp_path, fault, site):
@@ -170,7 +172,7 @@ def test_calls_that_cannot_be_rebuilt_and_a_foreign_model_are_notes(dumps, tmp_p
         tmp_path / "ref", tmp_path / "bad", tmp_path / "gold", model=Net(cast=True)
     )
     assert [c.module for c in report.culprits][:1] == ["conv"], str(report)
-    assert any("not re-run alone: 1 x an argument of type dtype" in n for n in report.notes)
+    assert any("not re-run alone: 1 x an argument of type device" in n for n in report.notes)
 
     foreign = nn.Sequential(nn.Linear(2, 2))
     report = align.compare(tmp_path / "ref", tmp_path / "bad", tmp_path / "gold", model=foreign)

@@ -577,3 +577,40 @@ def test_integer_tensors_are_judged_in_float64_without_wrapping():
     t[0, 1] = 0
     verdict = run(t, r, r.double(), strict_dtype=False)
     assert verdict.metrics["slice_gain"] < 0, explain(verdict)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_elements_straying_beyond_the_references_own_fail_excess_share(seed):
+    """Isolated bf16 outputs whose reference misses the golden by 1% of RMS (weights both
+    devices round alike to bf16, amplified where the sum cancels), and a target that also
+    moves a tenth of its elements by 3% of RMS (a border the kernel pads wrongly): its
+    rel_rmse stays within k times the reference's and no element is beyond share's tau,
+    but those elements are further from the golden than the reference's by many ulps.
+    An honest target (each element a rounding away from the reference's) and a more
+    accurate one pass."""
+    g = golden(seed=seed)
+    common = noisy(g, 1e-2, seed, dtype=torch.float64)
+    r = common.to(torch.bfloat16)
+    rms = float(g.pow(2).mean().sqrt())
+    sign = torch.randint(0, 2, (N,), generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    bad = common.clone()
+    bad[: N // 10] += 0.03 * rms * sign[: N // 10]  # either way: no bias to speak of
+    verdict = run(bad.to(torch.bfloat16), r, g, k=3.0)
+    assert verdict.failed == ["excess_share"], explain(verdict)
+    assert "further from the golden than the reference's" in verdict.message
+    honest = (common * (1 + sign * 2.0**-8)).to(torch.bfloat16)
+    assert (honest != r).float().mean() > 0.3  # most elements a rounding off
+    for target in (honest, g.to(torch.bfloat16)):
+        verdict = run(target, r, g, k=3.0)
+        assert verdict.passed, explain(verdict)
+        assert verdict.metrics["excess_share"] == 0.0
+
+
+def test_excess_share_is_judged_on_reduced_precision_isolated_tensors_only():
+    """fp32 tensors keep their k-times-the-reference limits (another summation order moves
+    a cancelling fp32 element by many of its ulps), and whole-network ones are correlated
+    through the layers before them: neither gets the paired element check."""
+    g = golden()
+    common = noisy(g, 1e-2, 0, dtype=torch.float64)
+    for r, local in ((common.to(torch.float32), True), (common.to(torch.bfloat16), False)):
+        assert "excess_share" not in run(r, r, g, local=local).metrics

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import align
-from align.record.capture import call_model
+from align.numerics.jitter import Jitter
+from align.record.capture import Recorder, call_model
 
 
 class Twice(nn.Module):
@@ -149,3 +150,39 @@ def test_odd_honest_draws_run_in_the_other_layout_with_the_references_choices():
             assert other.shape == t.shape
             # rounding apart (a gradient that cancels to ~1e-7 is all rounding)
             assert float((other - t).norm()) <= 1e-5 * float(t.norm()) + 1e-6, key
+
+
+def test_buffers_a_call_writes_are_recorded_before_and_after_it(tmp_path):
+    """A train-mode BatchNorm writes its running statistics in place (without bumping the
+    version counter): each call records them as they were and as it left them, by name;
+    in eval mode, where nothing is written, nothing is recorded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    x = torch.randn(2, 3, 8, 8)
+    trace = align.capture(model, x)
+    bn = trace.by_key()[("1", 0)]
+    assert bn.buffer_names == ["running_mean", "running_var"]
+    before = [trace.tensor(k) for k in bn.buffers_in]
+    after = [trace.tensor(k) for k in bn.buffers]
+    assert torch.equal(before[0], torch.zeros(4)) and torch.equal(before[1], torch.ones(4))
+    feature = model[0](x).detach()
+    assert torch.allclose(after[0], 0.1 * feature.mean((0, 2, 3)), atol=1e-6)
+    assert torch.allclose(after[1], 0.9 + 0.1 * feature.var((0, 2, 3)), atol=1e-6)
+    assert model[1].num_batches_tracked == 0  # the caller's model is left alone
+    assert all(not c.buffer_names for c in trace.calls if c.module != "1")
+    loaded = align.load_trace(trace.save(tmp_path / "dump"))
+    again = loaded.by_key()[("1", 0)]
+    assert again.buffer_names == bn.buffer_names
+    assert torch.equal(loaded.tensor(again.buffers[1]), after[1])
+    assert not any(c.buffer_names for c in align.capture(model.eval(), x).calls)
+
+
+def test_an_honest_draw_records_the_same_written_buffers():
+    """Under jitter (every op's result nudged) the copies a call's buffers are compared
+    with are still exact: an eval-mode BatchNorm writes nothing in a draw either."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4).eval(), nn.BatchNorm2d(4))
+    recorder = Recorder(model, backward=False)
+    with Jitter(1):
+        model(torch.randn(2, 3, 8, 8))
+    written = {c.module: c.buffer_names for c in recorder.trace.calls}
+    assert written == {"": [], "0": [], "1": [], "2": ["running_mean", "running_var"]}

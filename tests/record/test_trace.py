@@ -468,6 +468,11 @@ def test_a_manifest_that_is_not_an_object(dump):
         ("calls", [{"module": "a", "index": 0, "cls": "X", "parent": 7, "outputs": []}]),
         ("calls", [{"module": "a", "index": 0, "cls": "X", "parent": None, "outputs": [3]}]),
         ("calls", [{"module": "a", "index": 0, "cls": "X", "parent": None, "outputs": "t0"}]),
+        (
+            "calls",
+            [{"module": "a", "index": 0, "cls": "X", "parent": None, "buffer_names": ["m"]}],
+        ),
+        ("calls", [{"module": "a", "index": 0, "cls": "X", "parent": None, "buffer_names": "m"}]),
         ("param_grads", ["a.weight"]),
         ("param_grads", {"a.weight": 3}),
         ("backward_order", [0, 99]),
