@@ -185,8 +185,8 @@ def _row_key(ref: Trace, calls: dict, row: Row) -> tuple[str, str] | None:
     if (row.module, row.call) not in calls:
         return None
     call = calls[(row.module, row.call)][1]
-    if row.tensor.startswith(BUFFER) and row.tensor[len(BUFFER) :] in call.buffer_names:
-        slot, i = "buffers", call.buffer_names.index(row.tensor[len(BUFFER) :])
+    if (written := call.buffer_index(row.tensor)) is not None:
+        slot, i = "buffers", written
     else:
         match = _TENSOR.search(row.tensor)
         slot = _SLOTS.get(match[1]) if match else None

@@ -224,9 +224,8 @@ def _recorded(trace: Trace, pos: int, phase: str, label: str) -> str | None:
     labels: output[i], feed:<child>[j], grad_input[j], grad_to:<child>[m], buffer <name>)."""
     call = trace.calls[pos]
     if label.startswith(BUFFER):  # a buffer the call wrote, by name
-        names = call.buffer_names
-        buffer = label[len(BUFFER) :]
-        return call.buffers[names.index(buffer)] if buffer in names else None
+        written = call.buffer_index(label)
+        return None if written is None else call.buffers[written]
     name, _, index = label.rpartition("[")
     i = int(index.rstrip("]"))
     if name == "output":

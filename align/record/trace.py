@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from align.errors import TraceError
 from align.files import read_json, replace_dir
 from align.numerics.decisions import Fault
-from align.numerics.names import call_label
+from align.numerics.names import BUFFER, call_label
 
 MANIFEST = "manifest.json"
 FORMAT = "align.trace/1"
@@ -63,6 +63,13 @@ class Call:
     @property
     def label(self) -> str:
         return call_label(self.module, self.index)
+
+    def buffer_index(self, label: str) -> int | None:
+        """Where in `buffers` the row `label` ("buffer running_var") points, or None."""
+        name = label.removeprefix(BUFFER)
+        if label.startswith(BUFFER) and name in self.buffer_names:
+            return self.buffer_names.index(name)
+        return None
 
 
 class _DiskTensors:
@@ -242,16 +249,16 @@ def _validate(trace: Trace, index: Any) -> None:
     n = len(trace.calls)
     for call in trace.calls:
         slots = [getattr(call, s) for s in FORWARD_SLOTS + BACKWARD_SLOTS + STATE_SLOTS]
-        names = call.buffer_names
+        written = call.buffer_names
         if (
             not isinstance(call.module, str)
             or not isinstance(call.index, int)
             or not (call.parent is None or isinstance(call.parent, int) and 0 <= call.parent < n)
             or not all(isinstance(s, list) for s in slots)
             or not all(k is None or isinstance(k, str) for s in slots for k in s)
-            or not isinstance(names, list)
-            or not all(isinstance(n, str) for n in names)
-            or not len(names) == len(call.buffers_in) == len(call.buffers)
+            or not isinstance(written, list)
+            or not all(isinstance(name, str) for name in written)
+            or not len(written) == len(call.buffers_in) == len(call.buffers)
         ):
             raise TypeError(f"malformed call record {asdict(call)}")
     for order in ("backward_order", "forward_order"):
