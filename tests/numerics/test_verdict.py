@@ -76,6 +76,7 @@ def test_same_noise_as_the_reference_passes(seed, rel):
         "share",
         "mean_err",
         "scale_err",
+        "slice_gain",  # a 1-d tensor has one slice: the whole tensor, paired
     }
     assert set(run(t, r, g, local=False).limits) == {"rel_rmse", "cos_err", "max_rel"}
 
@@ -551,6 +552,28 @@ def test_a_channel_gain_is_judged_against_the_reference_not_beside_it(seed):
     verdict = conv(bad.to(torch.bfloat16))
     assert "slice_gain" in verdict.failed, explain(verdict)
     assert "slice 40 of dim 1" in verdict.message
+
+
+def test_a_gain_on_a_tensor_too_small_to_slice_is_judged_paired():
+    """A linear layer's 10x10 fp32 weight gradient computed in bf16 (amp-bf16): honest
+    draws whose nudged operands leave a 0.5% gain widen scale_err's limit past a 1% gain,
+    and no dim has slices to judge. Paired with the reference, the whole tensor as one
+    slice, 1% is far beyond what one rounding of its values leaves; an honest target
+    (its own rounding of the same sums) passes."""
+    g = golden(100, seed=0).reshape(10, 10)
+    r = g.to(torch.bfloat16).float()
+    draws = [(g * (1 + gain)).to(torch.bfloat16).float() for gain in (5e-3, -4e-3)]
+
+    def weight_grad(t: torch.Tensor) -> Row:
+        return judge(
+            t, r, g, Tolerance(k=2.0), strict_dtype=True, local=True, row=row(), draws=draws
+        )
+
+    honest = weight_grad(noisy(g, 1e-3, 1, torch.bfloat16).float())
+    assert honest.passed, explain(honest)
+    verdict = weight_grad((noisy(g, 1e-3, 1, torch.float64) * 1.01).to(torch.bfloat16).float())
+    assert verdict.failed == ["slice_gain"], explain(verdict)
+    assert verdict.message.startswith("the whole tensor (100 elements"), verdict.message
 
 
 def test_a_slice_of_few_effective_elements_may_carry_their_honest_ulps():
