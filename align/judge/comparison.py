@@ -250,6 +250,8 @@ def compare_traces(
         label = tensor_label(call, slot, i)
         ti, tkeys = index_in(call, tcall, slot, i), getattr(tcall, slot)
         tkey = tkeys[ti] if ti < len(tkeys) else None
+        if slot == "buffers" and not (call.wrote(i) or ti < len(tkeys) and tcall.wrote(ti)):
+            continue  # a buffer neither side's call changed (BatchNorm in eval mode)
         if rkey is None or (rkey, tkey) in seen:
             continue  # the same tensor on both sides, already judged under an inner module
         seen.add((rkey, tkey))

@@ -223,7 +223,7 @@ def _recorded(trace: Trace, pos: int, phase: str, label: str) -> str | None:
     """The key of the recorded tensor an isolated run's `label` reproduces (Isolator's
     labels: output[i], feed:<child>[j], grad_input[j], grad_to:<child>[m], buffer <name>)."""
     call = trace.calls[pos]
-    if label.startswith(BUFFER):  # a buffer the call wrote, by name
+    if label.startswith(BUFFER):  # a buffer of the call's module, by name
         written = call.buffer_index(label)
         return None if written is None else call.buffers[written]
     name, _, index = label.rpartition("[")

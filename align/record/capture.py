@@ -211,11 +211,15 @@ class Recorder:
         with _disable_current_modes():
             for buffer, before in self._buffers.pop(pos, ()):
                 now = module._buffers.get(buffer)
-                # (kernels write running statistics without bumping the version counter)
-                if now is not None and not _same(now, before):
-                    call.buffer_names.append(buffer)  # written: a running statistic
-                    call.buffers_in.append(self.store(before))
-                    call.buffers.append(self.store(now))
+                if now is None:
+                    continue
+                call.buffer_names.append(buffer)
+                call.buffers_in.append(self.store(before))
+                # (kernels write running statistics without bumping the version counter:
+                # compared by value, and a written one stored from a copy, which no later
+                # silent write can make the content key of a stale snapshot)
+                same = _same(now, before)
+                call.buffers.append(call.buffers_in[-1] if same else self.store(now.clone()))
         self.specs[pos].out_spec = spec
         self.specs[pos].out_leaves = [None if isinstance(x, torch.Tensor) else x for x in leaves]
 

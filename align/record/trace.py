@@ -33,7 +33,9 @@ _SHARD_NAME = re.compile(r"^tensors-\d{5}\.safetensors$")
 # The tensor lists a Call carries, in the order a record is reported.
 FORWARD_SLOTS = ("inputs", "outputs")
 BACKWARD_SLOTS = ("grad_outputs", "grad_inputs")
-# A call's buffers it wrote in place (BatchNorm's running statistics), before and after it
+# A call's module's floating buffers before and after it; one key for both where the call
+# left a buffer as it was (a buffer one device writes and another leaves, by rounding, is
+# still compared: BatchNorm's running mean of two exactly opposite values)
 STATE_SLOTS = ("buffers_in", "buffers")
 DRAWS = "draws"  # subdirectory of a dump holding its honest draws
 DECISIONS = "decisions.safetensors"  # the run's discrete choices (align.numerics.decisions)
@@ -51,7 +53,7 @@ class Call:
     outputs: list[str | None] = field(default_factory=list)
     grad_outputs: list[str | None] = field(default_factory=list)
     grad_inputs: list[str | None] = field(default_factory=list)
-    # the buffers the call wrote (in place or anew), by name, with their keys before and after
+    # the module's floating buffers, by name, with their keys before and after the call
     buffer_names: list[str] = field(default_factory=list)
     buffers_in: list[str | None] = field(default_factory=list)
     buffers: list[str | None] = field(default_factory=list)
@@ -63,6 +65,10 @@ class Call:
     @property
     def label(self) -> str:
         return call_label(self.module, self.index)
+
+    def wrote(self, i: int) -> bool:
+        """Whether the call changed its module's buffer `i` (a running statistic)."""
+        return self.buffers_in[i] != self.buffers[i]
 
     def buffer_index(self, label: str) -> int | None:
         """Where in `buffers` the row `label` ("buffer running_var") points, or None."""

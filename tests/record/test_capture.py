@@ -155,7 +155,7 @@ def test_odd_honest_draws_run_in_the_other_layout_with_the_references_choices():
 def test_buffers_a_call_writes_are_recorded_before_and_after_it(tmp_path):
     """A train-mode BatchNorm writes its running statistics in place (without bumping the
     version counter): each call records them as they were and as it left them, by name;
-    in eval mode, where nothing is written, nothing is recorded."""
+    in eval mode, where nothing is written, they are recorded under one key, unchanged."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     x = torch.randn(2, 3, 8, 8)
@@ -168,13 +168,16 @@ def test_buffers_a_call_writes_are_recorded_before_and_after_it(tmp_path):
     feature = model[0](x).detach()
     assert torch.allclose(after[0], 0.1 * feature.mean((0, 2, 3)), atol=1e-6)
     assert torch.allclose(after[1], 0.9 + 0.1 * feature.var((0, 2, 3)), atol=1e-6)
+    assert bn.wrote(0) and bn.wrote(1)
     assert model[1].num_batches_tracked == 0  # the caller's model is left alone
     assert all(not c.buffer_names for c in trace.calls if c.module != "1")
     loaded = align.load_trace(trace.save(tmp_path / "dump"))
     again = loaded.by_key()[("1", 0)]
     assert again.buffer_names == bn.buffer_names
     assert torch.equal(loaded.tensor(again.buffers[1]), after[1])
-    assert not any(c.buffer_names for c in align.capture(model.eval(), x).calls)
+    frozen = align.capture(model.eval(), x).by_key()[("1", 0)]
+    assert frozen.buffer_names == bn.buffer_names and frozen.buffers == frozen.buffers_in
+    assert not frozen.wrote(0) and not frozen.wrote(1)
 
 
 def test_an_honest_draw_records_the_same_written_buffers():
@@ -184,5 +187,8 @@ def test_an_honest_draw_records_the_same_written_buffers():
     recorder = Recorder(model, backward=False)
     with Jitter(1):
         model(torch.randn(2, 3, 8, 8))
-    written = {c.module: c.buffer_names for c in recorder.trace.calls}
+    written = {
+        c.module: [n for i, n in enumerate(c.buffer_names) if c.wrote(i)]
+        for c in recorder.trace.calls
+    }
     assert written == {"": [], "0": [], "1": [], "2": ["running_mean", "running_var"]}

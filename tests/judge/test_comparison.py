@@ -1,0 +1,42 @@
+"""align.judge.comparison on traces made to differ in one respect."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+import align
+from align.judge.comparison import compare_traces
+from align.numerics.verdict import Tolerance
+
+
+def test_a_running_statistic_one_side_writes_and_the_other_leaves_is_compared():
+    # levit_128s under amp-bf16: a BatchNorm fed two exactly opposite rows (a BatchNorm
+    # over two values, then a linear layer without bias) has batch mean 0. The reference's
+    # rounding wrote a running mean of noise; an honest channels_last target's left it at
+    # 0, as the golden did. Before, the target's buffer was "missing": a false alarm.
+    bn = nn.BatchNorm1d(8)
+    row = torch.randn(1, 8, generator=torch.Generator().manual_seed(0))
+    exact = torch.cat([row, -row])
+    rounded = exact.clone()
+    rounded[1] += 1e-6 * exact[1]  # the reference's rounding: the sum no longer cancels
+    ref = align.capture(copy.deepcopy(bn), rounded, backward=False)
+    tgt = align.capture(copy.deepcopy(bn), exact, backward=False)
+    gold = align.capture(copy.deepcopy(bn).double(), exact.double(), backward=False)
+    written = ref.by_key()[("", 0)]
+    assert written.wrote(0) and not tgt.by_key()[("", 0)].wrote(0)
+    rows = compare_traces(ref, tgt, gold, tol=Tolerance(), phases=("forward",))
+    mean = next(r for r in rows if r.tensor == "buffer running_mean")
+    assert "missing" not in mean.failed and mean.passed, mean.message
+    assert "no signal" in mean.message  # the reference's running mean is noise about 0
+
+
+def test_buffers_no_side_writes_are_not_rows():
+    bn = nn.BatchNorm1d(8).eval()
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    ref = align.capture(copy.deepcopy(bn), x, backward=False)
+    gold = align.capture(copy.deepcopy(bn).double(), x.double(), backward=False)
+    rows = compare_traces(ref, ref, gold, tol=Tolerance(), phases=("forward",))
+    assert [r.tensor for r in rows] == ["output[0]"]
