@@ -523,7 +523,12 @@ def judge_robustly(
     first ones, then `draws(1)`, more of them: for an isolated tensor only while it fails
     by less than jitter.GRAY_ZONE times its limit (far beyond is a fault), for a
     whole-network one always, whose honest errors may be heavy-tailed: where they span
-    HEAVY_TAIL_SPREAD or more it is one without signal (SPREAD_MESSAGE). NaN/Inf in the
+    HEAVY_TAIL_SPREAD or more it is one without signal (SPREAD_MESSAGE). Not so for a
+    running statistic in isolation (`local` False, `row.isolated`): there every honest run
+    sums the same inputs, and a reference all but exact beside draws whose nudges a
+    cancelling sum amplifies is no heavy tail (measured: rexnet_100's SE BatchNorm over
+    two values under amp-bf16, running variance 1e-5 off on the reference and 1.3e-3 on
+    draws, excused whole while a momentum fault put it 21% off). NaN/Inf in the
     reference or the golden is an AlignError (`require_finite`); NaN/Inf in a draw of a
     whole-network tensor makes it one without signal (OVERFLOWED_MESSAGE), in an
     isolated one a draw left out."""
@@ -551,6 +556,7 @@ def judge_robustly(
     if (
         not judged.passed
         and not local
+        and not row.isolated  # alone on the reference's inputs, the draws bound it
         and set(judged.failed) <= SPREAD_METRICS
         and len(finite) >= SPREAD_DRAWS
     ):
