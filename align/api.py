@@ -366,6 +366,7 @@ def _judge_runs(
         strict_dtype=strict,
         name_map=options.name_map,
         draws=draw_traces,
+        state=not options.isolate_modules,  # judged per call in isolation
     )
     require_judged(report.rows, phases)
     timings["compare"] = time.perf_counter() - t0 - timings.get("draws", 0.0)

@@ -40,3 +40,16 @@ def test_buffers_no_side_writes_are_not_rows():
     gold = align.capture(copy.deepcopy(bn).double(), x.double(), backward=False)
     rows = compare_traces(ref, ref, gold, tol=Tolerance(), phases=("forward",))
     assert [r.tensor for r in rows] == ["output[0]"]
+
+
+def test_state_is_left_to_isolation_when_asked():
+    # align.check judges each call's running statistics in isolation, on the reference's
+    # inputs, not across the whole network (`compare_traces(state=False)` says why)
+    bn = nn.BatchNorm1d(8)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    ref = align.capture(copy.deepcopy(bn), x, backward=False)
+    gold = align.capture(copy.deepcopy(bn).double(), x.double(), backward=False)
+    kept = compare_traces(ref, ref, gold, tol=Tolerance(), phases=("forward",))
+    assert [r.tensor for r in kept] == ["output[0]", "buffer running_mean", "buffer running_var"]
+    left = compare_traces(ref, ref, gold, tol=Tolerance(), phases=("forward",), state=False)
+    assert [r.tensor for r in left] == ["output[0]"]
