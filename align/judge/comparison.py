@@ -235,7 +235,7 @@ def compare_traces(
     across the whole network a running variance over two values per channel weighs each
     channel's upstream error by how far apart the two are, so a few channels decide it
     and an honest target's error there strays past k times the reference's (measured at
-    32 px: ghostnet_050 under amp-fp16, mobilenetv3_large_100 in fp32, 1.1x the limit).
+    32 px: ghostnet_050 under amp-fp16, mobilenetv3_large_100 in fp32, 1.1-1.9x the limit).
 
     `draws` are honest draws of the reference run (align.numerics.jitter), or a `jitter.Pool`
     making them, drawn from only if a tensor fails against the reference alone: that

@@ -255,16 +255,16 @@ def _validate(trace: Trace, index: Any) -> None:
     n = len(trace.calls)
     for call in trace.calls:
         slots = [getattr(call, s) for s in FORWARD_SLOTS + BACKWARD_SLOTS + STATE_SLOTS]
-        written = call.buffer_names
+        names = call.buffer_names
         if (
             not isinstance(call.module, str)
             or not isinstance(call.index, int)
             or not (call.parent is None or isinstance(call.parent, int) and 0 <= call.parent < n)
             or not all(isinstance(s, list) for s in slots)
             or not all(k is None or isinstance(k, str) for s in slots for k in s)
-            or not isinstance(written, list)
-            or not all(isinstance(name, str) for name in written)
-            or not len(written) == len(call.buffers_in) == len(call.buffers)
+            or not isinstance(names, list)
+            or not all(isinstance(name, str) for name in names)
+            or not len(names) == len(call.buffers_in) == len(call.buffers)
         ):
             raise TypeError(f"malformed call record {asdict(call)}")
     for order in ("backward_order", "forward_order"):
