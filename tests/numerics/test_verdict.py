@@ -593,6 +593,28 @@ def test_a_gain_on_a_tensor_too_small_to_slice_is_judged_paired():
     assert verdict.message.startswith("the whole tensor (100 elements"), verdict.message
 
 
+def test_a_slice_may_depart_as_far_as_an_honest_draw_beyond_its_nudges():
+    """An fp32 gradient that cancels down to a few eps-sized terms (rexnet_100's SE
+    BatchNorm over 2x1x1 values at 32 px): one dominant element the fused reference gets
+    nearly exact, an honest draw, whose nudged operands the cancellation amplifies, 3e-4
+    off, and an honest decomposed kernel 1.5e-4 off. The draw says how far an honest
+    device may be there; without it the slice fails."""
+    g = golden(16 * 64, seed=5).reshape(16, 64)
+    g[0] *= 1e-3
+    g[0, 7] = 3.0  # slice 0 of dim 0: one effective element
+    r = g.float()
+    draw, t = r.clone(), noisy(g, 1e-7, 6)
+    draw[0, 7] *= 1 + 3e-4
+    t[0, 7] *= 1 + 1.5e-4
+    alone = run(t, r, g)
+    assert "slice_gain" in alone.failed, explain(alone)
+    verdict = run(t, r, g, draws=[draw])
+    assert verdict.passed, explain(verdict)
+    fault = t.clone()
+    fault[0, 7] = r[0, 7] * (1 + 1e-3)
+    assert "slice_gain" in run(fault, r, g, draws=[draw]).failed
+
+
 def test_a_slice_of_few_effective_elements_may_carry_their_honest_ulps():
     """A bf16 channel of 32 values, four of which dominate (a BatchNorm over 2x4x4 values
     after a ReLU), all four one ulp low on an honest target by chance: its residual sees
