@@ -29,7 +29,7 @@ from align.numerics.jitter import Pool
 from align.numerics.names import BUFFER
 from align.numerics.precision import kernel_accuracy
 from align.numerics.verdict import Divergence, Row, Tolerance, judge_robustly
-from align.record.capture import Run
+from align.record.capture import Run, outside_modes
 from align.record.trace import Call
 
 
@@ -46,7 +46,8 @@ class _Replay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, payload: _Payload, *feeds: torch.Tensor):
         ctx.payload = payload
-        return tuple(o.clone() for o in payload.outputs)
+        with outside_modes(*payload.outputs):  # a record, not an op of the run: not nudged
+            return tuple(o.clone() for o in payload.outputs)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):

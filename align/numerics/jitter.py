@@ -19,6 +19,8 @@ does to a long reduction that cancels (a BatchNorm weight gradient over 2x56x56 
 so every other whole-network draw (and training draw) also runs in the other memory format
 (`align.record.capture.honest_draw`): the device's own kernels for that layout, another
 order. The verdict scales its limits by the largest error of the reference and its draws.
+What the recording copies (snapshots of tensors, a child's record replayed in isolation)
+is no op of the run and is not nudged (align.record.capture.outside_modes).
 """
 
 from __future__ import annotations

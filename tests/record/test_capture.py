@@ -192,3 +192,19 @@ def test_an_honest_draw_records_the_same_written_buffers():
         for c in recorder.trace.calls
     }
     assert written == {"": [], "0": [], "1": [], "2": ["running_mean", "running_var"]}
+
+
+def test_an_honest_draw_records_its_tensors_as_its_run_computed_them():
+    """Recording is no op of the run: jitter nudges what the model computes, never the
+    copies of it (a nudged copy adds one rounding to every tensor of a draw, and so to
+    the honest spread the verdict's limits grow from)."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+    computed = {}
+    model[1].register_forward_hook(lambda m, args, out: computed.update(out=out))
+    recorder = Recorder(model, backward=True)
+    x = torch.randn(4, 8, requires_grad=True)
+    with Jitter(1):
+        model(x).sum().backward()
+    tanh = next(c for c in recorder.trace.calls if c.module == "1")
+    assert torch.equal(recorder.trace.tensors[tanh.outputs[0]], computed["out"])
+    assert torch.equal(recorder.trace.tensors[recorder.trace.calls[0].grad_inputs[0]], x.grad)

@@ -403,6 +403,36 @@ def test_the_loss_is_what_autograd_backward_ran_on_in_the_loops_thread(tmp_path)
     assert float(step.state["loss"]) == float(loss.detach())
 
 
+def test_recorders_in_two_threads_find_their_own_losses_and_leave_backward_as_it_was(tmp_path):
+    """Steps that overlap in two threads, the first to start ending first: each records
+    the loss of its own thread, and torch.autograd.backward is torch's again after both."""
+    import threading
+
+    original, inside, first_done = torch.autograd.backward, threading.Barrier(2), threading.Event()
+    losses = {}
+
+    def train(i: int) -> None:
+        model = _Tiny()
+        rec = align.Recorder(model, tmp_path / str(i), steps=[0])
+        with rec.step(0):
+            loss = model(torch.randn(3, 4)).square().mean() * (i + 1)
+            inside.wait()
+            if i == 1:
+                first_done.wait()
+            loss.backward()
+            losses[i] = float(loss.detach())
+        first_done.set()
+
+    threads = [threading.Thread(target=train, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    recorded = {i: float(LoopDump(tmp_path / str(i)).load(0, 0).state["loss"]) for i in (0, 1)}
+    assert recorded == losses
+    assert torch.autograd.backward is original
+
+
 def test_failed_step_writes_nothing_and_removes_its_hooks(tmp_path):
     model = _Tiny()
     rec = align.Recorder(model, tmp_path / "d", steps=[0])
