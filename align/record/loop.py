@@ -222,8 +222,8 @@ class Recorder:
             recorded step starts at once while the writer finishes the one before (its
             last shard and the state after it); 1: it waits at its start until that one
             is on disk, a strict bound of one step. ResNet-18, batch 16, 128 px, 4
-            steps in a row: 2 takes 1.33x the memory of recording one step and 1.35x
-            the bare step each; 1 takes 1.13x the memory and 1.72x the step
+            steps in a row: 2 takes 1.25x the memory of recording one step and 1.26x
+            the bare step each; 1 takes 1.12x the memory and 1.36x the step
             (bench/bench_loop.py --steps-in-memory N).
 
     The dump is complete once the last recorded step returns; `close()` (or leaving
