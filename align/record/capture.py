@@ -195,12 +195,12 @@ class Recorder:
             [None if isinstance(x, torch.Tensor) else x for x in leaves],
             training=module.training,
         )
-        floating = [
-            b for b in module._buffers.items() if b[1] is not None and b[1].is_floating_point()
-        ]
+        floating = {
+            n: b for n, b in module._buffers.items() if b is not None and b.is_floating_point()
+        }
         if floating:
-            with outside_modes(*(b for _, b in floating)):
-                self._buffers[pos] = [(n, b.detach().clone()) for n, b in floating]
+            with outside_modes(*floating.values()):
+                self._buffers[pos] = [(n, b.detach().clone()) for n, b in floating.items()]
         self._stack.append(pos)
         if tapped:
             return tree_unflatten(fed, spec)
