@@ -8,15 +8,18 @@ honest devices can make them differently:
   emulated npu-fp32 target picked other negatives, and the classification head's bias
   gradient was 18,000x the reference's error.
 - *branches* of piecewise functions: ReLU and its backward mask, threshold, hardtanh /
-  ReLU6 / clamp, leaky ReLU, hardswish / hardsigmoid, maximum / minimum, PReLU, sign, and
-  the comparisons that feed `where`. An input that rounding puts on the other side of a
-  breakpoint passes a gradient the reference blocked (timm's resnet26d in train mode:
-  one flipped ReLU made `layer4.0.act3`'s input gradient fail by 10,000x).
+  ReLU6 / clamp, leaky ReLU, ELU / SELU / CELU (their slopes jump at 0), hard and soft
+  shrink, hardswish / hardsigmoid, maximum / minimum, PReLU, sign, round / floor / ceil /
+  trunc, and the comparisons that feed `where`, including the equalities by which the
+  backward of a max or amax over a dim finds the element that was largest. An input that
+  rounding puts on the other side of a breakpoint passes a gradient the reference blocked
+  (timm's resnet26d in train mode: one flipped ReLU made `layer4.0.act3`'s input gradient
+  fail by 10,000x).
 - *random draws* from the default generator: dropout, drop-path, bernoulli, rand, randn,
-  randint, randperm, normal_, uniform_... Another device's generator draws other masks.
-  A dropout mask is one record whether the CPU drew it (`bernoulli_`) or a CUDA / NPU
-  build's fused `native_dropout` did, so a CPU reference and an NPU target replay each
-  other's masks.
+  randint, randperm, normal_, uniform_..., and the slopes RReLU draws inside its kernel in
+  training. Another device's generator draws other masks. A dropout mask is one record
+  whether the CPU drew it (`bernoulli_`) or a CUDA / NPU build's fused `native_dropout`
+  did, so a CPU reference and an NPU target replay each other's masks.
 
 The reference records every decision; the target, the golden and the honest draws take
 the reference's. Indices: their values are gathered from their own inputs at the
@@ -76,6 +79,8 @@ _POOLS = {
     aten.adaptive_max_pool2d.default: 2,
     aten.max_pool3d_with_indices.default: 3,
     aten.adaptive_max_pool3d.default: 3,
+    aten.fractional_max_pool2d.default: 2,  # its windows: a torch.rand draw, replayed as such
+    aten.fractional_max_pool3d.default: 3,
 }
 INDEXING = _ALONG_DIM | _INDICES_ONLY | set(_POOLS)
 
@@ -155,6 +160,53 @@ _HARDSIGMOID = Piece(
 )
 _COMPARE = Piece(lambda a, b: None, lambda r, a, b: r, lambda a, b: (a - b).abs())
 _SIGN = Piece(lambda x: None, lambda r, x: r, _gap_x)
+# rounding to an integer: the breakpoints are the half-integers (round) or the integers
+_ROUND = Piece(lambda x: None, lambda r, x: r, lambda x: (x - x.floor() - 0.5).abs())
+_TO_INTEGER = Piece(lambda x: None, lambda r, x: r, lambda x: (x - x.round()).abs())
+
+
+def _elu_value(r, x, alpha=1.0, scale=1.0, input_scale=1.0):
+    return torch.where(r, x * scale, torch.expm1(x * input_scale) * (alpha * scale)).to(x.dtype)
+
+
+def _elu_grad(r, g, alpha, scale, input_scale, is_result, s):
+    # the kernel's negative branch from its output (is_result) or from its input
+    negative = s + alpha * scale if is_result else alpha * scale * torch.exp(s * input_scale)
+    return torch.where(r, g * scale, g * input_scale * negative).to(g.dtype)
+
+
+def _shrink_branch(x, lambd=0.5):
+    """0 below -lambd, 1 inside [-lambd, lambd] (shrunk to 0), 2 above lambd."""
+    return _u8(x >= -lambd, x > lambd)
+
+
+def _softshrink_value(r, x, lambd=0.5):
+    return torch.where(r == 2, x - lambd, torch.where(r == 0, x + lambd, 0)).to(x.dtype)
+
+
+_ELU = Piece(lambda x, alpha=1.0, scale=1.0, input_scale=1.0: x > 0, _elu_value, _gap_x)
+_SHRINK_GRAD = Piece(
+    lambda g, x, lambd: _shrink_branch(x, lambd),
+    lambda r, g, x, lambd: torch.where(r == 1, 0, g).to(g.dtype),
+    lambda g, x, lambd: _nearest(x, -lambd, lambd),
+    decided=1,
+)
+_CLAMP_MIN = Piece(
+    lambda x, lo: _clamp_branch(x, lo),
+    lambda r, x, lo: _clamp_value(r, x, lo),
+    lambda x, lo: _nearest(x, lo),
+)
+_CLAMP_MAX = Piece(
+    lambda x, hi: _clamp_branch(x, None, hi),
+    lambda r, x, hi: _clamp_value(r, x, None, hi),
+    lambda x, hi: _nearest(x, hi),
+)
+# RReLU out of training: a leaky ReLU of slope (lower + upper) / 2, in RReLU's own kernel
+_RRELU_EVAL = Piece(
+    lambda x, noise, lower=0.125, upper=1 / 3, *_: x > 0,
+    lambda r, x, noise, lower=0.125, upper=1 / 3, *_: torch.where(r, x, x * ((lower + upper) / 2)),
+    lambda x, *_: x.abs(),
+)
 
 # Forward ops: branch and value from the input x (then scalar arguments).
 PIECES: dict[Any, Piece] = {
@@ -171,16 +223,14 @@ PIECES: dict[Any, Piece] = {
     aten.clamp.Tensor: _CLAMP,
     aten.clamp_.default: _CLAMP,
     aten.clamp_.Tensor: _CLAMP,
-    aten.clamp_min.default: Piece(
-        lambda x, lo: _clamp_branch(x, lo),
-        lambda r, x, lo: _clamp_value(r, x, lo),
-        lambda x, lo: _nearest(x, lo),
-    ),
-    aten.clamp_max.default: Piece(
-        lambda x, hi: _clamp_branch(x, None, hi),
-        lambda r, x, hi: _clamp_value(r, x, None, hi),
-        lambda x, hi: _nearest(x, hi),
-    ),
+    aten.clamp_min.default: _CLAMP_MIN,
+    aten.clamp_min.Tensor: _CLAMP_MIN,
+    aten.clamp_min_.default: _CLAMP_MIN,
+    aten.clamp_min_.Tensor: _CLAMP_MIN,
+    aten.clamp_max.default: _CLAMP_MAX,
+    aten.clamp_max.Tensor: _CLAMP_MAX,
+    aten.clamp_max_.default: _CLAMP_MAX,
+    aten.clamp_max_.Tensor: _CLAMP_MAX,
     aten.leaky_relu.default: _LEAKY,
     aten.leaky_relu_.default: _LEAKY,
     aten.hardswish.default: _HARDSWISH,
@@ -192,6 +242,17 @@ PIECES: dict[Any, Piece] = {
     aten._prelu_kernel.default: Piece(
         lambda x, w: x > 0, lambda r, x, w: torch.where(r, x, w * x), lambda x, w: x.abs()
     ),
+    aten.elu.default: _ELU,  # SELU and CELU too: elu with a scale and an input scale
+    aten.elu_.default: _ELU,
+    aten.hardshrink.default: Piece(
+        _shrink_branch,
+        lambda r, x, lambd=0.5: torch.where(r == 1, 0, x).to(x.dtype),
+        lambda x, lambd=0.5: _nearest(x, -lambd, lambd),
+    ),
+    aten.softshrink.default: Piece(
+        _shrink_branch, _softshrink_value, lambda x, lambd=0.5: _nearest(x, -lambd, lambd)
+    ),
+    aten.rrelu_with_noise.default: _RRELU_EVAL,  # in training, a draw: Decisions._slopes
     # Backward ops: (grad, input, ...): the branch comes from the input
     aten.threshold_backward.default: Piece(
         lambda g, s, t: s > t,
@@ -225,10 +286,33 @@ PIECES: dict[Any, Piece] = {
         lambda g, x: _nearest(x, -3, 3),
         decided=1,
     ),
+    aten.elu_backward.default: Piece(
+        lambda g, alpha, scale, input_scale, is_result, s: s > 0,
+        _elu_grad,
+        lambda g, alpha, scale, input_scale, is_result, s: s.abs(),
+        decided=5,
+    ),
+    aten.hardshrink_backward.default: _SHRINK_GRAD,
+    aten.softshrink_backward.default: _SHRINK_GRAD,
+    # out of training a leaky ReLU's mask; in training the replayed slopes (not a branch)
+    aten.rrelu_with_noise_backward.default: Piece(
+        lambda g, x, noise, lower, upper, *_: x > 0,
+        lambda r, g, x, noise, lower, upper, *_: torch.where(r, g, g * ((lower + upper) / 2)).to(
+            g.dtype
+        ),
+        lambda g, x, *_: x.abs(),
+        decided=1,
+    ),
 }
-# Ops whose output is the branch itself (comparisons feeding `where`, sign): the record
-# is the output; floating inputs only (integer comparisons are exact).
+# Ops whose output is the branch itself (comparisons feeding `where`, sign, rounding): the
+# record is the output; floating inputs only (integer comparisons are exact). Equality too:
+# the backward of max / amax over a dim sends the gradient where `input == max`, and an
+# honest near-tie makes another element the largest.
 _OUTPUT_IS_BRANCH = {
+    aten.eq.Scalar: _COMPARE,
+    aten.eq.Tensor: _COMPARE,
+    aten.ne.Scalar: _COMPARE,
+    aten.ne.Tensor: _COMPARE,
     aten.gt.Scalar: _COMPARE,
     aten.gt.Tensor: _COMPARE,
     aten.lt.Scalar: _COMPARE,
@@ -239,6 +323,14 @@ _OUTPUT_IS_BRANCH = {
     aten.le.Tensor: _COMPARE,
     aten.sign.default: _SIGN,
     aten.sgn.default: _SIGN,
+    aten.round.default: _ROUND,
+    aten.round_.default: _ROUND,
+    aten.floor.default: _TO_INTEGER,
+    aten.floor_.default: _TO_INTEGER,
+    aten.ceil.default: _TO_INTEGER,
+    aten.ceil_.default: _TO_INTEGER,
+    aten.trunc.default: _TO_INTEGER,
+    aten.trunc_.default: _TO_INTEGER,
 }
 PIECES.update(_OUTPUT_IS_BRANCH)
 
@@ -267,6 +359,10 @@ _RANDOM_PACKETS = {
     aten.native_dropout,
 }
 RANDOM_OPS = {f"aten.{p.__name__}" for p in _RANDOM_PACKETS}
+# RReLU in training draws its slopes inside its kernel (Decisions._slopes)
+_RRELU_FORWARD = {aten.rrelu_with_noise.default, aten.rrelu_with_noise_.default}
+_RRELU = _RRELU_FORWARD | {aten.rrelu_with_noise_backward.default}
+_SLOPES = "aten.rrelu_with_noise.slopes"  # the record key of RReLU's drawn slopes
 
 Choices = list[tuple[str, torch.Tensor]]  # (record key, tensor) in call order
 Where = Callable[[], "tuple[str, int, int] | None"]  # (module, call index, call position)
@@ -303,7 +399,8 @@ class Fault:
 
 def is_random(key: str) -> bool:
     """True for the record of a random draw (as opposed to an index or a branch)."""
-    return key.split("(", 1)[0].rsplit(".", 1)[0] in RANDOM_OPS
+    op = key.split("(", 1)[0]
+    return op == _SLOPES or op.rsplit(".", 1)[0] in RANDOM_OPS
 
 
 class Decisions(TorchDispatchMode):
@@ -338,6 +435,8 @@ class Decisions(TorchDispatchMode):
         self.ran.add(func.overloadpacket.__name__)
         if func in INDEXING:
             return self._indices(func, args, kwargs)
+        if func in _RRELU and _argument(func, args, kwargs, "training"):
+            return self._slopes(func, args, kwargs) if func in _RRELU_FORWARD else func(*args)
         if func in PIECES and _floating(args[0]):
             return self._branches(func, args, kwargs)
         if func.overloadpacket in _RANDOM_PACKETS and not _seeded(func, args, kwargs):
@@ -366,7 +465,7 @@ class Decisions(TorchDispatchMode):
     def _branches(self, func, args, kwargs):
         piece = PIECES[func]
         key = _key(func, args)
-        inplace = func._schema.is_mutable
+        inplace = _writes_first(func)
         own_branch = None if func in _OUTPUT_IS_BRANCH else piece.branch(*args, **kwargs)
         shape = args[0].shape if inplace else None if own_branch is None else own_branch.shape
         recorded = None if shape is None else self._take(key, shape)
@@ -412,15 +511,17 @@ class Decisions(TorchDispatchMode):
             key = _key(func, args)
         out = func(*args, **kwargs)  # the run's own draw: its generator advances as usual
         own = out[1] if fused else out
-        recorded = self._take(key, own.shape)
         if fused and self.replay is not None:
-            self._check_dropout(func, args, out)
+            x, p = args[0], args[1]
+            self._check_kernel(
+                "native_dropout",
+                out[0],
+                _dropped(x, out[1].to(x.dtype), p),
+                f"input x mask / (1 - p) for the mask it returned (p = {p})",
+            )
+        recorded = self._replayed_draw(func, key, own)
         if recorded is None:
-            self._unmatched()
-            self._log(key, own.detach().clone())
             return out
-        self._log(key, recorded)
-        self._tally(func, own.numel(), int((own.cpu() != recorded.cpu()).sum()))
         if fused:
             x, p = args[0], args[1]
             mask = recorded.to(device=own.device, dtype=own.dtype, copy=True)
@@ -430,6 +531,39 @@ class Decisions(TorchDispatchMode):
         if func._schema.is_mutable:
             return out.copy_(value)
         return value
+
+    def _slopes(self, func, args, kwargs):
+        """RReLU in training: its kernel draws each negative element's slope into `noise`
+        (1 for the others). The reference's slopes are replayed and the output recomputed
+        from them; x * slope is continuous at 0, so a sign that rounding flipped is no jump."""
+        x, noise = args[0], args[1]
+        inplace = _writes_first(func)
+        source = x.clone() if inplace else x
+        out = func(*args, **kwargs)
+        if self.replay is not None:
+            self._check_kernel(
+                "rrelu_with_noise", out, source * noise, "input x the slope it returned"
+            )
+        lower, upper = (_argument(func, args, kwargs, n) for n in ("lower", "upper"))
+        key = f"{_SLOPES}({float(lower)!r},{float(upper)!r})"  # in place or not, one record
+        recorded = self._replayed_draw(func, key, noise)
+        if recorded is None:
+            return out
+        noise.copy_(recorded)
+        value = source * noise
+        return out.copy_(value) if inplace else value
+
+    def _replayed_draw(self, func, key: str, own: torch.Tensor) -> torch.Tensor | None:
+        """The reference's draw in place of the run's `own` (its differences counted), or
+        None where the record has none: the run keeps, and logs, its own."""
+        recorded = self._take(key, own.shape)
+        if recorded is None:
+            self._unmatched()
+            self._log(key, own.detach().clone())
+            return None
+        self._log(key, recorded)
+        self._tally(func, own.numel(), int((own.cpu() != recorded.cpu()).sum()))
+        return recorded
 
     # -- records --------------------------------------------------------------------------
 
@@ -480,25 +614,17 @@ class Decisions(TorchDispatchMode):
             s = self._stat(func)
             s.gap = max(s.gap, float((mine - theirs).abs().max()) / scale)
 
-    def _check_dropout(self, func, args, out) -> None:
-        """A fused dropout kernel must return its input times its own mask / (1 - p)."""
-        x, p = args[0], args[1]
-        values, mask = out
-        expected = _dropped(x, mask.to(x.dtype), p)
-        bound = (expected.abs() * 4 * torch.finfo(x.dtype).eps).add_(torch.finfo(x.dtype).tiny)
+    def _check_kernel(self, op: str, values, expected, what: str) -> None:
+        """A kernel whose values contradict the draw it returned (a dropout's mask, RReLU's
+        slopes) is a fault where it ran: replaying the reference's draw would hide it."""
+        finfo = torch.finfo(values.dtype)
+        bound = (expected.abs() * 4 * finfo.eps).add_(finfo.tiny)
         bad = int(((values - expected).abs() > bound).sum())
         if bad:
             here = self.where() if self.where is not None else None
             module, call = (here[0], here[1]) if here else ("", 0)
-            self.faults.append(
-                Fault(
-                    module,
-                    call,
-                    "native_dropout",
-                    f"dropout kernel: {bad} of {values.numel()} outputs are not input x mask "
-                    f"/ (1 - p) for the mask it returned (p = {p})",
-                )
-            )
+            message = f"{op} kernel: {bad} of {values.numel()} outputs are not {what}"
+            self.faults.append(Fault(module, call, op, message))
 
     def summary(self) -> str:
         """One line: the decisions this run would have made otherwise; '' if none."""
@@ -510,6 +636,12 @@ class Decisions(TorchDispatchMode):
         if self.unmatched:
             parts.append(f"{self.unmatched} calls not matched, their own decision kept")
         return "; ".join(parts)
+
+
+def _writes_first(func) -> bool:
+    """True for an op that writes its result into its first argument (relu_, clamp_)."""
+    alias = func._schema.arguments[0].alias_info
+    return alias is not None and alias.is_write
 
 
 def _floating(x: Any) -> bool:

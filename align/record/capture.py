@@ -549,7 +549,8 @@ def laid_out(model: nn.Module, inputs: Any, memory_format: torch.memory_format |
 
 
 def inputs_laid_out(inputs: Any, memory_format: torch.memory_format) -> Any:
-    """`inputs` (any nesting) with their 4-d floating tensors in `memory_format`."""
+    """`inputs` (any nesting) with their 4-d floating tensors in `memory_format` (but for
+    images: FEW_CHANNELS)."""
     return tree_map(partial(_laid_out, memory_format=memory_format), inputs)
 
 
@@ -570,8 +571,18 @@ def model_errors(device: torch.device, policy: Policy, jitter: int | None = None
         ) from exc
 
 
+# A 4-d input with fewer channels than this (an image) stays as given: the first
+# convolution lays it out itself, from its weights. oneDNN's channels_last backward of a
+# stride-2 1x1 convolution over fewer than 8 channels crashes the process (torch 2.14.1 on
+# CPU: 1, 3 and 4 channels, measured; 8 and more ran), and timm's mobileone_s0 has one on
+# its input.
+FEW_CHANNELS = 8
+
+
 def _laid_out(t: Any, memory_format: torch.memory_format) -> Any:
     if isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point():
+        if memory_format == torch.channels_last and t.shape[1] < FEW_CHANNELS:
+            return t
         return t.contiguous(memory_format=memory_format)
     return t
 

@@ -55,7 +55,8 @@ def _nudge(
         return t
     eps = torch.finfo(t.dtype).eps  # one ulp at 1.0: scale by each element's binade
     mantissa, exponent = torch.frexp(t.detach().float())  # an exact 0 stays exact
-    binade = torch.where(mantissa == 0, 0.0, torch.ldexp(torch.ones_like(mantissa), exponent - 1))
+    # .bool(), not == 0: a float comparison is a branch decisions would replay over
+    binade = torch.where(mantissa.bool(), torch.ldexp(torch.ones_like(mantissa), exponent - 1), 0.0)
     if uniform:  # a draw in [-ulps, ulps] rather than exactly +-ulps
         noise = (torch.rand(t.shape, generator=gen) * 2 - 1).to(t.device)
     else:
@@ -131,7 +132,7 @@ def _is_transcendental(m: nn.Module) -> bool:
 def _within(exact: torch.Tensor, ulps: float, gen: torch.Generator) -> torch.Tensor:
     """`exact` (float64) moved by a uniform draw in [-ulps, ulps] fp32 ulp of its binade."""
     mantissa, exponent = torch.frexp(exact.float())
-    binade = torch.where(mantissa == 0, 0.0, torch.ldexp(torch.ones_like(mantissa), exponent - 1))
+    binade = torch.where(mantissa.bool(), torch.ldexp(torch.ones_like(mantissa), exponent - 1), 0.0)
     u = torch.rand(exact.shape, generator=gen, dtype=torch.float64) * 2 - 1
     return exact + u * ulps * torch.finfo(torch.float32).eps * binade.double()
 

@@ -1,6 +1,7 @@
 """Models as users write them, outside timm and the zoo: what a verdict tuned on image
 classifiers has never seen (recurrent layers, embeddings, transposed convolutions,
-instance and group norms, 1-d audio stacks, torch's own transformer encoder).
+instance and group norms, 1-d audio stacks, torch's own transformer encoder, a point-cloud
+net with a global amax, SELU and RReLU).
 
 `USER_MODELS[name]()` returns the model in train mode (dropout on) and one batch of
 inputs, both seeded; `bench/verdict_catalogue.py --models unet lstm ...` and
@@ -114,6 +115,34 @@ class AudioNet(nn.Module):
         return self.net(x)
 
 
+class PointNet(nn.Module):
+    """A point-cloud classifier: per-point MLPs (width-1 convolutions, BatchNorm1d), a
+    global max over the points (amax: its backward finds the largest point by equality),
+    and a head with SELU, alpha dropout and RReLU (which draws its slopes in training)."""
+
+    def __init__(self):
+        super().__init__()
+        self.point = nn.Sequential(
+            nn.Conv1d(3, 32, 1),
+            nn.BatchNorm1d(32),
+            nn.ReLU(),
+            nn.Conv1d(32, 64, 1),
+            nn.BatchNorm1d(64),
+            nn.ReLU(),
+        )
+        self.head = nn.Sequential(
+            nn.Linear(64, 32),
+            nn.SELU(),
+            nn.AlphaDropout(0.1),
+            nn.Linear(32, 16),
+            nn.RReLU(),
+            nn.Linear(16, 5),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.point(x).amax(dim=2))
+
+
 def _built(
     make: Callable[[], nn.Module], inputs: Callable[[torch.Generator], torch.Tensor]
 ) -> Callable[[], tuple[nn.Module, torch.Tensor]]:
@@ -133,4 +162,5 @@ USER_MODELS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
         lambda: TextEncoder(norm_first=True), lambda g: torch.randint(0, 300, (4, 16), generator=g)
     ),
     "audio": _built(AudioNet, lambda g: torch.randn(4, 1, 400, generator=g)),
+    "pointnet": _built(PointNet, lambda g: torch.randn(4, 3, 128, generator=g)),
 }

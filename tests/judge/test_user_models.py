@@ -1,7 +1,8 @@
 """The default verdict on models as users write them (align.testing.USER_MODELS): LSTM,
 GRU, embeddings, torch's transformer encoder, a UNet with transposed convolutions and
-instance norms, a 1-d audio stack. Nothing in align was calibrated on them: honest targets
-pass the forward, backward and a short training; a fault is caught and named."""
+instance norms, a 1-d audio stack, a point-cloud net (amax, SELU, RReLU). Nothing in align
+was calibrated on them: honest targets pass the forward, backward and a short training; a
+fault is caught and named."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ SITES = {
     "encoder": "enc.layers.1.linear1",
     "encoder_prenorm": "enc.layers.0.linear2",
     "audio": "net.7",
+    "pointnet": "head.3",
 }
 
 

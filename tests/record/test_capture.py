@@ -152,6 +152,27 @@ def test_odd_honest_draws_run_in_the_other_layout_with_the_references_choices():
             assert float((other - t).norm()) <= 1e-5 * float(t.norm()) + 1e-6, key
 
 
+def test_the_other_layout_keeps_an_image_as_given_and_survives_a_strided_1x1_conv():
+    """An image (under 8 channels) is not laid out channels_last for an other-layout draw:
+    its first convolution lays it out itself. Laid out, oneDNN's backward of a stride-2 1x1
+    convolution over it crashed the process (timm mobileone_s0's stem, torch 2.14.1)."""
+    from align.numerics.precision import get_policy
+    from align.record.capture import honest_draw, inputs_laid_out, run_model
+
+    image, features = torch.randn(2, 3, 8, 8), torch.randn(2, 16, 8, 8)
+    laid = inputs_laid_out((image, features), torch.channels_last)
+    assert laid[0] is image
+    assert laid[1].is_contiguous(memory_format=torch.channels_last) and not laid[1].is_contiguous()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1, stride=2), nn.BatchNorm2d(16), nn.ReLU())
+    x = torch.randn(2, 3, 64, 64)
+    kw = dict(backward=True, loss_fn=None, seed=0)
+    ref = run_model(model, x, device=torch.device("cpu"), policy=get_policy("fp32"), **kw)
+    draw = honest_draw(model, x, ref, 1, loss_fn=None)
+    assert draw.meta["memory_format"] == "channels_last"
+    assert set(draw.tensors) == set(ref.trace.tensors)
+
+
 def test_buffers_a_call_writes_are_recorded_before_and_after_it(tmp_path):
     """A train-mode BatchNorm writes its running statistics in place (without bumping the
     version counter): each call records them as they were and as it left them, by name;

@@ -534,9 +534,10 @@ def test_a_new_reference_recording_drops_the_stale_draws_of_the_last(tmp_path):
 def test_odd_draws_run_a_convolutional_model_in_the_other_memory_format(tmp_path):
     def conv_net() -> nn.Module:
         torch.manual_seed(0)
-        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
+        return nn.Sequential(nn.Conv2d(8, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
 
-    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    # 8 channels: an image (fewer) is left as it is (capture.FEW_CHANNELS)
+    x = torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(1))
     laid_out = {}
 
     def train(draw: int | None) -> LoopDump:
