@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from align.errors import AlignError
 from align.numerics.decisions import Choices, Decisions, is_random
 from align.numerics.jitter import Pool
-from align.numerics.names import BUFFER
+from align.numerics.names import BUFFER, judged_locally
 from align.numerics.precision import kernel_accuracy
 from align.numerics.verdict import Divergence, Row, Tolerance, judge_robustly
 from align.record.capture import Run, outside_modes
@@ -347,12 +347,10 @@ def _judge_local(
             gt,
             tol,
             strict_dtype=strict_dtype,
-            # a running statistic is a sum over the batch, which may cancel (a channel's
-            # mean): conditioned like a propagated tensor, its k rises with how far the
-            # reference's error says it cancelled (measured: rexnet_100's first expansion
-            # BatchNorm in fp32, running mean 5% off on the reference, 2.5x that on honest
-            # norms from primitives)
-            local=not label.startswith(BUFFER),
+            # a running mean is a sum over the batch, which may cancel: conditioned like a
+            # propagated tensor, its k rises with how far the reference's error says it
+            # cancelled (names.LOCAL_BUFFERS says why a running variance is not)
+            local=judged_locally(label),
             row=row,
             draws=functools.partial(honest, phase, label),
             accuracy=accuracy,

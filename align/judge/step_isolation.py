@@ -31,7 +31,7 @@ from torch import nn
 
 from align.judge.isolation import Isolator, LocalRun, culprit_positions
 from align.numerics.decisions import Decisions
-from align.numerics.names import BUFFER
+from align.numerics.names import BUFFER, judged_locally
 from align.numerics.precision import get_policy, kernel_accuracy
 from align.numerics.verdict import Divergence, Row, Tolerance, judge_on_replays
 from align.record.arguments import spec_from_json
@@ -124,7 +124,7 @@ def _judged(
             strict_dtype=strict_dtype,
             row=row,
             accuracy=accuracy,
-            local=not label.startswith(BUFFER),
+            local=judged_locally(label),
         )
 
 
