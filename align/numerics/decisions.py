@@ -253,6 +253,7 @@ PIECES: dict[Any, Piece] = {
         _shrink_branch, _softshrink_value, lambda x, lambd=0.5: _nearest(x, -lambd, lambd)
     ),
     aten.rrelu_with_noise.default: _RRELU_EVAL,  # in training, a draw: Decisions._slopes
+    aten.rrelu_with_noise_.default: _RRELU_EVAL,
     # Backward ops: (grad, input, ...): the branch comes from the input
     aten.threshold_backward.default: Piece(
         lambda g, s, t: s > t,
@@ -436,7 +437,9 @@ class Decisions(TorchDispatchMode):
         if func in INDEXING:
             return self._indices(func, args, kwargs)
         if func in _RRELU and _argument(func, args, kwargs, "training"):
-            return self._slopes(func, args, kwargs) if func in _RRELU_FORWARD else func(*args)
+            if func in _RRELU_FORWARD:
+                return self._slopes(func, args, kwargs)
+            return func(*args, **kwargs)  # the slopes it multiplies by were replayed forward
         if func in PIECES and _floating(args[0]):
             return self._branches(func, args, kwargs)
         if func.overloadpacket in _RANDOM_PACKETS and not _seeded(func, args, kwargs):
@@ -538,7 +541,7 @@ class Decisions(TorchDispatchMode):
         from them; x * slope is continuous at 0, so a sign that rounding flipped is no jump."""
         x, noise = args[0], args[1]
         inplace = _writes_first(func)
-        source = x.clone() if inplace else x
+        source = x.clone() if inplace and self.replay is not None else x
         out = func(*args, **kwargs)
         if self.replay is not None:
             self._check_kernel(

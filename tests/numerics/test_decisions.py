@@ -166,6 +166,7 @@ BRANCHING = {
     "hardshrink": lambda x: F.hardshrink(x, 0.2),
     "softshrink": lambda x: F.softshrink(x, 0.2),
     "rrelu_eval": lambda x: F.rrelu(x, training=False),
+    "rrelu_eval_inplace": lambda x: F.rrelu(x * 1.0, training=False, inplace=True),
     "round": lambda x: x * (3 * x).round(),
     "floor": lambda x: x * (3 * x).floor(),
     "eq_where": lambda x: torch.where(x == x.amax(dim=1, keepdim=True), 2 * x, x),
