@@ -205,7 +205,7 @@ _CLAMP_MAX = Piece(
 _RRELU_EVAL = Piece(
     lambda x, noise, lower=0.125, upper=1 / 3, *_: x > 0,
     lambda r, x, noise, lower=0.125, upper=1 / 3, *_: torch.where(r, x, x * ((lower + upper) / 2)),
-    lambda x, *_: x.abs(),
+    _gap_x,
 )
 
 # Forward ops: branch and value from the input x (then scalar arguments).

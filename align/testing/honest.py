@@ -48,15 +48,20 @@ def override_forward(m: nn.Module, forward, tag: str) -> None:
     m.__class__ = type(f"{tag}{cls.__name__}", (cls,), {"forward": forward})
 
 
+def _binade(t: torch.Tensor) -> torch.Tensor:
+    """Each element's binade (the power of two at or below its magnitude), 0 where it is 0: an exact 0
+    stays exact. `.bool()`, not `== 0`: a float comparison is a branch decisions replay."""
+    mantissa, exponent = torch.frexp(t)
+    return torch.where(mantissa.bool(), torch.ldexp(torch.ones_like(mantissa), exponent - 1), 0.0)
+
+
 def _nudge(
     t: torch.Tensor, ulps: float, gen: torch.Generator, uniform: bool = False
 ) -> torch.Tensor:
     if not t.is_floating_point() or t.dtype == torch.float64:
         return t
     eps = torch.finfo(t.dtype).eps  # one ulp at 1.0: scale by each element's binade
-    mantissa, exponent = torch.frexp(t.detach().float())  # an exact 0 stays exact
-    # .bool(), not == 0: a float comparison is a branch decisions would replay over
-    binade = torch.where(mantissa.bool(), torch.ldexp(torch.ones_like(mantissa), exponent - 1), 0.0)
+    binade = _binade(t.detach().float())
     if uniform:  # a draw in [-ulps, ulps] rather than exactly +-ulps
         noise = (torch.rand(t.shape, generator=gen) * 2 - 1).to(t.device)
     else:
@@ -131,8 +136,7 @@ def _is_transcendental(m: nn.Module) -> bool:
 
 def _within(exact: torch.Tensor, ulps: float, gen: torch.Generator) -> torch.Tensor:
     """`exact` (float64) moved by a uniform draw in [-ulps, ulps] fp32 ulp of its binade."""
-    mantissa, exponent = torch.frexp(exact.float())
-    binade = torch.where(mantissa.bool(), torch.ldexp(torch.ones_like(mantissa), exponent - 1), 0.0)
+    binade = _binade(exact.float())
     u = torch.rand(exact.shape, generator=gen, dtype=torch.float64) * 2 - 1
     return exact + u * ulps * torch.finfo(torch.float32).eps * binade.double()
 
