@@ -49,8 +49,8 @@ def override_forward(m: nn.Module, forward, tag: str) -> None:
 
 
 def _binade(t: torch.Tensor) -> torch.Tensor:
-    """Each element's binade (the power of two at or below its magnitude), 0 where it is 0: an exact 0
-    stays exact. `.bool()`, not `== 0`: a float comparison is a branch decisions replay."""
+    """Each element's binade (the power of two at or below its magnitude), 0 where it is 0
+    (an exact 0 stays exact). `.bool()`, not `== 0`: decisions replay float comparisons."""
     mantissa, exponent = torch.frexp(t)
     return torch.where(mantissa.bool(), torch.ldexp(torch.ones_like(mantissa), exponent - 1), 0.0)
 
