@@ -19,7 +19,11 @@ honest devices can make them differently:
   randint, randperm, normal_, uniform_..., and the slopes RReLU draws inside its kernel in
   training. Another device's generator draws other masks. A dropout mask is one record
   whether the CPU drew it (`bernoulli_`) or a CUDA / NPU build's fused `native_dropout`
-  did, so a CPU reference and an NPU target replay each other's masks.
+  did, so a CPU reference and an NPU target replay each other's masks. Attention with
+  dropout (`F.scaled_dot_product_attention`, `nn.MultiheadAttention` in training) runs
+  PyTorch's math backend in every run: a fused attention kernel (CUDA's flash or
+  memory-efficient, an NPU's fusion attention) draws its mask inside, where no dispatched
+  op sees it; the math backend draws it with a dropout op, recorded like the others.
 
 The reference records every decision; the target, the golden and the honest draws take
 the reference's. Indices: their values are gathered from their own inputs at the
@@ -49,6 +53,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from align.numerics.verdict import Row
@@ -365,6 +372,12 @@ _RRELU_FORWARD = {aten.rrelu_with_noise.default, aten.rrelu_with_noise_.default}
 _RRELU = _RRELU_FORWARD | {aten.rrelu_with_noise_backward.default}
 _SLOPES = "aten.rrelu_with_noise.slopes"  # the record key of RReLU's drawn slopes
 
+# attention functions with a dropout: the positions of `dropout_p` and of `training` (if any)
+_ATTENTION_DROPOUT = {
+    F.scaled_dot_product_attention: (4, None),
+    F.multi_head_attention_forward: (10, 13),
+}
+
 Choices = list[tuple[str, torch.Tensor]]  # (record key, tensor) in call order
 Where = Callable[[], "tuple[str, int, int] | None"]  # (module, call index, call position)
 
@@ -430,6 +443,21 @@ class Decisions(TorchDispatchMode):
     def choices(self) -> Choices:
         """The decisions this run went by, in call order (what another run replays)."""
         return self.log
+
+    def __enter__(self) -> Decisions:
+        self._attention = _MathAttentionDropout()
+        self._attention.__enter__()
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._attention.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self._attention.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -639,6 +667,28 @@ class Decisions(TorchDispatchMode):
         if self.unmatched:
             parts.append(f"{self.unmatched} calls not matched, their own decision kept")
         return "; ".join(parts)
+
+
+class _MathAttentionDropout(TorchFunctionMode):
+    """Attention calls with dropout run PyTorch's math backend, whose mask is a dispatched
+    dropout (a fused kernel draws it inside, out of Decisions' sight); the others keep
+    the device's own kernels."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _ATTENTION_DROPOUT:
+            p_at, training_at = _ATTENTION_DROPOUT[func]
+            p = _given(args, kwargs, p_at, "dropout_p", 0.0)
+            training = training_at is None or _given(args, kwargs, training_at, "training", True)
+            if p and training:
+                with sdpa_kernel(SDPBackend.MATH):
+                    return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _given(args: tuple, kwargs: dict, at: int, name: str, default: Any) -> Any:
+    """A Python function's argument `name`, passed at position `at` or by keyword."""
+    return args[at] if len(args) > at else kwargs.get(name, default)
 
 
 def _writes_first(func) -> bool:

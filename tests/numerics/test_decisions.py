@@ -499,3 +499,41 @@ def test_a_replayed_draw_written_in_place_leaves_the_record_as_drawn():
     for _ in range(2):  # the second replay would see the first one's doubled record
         with Decisions(record.log):
             assert torch.equal(noisy(x), reference)
+
+
+class _Attention(nn.Module):
+    """Self-attention through F.scaled_dot_product_attention and nn.MultiheadAttention."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.qkv = nn.Linear(16, 48)
+        self.mha = nn.MultiheadAttention(16, 2, dropout=p, batch_first=True)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, 8).permute(2, 0, 3, 1, 4)
+        p = self.p if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p).transpose(1, 2).flatten(2)
+        return self.mha(y, y, y, need_weights=False)[0]
+
+
+def test_attention_with_dropout_draws_a_replayable_mask_where_only_fused_kernels_exist():
+    """A fused attention kernel draws its dropout mask inside (here the CPU's flash kernel
+    stands in for CUDA's and the NPU's: made the only backend, it cannot drop at all).
+    Under Decisions attention with dropout runs the math backend, whose mask is recorded
+    and replayed; without dropout the fused kernel runs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model, x = _Attention(0.2).train(), torch.randn(2, 6, 16)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        ref = align.capture(model, x, seed=1)
+        tgt = align.capture(model, x, seed=2, decisions_of=ref)
+        gold = align.capture(model, x, precision="fp64", seed=3, decisions_of=ref)
+        report = align.compare(ref, tgt, gold)
+        assert report.passed, str(report)
+        assert sum(key.startswith("aten.bernoulli_") for key, _ in ref.decisions) == 2
+        model.p = 0.0
+        with Decisions() as record:
+            model(x)
+    assert "_scaled_dot_product_flash_attention_for_cpu" in record.ran
