@@ -48,6 +48,17 @@ def nonfinite(x: torch.Tensor, *finite_in: torch.Tensor) -> int:
     return int(bad.sum())
 
 
+def shared_infinities(*sides: torch.Tensor) -> torch.Tensor:
+    """Elements that are the same infinity on every side (flat): a mask built with -inf,
+    the log of an exact 0, a float64 golden included. An overflow is not one: where a
+    float32 run overflows, the float64 golden stays finite."""
+    first = flat(sides[0])
+    shared = torch.isinf(first)
+    for other in sides[1:]:
+        shared &= flat(other) == first
+    return shared
+
+
 def all_finite(x: torch.Tensor) -> bool:
     """True when no element is NaN/Inf, known from one sum (a fast path: a NaN or an Inf
     makes the sum non-finite; a sum that overflows only sends the caller to the mask)."""

@@ -310,16 +310,23 @@ def judge(
     against = metrics.Against(g)
     parts = [against.partial(x) for x in (t, *honest)] if math.isfinite(against.gg) else []
     if not parts or not all(math.isfinite(rms) for _, _, rms in parts):  # NaN/Inf: mask
+        # the reference's and golden's shared infinities (a -inf mask) the target must match
+        designed = metrics.shared_infinities(honest[0], g)
+        unmatched = int((designed & (t != honest[0])).sum())
         bad = metrics.nonfinite(t, honest[0], g)
-        if bad:
+        if bad or unmatched:
             row.failed.append("nonfinite")
-            row.metrics["nonfinite"], row.limits["nonfinite"] = float(bad), 0.0
-            row.message = f"{bad} NaN/Inf on the target where the reference is finite"
+            row.metrics["nonfinite"], row.limits["nonfinite"] = float(bad + unmatched), 0.0
+            row.message = f"{bad} NaN/Inf on the target where the reference is finite" + (
+                f", {unmatched} elements not the infinity reference and golden hold"
+                if unmatched
+                else ""
+            )
         keep = torch.isfinite(t) & torch.isfinite(g)
         for h in honest:
             keep &= torch.isfinite(h)
-        if not bad and not bool(keep.any()):  # nothing left to judge is never a pass
-            row.failed.append("nonfinite")
+        if not bad and not unmatched and not bool(keep.any()):
+            row.failed.append("nonfinite")  # nothing left to judge is never a pass
             row.metrics["nonfinite"], row.limits["nonfinite"] = float(t.numel()), 0.0
             row.message = "no element is finite on target, reference and golden alike"
         against = metrics.Against(g[keep])
@@ -556,7 +563,7 @@ def judge_robustly(
         if len(honest) <= used:
             break  # no more draws to be had
         used = len(honest)
-        finite = [h for h in honest if metrics.all_finite(metrics.flat(h))]
+        finite = [h for h in honest if not _overflowed(h, reference, golden)]
         judged = Row(row.module, row.call, row.phase, row.tensor, "", [], isolated=row.isolated)
         judged = judge(target, reference, golden, tol, row=judged, draws=finite, **kw)
         if len(finite) < len(honest) and not local:
@@ -621,12 +628,23 @@ def spread(
     return max(errors) / min(errors)
 
 
+def _overflowed(draw: torch.Tensor, reference: torch.Tensor, golden: torch.Tensor) -> bool:
+    """True when an honest draw holds NaN/Inf beyond the infinities reference and golden
+    share (a -inf mask every run builds alike)."""
+    x = metrics.flat(draw)
+    if metrics.all_finite(x):
+        return False
+    return bool((~torch.isfinite(x) & ~metrics.shared_infinities(x, reference, golden)).any())
+
+
 def require_finite(row: Row, sides: Sequence[tuple[str, torch.Tensor]]) -> None:
     """AlignError naming the tensor of `row` when a side the target is measured by (the
     golden, the reference, a draw) holds NaN/Inf: the limit is then undefined there, and
-    masking those elements would let a verdict pass unearned."""
+    masking those elements would let a verdict pass unearned. Infinities every side holds
+    alike are built, not overflowed (a causal mask of -inf): the target must match them."""
+    designed = metrics.shared_infinities(*(x for _, x in sides))
     for who, x in sides:
-        if bad := metrics.nonfinite(metrics.flat(x)):
+        if bad := int((~torch.isfinite(metrics.flat(x)) & ~designed).sum()):
             raise AlignError(
                 f"the {who} holds {bad} NaN/Inf of {x.numel()} elements in "
                 f"{call_label(row.module, row.call)} {row.phase} {row.tensor}: no verdict can be "

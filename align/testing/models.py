@@ -1,7 +1,8 @@
 """Models as users write them, outside timm and the zoo: what a verdict tuned on image
 classifiers has never seen (recurrent layers, embeddings, transposed convolutions,
 instance and group norms, 1-d audio stacks, torch's own transformer encoder, a point-cloud
-net with a global amax, SELU and RReLU).
+net with a global amax, SELU and RReLU, a causal language model with a -inf mask and an
+output layer tied to its embedding).
 
 `USER_MODELS[name]()` returns the model in train mode (dropout on) and one batch of
 inputs, both seeded; `bench/verdict_catalogue.py --models unet lstm ...` and
@@ -10,6 +11,7 @@ tests/judge/test_user_models.py check them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -143,6 +145,59 @@ class PointNet(nn.Module):
         return self.head(self.point(x).amax(dim=2))
 
 
+class CausalMask(nn.Module):
+    """Attention scores with the future masked to -inf (every run builds the same
+    infinities: the verdict must take them as built, not as an overflow)."""
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        n = scores.shape[-1]
+        future = torch.ones(n, n, dtype=torch.bool, device=scores.device).triu(1)
+        return scores.masked_fill(future, float("-inf"))
+
+
+class TinyGPT(nn.Module):
+    """A causal language model: attention written out (scores, a -inf mask as a module of
+    its own, softmax, dropout), pre-norm blocks with GELU, and an output layer that shares
+    the embedding's weight (one parameter, two uses)."""
+
+    def __init__(self, vocab: int = 200, width: int = 32, heads: int = 4, depth: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.emb = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.randn(1, 16, width) * 0.02)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "norm1": nn.LayerNorm(width),
+                    "qkv": nn.Linear(width, 3 * width),
+                    "mask": CausalMask(),
+                    "attn_drop": nn.Dropout(0.1),
+                    "proj": nn.Linear(width, width),
+                    "norm2": nn.LayerNorm(width),
+                    "mlp": nn.Sequential(
+                        nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+                    ),
+                }
+            )
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.emb(tokens) + self.pos[:, : tokens.shape[1]]
+        b, n, c = x.shape
+        for block in self.blocks:
+            q, k, v = block["qkv"](block["norm1"](x)).view(b, n, 3, self.heads, -1).unbind(2)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+            scores = block["mask"](q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]))
+            weights = block["attn_drop"](scores.softmax(-1))
+            x = x + block["proj"]((weights @ v).transpose(1, 2).reshape(b, n, c))
+            x = x + block["mlp"](block["norm2"](x))
+        return self.head(self.norm(x))
+
+
 def _built(
     make: Callable[[], nn.Module], inputs: Callable[[torch.Generator], torch.Tensor]
 ) -> Callable[[], tuple[nn.Module, torch.Tensor]]:
@@ -163,4 +218,5 @@ USER_MODELS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
     ),
     "audio": _built(AudioNet, lambda g: torch.randn(4, 1, 400, generator=g)),
     "pointnet": _built(PointNet, lambda g: torch.randn(4, 3, 128, generator=g)),
+    "gpt": _built(TinyGPT, lambda g: torch.randint(0, 200, (2, 16), generator=g)),
 }

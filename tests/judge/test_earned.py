@@ -155,6 +155,43 @@ def test_judge_robustly_refuses_a_nonfinite_yardstick(side):
         )
 
 
+def _masked(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """A golden and a reference with -inf at the same 8 places (a causal mask)."""
+    g = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    g[::8] = -math.inf
+    return g, g.float()
+
+
+def _robustly(t: torch.Tensor, r: torch.Tensor, g: torch.Tensor, local: bool = False) -> Row:
+    return judge_robustly(
+        t, r, g, Tolerance(), strict_dtype=True, local=local, row=_row(), draws=lambda _: [r]
+    )
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_infinities_the_reference_and_golden_share_are_built_and_the_target_must_match(local):
+    g, r = _masked()
+    assert _robustly(r.clone(), r, g, local).passed
+    t = r.clone()
+    t[8] = -1e9  # finite where every other run holds -inf
+    verdict = _robustly(t, r, g, local)
+    assert verdict.failed == ["nonfinite"] and verdict.metrics["nonfinite"] == 1
+    assert "not the infinity reference and golden hold" in verdict.message
+    t = r.clone()
+    t[0] = math.inf  # the other infinity
+    assert "nonfinite" in _robustly(t, r, g, local).failed
+
+
+def test_an_infinity_on_the_reference_alone_is_an_overflow_and_an_error():
+    g, r = _masked()
+    r[1] = -math.inf  # the golden is finite there
+    with pytest.raises(AlignError, match=r"reference .*1 NaN/Inf of 64.*layer1"):
+        _robustly(r.clone(), r, g)
+    g[1] = math.inf  # and another infinity on the golden
+    with pytest.raises(AlignError, match=r"NaN/Inf"):
+        _robustly(r.clone(), r, g)
+
+
 @pytest.mark.parametrize("local", [False, True])
 def test_a_draw_that_overflowed_leaves_no_signal_whole_network_and_is_left_out_isolated(local):
     """An honest draw whose jitter took an fp16 value past the largest: honest devices

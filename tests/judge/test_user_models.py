@@ -1,6 +1,7 @@
 """The default verdict on models as users write them (align.testing.USER_MODELS): LSTM,
 GRU, embeddings, torch's transformer encoder, a UNet with transposed convolutions and
-instance norms, a 1-d audio stack, a point-cloud net (amax, SELU, RReLU). Nothing in align
+instance norms, a 1-d audio stack, a point-cloud net (amax, SELU, RReLU), a causal language
+model (a -inf mask, an output layer tied to the embedding). Nothing in align
 was calibrated on them: honest targets pass the forward, backward and a short training; a
 fault is caught and named."""
 
@@ -33,6 +34,7 @@ SITES = {
     "encoder_prenorm": "enc.layers.0.linear2",
     "audio": "net.7",
     "pointnet": "head.3",
+    "gpt": "blocks.1.qkv",
 }
 
 
@@ -122,3 +124,28 @@ def test_a_running_variance_with_a_shared_bias_is_caught_under_bf16():
     assert report.culprits and report.culprits[0].module == "point.4", str(report)
     (row,) = [r for r in report.local_rows if r.failed and r.tensor == "buffer running_var"]
     assert "scale_err" in row.failed and "standard errors" in row.message, row.message
+
+
+@pytest.mark.parametrize(
+    "diagonal, fill, message",
+    [
+        (0, float("-inf"), "NaN/Inf on the target where the reference is finite"),
+        (1, -1e4, "not the infinity reference and golden hold"),
+    ],
+    ids=["hides-the-diagonal-too", "fills-a-finite-value"],
+)
+def test_a_wrong_causal_mask_is_caught_at_the_mask(diagonal, fill, message):
+    """The mask's -inf are built alike on every side, not an overflow: an honest target
+    passes (above); one that masks the diagonal too, or fills a finite value instead of
+    -inf, fails at the mask, in isolation."""
+    model, x = USER_MODELS["gpt"]()
+    target = copy.deepcopy(model)
+
+    def wrong_mask(scores):
+        n = scores.shape[-1]
+        return scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(diagonal), fill)
+
+    target.blocks[0]["mask"].forward = wrong_mask
+    report = align.check(model, x, target_model=target, target="cpu")
+    assert report.culprits and report.culprits[0].module == "blocks.0.mask", str(report)
+    assert message in report.culprits[0].message
