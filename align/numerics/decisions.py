@@ -21,9 +21,9 @@ honest devices can make them differently:
   whether the CPU drew it (`bernoulli_`) or a CUDA / NPU build's fused `native_dropout`
   did, so a CPU reference and an NPU target replay each other's masks. Attention with
   dropout (`F.scaled_dot_product_attention`, `nn.MultiheadAttention` in training) runs
-  PyTorch's math backend in every run: a fused attention kernel (CUDA's flash or
-  memory-efficient, an NPU's fusion attention) draws its mask inside, where no dispatched
-  op sees it; the math backend draws it with a dropout op, recorded like the others.
+  PyTorch's math backend in every run (align.numerics.attention): a fused attention
+  kernel draws its mask inside, where no dispatched op sees it; the math backend draws it
+  with a dropout op, recorded like the others.
 
 The reference records every decision; the target, the golden and the honest draws take
 the reference's. Indices: their values are gathered from their own inputs at the
@@ -53,11 +53,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from align.numerics.attention import math_when_dropping
 from align.numerics.verdict import Row
 
 aten = torch.ops.aten
@@ -372,12 +370,6 @@ _RRELU_FORWARD = {aten.rrelu_with_noise.default, aten.rrelu_with_noise_.default}
 _RRELU = _RRELU_FORWARD | {aten.rrelu_with_noise_backward.default}
 _SLOPES = "aten.rrelu_with_noise.slopes"  # the record key of RReLU's drawn slopes
 
-# attention functions with a dropout: the positions of `dropout_p` and of `training` (if any)
-_ATTENTION_DROPOUT = {
-    F.scaled_dot_product_attention: (4, None),
-    F.multi_head_attention_forward: (10, 13),
-}
-
 Choices = list[tuple[str, torch.Tensor]]  # (record key, tensor) in call order
 Where = Callable[[], "tuple[str, int, int] | None"]  # (module, call index, call position)
 
@@ -445,7 +437,7 @@ class Decisions(TorchDispatchMode):
         return self.log
 
     def __enter__(self) -> Decisions:
-        self._attention = _MathAttentionDropout()
+        self._attention = math_when_dropping()  # a fused kernel's mask is out of sight
         self._attention.__enter__()
         try:
             return super().__enter__()
@@ -667,28 +659,6 @@ class Decisions(TorchDispatchMode):
         if self.unmatched:
             parts.append(f"{self.unmatched} calls not matched, their own decision kept")
         return "; ".join(parts)
-
-
-class _MathAttentionDropout(TorchFunctionMode):
-    """Attention calls with dropout run PyTorch's math backend, whose mask is a dispatched
-    dropout (a fused kernel draws it inside, out of Decisions' sight); the others keep
-    the device's own kernels."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _ATTENTION_DROPOUT:
-            p_at, training_at = _ATTENTION_DROPOUT[func]
-            p = _given(args, kwargs, p_at, "dropout_p", 0.0)
-            training = training_at is None or _given(args, kwargs, training_at, "training", True)
-            if p and training:
-                with sdpa_kernel(SDPBackend.MATH):
-                    return func(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
-def _given(args: tuple, kwargs: dict, at: int, name: str, default: Any) -> Any:
-    """A Python function's argument `name`, passed at position `at` or by keyword."""
-    return args[at] if len(args) > at else kwargs.get(name, default)
 
 
 def _writes_first(func) -> bool:
