@@ -2,7 +2,8 @@
 classifiers has never seen (recurrent layers, embeddings, transposed convolutions,
 instance and group norms, 1-d audio stacks, torch's own transformer encoder, a point-cloud
 net with a global amax, SELU and RReLU, a causal language model with a -inf mask and an
-output layer tied to its embedding).
+output layer tied to its embedding, a spatial transformer resampling its input with
+grid_sample).
 
 `USER_MODELS[name]()` returns the model in train mode (dropout on) and one batch of
 inputs, both seeded; `bench/verdict_catalogue.py --models unet lstm ...` and
@@ -145,6 +146,35 @@ class PointNet(nn.Module):
         return self.head(self.point(x).amax(dim=2))
 
 
+class SpatialTransformer(nn.Module):
+    """A spatial transformer: a localization net predicts an affine transform per image,
+    and the image is resampled through it (affine_grid, bilinear grid_sample with zero
+    padding: its gradient reaches the transform through the sampling positions) before a
+    small classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.loc = nn.Sequential(
+            nn.Conv2d(1, 8, 5), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 12 * 12, 6)
+        )
+        nn.init.zeros_(self.loc[-1].weight)  # the identity transform, slightly disturbed
+        with torch.no_grad():
+            self.loc[-1].bias.copy_(torch.tensor([1.0, 0, 0, 0, 1, 0]) + 0.05 * torch.randn(6))
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(256, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        theta = self.loc(x).view(-1, 2, 3)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return self.body(F.grid_sample(x, grid, align_corners=False))
+
+
 class CausalMask(nn.Module):
     """Attention scores with the future masked to -inf (every run builds the same
     infinities: the verdict must take them as built, not as an overflow)."""
@@ -219,4 +249,5 @@ USER_MODELS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
     "audio": _built(AudioNet, lambda g: torch.randn(4, 1, 400, generator=g)),
     "pointnet": _built(PointNet, lambda g: torch.randn(4, 3, 128, generator=g)),
     "gpt": _built(TinyGPT, lambda g: torch.randint(0, 200, (2, 16), generator=g)),
+    "stn": _built(SpatialTransformer, lambda g: torch.randn(4, 1, 28, 28, generator=g)),
 }

@@ -1,7 +1,8 @@
 """The default verdict on models as users write them (align.testing.USER_MODELS): LSTM,
 GRU, embeddings, torch's transformer encoder, a UNet with transposed convolutions and
 instance norms, a 1-d audio stack, a point-cloud net (amax, SELU, RReLU), a causal language
-model (a -inf mask, an output layer tied to the embedding). Nothing in align
+model (a -inf mask, an output layer tied to the embedding), a spatial transformer
+(grid_sample). Nothing in align
 was calibrated on them: honest targets pass the forward, backward and a short training; a
 fault is caught and named."""
 
@@ -35,6 +36,7 @@ SITES = {
     "audio": "net.7",
     "pointnet": "head.3",
     "gpt": "blocks.1.qkv",
+    "stn": "body.5",
 }
 
 
