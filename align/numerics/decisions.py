@@ -7,14 +7,14 @@ honest devices can make them differently:
   equal anchor losses; a max-pool window can hold a tie). Measured on ssd512: the
   emulated npu-fp32 target picked other negatives, and the classification head's bias
   gradient was 18,000x the reference's error.
-- *branches* of piecewise functions: ReLU and its backward mask, threshold, hardtanh /
-  ReLU6 / clamp, leaky ReLU, ELU / SELU / CELU (their slopes jump at 0), hard and soft
-  shrink, hardswish / hardsigmoid, maximum / minimum, PReLU, sign, round / floor / ceil /
-  trunc, and the comparisons that feed `where`, including the equalities by which the
-  backward of a max or amax over a dim finds the element that was largest. An input that
-  rounding puts on the other side of a breakpoint passes a gradient the reference blocked
-  (timm's resnet26d in train mode: one flipped ReLU made `layer4.0.act3`'s input gradient
-  fail by 10,000x).
+- *branches* of piecewise functions (their table: align.numerics.pieces): ReLU and its
+  backward mask, threshold, hardtanh / ReLU6 / clamp, leaky ReLU, ELU / SELU / CELU (their
+  slopes jump at 0), hard and soft shrink, hardswish / hardsigmoid, maximum / minimum,
+  PReLU, sign, round / floor / ceil / trunc, and the comparisons that feed `where`,
+  including the equalities by which the backward of a max or amax over a dim finds the
+  element that was largest. An input that rounding puts on the other side of a breakpoint
+  passes a gradient the reference blocked (timm's resnet26d in train mode: one flipped
+  ReLU made `layer4.0.act3`'s input gradient fail by 10,000x).
 - *random draws* from the default generator: dropout, drop-path, bernoulli, rand, randn,
   randint, randperm, normal_, uniform_..., and the slopes RReLU draws inside its kernel in
   training. Another device's generator draws other masks. A dropout mask is one record
@@ -56,6 +56,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from align.numerics.attention import math_when_dropping
+from align.numerics.pieces import OUTPUT_IS_BRANCH, PIECES
 from align.numerics.verdict import Row
 
 aten = torch.ops.aten
@@ -89,256 +90,6 @@ _POOLS = {
 }
 INDEXING = _ALONG_DIM | _INDICES_ONLY | set(_POOLS)
 
-# -- branches --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Piece:
-    """A piecewise op: the branch of each element, the op's value on given branches, and
-    each element's distance from its nearest breakpoint (all from the op's arguments)."""
-
-    branch: Callable[..., torch.Tensor]
-    value: Callable[..., torch.Tensor]
-    gap: Callable[..., torch.Tensor]
-    decided: int = 0  # the argument whose side of the breakpoint is the branch (its scale)
-
-
-def _u8(*masks: torch.Tensor) -> torch.Tensor:
-    """Branch numbers 0..len(masks) from nested masks (`a` then `a & b` ...)."""
-    out = masks[0].to(torch.uint8)
-    for m in masks[1:]:
-        out = out + m
-    return out
-
-
-def _nearest(x: torch.Tensor, *points: Any) -> torch.Tensor:
-    gaps = [(x - p).abs() for p in points if p is not None]
-    out = gaps[0]
-    for g in gaps[1:]:
-        out = torch.minimum(out, g)
-    return out
-
-
-def _clamp_branch(x, lo=None, hi=None):
-    above_lo = x >= lo if lo is not None else torch.ones_like(x, dtype=torch.bool)
-    return _u8(above_lo, x > hi) if hi is not None else _u8(above_lo)
-
-
-def _clamp_value(r, x, lo=None, hi=None):
-    y = x
-    if lo is not None:
-        y = torch.where(r == 0, lo, y)
-    if hi is not None:
-        y = torch.where(r == 2, hi, y)
-    return y.to(x.dtype)
-
-
-def _gap_x(x, *_):
-    return x.abs()
-
-
-def _where(r, a, b):
-    return torch.where(r, a, b)
-
-
-_RELU = Piece(lambda x: x > 0, lambda r, x: torch.where(r, x, 0), _gap_x)
-_HARDTANH = Piece(
-    lambda x, lo=-1.0, hi=1.0: _clamp_branch(x, lo, hi),
-    lambda r, x, lo=-1.0, hi=1.0: _clamp_value(r, x, lo, hi),
-    lambda x, lo=-1.0, hi=1.0: _nearest(x, lo, hi),
-)
-_CLAMP = Piece(_clamp_branch, _clamp_value, _nearest)
-_LEAKY = Piece(
-    lambda x, slope=0.01: x > 0,
-    lambda r, x, slope=0.01: torch.where(r, x, x * slope),
-    _gap_x,
-)
-_HARDSWISH = Piece(
-    lambda x: _u8(x > -3, x >= 3),
-    lambda r, x: torch.where(r == 0, 0, torch.where(r == 2, x, x * (x + 3) / 6)).to(x.dtype),
-    lambda x: _nearest(x, -3, 3),
-)
-_HARDSIGMOID = Piece(
-    lambda x: _u8(x > -3, x >= 3),
-    lambda r, x: torch.where(r == 0, 0, torch.where(r == 2, 1, x / 6 + 0.5)).to(x.dtype),
-    lambda x: _nearest(x, -3, 3),
-)
-_COMPARE = Piece(lambda a, b: None, lambda r, a, b: r, lambda a, b: (a - b).abs())
-_SIGN = Piece(lambda x: None, lambda r, x: r, _gap_x)
-# rounding to an integer: the breakpoints are the half-integers (round) or the integers
-_ROUND = Piece(lambda x: None, lambda r, x: r, lambda x: (x - x.floor() - 0.5).abs())
-_TO_INTEGER = Piece(lambda x: None, lambda r, x: r, lambda x: (x - x.round()).abs())
-
-
-def _elu_value(r, x, alpha=1.0, scale=1.0, input_scale=1.0):
-    return torch.where(r, x * scale, torch.expm1(x * input_scale) * (alpha * scale)).to(x.dtype)
-
-
-def _elu_grad(r, g, alpha, scale, input_scale, is_result, s):
-    # the kernel's negative branch from its output (is_result) or from its input
-    negative = s + alpha * scale if is_result else alpha * scale * torch.exp(s * input_scale)
-    return torch.where(r, g * scale, g * input_scale * negative).to(g.dtype)
-
-
-def _shrink_branch(x, lambd=0.5):
-    """0 below -lambd, 1 inside [-lambd, lambd] (shrunk to 0), 2 above lambd."""
-    return _u8(x >= -lambd, x > lambd)
-
-
-def _softshrink_value(r, x, lambd=0.5):
-    return torch.where(r == 2, x - lambd, torch.where(r == 0, x + lambd, 0)).to(x.dtype)
-
-
-_ELU = Piece(lambda x, alpha=1.0, scale=1.0, input_scale=1.0: x > 0, _elu_value, _gap_x)
-_SHRINK_GRAD = Piece(
-    lambda g, x, lambd: _shrink_branch(x, lambd),
-    lambda r, g, x, lambd: torch.where(r == 1, 0, g).to(g.dtype),
-    lambda g, x, lambd: _nearest(x, -lambd, lambd),
-    decided=1,
-)
-_CLAMP_MIN = Piece(
-    lambda x, lo: _clamp_branch(x, lo),
-    lambda r, x, lo: _clamp_value(r, x, lo),
-    lambda x, lo: _nearest(x, lo),
-)
-_CLAMP_MAX = Piece(
-    lambda x, hi: _clamp_branch(x, None, hi),
-    lambda r, x, hi: _clamp_value(r, x, None, hi),
-    lambda x, hi: _nearest(x, hi),
-)
-# RReLU out of training: a leaky ReLU of slope (lower + upper) / 2, in RReLU's own kernel
-_RRELU_EVAL = Piece(
-    lambda x, noise, lower=0.125, upper=1 / 3, *_: x > 0,
-    lambda r, x, noise, lower=0.125, upper=1 / 3, *_: torch.where(r, x, x * ((lower + upper) / 2)),
-    _gap_x,
-)
-
-# Forward ops: branch and value from the input x (then scalar arguments).
-PIECES: dict[Any, Piece] = {
-    aten.relu.default: _RELU,
-    aten.relu_.default: _RELU,
-    aten.threshold.default: Piece(
-        lambda x, t, v: x > t,
-        lambda r, x, t, v: torch.where(r, x, v),
-        lambda x, t, v: _nearest(x, t),
-    ),
-    aten.hardtanh.default: _HARDTANH,
-    aten.hardtanh_.default: _HARDTANH,
-    aten.clamp.default: _CLAMP,
-    aten.clamp.Tensor: _CLAMP,
-    aten.clamp_.default: _CLAMP,
-    aten.clamp_.Tensor: _CLAMP,
-    aten.clamp_min.default: _CLAMP_MIN,
-    aten.clamp_min.Tensor: _CLAMP_MIN,
-    aten.clamp_min_.default: _CLAMP_MIN,
-    aten.clamp_min_.Tensor: _CLAMP_MIN,
-    aten.clamp_max.default: _CLAMP_MAX,
-    aten.clamp_max.Tensor: _CLAMP_MAX,
-    aten.clamp_max_.default: _CLAMP_MAX,
-    aten.clamp_max_.Tensor: _CLAMP_MAX,
-    aten.leaky_relu.default: _LEAKY,
-    aten.leaky_relu_.default: _LEAKY,
-    aten.hardswish.default: _HARDSWISH,
-    aten.hardswish_.default: _HARDSWISH,
-    aten.hardsigmoid.default: _HARDSIGMOID,
-    aten.hardsigmoid_.default: _HARDSIGMOID,
-    aten.maximum.default: Piece(lambda a, b: a > b, lambda r, a, b: _where(r, a, b), _COMPARE.gap),
-    aten.minimum.default: Piece(lambda a, b: a < b, lambda r, a, b: _where(r, a, b), _COMPARE.gap),
-    aten._prelu_kernel.default: Piece(
-        lambda x, w: x > 0, lambda r, x, w: torch.where(r, x, w * x), lambda x, w: x.abs()
-    ),
-    aten.elu.default: _ELU,  # SELU and CELU too: elu with a scale and an input scale
-    aten.elu_.default: _ELU,
-    aten.hardshrink.default: Piece(
-        _shrink_branch,
-        lambda r, x, lambd=0.5: torch.where(r == 1, 0, x).to(x.dtype),
-        lambda x, lambd=0.5: _nearest(x, -lambd, lambd),
-    ),
-    aten.softshrink.default: Piece(
-        _shrink_branch, _softshrink_value, lambda x, lambd=0.5: _nearest(x, -lambd, lambd)
-    ),
-    aten.rrelu_with_noise.default: _RRELU_EVAL,  # in training, a draw: Decisions._slopes
-    aten.rrelu_with_noise_.default: _RRELU_EVAL,
-    # Backward ops: (grad, input, ...): the branch comes from the input
-    aten.threshold_backward.default: Piece(
-        lambda g, s, t: s > t,
-        lambda r, g, s, t: torch.where(r, g, 0),
-        lambda g, s, t: _nearest(s, t),
-        decided=1,
-    ),
-    aten.hardtanh_backward.default: Piece(
-        lambda g, x, lo, hi: (x > lo) & (x < hi),
-        lambda r, g, x, lo, hi: torch.where(r, g, 0),
-        lambda g, x, lo, hi: _nearest(x, lo, hi),
-        decided=1,
-    ),
-    aten.leaky_relu_backward.default: Piece(
-        lambda g, x, slope, is_result: x > 0,
-        lambda r, g, x, slope, is_result: torch.where(r, g, g * slope),
-        lambda g, x, slope, is_result: x.abs(),
-        decided=1,
-    ),
-    aten.hardswish_backward.default: Piece(
-        lambda g, x: _u8(x >= -3, x > 3),
-        lambda r, g, x: torch.where(r == 0, 0, torch.where(r == 2, g, g * (x / 3 + 0.5))).to(
-            g.dtype
-        ),
-        lambda g, x: _nearest(x, -3, 3),
-        decided=1,
-    ),
-    aten.hardsigmoid_backward.default: Piece(
-        lambda g, x: (x > -3) & (x < 3),
-        lambda r, g, x: torch.where(r, g / 6, 0).to(g.dtype),
-        lambda g, x: _nearest(x, -3, 3),
-        decided=1,
-    ),
-    aten.elu_backward.default: Piece(
-        lambda g, alpha, scale, input_scale, is_result, s: s > 0,
-        _elu_grad,
-        lambda g, alpha, scale, input_scale, is_result, s: s.abs(),
-        decided=5,
-    ),
-    aten.hardshrink_backward.default: _SHRINK_GRAD,
-    aten.softshrink_backward.default: _SHRINK_GRAD,
-    # out of training a leaky ReLU's mask; in training the replayed slopes (not a branch)
-    aten.rrelu_with_noise_backward.default: Piece(
-        lambda g, x, noise, lower, upper, *_: x > 0,
-        lambda r, g, x, noise, lower, upper, *_: torch.where(r, g, g * ((lower + upper) / 2)).to(
-            g.dtype
-        ),
-        lambda g, x, *_: x.abs(),
-        decided=1,
-    ),
-}
-# Ops whose output is the branch itself (comparisons feeding `where`, sign, rounding): the
-# record is the output; floating inputs only (integer comparisons are exact). Equality too:
-# the backward of max / amax over a dim sends the gradient where `input == max`, and an
-# honest near-tie makes another element the largest.
-_OUTPUT_IS_BRANCH = {
-    aten.eq.Scalar: _COMPARE,
-    aten.eq.Tensor: _COMPARE,
-    aten.ne.Scalar: _COMPARE,
-    aten.ne.Tensor: _COMPARE,
-    aten.gt.Scalar: _COMPARE,
-    aten.gt.Tensor: _COMPARE,
-    aten.lt.Scalar: _COMPARE,
-    aten.lt.Tensor: _COMPARE,
-    aten.ge.Scalar: _COMPARE,
-    aten.ge.Tensor: _COMPARE,
-    aten.le.Scalar: _COMPARE,
-    aten.le.Tensor: _COMPARE,
-    aten.sign.default: _SIGN,
-    aten.sgn.default: _SIGN,
-    aten.round.default: _ROUND,
-    aten.round_.default: _ROUND,
-    aten.floor.default: _TO_INTEGER,
-    aten.floor_.default: _TO_INTEGER,
-    aten.ceil.default: _TO_INTEGER,
-    aten.ceil_.default: _TO_INTEGER,
-    aten.trunc.default: _TO_INTEGER,
-    aten.trunc_.default: _TO_INTEGER,
-}
-PIECES.update(_OUTPUT_IS_BRANCH)
 
 # -- random draws ------------------------------------------------------------------------------
 
@@ -489,7 +240,7 @@ class Decisions(TorchDispatchMode):
         piece = PIECES[func]
         key = _key(func, args)
         inplace = _writes_first(func)
-        own_branch = None if func in _OUTPUT_IS_BRANCH else piece.branch(*args, **kwargs)
+        own_branch = None if func in OUTPUT_IS_BRANCH else piece.branch(*args, **kwargs)
         shape = args[0].shape if inplace else None if own_branch is None else own_branch.shape
         recorded = None if shape is None else self._take(key, shape)
         original = args[0].clone() if inplace and recorded is not None else None
@@ -515,7 +266,7 @@ class Decisions(TorchDispatchMode):
         source = (original, *args[1:]) if inplace else args
         self._gap(func, piece.gap(*source, **kwargs), flips, source[piece.decided])
         fixed = piece.value(recorded, *source, **kwargs)
-        if func in _OUTPUT_IS_BRANCH:
+        if func in OUTPUT_IS_BRANCH:
             fixed = fixed.to(out.dtype)
         replayed = torch.where(flips, fixed, out)
         if inplace:
