@@ -94,7 +94,8 @@ def check(
 
     Args:
         model: an nn.Module, or a registered case / timm model name (then `inputs`, the
-            loss and the tolerances come from the case).
+            loss and the tolerances come from the case), or MODULE:FUNCTION, the user's
+            builder of a model, (model, inputs) or (model, inputs, loss_fn).
         inputs: a tensor, a tuple or a dict of them (None for a named case).
         target_model: a second implementation (a ported model) run on the target instead
             of a copy of `model`, compared module by module.

@@ -4,16 +4,15 @@ never silently read as "use the default"."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import os
-import sys
 from pathlib import Path
 
 from torch import nn
 
 from align.errors import AlignError
 from align.numerics.names import canonical_precision
+from align.runtime.user_code import call_user_function
 
 
 def positive_int(text: str) -> int:
@@ -100,20 +99,12 @@ def model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def model_factory(text: str) -> nn.Module:
-    """MODULE:FUNCTION, a function of no arguments that builds the user's model (MODULE
-    imported as Python imports it, the current directory first), called; for argparse's
-    `type=`. This runs the user's own code, named by them on the command line."""
-    module_name, _, attribute = text.partition(":")
-    if not module_name or not attribute:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: give MODULE:FUNCTION, e.g. train:build_model for build_model() in train.py"
-        )
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    """MODULE:FUNCTION, a function of no arguments that builds the user's model
+    (align.runtime.user_code), called; for argparse's `type=`."""
     try:
-        built = getattr(importlib.import_module(module_name), attribute)()
-    except Exception as exc:  # the user's code: any failure is theirs to see, in one line
-        raise argparse.ArgumentTypeError(f"{text}: {type(exc).__name__}: {exc}") from None
+        built = call_user_function(text)
+    except AlignError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if not isinstance(built, nn.Module):
         raise argparse.ArgumentTypeError(
             f"{text}() returned a {type(built).__name__}, not an nn.Module"

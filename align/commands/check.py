@@ -15,7 +15,11 @@ from align.runtime.devices import resolve
 
 
 def _check_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a registered case (align list) or a timm model name")
+    p.add_argument(
+        "model",
+        help="a registered case (align list), a timm model name, or MODULE:FUNCTION building "
+        "your own: a model, (model, inputs) or (model, inputs, loss_fn)",
+    )
     p.add_argument("--target", default="auto", help="device under test (default: best present)")
     p.add_argument("--reference", default="cpu", help="reference device (default: cpu)")
     p.add_argument("--phases", default="forward,backward", help="forward,backward,train")
@@ -85,7 +89,11 @@ CHECK = Command(
     SUMMARIES["check"],
     _check_arguments,
     _check,
-    examples=("resnet50", "resnet18 --precision bf16 --batch 2 --size 64 --json result.json"),
+    examples=(
+        "resnet50",
+        "resnet18 --precision bf16 --batch 2 --size 64 --json result.json",
+        "train:build_model --phases forward,backward,train   # build_model() in ./train.py",
+    ),
     details="Runs the model on the reference and the target, judges every layer against a "
     "float64 golden run relative to the reference's own error, and isolates the modules that "
     "are wrong on their own.",

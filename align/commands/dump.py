@@ -47,7 +47,9 @@ def dump_run(
 
 
 def _dump_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a registered case (align list) or a timm model name")
+    p.add_argument(
+        "model", help="a registered case (align list), a timm model name, or MODULE:FUNCTION"
+    )
     p.add_argument(
         "--out", type=writable_dir, required=True, help="directory to write the trace to"
     )

@@ -1,5 +1,5 @@
-"""Turn what the user named (an nn.Module, a registered case, a timm model) into a model,
-inputs, a loss and tolerances."""
+"""Turn what the user named (an nn.Module, a registered case, a timm model, their own
+builder as MODULE:FUNCTION) into a model, inputs, a loss and tolerances."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from align.errors import AlignError, UnknownCaseError
+from align.runtime.user_code import call_user_function, is_user_function
 from align.zoo import get_case, is_case, list_cases
 from align.zoo.golden import case_tolerance
 
@@ -34,10 +35,11 @@ class Resolved:
 
     def command(self, phases, precision: str, reference: str, target: str, emulate) -> str:
         """The one command that reproduces this check alone ('' for a plain module)."""
-        if self.case is None:
+        name = self.case or (self.label if is_user_function(self.label) else None)
+        if name is None:
             return ""
         cmd = (
-            f"python -m align.check {self.case} --phases {','.join(phases)} "
+            f"python -m align.check {name} --phases {','.join(phases)} "
             f"--precision {precision} --reference {reference} --target {target}"
         )
         return cmd + (f" --emulate {emulate}" if emulate else "")
@@ -51,7 +53,8 @@ def resolve_model(
     batch: int | None = None,
     image_size: int | None = None,
 ) -> Resolved:
-    """A Resolved for a module, a registered case name or a timm model name."""
+    """A Resolved for a module, a registered case name, a timm model name, or MODULE:FUNCTION
+    (`_built_by_user`)."""
     if isinstance(model, nn.Module):
         if inputs is None:
             raise AlignError("inputs are required when model is an nn.Module")
@@ -62,6 +65,8 @@ def resolve_model(
     # a named model's random weights come from `seed`, so that every process (a dump on
     # each machine, a check) builds the same model: torch's default seed is per process
     torch.manual_seed(seed)
+    if is_user_function(model):
+        return _built_by_user(model, inputs, loss_fn, seed, batch, image_size)
     if is_case(model):
         case = get_case(model)
         if case.skip:
@@ -77,6 +82,31 @@ def resolve_model(
             built, inputs, loss_fn or case.loss_fn, case.name, case.source_model, case.grad_inputs
         )
     return _timm_model(model, inputs, loss_fn, seed, batch, image_size)
+
+
+def _built_by_user(text, inputs, loss_fn, seed, batch, image_size) -> Resolved:
+    """FUNCTION() in MODULE, called after seeding (every process builds the same weights):
+    a model (then `batch` images of `image_size`, 2 x 3 x 224 x 224 by default), a
+    (model, inputs) pair, or (model, inputs, loss_fn) with loss_fn(output, inputs)."""
+    built = call_user_function(text)
+    parts = built if isinstance(built, tuple) else (built,)
+    if not (1 <= len(parts) <= 3 and isinstance(parts[0], nn.Module)):
+        raise AlignError(
+            f"{text}() returned {type(built).__name__}: return a model, (model, inputs) or "
+            "(model, inputs, loss_fn)"
+        )
+    model = parts[0]
+    if inputs is None and len(parts) > 1:
+        inputs = parts[1]
+    if inputs is None:
+        size = image_size or 224
+        gen = torch.Generator().manual_seed(seed)
+        inputs = torch.randn(batch or 2, 3, size, size, generator=gen)
+    elif image_size is not None or batch is not None:
+        raise AlignError(f"--batch and --size make images for a model alone: {text}() gave inputs")
+    if loss_fn is None and len(parts) == 3:
+        loss_fn = parts[2]
+    return Resolved(model, inputs, loss_fn, None, text)
 
 
 def _timm_model(name, inputs, loss_fn, seed, batch, image_size) -> Resolved:

@@ -585,3 +585,28 @@ def test_align_help_imports_no_torch():
     )
     assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "False", _explain(proc)
     assert "  check      check a model's alignment" in proc.stdout
+
+
+def test_check_takes_the_users_own_builder_from_the_current_directory(tmp_path):
+    """`align check train:build_model`: the user's model and inputs, no case, no timm."""
+    (tmp_path / "train.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def build_model():\n"
+        "    model = nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Dropout(0.1), nn.Linear(16, 2))"
+        "\n"
+        "    return model.train(), torch.randn(8, 6)\n\n"
+        "def broken():\n"
+        "    raise ValueError('no checkpoint at /data/ckpt.pt')\n"
+    )
+    run = [sys.executable, "-m", "align.check", "--phases", "forward,backward,train"]
+    run += ["--steps", "2"]
+    proc = subprocess.run(
+        [*run, "train:build_model"], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, _explain(proc)
+    assert "ALIGNED  train:build_model" in proc.stdout, _explain(proc)
+    assert "train (2 steps): ok" in proc.stdout, _explain(proc)
+    proc = subprocess.run(
+        [*run, "train:broken"], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    _assert_one_line_error(proc, "train:broken(): ValueError: no checkpoint at /data/ckpt.pt")
