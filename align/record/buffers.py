@@ -31,6 +31,17 @@ def _layout(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _empty(t: torch.Tensor, layout: torch.memory_format, pinned: bool) -> torch.Tensor:
+    """Host memory for a copy of `t`: page-locked where asked and the device's runtime
+    gives it (a copy into pageable memory is made at once: right, only slower)."""
+    if pinned:
+        try:
+            return torch.empty(t.shape, dtype=t.dtype, memory_format=layout, pin_memory=True)
+        except RuntimeError:
+            pass
+    return torch.empty(t.shape, dtype=t.dtype, memory_format=layout)
+
+
 class HostBuffers:
     """Host tensors to copy into, recycled from the last recorded step (thread-safe: the
     loop takes, the writer thread gives)."""
@@ -40,9 +51,13 @@ class HostBuffers:
         self._free: dict[_Key, list[torch.Tensor]] = defaultdict(list)  # given this step
         self._lock = threading.Lock()
 
-    def copy(self, t: torch.Tensor, layout: torch.memory_format | None = None) -> torch.Tensor:
+    def copy(
+        self, t: torch.Tensor, layout: torch.memory_format | None = None, *, queued: bool = False
+    ) -> torch.Tensor:
         """A host copy of `t` (detached) in a buffer of its own, laid out as `t` is (or
-        in `layout`)."""
+        in `layout`). `queued`, for a tensor on a device: the copy is queued on the
+        device's stream into page-locked memory and the buffer holds it only once the
+        device is synchronized (no device memory is held, and the loop does not wait)."""
         t = t.detach()
         layout = layout or _layout(t)
         key = (tuple(t.shape), t.dtype, layout)
@@ -50,8 +65,8 @@ class HostBuffers:
             free = self._last.get(key) or self._free.get(key)
             buffer = free.pop() if free else None
         if buffer is None:
-            buffer = torch.empty(t.shape, dtype=t.dtype, memory_format=layout)
-        return buffer.copy_(t)
+            buffer = _empty(t, layout, pinned=queued and t.device.type != "cpu")
+        return buffer.copy_(t, non_blocking=queued)
 
     def give(self, tensors: Iterable[torch.Tensor]) -> None:
         """Buffers nothing refers to any more (written ones), for what is copied next."""

@@ -13,10 +13,12 @@ A recorded step is written to DIR/rank{N}/step{n:06d}/ (N is the torch.distribut
 (a killed process leaves only hidden temporary directories). It streams
 (align.record.writer): its tensors are private copies in host memory, gathered into
 shards of STREAM_SHARD_BYTES that a background thread writes while the step goes on; the
-rest is written once it ends. Memory holds the step being recorded and what is left to
-write of the one before (`steps_in_memory=1`: one step, the next waits at its start for
-it to be on disk), the last recorded step returns once every step is on disk, and a
-failed write is raised at the next `rec.step()`. The dump is complete after the last
+rest is written once it ends. A device's tensors are copied to host memory on the device's
+stream, none kept on the device, and streamed after one synchronization at the step's end.
+Memory holds the step being recorded and what is left to write of the one before
+(`steps_in_memory=1`: one step, the next waits at its start for it to be on disk), the
+last recorded step returns once every step is on disk, and a failed write is raised at
+the next `rec.step()`. The dump is complete after the last
 recorded step, `rec.close()` (or the end of `with align.Recorder(...) as rec:`), or
 `rec.flush()`. What a step holds:
 
@@ -119,6 +121,7 @@ from align.record.capture import Recorder as ModuleHooks
 from align.record.trace import Trace, read_trace
 from align.record.writer import StepFiles, StepWriter, wait_for_writes
 from align.runtime import environment
+from align.runtime.devices import on_host, synchronize
 
 FORMAT = "align.loop/1"
 RUN_FILE = "loop.json"  # per rank: what was recorded, where
@@ -284,7 +287,8 @@ class Recorder:
             raise AlignError(f"steps_in_memory= must be 1 or more, not {steps_in_memory!r}")
         self._writer = StepWriter(self.root, background, steps_in_memory)
         self._buffers = HostBuffers()
-        self._on_device: dict[str, torch.Tensor] = {}  # a step's copies on its device
+        # a step's copies from a device, queued: (key, host buffer, loss scale to divide by)
+        self._queued: list[tuple[str, torch.Tensor, float]] = []
         self.memory_format = None
         if self.draw is not None and self.draw % 2:
             self.memory_format = other_layout(model)
@@ -377,7 +381,7 @@ class Recorder:
         finally:
             self._recording = False
             self._given_loss = None
-            self._on_device.clear()
+            self._queued.clear()
         files.finish(write)
         if n == self._last:
             self.close()
@@ -475,29 +479,32 @@ class Recorder:
             ),
             "seconds": time.perf_counter() - started,
         }
-        self._to_host(trace, files)
+        self._to_host(trace, files, self._devices())
         return partial(self._write, trace, state, info, files.shards.index)
 
     def _snapshot(self, files: StepFiles, scale: float, key: str, t: torch.Tensor) -> torch.Tensor:
         """Record `t` under `key`, divided by the loss `scale` it has (a gradient): a copy
-        in reused host memory, streamed to the step's files at once; on a device, a copy
-        there until the step ends (`_to_host`). The trace keeps a stand-in (a meta
+        in reused host memory, streamed to the step's files at once; from a device, a copy
+        queued on its stream, written once the step ends (`_to_host`): no device memory
+        is held, and the loop does not wait for it. The trace keeps a stand-in (a meta
         tensor: the shape and dtype, no memory)."""
-        copy = self._buffers.copy(t) if t.device.type == "cpu" else t.clone()
-        if scale != 1.0:
-            copy.div_(scale)
-        if t.device.type == "cpu":
+        if on_host(t):
+            copy = self._buffers.copy(t)
+            if scale != 1.0:
+                copy.div_(scale)
             files.add(key, copy)
         else:
-            self._on_device[key] = copy
+            self._queued.append((key, self._buffers.copy(t, queued=True), scale))
         return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
-    def _to_host(self, trace: Trace, files: StepFiles) -> None:
-        """Move what the step kept on its device to host memory and the step's files, in
-        the loop's thread (and so its device stream), before another thread writes them."""
-        for key, t in self._on_device.items():
-            files.add(key, self._buffers.copy(t))
-        self._on_device.clear()
+    def _to_host(self, trace: Trace, files: StepFiles, devices: set[torch.device]) -> None:
+        """Wait for the copies the step queued on `devices` (one synchronization each, in
+        the loop's thread), then stream them to the step's files."""
+        for device in devices:
+            synchronize(device)
+        for key, copy, scale in self._queued:
+            files.add(key, copy.div_(scale) if scale != 1.0 else copy)
+        self._queued.clear()
         trace.decisions = [(op, t.cpu()) for op, t in trace.decisions]
 
     def _write(
@@ -569,7 +576,16 @@ class Recorder:
         return self._host_copies(state)
 
     def _host_copies(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: self._buffers.copy(v, torch.contiguous_format) for k, v in state.items()}
+        """Host copies of `state`, from a device queued (complete after `_to_host`)."""
+        return {
+            k: self._buffers.copy(v, torch.contiguous_format, queued=not on_host(v))
+            for k, v in state.items()
+        }
+
+    def _devices(self) -> set[torch.device]:
+        """The devices other than the host that the model's tensors live on."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return {t.device for t in tensors if not on_host(t)}
 
     def _weights(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """The parameters and floating buffers as they are now, keyed prefix + param/NAME and

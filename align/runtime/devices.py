@@ -157,3 +157,22 @@ def backend_for(device: str) -> str:
     if kind not in BACKENDS:
         raise AlignError(f"no distributed backend for device {device!r}")
     return BACKENDS[kind]
+
+
+def on_host(t) -> bool:
+    """Whether tensor `t` is in host memory (the CPU's), not on a device."""
+    return t.device.type == "cpu"
+
+
+def synchronize(device) -> None:
+    """Wait until the work queued on `device` (a torch.device) is done: torch.cuda's,
+    torch.npu's (torch_npu), torch.xpu's or torch.mps's synchronize()."""
+    import torch
+
+    wait = getattr(getattr(torch, device.type, None), "synchronize", None)
+    if wait is None:
+        raise AlignError(f"cannot wait for {device}: torch.{device.type} has no synchronize()")
+    try:
+        wait(device)
+    except TypeError:  # torch.mps.synchronize() takes no device
+        wait()

@@ -561,3 +561,38 @@ def test_odd_draws_run_a_convolutional_model_in_the_other_memory_format(tmp_path
     first, ref = dump.draws()[0].load(0, 0), dump.load(0, 0)
     mine, theirs = (s.trace.tensor(s.trace.param_grads["0.weight"]) for s in (first, ref))
     assert 0 < float((mine - theirs).norm() / theirs.norm()) < 1e-5  # rounding apart
+
+
+def _record_two_steps(out: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 6, 6))  # the lazy layer's shape
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    rec = align.Recorder(model, out, steps=[0, 1], optimizer=opt, scaler=scaler)
+    for n in range(2):
+        with rec.step(n):
+            scaler.scale(model(torch.randn(2, 3, 6, 6)).square().mean()).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+
+
+def test_a_devices_tensors_are_queued_to_host_memory_and_written_after_one_wait(
+    tmp_path, monkeypatch
+):
+    """On a device (faked: every tensor taken as one), a step's copies are queued to host
+    memory, none kept on the device, and written after one synchronization per step; the
+    dump is the host path's, bit for bit (gradients divided by the loss scale included)."""
+    _record_two_steps(tmp_path / "host")
+    waits = []
+    monkeypatch.setattr("align.record.loop.on_host", lambda t: False)
+    monkeypatch.setattr("align.record.loop.synchronize", waits.append)
+    _record_two_steps(tmp_path / "device")
+    assert waits == [torch.device("cpu")] * 2
+    host, device = LoopDump(tmp_path / "host"), LoopDump(tmp_path / "device")
+    for n in (0, 1):
+        a, b = host.load(0, n), device.load(0, n)
+        assert a.state.keys() == b.state.keys() and a.trace.keys() == b.trace.keys()
+        assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+        assert all(torch.equal(a.trace.tensor(k), b.trace.tensor(k)) for k in a.trace.keys())

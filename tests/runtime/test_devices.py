@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 import torch
@@ -97,3 +98,20 @@ def test_cli_reports_unusable_npu_as_usage_error(tmp_path):
     assert run.returncode == 2
     assert "error: device 'npu' is not usable here" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_synchronize_waits_through_the_device_kinds_own_module(monkeypatch):
+    """torch.<kind>.synchronize(device), or without the device where it takes none (mps);
+    a kind without one is an AlignError, not an AttributeError."""
+    waited = []
+    monkeypatch.setattr(
+        torch, "npu", types.SimpleNamespace(synchronize=waited.append), raising=False
+    )
+    device = types.SimpleNamespace(type="npu")
+    devices.synchronize(device)
+    assert waited == [device]
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: waited.append("mps"))
+    devices.synchronize(types.SimpleNamespace(type="mps"))
+    assert waited[-1] == "mps"
+    with pytest.raises(AlignError, match="torch.nosuch has no synchronize"):
+        devices.synchronize(types.SimpleNamespace(type="nosuch"))
