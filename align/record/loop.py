@@ -287,8 +287,10 @@ class Recorder:
             raise AlignError(f"steps_in_memory= must be 1 or more, not {steps_in_memory!r}")
         self._writer = StepWriter(self.root, background, steps_in_memory)
         self._buffers = HostBuffers()
-        # a step's copies from a device, queued: (key, host buffer, loss scale to divide by)
+        # a step's copies from a device, queued: (key, host buffer, loss scale to divide by),
+        # and the devices they were queued on
         self._queued: list[tuple[str, torch.Tensor, float]] = []
+        self._queued_on: set[torch.device] = set()
         self.memory_format = None
         if self.draw is not None and self.draw % 2:
             self.memory_format = other_layout(model)
@@ -382,6 +384,7 @@ class Recorder:
             self._recording = False
             self._given_loss = None
             self._queued.clear()
+            self._queued_on.clear()
         files.finish(write)
         if n == self._last:
             self.close()
@@ -479,7 +482,7 @@ class Recorder:
             ),
             "seconds": time.perf_counter() - started,
         }
-        self._to_host(trace, files, self._devices())
+        self._to_host(trace, files)
         return partial(self._write, trace, state, info, files.shards.index)
 
     def _snapshot(self, files: StepFiles, scale: float, key: str, t: torch.Tensor) -> torch.Tensor:
@@ -494,14 +497,20 @@ class Recorder:
                 copy.div_(scale)
             files.add(key, copy)
         else:
-            self._queued.append((key, self._buffers.copy(t, queued=True), scale))
+            self._queued.append((key, self._queue(t), scale))
         return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
-    def _to_host(self, trace: Trace, files: StepFiles, devices: set[torch.device]) -> None:
-        """Wait for the copies the step queued on `devices` (one synchronization each, in
-        the loop's thread), then stream them to the step's files."""
-        for device in devices:
+    def _queue(self, t: torch.Tensor, layout: torch.memory_format | None = None) -> torch.Tensor:
+        """A host copy of device tensor `t`, queued on its device (complete after `_to_host`)."""
+        self._queued_on.add(t.device)
+        return self._buffers.copy(t, layout, queued=True)
+
+    def _to_host(self, trace: Trace, files: StepFiles) -> None:
+        """Wait for the copies the step queued (one synchronization per device, in the
+        loop's thread), then stream them to the step's files."""
+        for device in self._queued_on:
             synchronize(device)
+        self._queued_on.clear()
         for key, copy, scale in self._queued:
             files.add(key, copy.div_(scale) if scale != 1.0 else copy)
         self._queued.clear()
@@ -577,15 +586,11 @@ class Recorder:
 
     def _host_copies(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Host copies of `state`, from a device queued (complete after `_to_host`)."""
+        layout = torch.contiguous_format
         return {
-            k: self._buffers.copy(v, torch.contiguous_format, queued=not on_host(v))
+            k: self._buffers.copy(v, layout) if on_host(v) else self._queue(v, layout)
             for k, v in state.items()
         }
-
-    def _devices(self) -> set[torch.device]:
-        """The devices other than the host that the model's tensors live on."""
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        return {t.device for t in tensors if not on_host(t)}
 
     def _weights(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """The parameters and floating buffers as they are now, keyed prefix + param/NAME and
