@@ -134,6 +134,20 @@ def design_effects_of(g: torch.Tensor, dtype: torch.dtype) -> tuple[float, float
     )
 
 
+def effective_counts(g: torch.Tensor) -> tuple[float, float]:
+    """How many elements mean_err and scale_err are measured from, in effect (Kish's
+    (sum w)^2 / sum w^2): a rounding error is proportional to |g|, and mean_err sums the
+    errors alike, so its weights are |g|; scale_err weighs each by g again, so its weights
+    are g^2. n for equal magnitudes; 1 where one element dominates; for normal values,
+    2n/pi and n/3."""
+    magnitude = g.abs()
+    square = magnitude.square()
+    sum_abs, sum_sq, sum_fourth = (float(x.sum()) for x in (magnitude, square, square.square()))
+    if sum_sq == 0:
+        return float(g.numel()), float(g.numel())
+    return sum_abs * sum_abs / sum_sq, sum_sq * sum_sq / sum_fourth
+
+
 def design_effects(g: torch.Tensor, cells: torch.Tensor) -> tuple[float, float]:
     """How many times wider the standard errors of mean_err and scale_err are than the
     independent-element ones when every element of a cell (`rounding_cells`) carries the

@@ -537,3 +537,30 @@ def test_attention_with_dropout_draws_a_replayable_mask_where_only_fused_kernels
         with Decisions() as record:
             model(x)
     assert "_scaled_dot_product_flash_attention_for_cpu" in record.ran
+
+
+class _ClampReLU(nn.Module):
+    """A ReLU computed as a clamp: the same function, another op (no relu record taken)."""
+
+    def forward(self, x):
+        return x.clamp_min(0.0)
+
+
+def test_a_relu_computed_by_another_op_leaves_its_record_to_no_later_call():
+    """The target computes its first ReLU as a clamp: the reference's record of that call
+    is not taken, and each later ReLU of the same shape must still get its own record,
+    not the one before (which disagrees with it in about half its elements)."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(4):
+        layers += [nn.Linear(32, 32), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(32, 3))
+    target = copy.deepcopy(model)
+    target[1] = _ClampReLU()
+    x = torch.randn(16, 32)
+    ref = align.capture(model, x, seed=1)
+    tgt = align.capture(target, x, seed=1, decisions_of=ref)
+    gold = align.capture(model, x, precision="fp64", seed=1, decisions_of=ref)
+    report = align.compare(ref, tgt, gold)
+    assert report.passed, str(report)
+    assert "relu" not in " ".join(report.notes), report.notes  # no branch taken otherwise
