@@ -52,7 +52,8 @@ PRIOR_SIGMAS = 3.0
 # the independent-noise bound is 20x smaller); a gain fault hidden in noise sigma is still
 # seen from 0.05 sigma.
 BIAS_FRACTION = 0.05
-NORMAL_WEIGHTING = math.sqrt(3)  # metrics.weighting_effect of normal values: E[g^4] / E[g^2]^2 = 3
+# scale_err's weighting effect, sqrt(n / effective count), for normal values: E[g^4] / E[g^2]^2 = 3
+NORMAL_WEIGHTING = math.sqrt(3)
 UNIT_FP32 = 2.0**-24  # the bias floor's constant: far below any gain fault, in any dtype
 # Elements of an isolated reduced-precision tensor further from the golden than the
 # reference's own element by more than EXCESS_ULPS of their value (an honest kernel's

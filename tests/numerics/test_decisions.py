@@ -442,6 +442,15 @@ def test_dumps_carry_random_draws(tmp_path):
     assert not align.compare(loaded, own, gold).passed
 
 
+def _replayed(reference_model, target_model, x):
+    """The reference's trace (seed 1), and the comparison of a target (seed 2: another
+    generator state) and a golden that replay its decisions."""
+    ref = align.capture(reference_model, x, seed=1)
+    tgt = align.capture(target_model, x, seed=2, decisions_of=ref)
+    gold = align.capture(reference_model, x, precision="fp64", seed=3, decisions_of=ref)
+    return ref, align.compare(ref, tgt, gold)
+
+
 @pytest.mark.parametrize("p", [0.5, 0.2])
 @pytest.mark.parametrize("fused_side", ["reference", "target"])
 def test_a_fused_dropout_replays_the_mask_a_cpu_dropout_drew_and_back(p, fused_side):
@@ -453,11 +462,7 @@ def test_a_fused_dropout_replays_the_mask_a_cpu_dropout_drew_and_back(p, fused_s
     fused = copy.deepcopy(cpu)
     fused.drop = FusedDropout(p)
     ref_model, tgt_model = (fused, cpu) if fused_side == "reference" else (cpu, fused)
-    x = torch.randn(8, 16)
-    ref = align.capture(ref_model, x, seed=1)
-    tgt = align.capture(tgt_model, x, seed=2, decisions_of=ref)
-    gold = align.capture(ref_model, x, precision="fp64", seed=3, decisions_of=ref)
-    report = align.compare(ref, tgt, gold)
+    _, report = _replayed(ref_model, tgt_model, torch.randn(8, 16))
     assert report.passed, str(report)
     assert "not matched" not in " ".join(report.notes)
 
@@ -527,10 +532,7 @@ def test_attention_with_dropout_draws_a_replayable_mask_where_only_fused_kernels
     torch.manual_seed(0)
     model, x = _Attention(0.2).train(), torch.randn(2, 6, 16)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        ref = align.capture(model, x, seed=1)
-        tgt = align.capture(model, x, seed=2, decisions_of=ref)
-        gold = align.capture(model, x, precision="fp64", seed=3, decisions_of=ref)
-        report = align.compare(ref, tgt, gold)
+        ref, report = _replayed(model, model, x)
         assert report.passed, str(report)
         assert sum(key.startswith("aten.bernoulli_") for key, _ in ref.decisions) == 2
         model.p = 0.0
@@ -557,10 +559,6 @@ def test_a_relu_computed_by_another_op_leaves_its_record_to_no_later_call():
     model = nn.Sequential(*layers, nn.Linear(32, 3))
     target = copy.deepcopy(model)
     target[1] = _ClampReLU()
-    x = torch.randn(16, 32)
-    ref = align.capture(model, x, seed=1)
-    tgt = align.capture(target, x, seed=1, decisions_of=ref)
-    gold = align.capture(model, x, precision="fp64", seed=1, decisions_of=ref)
-    report = align.compare(ref, tgt, gold)
+    _, report = _replayed(model, target, torch.randn(16, 32))
     assert report.passed, str(report)
     assert "relu" not in " ".join(report.notes), report.notes  # no branch taken otherwise
