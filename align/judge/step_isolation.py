@@ -16,8 +16,11 @@ own inputs is a culprit, whatever happened upstream.
 
 A call is not re-run when one of its arguments was neither a tensor nor a plain value
 (the dump says which), when the model has no module of its name, or when its weights are
-not in the dump; each is counted in a note. Parameter gradients are left to the step's
-own rows: a dump holds their sum over a module's calls, not each call's.
+not in the dump; each is counted in a note. A parameter gradient is judged alone where it
+is its call's alone: the module is called once in the step, no other module holds the
+parameter, and the gradient is the step's one backward's, unchanged (no accumulation,
+clipping, unscaling or all-reduce: align.record.backward_grads). Others are left to the
+step's own rows.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ def isolate_step(
     except _NotIsolable as exc:
         return [], [], [f"modules not isolated in step {ref.number}: {exc}"]
     isolators = [Isolator(run, run, run, backward=True) for run in runs]
+    tied = _tied(runs[0].model)
     rows: list[Row] = []
     failing: dict[int, Row] = {}
     skipped: dict[str, int] = {}
@@ -74,7 +78,7 @@ def isolate_step(
             continue  # the target's error is the reference's
         try:
             replays = [_alone(iso, run, pos) for iso, run in zip(isolators, runs)]
-            judged = list(_judged(ref, tgt, pos, replays, tol, strict_dtype))
+            judged = list(_judged(ref, tgt, pos, replays, tol, strict_dtype, tied))
         except Exception as exc:  # a module that cannot run or be judged alone is counted
             why = str(exc).split("\n")[0][:160]
             skipped[why] = skipped.get(why, 0) + 1
@@ -97,18 +101,27 @@ def isolate_step(
 
 
 def _judged(
-    ref: Step, tgt: Step, pos: int, replays: list[LocalRun], tol: Tolerance, strict_dtype: bool
+    ref: Step,
+    tgt: Step,
+    pos: int,
+    replays: list[LocalRun],
+    tol: Tolerance,
+    strict_dtype: bool,
+    tied: set[str],
 ) -> Iterator[Row]:
     """The target's recorded tensors of call `pos` against its replay, relative to the
-    reference's against its own."""
+    reference's against its own; `tied` names parameters that more than one module holds."""
     call = ref.trace.calls[pos]
     golds = [{(p, n): x for p, n, x in replay.items()} for replay in replays]
     accuracy = kernel_accuracy(replays[0].decisions.ran)
     for (phase, label), gold_t in golds[1].items():
         gold_r = golds[0].get((phase, label))
-        if phase == "param_grad" or gold_r is None:
+        if gold_r is None:
             continue
-        keys = [_recorded(side.trace, pos, phase, label) for side in (ref, tgt)]
+        if phase == "param_grad":
+            keys = [_own_grad(side.trace, pos, label, tied) for side in (ref, tgt)]
+        else:
+            keys = [_recorded(side.trace, pos, phase, label) for side in (ref, tgt)]
         if None in keys:
             continue
         r, t = ref.trace.tensor(keys[0]), tgt.trace.tensor(keys[1])
@@ -204,12 +217,19 @@ def _alone(iso: Isolator, run: Run, pos: int) -> LocalRun:
 
 
 def _same_records(ref: Trace, tgt: Trace, pos: int) -> bool:
-    """Whether every tensor the call recorded is bit for bit the same on both sides."""
+    """Whether every tensor the call recorded, and the gradients of its own parameters, are
+    bit for bit the same on both sides."""
     rc, tc = ref.calls[pos], tgt.calls[pos]
     if rc.buffer_names != tc.buffer_names:
         return False
-    for slot in ("inputs", "outputs", "grad_outputs", "grad_inputs", "buffers_in", "buffers"):
-        for rk, tk in zip(getattr(rc, slot), getattr(tc, slot), strict=False):
+    slots = ("inputs", "outputs", "grad_outputs", "grad_inputs", "buffers_in", "buffers")
+    pairs = [zip(getattr(rc, slot), getattr(tc, slot), strict=False) for slot in slots]
+    own = [_own_grads(trace, rc.module) for trace in (ref, tgt)]
+    if own[0].keys() != own[1].keys():
+        return False
+    pairs.append((own[0][name], own[1][name]) for name in own[0])
+    for pair in pairs:
+        for rk, tk in pair:
             if (rk is None) != (tk is None):
                 return False
             if rk is not None:
@@ -217,6 +237,39 @@ def _same_records(ref: Trace, tgt: Trace, pos: int) -> bool:
                 if r.dtype != t.dtype or r.shape != t.shape or not torch.equal(r, t):
                     return False
     return True
+
+
+def _tied(model: nn.Module) -> set[str]:
+    """Names of parameters that more than one module holds (a tied embedding and head)."""
+    holders: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(p), []).append(name)
+    return {name for names in holders.values() if len(names) > 1 for name in names}
+
+
+def _own_grads(trace: Trace, module: str) -> dict[str, str]:
+    """The keys of the recorded gradients of `module`'s own parameters that the step's one
+    backward wrote and nothing changed after (align.record.backward_grads), by local name."""
+    grads = trace.meta.get("backward_grads")
+    prefix = f"{module}." if module else ""
+    return {
+        name[len(prefix) :]: key
+        for name, key in (grads.items() if isinstance(grads, dict) else ())
+        if name.startswith(prefix)
+        and "." not in name[len(prefix) :]
+        and isinstance(key, str)
+        and key in trace.tensors
+    }
+
+
+def _own_grad(trace: Trace, pos: int, label: str, tied: set[str]) -> str | None:
+    """The key of the recorded gradient of the call's own parameter `label`, where that is
+    the call's alone: the module is called once in the step and holds the parameter alone."""
+    call = trace.calls[pos]
+    name = f"{call.module}.{label}" if call.module else label
+    if name in tied or sum(c.module == call.module for c in trace.calls) != 1:
+        return None
+    return _own_grads(trace, call.module).get(label)
 
 
 def _recorded(trace: Trace, pos: int, phase: str, label: str) -> str | None:

@@ -58,6 +58,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from align.numerics.attention import math_when_dropping
 from align.numerics.pieces import OUTPUT_IS_BRANCH, PIECES
 from align.numerics.verdict import Row
+from align.numerics.versions import bump_written_lists
 
 aten = torch.ops.aten
 
@@ -223,7 +224,9 @@ class Decisions(TorchDispatchMode):
             return self._branches(func, args, kwargs)
         if func.overloadpacket in _RANDOM_PACKETS and not _seeded(func, args, kwargs):
             return self._draw(func, args, kwargs)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        bump_written_lists(func, args)  # (foreach ops in place: align.numerics.versions)
+        return out
 
     # -- the three kinds ------------------------------------------------------------------
 

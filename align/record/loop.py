@@ -27,7 +27,8 @@ recorded step, `rec.close()` (or the end of `with align.Recorder(...) as rec:`),
   received (after GradScaler's unscaling and any clipping: an optimizer step pre-hook
   takes them before `zero_grad` can clear them; without `optimizer=`, or on a step the
   scaler skipped, the gradients backward accumulated; a step where an optimizer given
-  without a scaler does not step records none); the
+  without a scaler does not step records none), and which of them are one backward's
+  own, unchanged (align.record.backward_grads: a module's call alone reproduces them); the
   step's discrete choices (align.numerics.decisions). Gradients are divided by the scaler's
   scale, so a run that scales its loss compares with one that does not (the golden).
 * `state.safetensors` and `step.json`: the loss, the parameters and floating buffers
@@ -115,6 +116,7 @@ from align.numerics import decisions
 from align.numerics.decisions import Decisions
 from align.numerics.jitter import Jitter
 from align.record.arguments import spec_to_json
+from align.record.backward_grads import BackwardGrads
 from align.record.buffers import HostBuffers
 from align.record.capture import KeepFloat64, inputs_laid_out, other_layout
 from align.record.capture import Recorder as ModuleHooks
@@ -422,30 +424,33 @@ class Recorder:
         )
         accumulated: dict[str, str] = {}  # as backward left them (unscaled when recorded)
         received: dict[str, str] = {}  # as the optimizer received them
+        unchanged: set[str] = set()  # received as backward left them
         stepped: list[bool] = []
+        # Where the optimizer may not step (no optimizer, or a scaler that can skip), the
+        # gradients backward accumulated are taken too.
+        backward_grads = self.optimizer is None or scale != 1.0
 
         def take_accumulated(name: str, p: torch.Tensor) -> None:
-            accumulated[name] = hooks.store_grad(p.grad)
+            if backward_grads:
+                accumulated[name] = hooks.store_grad(p.grad)
 
         def take_received(optimizer, args, kwargs) -> None:
             stepped.append(True)
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     if p.grad is not None:
-                        received[self._name(p)] = hooks.store(p.grad)
+                        name = self._name(p)
+                        received[name] = hooks.store(p.grad)
+                        if name in grads.params and grads.unchanged(name):
+                            unchanged.add(name)
 
+        grads = BackwardGrads(self.model, take_accumulated)
         choices = Decisions(self._replayed(n), where=hooks.current)
         roots = _BackwardRoots()
         with contextlib.ExitStack() as stack:
             stack.callback(hooks.release)
             stack.callback(hooks.remove)
-            # Where the optimizer may not step (no optimizer, or a scaler that can skip),
-            # the gradients backward accumulated are taken too.
-            backward_grads = self.optimizer is None or scale != 1.0
-            for name, p in self.model.named_parameters() if backward_grads else ():
-                if p.requires_grad:
-                    hook = p.register_post_accumulate_grad_hook(partial(take_accumulated, name))
-                    stack.callback(hook.remove)
+            grads.install(stack)
             if self.optimizer is not None:
                 stack.callback(self.optimizer.register_step_pre_hook(take_received).remove)
             stack.enter_context(self._numerics(n))
@@ -454,6 +459,9 @@ class Recorder:
             yield
         trace = hooks.trace
         trace.param_grads = {**accumulated, **received}
+        # the gradients one backward wrote and nothing changed, per call in isolation
+        backward_own = {n: k for n, k in accumulated.items() if grads.own(n)}
+        backward_own.update({n: received[n] for n in unchanged if grads.own(n)})
         trace.decisions, trace.faults = choices.choices, choices.faults
         trace.meta = {
             "device": self._device(),
@@ -464,6 +472,7 @@ class Recorder:
             # what isolation needs to call each module again (align.judge.step_isolation)
             "calls": [spec_to_json(hooks.specs[pos]) for pos in range(len(trace.calls))],
             "decision_owners": choices.owners,
+            "backward_grads": backward_own,
         }
         state = {**before, **self._state()}
         loss = self._given_loss if self._given_loss is not None else roots.root

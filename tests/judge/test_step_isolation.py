@@ -29,10 +29,12 @@ from align.record.loop import LoopDump
 from align.testing import perturb
 from align.testing.faults import (
     backward_gain,
+    bias_grad_dropped,
     kernel_gain,
     norm_eps,
     output_offset,
     running_var_biased,
+    weight_grad_gain,
     weight_via_fp16,
 )
 
@@ -129,6 +131,8 @@ def test_an_honest_target_passes_and_every_module_passes_alone(dumps):
         for module in ("conv", "norm", "drop", "scale", "to_float", "head"):
             assert (module, "forward") in judged, (n, sorted(judged))
         assert ("norm", "backward") in judged and ("drop", "backward") in judged
+        # each called once, its weights its own: their gradients are judged per call
+        assert {"conv", "norm", "head"} <= {m for m, phase in judged if phase == "param_grad"}
 
 
 @pytest.mark.parametrize(
@@ -139,6 +143,8 @@ def test_an_honest_target_passes_and_every_module_passes_alone(dumps):
         (norm_eps, "norm"),  # another eps: wrong given its own inputs
         (output_offset, "head"),  # a bias bug of 0.2% of the output's RMS
         (running_var_biased, "norm"),  # exact outputs, a running statistic wrong
+        (weight_grad_gain, "conv"),  # exact outputs, a weight gradient 1% off
+        (bias_grad_dropped, "head"),  # a bias gradient forgotten
     ],
 )
 def test_a_faulty_module_is_named_from_the_dumps(dumps, tmp_path, fault, site):
