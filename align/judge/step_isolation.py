@@ -14,9 +14,10 @@ exact result for the call. The target's recorded tensors are judged against it r
 to the reference's against its own (verdict.judge_on_replays): a module wrong given its
 own inputs is a culprit, whatever happened upstream.
 
-A call is not re-run when one of its arguments was neither a tensor nor a plain value
-(the dump says which), when the model has no module of its name, or when its weights are
-not in the dump; each is counted in a note. A parameter gradient is judged alone where it
+A call is not re-run when one of its arguments was neither a tensor, a plain value, a
+dtype nor a device (the dump says which; a device reads as the CPU the call re-runs on),
+when the model has no module of its name, or when its weights are not in the dump; each
+is counted in a note. A parameter gradient is judged alone where it
 is its call's alone: the module is called once in the step, no other module holds the
 parameter, and the gradient is the step's one backward's, unchanged (no accumulation,
 clipping, unscaling or all-reduce: align.record.backward_grads). Others are left to the
@@ -178,7 +179,7 @@ def _run(model: nn.Module, step: Step, weights: dict[str, torch.Tensor]) -> Run:
         )
     specs: dict[int, CallSpec] = {}
     for pos, entry in enumerate(entries):
-        spec = spec_from_json(entry, f"{where}, call {calls[pos].label}")
+        spec = spec_from_json(entry, f"{where}, call {calls[pos].label}", torch.device("cpu"))
         if isinstance(spec, CallSpec):
             specs[pos] = spec
     decisions = Decisions()

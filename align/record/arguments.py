@@ -3,10 +3,12 @@ dump holds, what is needed to call the module again (align.judge.step_isolation)
 
 A capture's CallSpec (align.record.capture) keeps the call's pytree structure and its
 non-tensor leaves in memory. Here the structure is written as nested tuples, lists and
-dicts with string keys, and the leaves as JSON's plain values, or torch's dtypes and
-memory formats by name ({"dtype": "float16"}: `x.to(torch.float16)` inside a module); a
-call whose arguments hold anything else (a namedtuple, a device, a user's object) is
-written as the reason it cannot be rebuilt. Reading builds nothing but those containers,
+dicts with string keys, and the leaves as JSON's plain values, torch's dtypes and memory
+formats by name ({"dtype": "float16"}: `x.to(torch.float16)` inside a module), or a
+device ({"device": "npu:0"}: read back as the device the call runs on again, where its
+tensors are: a module moving data to its model's device moves it there); a call whose
+arguments hold anything else (a namedtuple, a user's object) is written as the reason it
+cannot be rebuilt. Reading builds nothing but those containers,
 plain values and the named torch constants it looks up in fixed tables: a crafted dump
 cannot make align import or call anything.
 """
@@ -58,14 +60,15 @@ def spec_to_json(spec: CallSpec) -> dict[str, Any]:
         return {"not_recorded": str(exc)}
 
 
-def spec_from_json(data: Any, where: str) -> CallSpec | str:
+def spec_from_json(data: Any, where: str, device: torch.device | None = None) -> CallSpec | str:
     """The CallSpec written by `spec_to_json`, or the reason the call was not written; a
-    malformed entry is a TraceError naming `where`."""
+    malformed entry is a TraceError naming `where`. A device argument reads as `device`
+    (where the call runs again), else as the device recorded."""
     if isinstance(data, dict) and isinstance(data.get("not_recorded"), str):
         return data["not_recorded"]
     try:
-        in_spec, in_leaves = _spec(data["in"], data["in_leaves"])
-        out_spec, out_leaves = _spec(data["out"], data["out_leaves"])
+        in_spec, in_leaves = _spec(data["in"], data["in_leaves"], device)
+        out_spec, out_leaves = _spec(data["out"], data["out_leaves"], device)
         training = data["training"]
         if not isinstance(training, bool):
             raise ValueError("'training' is not a boolean")
@@ -80,6 +83,8 @@ def spec_from_json(data: Any, where: str) -> CallSpec | str:
 def _plain(value: Any) -> Any:
     if type(value) in PLAIN:
         return value
+    if type(value) is torch.device:
+        return {"device": str(value)}
     for kind, names in NAMED.items():
         name = next((n for n, v in names.items() if v == value and type(v) is type(value)), None)
         if name is not None:
@@ -87,7 +92,7 @@ def _plain(value: Any) -> Any:
     raise _NotPlain(f"an argument of type {type(value).__name__}")
 
 
-def _leaf(value: Any) -> Any:
+def _leaf(value: Any, device: torch.device | None) -> Any:
     """A written leaf as the value it stands for."""
     if type(value) in PLAIN:
         return value
@@ -95,7 +100,19 @@ def _leaf(value: Any) -> Any:
         ((kind, name),) = value.items()
         if isinstance(name, str) and name in NAMED.get(kind, {}):
             return NAMED[kind][name]
-    raise ValueError(f"a leaf is neither a plain value nor a named dtype or format: {value!r:.60}")
+        if kind == "device" and isinstance(name, str):
+            return device or _device(name)
+    raise ValueError(
+        f"a leaf is neither a plain value, a named dtype or format nor a device: {value!r:.60}"
+    )
+
+
+def _device(name: str) -> torch.device:
+    """A recorded device by name (torch parses it: nothing is run)."""
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:  # "npu:0" without torch_npu
+        raise ValueError(f"a device this torch does not know: {name!r:.40}") from exc
 
 
 def _structure(spec: TreeSpec) -> Any:
@@ -135,8 +152,8 @@ def _tree(node: Any, depth: int = 0) -> Any:
     raise ValueError(f"an unknown container {kind!r}")
 
 
-def _spec(structure: Any, leaves: Any) -> tuple[TreeSpec, list[Any]]:
+def _spec(structure: Any, leaves: Any, device: torch.device | None) -> tuple[TreeSpec, list[Any]]:
     slots, spec = tree_flatten(_tree(structure))
     if not isinstance(leaves, list) or len(leaves) != len(slots):
         raise ValueError("the leaves do not fill the structure")
-    return spec, [_leaf(v) for v in leaves]
+    return spec, [_leaf(v, device) for v in leaves]

@@ -49,6 +49,17 @@ class Cast(nn.Module):
         return x.to(to)
 
 
+class Factor:
+    """A user's object as an argument."""
+
+    value = 1.5
+
+
+class ScaleBy(nn.Module):
+    def forward(self, x: torch.Tensor, factor: Factor) -> torch.Tensor:
+        return x * factor.value
+
+
 class Net(nn.Module):
     def __init__(self, cast: bool = False):
         super().__init__()
@@ -57,13 +68,13 @@ class Net(nn.Module):
         self.drop = nn.Dropout(0.3)
         self.scale = Scale()
         self.head = nn.Linear(8 * 14, 5)
-        self.cast, self.to_device, self.to_float = cast, Cast(), Cast()
+        self.cast, self.to_device, self.to_float, self.scale_by = cast, Cast(), Cast(), ScaleBy()
 
     def forward(self, x):
         h = torch.relu(self.norm(self.conv(x)))
         h = self.to_float(self.scale(self.drop(h), 0.5), torch.float32)  # a dtype argument
-        if self.cast:  # an argument the dump cannot hold: a device
-            h = self.to_device(h, torch.device("cpu"))
+        if self.cast:  # a device argument; an argument the dump cannot hold: an object
+            h = self.scale_by(self.to_device(h, torch.device("cpu")), Factor())
         return self.head(h.flatten(1))
 
 
@@ -178,7 +189,8 @@ def test_calls_that_cannot_be_rebuilt_and_a_foreign_model_are_notes(dumps, tmp_p
         tmp_path / "ref", tmp_path / "bad", tmp_path / "gold", model=Net(cast=True)
     )
     assert [c.module for c in report.culprits][:1] == ["conv"], str(report)
-    assert any("not re-run alone: 1 x an argument of type device" in n for n in report.notes)
+    assert any("not re-run alone: 1 x an argument of type Factor" in n for n in report.notes)
+    assert ("to_device", "forward") in {(r.module, r.phase) for r in report.local_rows}
 
     foreign = nn.Sequential(nn.Linear(2, 2))
     report = align.compare(tmp_path / "ref", tmp_path / "bad", tmp_path / "gold", model=foreign)

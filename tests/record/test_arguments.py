@@ -58,10 +58,27 @@ def test_written_arguments_rebuild_the_call_with_its_tensors(args, kwargs, outpu
     )
 
 
+class Config:
+    scale = 2.0
+
+
 def test_a_call_with_a_value_json_cannot_hold_says_why():
-    spec = _spec((torch.ones(2), torch.device("cpu")), {}, torch.ones(2), True)
-    assert spec_to_json(spec) == {"not_recorded": "an argument of type device"}
-    assert spec_from_json(spec_to_json(spec), "here") == "an argument of type device"
+    spec = _spec((torch.ones(2), Config()), {}, torch.ones(2), True)
+    assert spec_to_json(spec) == {"not_recorded": "an argument of type Config"}
+    assert spec_from_json(spec_to_json(spec), "here") == "an argument of type Config"
+
+
+def test_a_device_reads_as_where_the_call_runs_again():
+    spec = _spec((torch.ones(2), torch.device("cuda", 1)), {"to": torch.device("cpu")}, (), True)
+    written = json.loads(json.dumps(spec_to_json(spec)))
+    assert written["in_leaves"] == [None, {"device": "cuda:1"}, {"device": "cpu"}]
+    here = spec_from_json(written, "here", torch.device("cpu"))
+    assert here.in_leaves[1:] == [torch.device("cpu")] * 2
+    assert spec_from_json(written, "here").in_leaves[1] == torch.device("cuda", 1)
+    npu = {**written, "in_leaves": [None, {"device": "npu:0"}, {"device": "cpu"}]}
+    assert spec_from_json(npu, "here", torch.device("cpu")).in_leaves[1] == torch.device("cpu")
+    with pytest.raises(TraceError, match="a device this torch does not know"):
+        spec_from_json(npu, "here")  # (without torch_npu)
 
 
 def test_dtypes_and_memory_formats_are_written_by_name():
@@ -87,6 +104,7 @@ def test_the_good_entry_reads():
         {**GOOD, "in_leaves": [{"dtype": "os.system"}]},  # names are looked up, not evaluated
         {**GOOD, "in_leaves": [{"builtins": "eval"}]},
         {**GOOD, "in_leaves": [{"dtype": "float16", "memory_format": "channels_last"}]},
+        {**GOOD, "in_leaves": [{"device": 0}]},
         {**GOOD, "in_leaves": [1, 2]},  # more leaves than places
         {**GOOD, "training": "yes"},
         {**GOOD, "in": {"tuple": 5}},
