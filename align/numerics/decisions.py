@@ -58,7 +58,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from align.numerics.attention import math_when_dropping
 from align.numerics.pieces import OUTPUT_IS_BRANCH, PIECES
 from align.numerics.verdict import Row
-from align.numerics.versions import bump_written_lists
+from align.numerics.versions import WRITES_LISTS, bump_written_lists
 
 aten = torch.ops.aten
 
@@ -225,7 +225,8 @@ class Decisions(TorchDispatchMode):
         if func.overloadpacket in _RANDOM_PACKETS and not _seeded(func, args, kwargs):
             return self._draw(func, args, kwargs)
         out = func(*args, **kwargs)
-        bump_written_lists(func, args)  # (foreach ops in place: align.numerics.versions)
+        if WRITES_LISTS[func]:  # foreach ops in place (align.numerics.versions)
+            bump_written_lists(func, args)
         return out
 
     # -- the three kinds ------------------------------------------------------------------

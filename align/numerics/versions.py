@@ -13,25 +13,29 @@ from typing import Any
 
 from torch.autograd.graph import increment_version
 
-__all__ = ["bump_written_lists"]
-
-_WRITTEN: dict[Any, tuple[int, ...]] = {}  # op -> positions of the tensor lists it writes
+__all__ = ["WRITES_LISTS", "bump_written_lists"]
 
 
-def _written(func: Any) -> tuple[int, ...]:
-    positions = _WRITTEN.get(func)
-    if positions is None:
+class _ListsWritten(dict):
+    """op -> positions of the tensor lists it writes in place, read from its schema once
+    (a dict lookup per op after that: the modes see every op)."""
+
+    def __missing__(self, func: Any) -> tuple[int, ...]:
         positions = tuple(
             i
             for i, a in enumerate(func._schema.arguments)
             if a.alias_info is not None and a.alias_info.is_write and "List" in str(a.type)
         )
-        _WRITTEN[func] = positions
-    return positions
+        self[func] = positions
+        return positions
+
+
+WRITES_LISTS = _ListsWritten()
 
 
 def bump_written_lists(func: Any, args: tuple) -> None:
-    """Bump the version of every tensor in the lists `func` wrote in place."""
-    for i in _written(func):
+    """Bump the version of every tensor in the lists `func` wrote in place (call it where
+    `WRITES_LISTS[func]` is not empty)."""
+    for i in WRITES_LISTS[func]:
         if i < len(args):
             increment_version([t for t in args[i] if not t.is_inference()])
