@@ -30,7 +30,7 @@ from align.numerics.names import parse_phases
 from align.numerics.precision import Policy, get_policy
 from align.numerics.verdict import HEADROOM_MESSAGE, OVERFLOW_HEADROOM, Tolerance, as_tolerance
 from align.record.capture import LossFn, Run, capture, honest_draw, run_model
-from align.record.loop import is_dump as is_loop_dump
+from align.record.loop_dump import is_dump as is_loop_dump
 from align.record.msprobe import is_msprobe_dump
 from align.record.readers import load_trace
 from align.record.trace import BACKWARD_SLOTS, Trace

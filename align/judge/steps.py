@@ -22,7 +22,7 @@ from align.judge.step_isolation import isolate_step
 from align.numerics import decisions
 from align.numerics.precision import get_policy
 from align.numerics.verdict import Divergence, Row, Tolerance, as_tolerance, judge_robustly
-from align.record.loop import BEFORE, DRAW_ENV, DRAWS_DIR, LoopDump, Step
+from align.record.loop_dump import BEFORE, DRAW_ENV, DRAWS_DIR, LoopDump, Step
 from align.record.trace import Trace
 
 # param group entries that choose an implementation, not the arithmetic

@@ -9,7 +9,7 @@
     python -m align.compare gpu_dump npu_dump [--golden golden_dump]
 
 A recorded step is written to DIR/rank{N}/step{n:06d}/ (N is the torch.distributed rank,
-0 without it), through a temporary directory and a rename, so a step on disk is complete
+0 without it; the layout and its reader: align.record.loop_dump), through a temporary directory and a rename, so a step on disk is complete
 (a killed process leaves only hidden temporary directories). It streams
 (align.record.writer): its tensors are private copies in host memory, gathered into
 shards of STREAM_SHARD_BYTES that a background thread writes while the step goes on; the
@@ -93,25 +93,22 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from functools import partial, wraps
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils._pytree import tree_map
 
 from align.errors import AlignError, TraceError
-from align.files import read_json, write_json_atomic
+from align.files import write_json_atomic
 from align.numerics import decisions
 from align.numerics.decisions import Decisions
 from align.numerics.jitter import Jitter
@@ -120,25 +117,23 @@ from align.record.backward_grads import BackwardGrads
 from align.record.buffers import HostBuffers
 from align.record.capture import KeepFloat64, inputs_laid_out, other_layout
 from align.record.capture import Recorder as ModuleHooks
+from align.record.loop_dump import (
+    BEFORE,
+    DRAW_ENV,
+    DRAWS_DIR,
+    FORMAT,
+    RUN_FILE,
+    STATE_FILE,
+    STEP_DIR,
+    STEP_FILE,
+    TRACE_DIR,
+    rank_root,
+    step_dir,
+)
 from align.record.trace import Trace, read_trace
 from align.record.writer import StepFiles, StepWriter, wait_for_writes
 from align.runtime import environment
 from align.runtime.devices import on_host, synchronize
-
-FORMAT = "align.loop/1"
-RUN_FILE = "loop.json"  # per rank: what was recorded, where
-DRAWS_DIR = "draws"  # DIR/draws/<n>/: honest draws of the reference DIR
-DRAW_ENV = "ALIGN_DRAW"  # set to n: this run of the reference script is its honest draw n
-STEP_FILE = "step.json"  # per step: scalars and the index of state.safetensors
-STATE_FILE = "state.safetensors"
-TRACE_DIR = "trace"
-BEFORE = "before/"  # state keys of the weights a step starts from, where step n-1 is not recorded
-_RANK_DIR = re.compile(r"^rank(\d+)$")
-_STEP_DIR = re.compile(r"^step(\d{6})$")
-
-
-def _step_dir(n: int) -> str:
-    return f"step{n:06d}"
 
 
 def _rank() -> tuple[int, int]:
@@ -279,7 +274,7 @@ class Recorder:
         self.model, self.optimizer, self.scaler, self.golden = model, optimizer, scaler, golden
         self.rank, self.world = _rank()
         self.root = Path(out) / f"rank{self.rank}"
-        self.replay = None if replay is None else _rank_root(Path(replay), self.rank)
+        self.replay = None if replay is None else rank_root(Path(replay), self.rank)
         if golden:
             _make_golden(model, optimizer, scaler)
         self._names = {id(p): name for name, p in model.named_parameters()}
@@ -333,7 +328,7 @@ class Recorder:
                     "give Recorder a new or empty directory"
                 )
             for old in self.root.iterdir():
-                if _STEP_DIR.match(old.name):
+                if STEP_DIR.match(old.name):
                     shutil.rmtree(old)
         if self.draw is None:  # a new reference: the draws of the previous one are stale
             for old in (self.root.parent / DRAWS_DIR).glob(f"*/{self.root.name}"):
@@ -378,7 +373,7 @@ class Recorder:
             write = yield from self._record(n, files)
         except BaseException:
             if files is None:
-                self._writer.cancel(n, self.root / _step_dir(n), lambda: None)
+                self._writer.cancel(n, self.root / step_dir(n), lambda: None)
             else:
                 files.abandon()
             raise
@@ -401,7 +396,7 @@ class Recorder:
         """Step n's directory while it is recorded (its tensors stream there)."""
         self._buffers.next_step()
         return StepFiles(
-            self.root / _step_dir(n),
+            self.root / step_dir(n),
             n,
             self._writer,
             self._buffers,
@@ -561,7 +556,7 @@ class Recorder:
         if self.replay is None:
             return None
         wait_for_writes(self.replay)
-        path = self.replay / _step_dir(n) / TRACE_DIR
+        path = self.replay / step_dir(n) / TRACE_DIR
         if not path.is_dir():
             raise TraceError(
                 f"{self.replay}: the reference dump has no step {n}: record the same steps "
@@ -696,116 +691,3 @@ def _write_step(
     save_file(state, str(directory / STATE_FILE))
     info["state"] = {k: {"shape": list(t.shape), "dtype": str(t.dtype)} for k, t in state.items()}
     (directory / STEP_FILE).write_text(json.dumps(info, indent=1, default=str))
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def is_dump(path: Any) -> bool:
-    """True for a directory written by `Recorder` (it has rank0/loop.json)."""
-    return isinstance(path, (str, os.PathLike)) and (Path(path) / "rank0" / RUN_FILE).is_file()
-
-
-def _rank_root(root: Path, rank: int) -> Path:
-    path = root / f"rank{rank}"
-    if not (path / RUN_FILE).is_file():
-        raise TraceError(
-            f"{root}: no rank{rank}/{RUN_FILE}; expected a dump written by align.Recorder "
-            "with the same number of ranks"
-        )
-    return path
-
-
-@dataclass
-class Step:
-    """One recorded step of one rank: its module trace, state tensors and scalars."""
-
-    number: int
-    rank: int
-    trace: Trace
-    state: dict[str, torch.Tensor]
-    info: dict[str, Any]
-
-
-class LoopDump:
-    """A Recorder's dump directory: ranks and their recorded steps (once this process has
-    written those it recorded there)."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        wait_for_writes(self.root)
-        if not self.root.is_dir():
-            raise TraceError(f"{self.root}: no such dump directory")
-        self.ranks: dict[int, dict[str, Any]] = {}
-        for d in sorted(self.root.iterdir()):
-            m = _RANK_DIR.match(d.name)
-            if m and d.is_dir():
-                self.ranks[int(m[1])] = _read_json(_rank_root(self.root, int(m[1])) / RUN_FILE)
-        if not self.ranks:
-            raise TraceError(f"{self.root}: no rank*/ directories: not an align.Recorder dump")
-
-    def draws(self) -> list[LoopDump]:
-        """The honest draws recorded under this (reference) dump, by number."""
-        root = self.root / DRAWS_DIR
-        found = [
-            d
-            for d in (root.iterdir() if root.is_dir() else ())
-            if d.name.isdigit() and any(_RANK_DIR.match(r.name) for r in d.iterdir())
-        ]
-        return [LoopDump(d) for d in sorted(found, key=lambda d: int(d.name))]
-
-    def steps(self, rank: int) -> list[int]:
-        """Step numbers recorded (completely: temporary directories are skipped) by `rank`."""
-        d = self.root / f"rank{rank}"
-        return sorted(int(m[1]) for p in d.iterdir() if (m := _STEP_DIR.match(p.name)))
-
-    def weights_before(self, rank: int, n: int) -> dict[str, torch.Tensor]:
-        """The parameters and floating buffers step `n` of `rank` started from, by name:
-        those recorded after step n-1, else those recorded before step n (none in a dump
-        of an earlier version that has neither)."""
-        if n - 1 in self.steps(rank):
-            prefix, state = "", self.load(rank, n - 1).state
-        else:
-            prefix, state = BEFORE, self.load(rank, n).state
-        kinds = (f"{prefix}param/", f"{prefix}buffer/")
-        return {
-            key[len(prefix) :].split("/", 1)[1]: t
-            for key, t in state.items()
-            if key.startswith(kinds)
-        }
-
-    def load(self, rank: int, n: int) -> Step:
-        """Read step `n` of `rank`; a truncated or corrupt record is a TraceError."""
-        d = self.root / f"rank{rank}" / _step_dir(n)
-        info = _read_json(d / STEP_FILE)
-        index = info.get("state")
-        if not isinstance(index, dict):
-            raise TraceError(f"{d / STEP_FILE}: no 'state' index: the step record is corrupt")
-        return Step(n, rank, read_trace(d / TRACE_DIR), _read_state(d / STATE_FILE, index), info)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    what = "a readable JSON record (the dump is incomplete or corrupt: record it again)"
-    data = read_json(path, what=what, error=TraceError)
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise TraceError(f"{path}: not an {FORMAT} record")
-    return data
-
-
-def _read_state(path: Path, index: dict[str, Any]) -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            state = {key: f.get_tensor(key) for key in index}
-    except Exception as exc:  # safetensors raises its own error types
-        raise TraceError(
-            f"{path}: not readable ({exc}); the step record is truncated or corrupt: record "
-            "it again"
-        ) from exc
-    for key, t in state.items():
-        entry = index[key]
-        if not isinstance(entry, dict) or [list(t.shape), str(t.dtype)] != [
-            entry.get("shape"),
-            entry.get("dtype"),
-        ]:
-            raise TraceError(f"{path}: {key} is not what {STEP_FILE} says: the record is corrupt")
-    return state

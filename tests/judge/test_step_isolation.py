@@ -25,7 +25,7 @@ from align.judge.step_isolation import isolate_step
 from align.numerics.jitter import Jitter
 from align.numerics.precision import get_policy
 from align.numerics.verdict import as_tolerance
-from align.record.loop import LoopDump
+from align.record.loop_dump import LoopDump
 from align.testing import perturb
 from align.testing.faults import (
     backward_gain,

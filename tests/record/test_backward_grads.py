@@ -11,7 +11,7 @@ from torch import nn
 
 import align
 from align.record.backward_grads import BackwardGrads
-from align.record.loop import LoopDump
+from align.record.loop_dump import LoopDump
 
 
 def _net() -> nn.Module:

@@ -22,7 +22,7 @@ from torch import nn
 
 import align
 from align.errors import AlignError, TraceError
-from align.record.loop import LoopDump
+from align.record.loop_dump import LoopDump
 from align.testing import FusedDropout, fused_dropout_kernel
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,7 +19,7 @@ from torch import nn
 import align
 from align.errors import AlignError
 from align.record import loop, writer
-from align.record.loop import LoopDump
+from align.record.loop_dump import LoopDump
 
 ROOT = Path(__file__).resolve().parents[2]
 
