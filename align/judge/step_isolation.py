@@ -40,6 +40,7 @@ from align.numerics.precision import get_policy, kernel_accuracy
 from align.numerics.verdict import Divergence, Row, Tolerance, judge_on_replays
 from align.record.arguments import spec_from_json
 from align.record.capture import CallSpec, Run
+from align.record.loop import unwrapped
 from align.record.loop_dump import Step
 from align.record.trace import Trace
 
@@ -152,13 +153,7 @@ def _run(model: nn.Module, step: Step, weights: dict[str, torch.Tensor]) -> Run:
             f"the dump has no weights the step started from: record step {step.number - 1} "
             "too (or record again: Recorder writes them when the step before is not recorded)"
         )
-    copied = copy.deepcopy(model)
-    names = {name for name, _ in copied.named_modules()}
-    if "module" not in names and any(c.module.startswith("module.") for c in calls):
-        holder = nn.Module()  # the dump of a DistributedDataParallel-wrapped model
-        holder.module = copied
-        copied = holder
-    copied = copied.to(device="cpu", dtype=torch.float64)
+    copied = copy.deepcopy(unwrapped(model)).to(device="cpu", dtype=torch.float64)
     try:
         loaded = copied.load_state_dict(weights, strict=False)
     except RuntimeError as exc:  # a shape that differs

@@ -132,6 +132,13 @@ def compare(
             local_rows += found[0]
             culprits += [replace(d, tensor=f"{label} {d.tensor}") for d in found[1]]
             notes += found[2]
+    notes += [
+        f"the {role}'s model is compiled (torch.compile): its recorded steps ran eagerly (align's "
+        "hooks need eager ops), so its compiled kernels were not judged: compare the compiled "
+        "run's loss curve with the eager one's to see what compiling changes"
+        for role, dump in (("reference", ref), ("target", tgt))
+        if dump.ranks[ranks[0]].get("compiled")
+    ]
     failing = next((r for r in rows if r.failed), None)
     summary = _summary(table)
     report = Report(

@@ -8,19 +8,19 @@
 
     python -m align.compare gpu_dump npu_dump [--golden golden_dump]
 
-A recorded step is written to DIR/rank{N}/step{n:06d}/ (N is the torch.distributed rank,
-0 without it; the layout and its reader: align.record.loop_dump), through a temporary directory and a rename, so a step on disk is complete
-(a killed process leaves only hidden temporary directories). It streams
-(align.record.writer): its tensors are private copies in host memory, gathered into
-shards of STREAM_SHARD_BYTES that a background thread writes while the step goes on; the
-rest is written once it ends. A device's tensors are copied to host memory on the device's
-stream, none kept on the device, and streamed after one synchronization at the step's end.
-Memory holds the step being recorded and what is left to write of the one before
-(`steps_in_memory=1`: one step, the next waits at its start for it to be on disk), the
-last recorded step returns once every step is on disk, and a failed write is raised at
-the next `rec.step()`. The dump is complete after the last
-recorded step, `rec.close()` (or the end of `with align.Recorder(...) as rec:`), or
-`rec.flush()`. What a step holds:
+A recorded step is written to DIR/rank{N}/step{n:06d}/ (N is the torch.distributed rank, 0
+without it; the layout and its reader: align.record.loop_dump), through a temporary
+directory and a rename, so a step on disk is complete (a killed process leaves only hidden
+temporary directories). It streams (align.record.writer): its tensors are private copies
+in host memory, gathered into shards of STREAM_SHARD_BYTES that a background thread writes
+while the step goes on; the rest is written once it ends. A device's tensors are copied to
+host memory on the device's stream, none kept on the device, and streamed after one
+synchronization at the step's end. Memory holds the step being recorded and what is left
+to write of the one before (`steps_in_memory=1`: one step, the next waits at its start for
+it to be on disk), the last recorded step returns once every step is on disk, and a failed
+write is raised at the next `rec.step()`. The dump is complete after the last recorded
+step, `rec.close()` (or the end of `with align.Recorder(...) as rec:`), or `rec.flush()`.
+What a step holds:
 
 * `trace/` (an align trace, align.record.trace): every module call's inputs, outputs and the
   gradients it sends back (align.capture's hooks); the parameter gradients the optimizer
@@ -196,12 +196,38 @@ class _BackwardRoots:
             stack[-1].root = tensors.detach()
 
 
+def _wrapped(model: nn.Module) -> tuple[nn.Module, bool]:
+    """The user's model inside `model`'s wrappers (torch.compile, DataParallel,
+    DistributedDataParallel), which call it (hooks on it see every call), and whether
+    torch.compile wrapped it."""
+    from torch._dynamo.eval_frame import OptimizedModule  # (torch._dynamo loads on use)
+
+    compiled = False
+    while True:
+        if isinstance(model, OptimizedModule):
+            model, compiled = model._orig_mod, True
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model, compiled
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The user's model inside torch.compile's and data parallelism's wrappers."""
+    return _wrapped(model)[0]
+
+
 class Recorder:
     """Records the chosen steps of the user's own training loop; see the module docstring.
 
     Args:
-        model: the model the loop trains (DDP-wrapped or not, as long as every device's
-            script wraps it the same way).
+        model: the model the loop trains, as it is or wrapped by torch.compile,
+            DistributedDataParallel or DataParallel: it is recorded by the names of the
+            model inside (`unwrapped`), so a compiled or DDP run compares with an eager
+            one, and `align.compare --model` takes the model as the script builds it. A
+            compiled model runs eagerly in the steps recorded (hooks and dispatch modes
+            need eager ops; measured: its outputs are the eager model's bit for bit), so
+            the compiled kernels are not what is judged: the comparison says so.
         out: dump directory; this rank writes DIR/rank{N}/.
         steps: the step numbers (as passed to `step()`) to record.
         optimizer: records the gradients it receives and its state after each step.
@@ -271,6 +297,7 @@ class Recorder:
                 )
             replay, out = out, Path(out) / DRAWS_DIR / str(self.draw)
         self._last = max(self.steps)
+        model, self.compiled = _wrapped(model)
         self.model, self.optimizer, self.scaler, self.golden = model, optimizer, scaler, golden
         self.rank, self.world = _rank()
         self.root = Path(out) / f"rank{self.rank}"
@@ -349,6 +376,7 @@ class Recorder:
                 if self.memory_format is None
                 else str(self.memory_format).split(".")[-1],
                 "optimizer": None if self.optimizer is None else type(self.optimizer).__name__,
+                "compiled": self.compiled,
                 "scaler": self.scaler is not None and self.scaler.is_enabled(),
                 "replay": None if self.replay is None else str(self.replay),
                 "environment": environment.record({"run": device}),

@@ -596,3 +596,28 @@ def test_a_devices_tensors_are_queued_to_host_memory_and_written_after_one_wait(
         assert a.state.keys() == b.state.keys() and a.trace.keys() == b.trace.keys()
         assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
         assert all(torch.equal(a.trace.tensor(k), b.trace.tensor(k)) for k in a.trace.keys())
+
+
+def _tiny_run(out: Path, wrap=lambda m: m, replay: Path | None = None) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    run, opt = wrap(model), torch.optim.SGD(model.parameters(), lr=0.1)
+    data = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(1))
+    with align.Recorder(run, out, steps=[0, 1], optimizer=opt, replay=replay) as rec:
+        for n in range(2):
+            with rec.step(n):
+                run(data[n]).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+
+
+def test_a_wrapped_model_is_recorded_by_the_names_of_the_model_inside(tmp_path):
+    _tiny_run(tmp_path / "ref")
+    wrap = lambda m: torch.compile(nn.DataParallel(m), backend="eager")  # noqa: E731
+    _tiny_run(tmp_path / "tgt", wrap, replay=tmp_path / "ref")
+    step = LoopDump(tmp_path / "tgt").load(0, 1)
+    assert [c.module for c in step.trace.calls] == ["", "0", "1", "2"]
+    assert sorted(step.trace.param_grads) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    report = align.compare(tmp_path / "ref", tmp_path / "tgt")
+    assert report.passed, str(report)
+    assert any("model is compiled (torch.compile)" in n for n in report.notes), report.notes
