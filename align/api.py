@@ -36,6 +36,7 @@ from align.record.readers import load_trace
 from align.record.trace import BACKWARD_SLOTS, Trace
 from align.runtime import environment
 from align.runtime.devices import resolve
+from align.runtime.wrappers import wrapped
 from align.zoo.models import resolve_model
 
 __all__ = ["check", "capture", "compare"]
@@ -119,6 +120,13 @@ def check(
     if "train" in phases:
         require_steps(options.steps)
     policy = get_policy(precision)
+    compiled = []  # align's hooks run a compiled model eagerly: its own names, its eager ops
+    if isinstance(model, nn.Module):
+        model, was = wrapped(model)
+        compiled += ["model"] * was
+    if target_model is not None:
+        target_model, was = wrapped(target_model)
+        compiled += ["target_model"] * was
     resolved = resolve_model(model, inputs, loss_fn, seed, options.batch, options.image_size)
     tol = as_tolerance(
         tolerance if tolerance is not None else resolved.tolerance(phases, policy.name), policy
@@ -143,6 +151,11 @@ def check(
         "tolerance": vars(tol),
     }
     report = Report(meta=meta)
+    report.notes += [
+        f"{name} is compiled (torch.compile): align runs it eagerly (its hooks need eager "
+        "ops), so its compiled kernels are not what is judged"
+        for name in compiled
+    ]
     if emulation is not None:
         report.notes.append(f"the reference runs at the target's precision: {emulation.describe()}")
     timings: dict[str, float] = {}

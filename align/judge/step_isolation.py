@@ -40,9 +40,9 @@ from align.numerics.precision import get_policy, kernel_accuracy
 from align.numerics.verdict import Divergence, Row, Tolerance, judge_on_replays
 from align.record.arguments import spec_from_json
 from align.record.capture import CallSpec, Run
-from align.record.loop import unwrapped
 from align.record.loop_dump import Step
 from align.record.trace import Trace
+from align.runtime.wrappers import unwrapped
 
 __all__ = ["isolate_step"]
 

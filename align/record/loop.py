@@ -134,6 +134,7 @@ from align.record.trace import Trace, read_trace
 from align.record.writer import StepFiles, StepWriter, wait_for_writes
 from align.runtime import environment
 from align.runtime.devices import on_host, synchronize
+from align.runtime.wrappers import wrapped
 
 
 def _rank() -> tuple[int, int]:
@@ -194,27 +195,6 @@ class _BackwardRoots:
             tensors = tensors[0]
         if stack and isinstance(tensors, torch.Tensor):
             stack[-1].root = tensors.detach()
-
-
-def _wrapped(model: nn.Module) -> tuple[nn.Module, bool]:
-    """The user's model inside `model`'s wrappers (torch.compile, DataParallel,
-    DistributedDataParallel), which call it (hooks on it see every call), and whether
-    torch.compile wrapped it."""
-    from torch._dynamo.eval_frame import OptimizedModule  # (torch._dynamo loads on use)
-
-    compiled = False
-    while True:
-        if isinstance(model, OptimizedModule):
-            model, compiled = model._orig_mod, True
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        else:
-            return model, compiled
-
-
-def unwrapped(model: nn.Module) -> nn.Module:
-    """The user's model inside torch.compile's and data parallelism's wrappers."""
-    return _wrapped(model)[0]
 
 
 class Recorder:
@@ -297,7 +277,7 @@ class Recorder:
                 )
             replay, out = out, Path(out) / DRAWS_DIR / str(self.draw)
         self._last = max(self.steps)
-        model, self.compiled = _wrapped(model)
+        model, self.compiled = wrapped(model)
         self.model, self.optimizer, self.scaler, self.golden = model, optimizer, scaler, golden
         self.rank, self.world = _rank()
         self.root = Path(out) / f"rank{self.rank}"

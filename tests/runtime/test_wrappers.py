@@ -1,0 +1,32 @@
+"""align.runtime.wrappers: the user's model inside torch.compile and data parallelism."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import align
+from align.runtime.wrappers import unwrapped, wrapped
+from align.testing import perturb
+
+
+def test_the_model_inside_any_nesting_of_wrappers():
+    model = nn.Sequential(nn.Linear(3, 2))
+    assert wrapped(model) == (model, False)
+    assert wrapped(nn.DataParallel(model)) == (model, False)
+    assert wrapped(torch.compile(nn.DataParallel(model), backend="eager")) == (model, True)
+    assert unwrapped(nn.DataParallel(torch.compile(model, backend="eager"))) is model
+
+
+def test_check_reports_a_compiled_model_by_its_own_names_and_says_it_ran_eagerly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    report = align.check(
+        torch.compile(model, backend="eager"),
+        torch.randn(4, 8),
+        target="cpu",
+        target_model=perturb(model, 0.5),  # honest: rows to name
+    )
+    assert report.passed and report.meta["model"] == "Sequential"
+    assert {r.module for r in report.rows} == {"0", "1", "2"}
+    assert any("compiled (torch.compile): align runs it eagerly" in n for n in report.notes)
