@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,7 +78,19 @@ class LocalRun:
 class Isolator:
     """Re-runs recorded calls of `ref` on the reference, target and golden runs."""
 
-    def __init__(self, ref: Run, tgt: Run, gold: Run, backward: bool, name_map=None):
+    def __init__(
+        self,
+        ref: Run,
+        tgt: Run,
+        gold: Run,
+        backward: bool,
+        name_map=None,
+        replays: Callable[[str], bool] = is_random,
+    ):
+        """`replays`: which of the reference run's decisions (by op) a call alone replays:
+        its random draws, by default, its branches and indices being its own on the
+        reference's inputs; every one where a run re-runs its own calls from its own
+        inputs (align.judge.step_isolation: each call as it ran)."""
         self.ref, self.tgt, self.gold = ref, tgt, gold
         self.backward = backward
         self.name_map = name_map or {}
@@ -86,21 +99,21 @@ class Isolator:
             if call.parent is not None:
                 self.children[call.parent].append(pos)
         self.modules = {id(run.model): dict(run.model.named_modules()) for run in (ref, tgt, gold)}
-        # each call's random draws in the whole reference run, replayed when it runs alone
-        self.draws_of: dict[int, Choices] = defaultdict(list)
+        # each call's decisions in the whole reference run it replays when it runs alone
+        self.replayed_of: dict[int, Choices] = defaultdict(list)
         if ref.decisions is not None:
             for (key, t), owner in zip(ref.decisions.log, ref.decisions.owners):
-                if owner is not None and is_random(key):
-                    self.draws_of[owner].append((key, t))
+                if owner is not None and replays(key):
+                    self.replayed_of[owner].append((key, t))
         self.decided: dict[int, Choices] = {}  # the reference's decisions in isolation
 
     def _decisions(self, run: Run, pos: int) -> Decisions:
-        """The reference alone replays its whole run's draws of this call and records its
-        own branches and indices; every other run replays what it decided."""
+        """The reference alone replays its whole run's decisions of this call that it
+        `replays` and records its own others; every other run replays what it decided."""
         call = self.ref.trace.calls[pos]
         here = (call.module, call.index, pos)
         if run is self.ref:
-            return Decisions(self.draws_of.get(pos, []), where=lambda: here)
+            return Decisions(self.replayed_of.get(pos, []), where=lambda: here)
         return Decisions(self.decided.get(pos, []), where=lambda: here)
 
     def _module_name(self, run: Run, name: str) -> str | None:

@@ -27,7 +27,8 @@ step's own rows.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ from torch import nn
 from align.judge.isolation import Isolator, LocalRun, culprit_positions
 from align.numerics.decisions import Decisions
 from align.numerics.names import BUFFER, judged_locally
-from align.numerics.precision import get_policy, kernel_accuracy
+from align.numerics.precision import Policy, get_policy, kernel_accuracy
 from align.numerics.verdict import Divergence, Row, Tolerance, judge_on_replays
 from align.record.arguments import spec_from_json
 from align.record.capture import CallSpec, Run
@@ -59,10 +60,13 @@ def isolate_step(
     tol: Tolerance,
     *,
     strict_dtype: bool,
+    policy: Policy | None = None,
 ) -> tuple[list[Row], list[Divergence], list[str]]:
     """Judge every module call of one step alone; `weights` are the reference's and the
-    target's parameters and floating buffers at the step's start, by name. Returns (rows,
-    culprits most upstream first, notes)."""
+    target's parameters and floating buffers at the step's start, by name; `policy`, the
+    precision the dumps ran at (the CPU re-runs a call failing alone at it, on the target's
+    inputs: an honest kernel's error where the target's inputs are its own). Returns
+    (rows, culprits most upstream first, notes)."""
     structure = [[(c.module, c.index, c.parent) for c in s.trace.calls] for s in (ref, tgt)]
     if structure[0] != structure[1]:
         return [], [], [f"modules not isolated in step {ref.number}: the sides called others"]
@@ -70,8 +74,11 @@ def isolate_step(
         runs = [_run(model, side, w) for side, w in zip((ref, tgt), weights)]
     except _NotIsolable as exc:
         return [], [], [f"modules not isolated in step {ref.number}: {exc}"]
-    isolators = [Isolator(run, run, run, backward=True) for run in runs]
+    # each side's calls re-run as they ran: with the branches, indices and draws they took
+    # (a target that replayed the reference's branches computed with those on its inputs)
+    isolators = [Isolator(run, run, run, backward=True, replays=_every) for run in runs]
     tied = _tied(runs[0].model)
+    honest = _HonestKernel(model, tgt, weights[1], policy)
     rows: list[Row] = []
     failing: dict[int, Row] = {}
     skipped: dict[str, int] = {}
@@ -80,7 +87,9 @@ def isolate_step(
             continue  # the target's error is the reference's
         try:
             replays = [_alone(iso, run, pos) for iso, run in zip(isolators, runs)]
-            judged = list(_judged(ref, tgt, pos, replays, tol, strict_dtype, tied))
+            judged = list(
+                _judged(ref, tgt, pos, replays, tol, strict_dtype, tied, partial(honest, pos))
+            )
         except Exception as exc:  # a module that cannot run or be judged alone is counted
             why = str(exc).split("\n")[0][:160]
             skipped[why] = skipped.get(why, 0) + 1
@@ -110,9 +119,11 @@ def _judged(
     tol: Tolerance,
     strict_dtype: bool,
     tied: set[str],
+    honest: Callable[[str, str], torch.Tensor | None],
 ) -> Iterator[Row]:
     """The target's recorded tensors of call `pos` against its replay, relative to the
-    reference's against its own; `tied` names parameters that more than one module holds."""
+    reference's against its own; `tied` names parameters that more than one module holds;
+    `honest(phase, label)`, an honest kernel's tensor on the target's inputs."""
     call = ref.trace.calls[pos]
     golds = [{(p, n): x for p, n, x in replay.items()} for replay in replays]
     accuracy = kernel_accuracy(replays[0].decisions.ran)
@@ -140,12 +151,44 @@ def _judged(
             row=row,
             accuracy=accuracy,
             local=judged_locally(label),
+            honest=partial(honest, phase, label),
         )
 
 
-def _run(model: nn.Module, step: Step, weights: dict[str, torch.Tensor]) -> Run:
-    """`model` in float64 with one side's weights and record of the step, as an isolation
-    run."""
+class _HonestKernel:
+    """The target's calls re-run alone at the dumps' precision on the CPU, from the target's
+    own inputs, weights and decisions: what an honest kernel computes where the target's
+    inputs are unlike the reference's (a training that took another path), an honest draw
+    for its replay (made only for a tensor that fails without it)."""
+
+    def __init__(
+        self, model: nn.Module, tgt: Step, weights: dict[str, torch.Tensor], policy: Policy | None
+    ):
+        self.model, self.tgt, self.weights, self.policy = model, tgt, weights, policy
+        self.isolator: Isolator | None = None
+        self.runs: dict[int, dict[tuple[str, str], torch.Tensor]] = {}
+
+    def __call__(self, pos: int, phase: str, label: str) -> torch.Tensor | None:
+        if self.policy is None or self.policy.name == "fp64":
+            return None
+        if pos not in self.runs:
+            self.runs[pos] = {}
+            try:
+                if self.isolator is None:
+                    run = _run(self.model, self.tgt, self.weights, self.policy)
+                    self.isolator = Isolator(run, run, run, backward=True, replays=_every)
+                local = _alone(self.isolator, self.isolator.ref, pos)
+                self.runs[pos] = {(p, n): t for p, n, t in local.items()}
+            except Exception:  # (a call that cannot run at that precision: no such draw)
+                pass
+        return self.runs[pos].get((phase, label))
+
+
+def _run(
+    model: nn.Module, step: Step, weights: dict[str, torch.Tensor], policy: Policy | None = None
+) -> Run:
+    """`model` with one side's weights and record of the step, as an isolation run: in
+    float64, or at `policy` in the model's own dtype."""
     calls = step.trace.calls
     where = f"step {step.number} of rank {step.rank}"
     if not weights:
@@ -153,7 +196,9 @@ def _run(model: nn.Module, step: Step, weights: dict[str, torch.Tensor]) -> Run:
             f"the dump has no weights the step started from: record step {step.number - 1} "
             "too (or record again: Recorder writes them when the step before is not recorded)"
         )
-    copied = copy.deepcopy(unwrapped(model)).to(device="cpu", dtype=torch.float64)
+    policy = policy or get_policy("fp64")
+    dtype = torch.float64 if policy.name == "fp64" else None
+    copied = copy.deepcopy(unwrapped(model)).to(device="cpu", dtype=dtype)
     try:
         loaded = copied.load_state_dict(weights, strict=False)
     except RuntimeError as exc:  # a shape that differs
@@ -185,7 +230,7 @@ def _run(model: nn.Module, step: Step, weights: dict[str, torch.Tensor]) -> Run:
     return Run(
         model=copied,
         device=torch.device("cpu"),
-        policy=get_policy("fp64"),
+        policy=policy,
         trace=step.trace,
         specs=specs,
         decisions=decisions,
@@ -232,6 +277,10 @@ def _same_records(ref: Trace, tgt: Trace, pos: int) -> bool:
                 r, t = ref.tensor(rk), tgt.tensor(tk)
                 if r.dtype != t.dtype or r.shape != t.shape or not torch.equal(r, t):
                     return False
+    return True
+
+
+def _every(op: str) -> bool:
     return True
 
 

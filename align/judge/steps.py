@@ -128,7 +128,7 @@ def compare(
             )
             sides = [dump.load(rank, isolated_step) for dump in (ref, tgt)]
             weights = [dump.weights_before(rank, isolated_step) for dump in (ref, tgt)]
-            found = isolate_step(model, *sides, weights, tol, strict_dtype=strict)
+            found = isolate_step(model, *sides, weights, tol, strict_dtype=strict, policy=policy)
             local_rows += found[0]
             culprits += [replace(d, tensor=f"{label} {d.tensor}") for d in found[1]]
             notes += found[2]

@@ -195,3 +195,16 @@ def error_floor(dtype: torch.dtype) -> float:
 def unit_roundoff(dtype: torch.dtype) -> float:
     """Unit roundoff of a floating dtype (fp32's for anything unknown)."""
     return UNIT_ROUNDOFF.get(dtype, UNIT_ROUNDOFF[torch.float32])
+
+
+def held_dtype(t: torch.Tensor, min_elements: int = 8) -> torch.dtype:
+    """The narrowest floating dtype that holds every element of float32 `t` exactly
+    (bfloat16, then float16), else `t`'s own: an fp32 gradient of a bf16 kernel's weight
+    copy under autocast is bf16 values, and as accurate as bf16. A tensor of fewer than
+    `min_elements` nonzero elements keeps its dtype (a few values may fit by chance)."""
+    if t.dtype != torch.float32 or int(t.count_nonzero()) < min_elements:
+        return t.dtype
+    for narrow in (torch.bfloat16, torch.float16):
+        if torch.equal(t.to(narrow).to(t.dtype), t):
+            return narrow
+    return t.dtype

@@ -111,6 +111,11 @@ class Recorder:
         self.trace = Trace(calls=[], tensors={})
         self.specs: dict[int, CallSpec] = {}
         self._stack: list[int] = []
+        # the call whose backward runs now: the last whose output gradient arrived, back to
+        # its parent once its input gradient is out (autograd's CPU engine runs a module's
+        # backward nodes together: they were created together, and none of another call
+        # becomes ready in between)
+        self._backward_at: int | None = None
         self._counts: dict[str, int] = {}
         self._seen: dict[tuple, tuple[torch.Tensor, str]] = {}
         self._grads: dict[int, tuple[torch.Tensor, str]] = {}
@@ -126,11 +131,13 @@ class Recorder:
             )
 
     def current(self) -> tuple[str, int, int] | None:
-        """(module, call index, position) of the innermost module call running now."""
-        if not self._stack:
+        """(module, call index, position) of the innermost module call running now,
+        forward or backward."""
+        pos = self._stack[-1] if self._stack else self._backward_at
+        if pos is None:
             return None
-        call = self.trace.calls[self._stack[-1]]
-        return call.module, call.index, self._stack[-1]
+        call = self.trace.calls[pos]
+        return call.module, call.index, pos
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -243,11 +250,20 @@ class Recorder:
             self.trace.backward_order.append(pos)
 
     def _grad_out(self, pos: int, i: int, grad: torch.Tensor) -> None:
+        if not self._inside(self._backward_at, pos):  # (a child's output may be its parent's:
+            self._backward_at = pos  # its hook fires first, and its backward runs first)
         self._mark(pos)
         self.trace.backward_events.append((pos, "grad_outputs", i))
         self.trace.calls[pos].grad_outputs[i] = self.store_grad(grad)
 
+    def _inside(self, pos: int | None, ancestor: int) -> bool:
+        """Whether call `pos` is `ancestor` or nested in it."""
+        while pos is not None and pos != ancestor:
+            pos = self.trace.calls[pos].parent
+        return pos == ancestor
+
     def _grad_in(self, pos: int, i: int, grad: torch.Tensor) -> None:
+        self._backward_at = self.trace.calls[pos].parent
         self._mark(pos)
         self.trace.backward_events.append((pos, "grad_inputs", i))
         self.trace.calls[pos].grad_inputs[i] = self.store_grad(grad)

@@ -261,3 +261,51 @@ def test_under_bf16_an_honest_target_passes_and_a_hidden_fault_is_named(bf16, tm
         # bf16's noise may hide it from the whole network; alone, the module is wrong
         assert not report.passed, str(report)
         assert [c.module for c in report.culprits][:1] == [site], str(report)
+
+
+class Residual(nn.Module):
+    """relu_(fc2(relu(fc1(x))) + x): in-place ReLUs whose inputs honest bf16 rounding
+    puts on the other side of zero, the outer one the block's output too."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(256, 256), nn.Linear(256, 256)
+        self.act1, self.act2 = nn.ReLU(inplace=True), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.act2(self.fc2(self.act1(self.fc1(x))) + x)
+
+
+def _flipping(out: Path, replay=None, golden: bool = False, honest=None, draw=None):
+    torch.manual_seed(0)
+    model = nn.Sequential(Residual(), Residual(), nn.Linear(256, 4))
+    model = honest(model) if honest is not None else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = torch.randn(2, 16, 256, generator=torch.Generator().manual_seed(1))
+    with align.Recorder(
+        model, out, steps=[0, 1], optimizer=opt, replay=replay, golden=golden
+    ) as rec:
+        for n in range(2):
+            with rec.step(n):
+                with torch.autocast("cpu", torch.bfloat16, enabled=not golden):
+                    loss = model(data[n]).float().square().mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+
+
+def test_a_target_that_took_the_references_branches_is_re_run_with_them(tmp_path):
+    """The honest target replays the reference's ReLU branches (forward and backward):
+    alone, each call re-runs with the branches it took, not its own on its inputs."""
+    _flipping(tmp_path / "ref")
+    _flipping(tmp_path / "gold", tmp_path / "ref", golden=True)
+    for n in (1, 2):  # honest draws of the reference: the whole steps' spread
+        _flipping(tmp_path / "ref", draw=n)
+    _flipping(tmp_path / "honest", tmp_path / "ref", honest=partial(perturb, ulps=1.0))
+    flipped = LoopDump(tmp_path / "honest").load(0, 1).trace.meta["decisions_differed"]
+    assert "relu" in flipped, flipped  # branches honest rounding flipped were replayed
+    model = nn.Sequential(Residual(), Residual(), nn.Linear(256, 4))
+    report = align.compare(tmp_path / "ref", tmp_path / "honest", tmp_path / "gold", model=model)
+    assert report.culprits == [] and not [r for r in report.local_rows if r.failed], str(report)
+    judged = {(r.module, r.phase) for r in report.local_rows}
+    assert {("0.act2", "forward"), ("0.act2", "backward"), ("1.act1", "backward")} <= judged

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from align.numerics.precision import error_floor, unit_roundoff
+from align.numerics.precision import error_floor, held_dtype, unit_roundoff
 from align.numerics.verdict import (
     HEAVY_TAIL_SPREAD,
     NO_SIGNAL_MESSAGE,
@@ -23,7 +23,9 @@ from align.numerics.verdict import (
     _k,
     _limit,
     judge,
+    judge_on_replays,
     judge_robustly,
+    sampling_spread,
     spread,
 )
 
@@ -710,3 +712,41 @@ def test_excess_share_is_judged_on_reduced_precision_isolated_tensors_only():
     common = noisy(g, 1e-2, 0, dtype=torch.float64)
     for r, local in ((common.to(torch.float32), True), (common.to(torch.bfloat16), False)):
         assert "excess_share" not in run(r, r, g, local=local).metrics
+
+
+def _bf16_scaled(g: torch.Tensor, scale: float) -> torch.Tensor:
+    """bf16 values times `scale` rounded to bf16, as an elementwise bf16 kernel computes."""
+    return (g.to(torch.bfloat16).double() * scale).to(torch.bfloat16)
+
+
+def test_a_replayed_gain_both_sides_share_passes_on_inputs_unalike():
+    """Each side re-run alone on its own inputs (step isolation): a constant rounded to bf16
+    on both (1 / keep_prob of a drop-path: +0.11%) passes however unalike the two sides'
+    values are, and a 1% gain on the target alone still fails."""
+    rounded = float(torch.tensor(1 / 0.9857).to(torch.bfloat16))
+    sides = [golden(seed=1).to(torch.bfloat16).double(), golden(seed=2).to(torch.bfloat16).double()]
+    exact = [x / 0.9857 for x in sides]  # what each side's float64 replay computes
+    reference = _bf16_scaled(sides[0], rounded)
+    tol = Tolerance()
+    for gain, passes in ((1.0, True), (1.01, False)):
+        target = _bf16_scaled(sides[1], rounded * gain)
+        row = Row("drop_path", 0, "forward", "output[0]", "", [], isolated=True)
+        judged = judge_on_replays(
+            target, reference, exact[1], exact[0], tol, strict_dtype=False, row=row, accuracy=1.0
+        )
+        assert judged.passed == passes, (gain, judged.failed, judged.message)
+
+
+def test_an_fp32_tensor_of_bf16_values_is_held_at_bf16():
+    g = golden()
+    assert held_dtype(g.to(torch.bfloat16).float()) == torch.bfloat16
+    assert held_dtype(g.to(torch.float16).float()) == torch.float16
+    assert held_dtype(g.float()) == torch.float32
+    assert held_dtype(g[:4].to(torch.bfloat16).float()) == torch.float32  # too few to tell
+    assert held_dtype(torch.zeros(100)) == torch.float32
+
+
+def test_the_sampling_spread_of_few_elements_is_wide_and_of_many_near_one():
+    assert sampling_spread(8) == pytest.approx(3.47, abs=0.01)
+    assert 1.0 < sampling_spread(100_000) < 1.02
+    assert sampling_spread(1) == sampling_spread(0.5) == 4.0  # capped
