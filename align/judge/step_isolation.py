@@ -19,9 +19,9 @@ dtype nor a device (the dump says which; a device reads as the CPU the call re-r
 when the model has no module of its name, or when its weights are not in the dump; each
 is counted in a note. A parameter gradient is judged alone where it
 is its call's alone: the module is called once in the step, no other module holds the
-parameter, and the gradient is the step's one backward's, unchanged (no accumulation,
-clipping, unscaling or all-reduce: align.record.backward_grads). Others are left to the
-step's own rows.
+parameter, and the step's one backward wrote the gradient into an empty `.grad`, recorded
+as written, before any clipping, unscaling or all-reduce (align.record.backward_grads).
+Others are left to the step's own rows.
 """
 
 from __future__ import annotations

@@ -2,12 +2,14 @@
 
 A module called once in a step gets, from its one call, the whole gradient of its own
 parameters, so align.judge.step_isolation can re-run that call and judge its weight
-gradient, and name the module whose weight-gradient kernel is wrong. That holds only
-for a gradient nothing else touched: the step's one backward wrote it into an empty
-`.grad` (no accumulation across micro-batches or steps), and nothing changed it before
-the optimizer took it (clipping, a loss scaler's unscaling, an all-reduce). A gradient
-hook (before accumulation) and a post-accumulate hook tell both apart without reading a
-value: no copy, no synchronization.
+gradient, and name the module whose weight-gradient kernel is wrong. That holds for the
+gradient the step's one backward wrote into an empty `.grad` (not one accumulated across
+micro-batches or steps), taken as it was written: the Recorder copies it then, before any
+clipping, loss-scaler unscaling or all-reduce changes it, and makes no second copy where
+the optimizer receives it unchanged. A gradient hook (before accumulation) and a
+post-accumulate hook tell these apart without reading a value: no copy, no
+synchronization (version counters: align.numerics.versions keeps them true under align's
+dispatch modes).
 """
 
 from __future__ import annotations

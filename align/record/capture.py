@@ -163,10 +163,11 @@ class Recorder:
         self._seen[content] = (t, key)  # keeps `t` alive so its storage is not reused
         return key
 
-    def store_grad(self, grad: torch.Tensor) -> str:
-        """Key of a snapshot of the gradient `grad`; the same tensor is stored once."""
+    def store_grad(self, grad: torch.Tensor, fresh: bool = False) -> str:
+        """Key of a snapshot of the gradient `grad`; the same tensor is stored once, unless
+        `fresh` (written in place since: a parameter gradient accumulated again)."""
         hit = self._grads.get(id(grad))
-        if hit is not None and hit[0] is grad:
+        if hit is not None and hit[0] is grad and not fresh:
             return hit[1]
         key = f"t{len(self.trace.tensors)}"
         with outside_modes(grad):

@@ -27,8 +27,10 @@ What a step holds:
   received (after GradScaler's unscaling and any clipping: an optimizer step pre-hook
   takes them before `zero_grad` can clear them; without `optimizer=`, or on a step the
   scaler skipped, the gradients backward accumulated; a step where an optimizer given
-  without a scaler does not step records none), and which of them are one backward's
-  own, unchanged (align.record.backward_grads: a module's call alone reproduces them); the
+  without a scaler does not step records none), and the gradients one backward wrote into
+  an empty `.grad`, as it wrote them, before any clipping, unscaling or all-reduce
+  (align.record.backward_grads: a module's call alone reproduces them; one copy where the
+  optimizer receives them unchanged); the
   step's discrete choices (align.numerics.decisions). Gradients are divided by the scaler's
   scale, so a run that scales its loss compares with one that does not (the golden).
 * `state.safetensors` and `step.json`: the loss, the parameters and floating buffers
@@ -426,16 +428,23 @@ class Recorder:
             grad_snapshot=partial(self._snapshot, files, scale),  # recorded unscaled
         )
         accumulated: dict[str, str] = {}  # as backward left them (unscaled when recorded)
+        first: dict[str, str] = {}  # as the first gradient into an empty .grad left them
         received: dict[str, str] = {}  # as the optimizer received them
-        unchanged: set[str] = set()  # received as backward left them
         stepped: list[bool] = []
         # Where the optimizer may not step (no optimizer, or a scaler that can skip), the
         # gradients backward accumulated are taken too.
         backward_grads = self.optimizer is None or scale != 1.0
 
         def take_accumulated(name: str, p: torch.Tensor) -> None:
-            if backward_grads:
-                accumulated[name] = hooks.store_grad(p.grad)
+            # the first gradient into an empty .grad is taken as it is: one call alone may
+            # reproduce it however the script changes it after (clipping, unscaling, an
+            # all-reduce); once accumulated again it is no one call's (grads.own)
+            if grads.own(name) or backward_grads:
+                key = hooks.store_grad(p.grad, fresh=name in accumulated)
+                if grads.own(name):
+                    first[name] = key
+                if backward_grads:
+                    accumulated[name] = key
 
         def take_received(optimizer, args, kwargs) -> None:
             stepped.append(True)
@@ -443,9 +452,10 @@ class Recorder:
                 for p in group["params"]:
                     if p.grad is not None:
                         name = self._name(p)
-                        received[name] = hooks.store(p.grad)
-                        if name in grads.params and grads.unchanged(name):
-                            unchanged.add(name)
+                        if name in first and scale == 1.0 and grads.unchanged(name):
+                            received[name] = first[name]  # the same values: one copy
+                        else:
+                            received[name] = hooks.store(p.grad)
 
         grads = BackwardGrads(self.model, take_accumulated)
         choices = Decisions(self._replayed(n), where=hooks.current)
@@ -462,9 +472,8 @@ class Recorder:
             yield
         trace = hooks.trace
         trace.param_grads = {**accumulated, **received}
-        # the gradients one backward wrote and nothing changed, per call in isolation
-        backward_own = {n: k for n, k in accumulated.items() if grads.own(n)}
-        backward_own.update({n: received[n] for n in unchanged if grads.own(n)})
+        # the gradients one backward wrote, as it wrote them: per call in isolation
+        backward_own = {n: k for n, k in first.items() if grads.own(n)}
         trace.decisions, trace.faults = choices.choices, choices.faults
         trace.meta = {
             "device": self._device(),

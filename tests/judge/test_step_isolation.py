@@ -92,6 +92,7 @@ def _train(
     bf16=False,
     honest=None,
     draw=None,
+    clip=False,
 ):
     torch.manual_seed(0)
     model = Net(cast)
@@ -111,6 +112,8 @@ def _train(
                 with Jitter(step + 1) if jitter else contextlib.nullcontext():
                     loss = nn.functional.cross_entropy(model(data[step]).float(), targets[step])
             loss.backward()
+            if clip:  # the gradients the optimizer receives are no longer backward's
+                nn.utils.clip_grad_norm_(model.parameters(), 0.1)
             opt.step()
             opt.zero_grad()
 
@@ -309,3 +312,13 @@ def test_a_target_that_took_the_references_branches_is_re_run_with_them(tmp_path
     assert report.culprits == [] and not [r for r in report.local_rows if r.failed], str(report)
     judged = {(r.module, r.phase) for r in report.local_rows}
     assert {("0.act2", "forward"), ("0.act2", "backward"), ("1.act1", "backward")} <= judged
+
+
+def test_a_weight_gradient_fault_is_named_under_gradient_clipping(tmp_path):
+    """The Recorder keeps each gradient as backward wrote it, before the clipping."""
+    _train(tmp_path / "ref", clip=True)
+    _train(tmp_path / "gold", replay=tmp_path / "ref", golden=True, clip=True)
+    _train(tmp_path / "bad", fault=(weight_grad_gain, "conv"), replay=tmp_path / "ref", clip=True)
+    report = align.compare(tmp_path / "ref", tmp_path / "bad", tmp_path / "gold", model=Net())
+    assert [c.module for c in report.culprits][:1] == ["conv"], str(report)
+    assert report.culprits[0].phase == "param_grad"

@@ -55,22 +55,30 @@ def test_accumulated_gradients_are_not_one_backwards():
     assert _watched(_net(), lambda m: None, empty=False)[0] is False
 
 
-def _record(tmp_path, clip: bool) -> dict:
+def _record(tmp_path, clip: bool, micro_batches: int = 1):
     model = _net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with align.Recorder(
-        model, tmp_path / ("clip" if clip else "plain"), steps=[0], optimizer=opt
-    ) as rec:
+    out = tmp_path / f"clip{clip}-{micro_batches}"
+    with align.Recorder(model, out, steps=[0], optimizer=opt) as rec:
         with rec.step(0):
-            model(torch.randn(5, 4)).square().sum().backward()
+            for _ in range(micro_batches):
+                model(torch.randn(5, 4)).square().sum().backward()
+            backward = {n: p.grad.clone() for n, p in model.named_parameters()}
             if clip:
                 nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
             opt.step()
             opt.zero_grad()
-    return LoopDump(tmp_path / ("clip" if clip else "plain")).load(0, 0).trace.meta
+    return LoopDump(out).load(0, 0).trace, backward
 
 
-def test_the_recorder_names_the_gradients_backward_left_alone(tmp_path):
-    plain, clipped = _record(tmp_path, False), _record(tmp_path, True)
-    assert sorted(plain["backward_grads"]) == ["0.bias", "0.weight", "2.bias", "2.weight"]
-    assert clipped["backward_grads"] == {}  # clipped: no call alone reproduces them
+def test_the_recorder_keeps_the_gradients_one_backward_wrote_as_it_wrote_them(tmp_path):
+    names = ["0.bias", "0.weight", "2.bias", "2.weight"]
+    for clip in (False, True):
+        trace, backward = _record(tmp_path, clip)
+        own = trace.meta["backward_grads"]
+        assert sorted(own) == names
+        for n in names:  # before the clipping; the optimizer's are after it
+            assert torch.equal(trace.tensor(own[n]), backward[n])
+            assert (own[n] == trace.param_grads[n]) == (not clip)  # one copy where the same
+    trace, _ = _record(tmp_path, False, micro_batches=2)
+    assert trace.meta["backward_grads"] == {}  # accumulated: no one call's
