@@ -27,6 +27,7 @@ Others are left to the step's own rows.
 from __future__ import annotations
 
 import copy
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
@@ -78,17 +79,18 @@ def isolate_step(
     # (a target that replayed the reference's branches computed with those on its inputs)
     isolators = [Isolator(run, run, run, backward=True, replays=_every) for run in runs]
     tied = _tied(runs[0].model)
+    own = [_own_grads(side.trace, tied) for side in (ref, tgt)]
     honest = _HonestKernel(model, tgt, weights[1], policy)
     rows: list[Row] = []
     failing: dict[int, Row] = {}
     skipped: dict[str, int] = {}
     for pos in range(len(ref.trace.calls)):
-        if _same_records(ref.trace, tgt.trace, pos):
+        if _same_records(ref.trace, tgt.trace, pos, [o.get(pos, {}) for o in own]):
             continue  # the target's error is the reference's
         try:
             replays = [_alone(iso, run, pos) for iso, run in zip(isolators, runs)]
             judged = list(
-                _judged(ref, tgt, pos, replays, tol, strict_dtype, tied, partial(honest, pos))
+                _judged(ref, tgt, pos, replays, tol, strict_dtype, own, partial(honest, pos))
             )
         except Exception as exc:  # a module that cannot run or be judged alone is counted
             why = str(exc).split("\n")[0][:160]
@@ -118,12 +120,12 @@ def _judged(
     replays: list[LocalRun],
     tol: Tolerance,
     strict_dtype: bool,
-    tied: set[str],
+    own: list[dict[int, dict[str, str]]],
     honest: Callable[[str, str], torch.Tensor | None],
 ) -> Iterator[Row]:
     """The target's recorded tensors of call `pos` against its replay, relative to the
-    reference's against its own; `tied` names parameters that more than one module holds;
-    `honest(phase, label)`, an honest kernel's tensor on the target's inputs."""
+    reference's against its own; `own`, each side's `_own_grads`; `honest(phase, label)`,
+    an honest kernel's tensor on the target's inputs."""
     call = ref.trace.calls[pos]
     golds = [{(p, n): x for p, n, x in replay.items()} for replay in replays]
     accuracy = kernel_accuracy(replays[0].decisions.ran)
@@ -132,7 +134,7 @@ def _judged(
         if gold_r is None:
             continue
         if phase == "param_grad":
-            keys = [_own_grad(side.trace, pos, label, tied) for side in (ref, tgt)]
+            keys = [grads.get(pos, {}).get(label) for grads in own]
         else:
             keys = [_recorded(side.trace, pos, phase, label) for side in (ref, tgt)]
         if None in keys:
@@ -257,15 +259,14 @@ def _alone(iso: Isolator, run: Run, pos: int) -> LocalRun:
     return iso.run(run, pos)
 
 
-def _same_records(ref: Trace, tgt: Trace, pos: int) -> bool:
-    """Whether every tensor the call recorded, and the gradients of its own parameters, are
-    bit for bit the same on both sides."""
+def _same_records(ref: Trace, tgt: Trace, pos: int, own: list[dict[str, str]]) -> bool:
+    """Whether every tensor the call recorded, and the gradients of its own parameters
+    (`own`, each side's), are bit for bit the same on both sides."""
     rc, tc = ref.calls[pos], tgt.calls[pos]
     if rc.buffer_names != tc.buffer_names:
         return False
     slots = ("inputs", "outputs", "grad_outputs", "grad_inputs", "buffers_in", "buffers")
     pairs = [zip(getattr(rc, slot), getattr(tc, slot), strict=False) for slot in slots]
-    own = [_own_grads(trace, rc.module) for trace in (ref, tgt)]
     if own[0].keys() != own[1].keys():
         return False
     pairs.append((own[0][name], own[1][name]) for name in own[0])
@@ -292,29 +293,22 @@ def _tied(model: nn.Module) -> set[str]:
     return {name for names in holders.values() if len(names) > 1 for name in names}
 
 
-def _own_grads(trace: Trace, module: str) -> dict[str, str]:
-    """The keys of the recorded gradients of `module`'s own parameters that the step's one
-    backward wrote and nothing changed after (align.record.backward_grads), by local name."""
+def _own_grads(trace: Trace, tied: set[str]) -> dict[int, dict[str, str]]:
+    """By call position, the keys of the recorded gradients of the call's module's own
+    parameters, by local name, where they are that call's alone: the module is called once
+    in the step, holds the parameter alone (not `tied`), and the step's one backward wrote
+    the gradient (align.record.backward_grads)."""
     grads = trace.meta.get("backward_grads")
-    prefix = f"{module}." if module else ""
-    return {
-        name[len(prefix) :]: key
-        for name, key in (grads.items() if isinstance(grads, dict) else ())
-        if name.startswith(prefix)
-        and "." not in name[len(prefix) :]
-        and isinstance(key, str)
-        and key in trace.tensors
-    }
-
-
-def _own_grad(trace: Trace, pos: int, label: str, tied: set[str]) -> str | None:
-    """The key of the recorded gradient of the call's own parameter `label`, where that is
-    the call's alone: the module is called once in the step and holds the parameter alone."""
-    call = trace.calls[pos]
-    name = f"{call.module}.{label}" if call.module else label
-    if name in tied or sum(c.module == call.module for c in trace.calls) != 1:
-        return None
-    return _own_grads(trace, call.module).get(label)
+    if not isinstance(grads, dict):
+        return {}
+    calls = Counter(c.module for c in trace.calls)
+    once = {c.module: pos for pos, c in enumerate(trace.calls) if calls[c.module] == 1}
+    found: dict[int, dict[str, str]] = defaultdict(dict)
+    for name, key in grads.items():
+        module, _, local = name.rpartition(".")
+        if module in once and name not in tied and isinstance(key, str) and key in trace.tensors:
+            found[once[module]][local] = key
+    return found
 
 
 def _recorded(trace: Trace, pos: int, phase: str, label: str) -> str | None:
