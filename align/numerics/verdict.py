@@ -73,6 +73,11 @@ REDUCED = (torch.bfloat16, torch.float16)
 # widens, up to REPLAY_SPREAD_MAX (measured: an honest one-ulp target's conv bias gradient
 # over 8 channels under amp-bf16, 3.1x the reference's rel_rmse). A dropped gradient or a
 # 1% gain over 8 elements still fails.
+# A propagated tensor whose honest errors sit in a few elements is as small a sample,
+# whatever its size (`error_spread`; measured: an honest one-ulp AdamW script whose
+# unrecorded step 0 moved zero-initialized BatchNorm weights by lr * g / (|g| + eps),
+# steep where |g| ~ eps: 256 weights, the reference's and two draws' errors over 1.1 to
+# 2.3 effective elements, a one-ulp target's one element at 4.8x the largest).
 REPLAY_QUANTILE = 1e-3
 REPLAY_SPREAD_MAX = 4.0
 CANCELLING = 0.05  # an isolated reference's rel_rmse from which k rises (`_k`)
@@ -414,6 +419,8 @@ def judge(
             if count < metrics.MIN_SLICE:
                 floors[m] += 2 * unit_roundoff(reference.dtype) * kernel_bias(accuracy)
     ramp = _k(1.0, mr["rel_rmse"], unit_roundoff(reference.dtype), local)
+    if not local and not row.isolated:
+        ramp *= error_spread([abs_h for _, abs_h, _ in judged])
     k = tol.k * ramp
     # A reference error that happens to be a pure gain has cos_err ~ 0: use its rel_rmse too.
     mr_cos = max(mr["cos_err"], mr["rel_rmse"] ** 2 / 2)
@@ -695,6 +702,13 @@ def sampling_spread(count: float) -> float:
 
     count = max(count, 1.0)
     return min(math.sqrt(fdtri(count, count, 1 - REPLAY_QUANTILE)), REPLAY_SPREAD_MAX)
+
+
+def error_spread(abs_errors: Sequence[torch.Tensor]) -> float:
+    """`sampling_spread` of a propagated tensor's honest errors (|run - golden|, flat),
+    over the most effective elements any of them is spread across: an error that a few
+    elements carry is a small sample of a heavy-tailed one."""
+    return sampling_spread(max(metrics.effective_counts(e)[1] for e in abs_errors))
 
 
 def spread(
