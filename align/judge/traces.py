@@ -20,6 +20,7 @@ from align.numerics.verdict import (
     HEADROOM_MESSAGE,
     HEAVY_TAIL_SPREAD,
     NO_SIGNAL_MESSAGE,
+    NOISY_GRADIENT_MESSAGE,
     OVERFLOW_HEADROOM,
     OVERFLOWED_MESSAGE,
     SPREAD_MESSAGE,
@@ -190,6 +191,11 @@ def no_signal_notes(rows: list[Row]) -> list[str]:
             "BatchNorm over a few values",
         ),
         (OVERFLOWED_MESSAGE, "an honest draw of the reference overflowed there"),
+        (
+            NOISY_GRADIENT_MESSAGE,
+            "an optimizer's state and parameters that took a gradient carrying no signal, "
+            "in that step or one before",
+        ),
         (
             SPREAD_MESSAGE,
             f"the reference and its honest draws miss them by amounts {HEAVY_TAIL_SPREAD:g}x "

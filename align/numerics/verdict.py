@@ -108,6 +108,12 @@ SPREAD_MESSAGE = (
 # what a heavy tail of honest errors may excuse: not NaN/Inf, shapes, dtypes
 SPREAD_METRICS = frozenset({"rel_rmse", "cos_err", "max_rel"})
 NO_SIGNAL_MESSAGE = "no signal at this precision (the reference misses it by half its size or more)"
+# An optimizer's state and its parameter after a step whose gradient carried no signal:
+# honest runs' noise there varies by orders, and the state sums it with what signal it had
+# (measured: ghostnet_050 under AdamW with clipping, fp32, a BatchNorm weight's gradient
+# 1.67x off on the reference and 35.6x on an honest one-ulp target; its exp_avg then 0.28
+# and 4.7 off). Reported, not judged, in that step and every recorded step after it.
+NOISY_GRADIENT_MESSAGE = "no signal at this precision (it took a gradient that carries none)"
 # Unscaled fp16 gradients whose reference comes within the check's headroom of float16's
 # largest value: an honest device overflows there, and its Inf then runs through every
 # gradient after it (measured: efficientnet_b0 at 32 px, amp-fp16, an honest
@@ -745,6 +751,11 @@ def require_finite(row: Row, sides: Sequence[tuple[str, torch.Tensor]]) -> None:
                 f"{call_label(row.module, row.call)} {row.phase} {row.tensor}: no verdict can be "
                 f"earned against it; find why that run overflowed, or dump it again"
             )
+
+
+def carries_no_signal(row: Row) -> bool:
+    """True for a row reported, not judged, for carrying no signal at its precision."""
+    return row.message.startswith("no signal at this precision")
 
 
 def _envelope(draws: list[dict[str, float]]) -> dict[str, float]:

@@ -85,9 +85,15 @@ the modules' code: each call's tensors, its other arguments and mode
 (align.record.arguments; a call with an argument JSON cannot hold, a dtype or a user's
 object, is not re-run, and the report counts it), the owners of its random draws, and
 the weights the step started from: the parameters recorded after step n-1, or, where
-step n-1 is not recorded, the parameters and floating buffers before step n (state keys
-`before/param/...`, judged as the step's "weights" rows: a checkpoint that loads
-differently fails there).
+step n-1 is not recorded, the parameters, floating buffers and optimizer state before step
+n (state keys `before/param/...`, `before/optim/...`, judged as the step's "weights" rows:
+a checkpoint that loads differently fails there).
+
+Start state: steps not recorded are not replayed, and honest runs part there (a discrete
+choice flipped; AdamW's first update steep where a gradient is near eps). So after
+unrecorded steps a replaying run (target, golden, draw) takes the reference's `before/`
+state at its first recorded step (`Recorder._adopt`) and keeps its own under `carried/`:
+the comparison reports how far it had moved and judges the recorded steps from one start.
 """
 
 from __future__ import annotations
@@ -121,6 +127,7 @@ from align.record.capture import KeepFloat64, inputs_laid_out, other_layout
 from align.record.capture import Recorder as ModuleHooks
 from align.record.loop_dump import (
     BEFORE,
+    CARRIED,
     DRAW_ENV,
     DRAWS_DIR,
     FORMAT,
@@ -130,6 +137,7 @@ from align.record.loop_dump import (
     STEP_FILE,
     TRACE_DIR,
     rank_root,
+    start_state,
     step_dir,
 )
 from align.record.trace import Trace, read_trace
@@ -289,6 +297,7 @@ class Recorder:
         self._names = {id(p): name for name, p in model.named_parameters()}
         self._given_loss: torch.Tensor | None = None
         self._recording = False
+        self._unrecorded = 0  # steps run since the last recorded one (or the start)
         if type(steps_in_memory) is not int or steps_in_memory < 1:
             raise AlignError(f"steps_in_memory= must be 1 or more, not {steps_in_memory!r}")
         self._writer = StepWriter(self.root, background, steps_in_memory)
@@ -370,6 +379,7 @@ class Recorder:
         """Context of one training step: records it if `n` is one of `steps`."""
         self._writer.check()
         if n not in self.steps:
+            self._unrecorded += 1
             with self._numerics(n):
                 yield
             return
@@ -418,9 +428,10 @@ class Recorder:
         """Record step `n` around its one `yield`, streaming its tensors to `files`; return
         what writes the rest."""
         started = time.perf_counter()
+        carried, self._unrecorded = self._unrecorded, 0
+        # what this step starts from, where no recorded step before it left it
+        before, start = ({}, None) if n - 1 in self.steps else self._start_state(n, carried)
         scale = self._scale()
-        # the weights this step computes with, where no recorded step before it left them
-        before = {} if n - 1 in self.steps else self._host_copies(self._weights(BEFORE))
         hooks = ModuleHooks(
             self.model,
             backward=True,
@@ -498,6 +509,7 @@ class Recorder:
             "rank": self.rank,
             "groups": self._groups(),
             "scaler": self._scaler_info(scale, bool(stepped)),
+            "start": start,
             "output_dtypes": sorted(
                 {str(trace.tensors[k].dtype) for c in trace.calls for k in c.outputs if k}
             ),
@@ -597,13 +609,68 @@ class Recorder:
         """Private copies of the parameters and floating buffers after the step, and of
         the optimizer's state, in host memory (a device's are copied there directly) and
         each with its own storage, as safetensors wants."""
+        return self._host_copies(self._live_state())
+
+    def _live_state(self) -> dict[str, torch.Tensor]:
+        """The parameters, floating buffers and optimizer state as they are now: keys
+        param/NAME, buffer/NAME and optim/GROUP/NAME/KEY (a number as a tensor)."""
         state = self._weights()
+        for key, _entries, _leaf, value in self._optimizer_entries():
+            state[key] = torch.as_tensor(value)
+        return state
+
+    def _optimizer_entries(self) -> Iterator[tuple[str, dict, str, torch.Tensor | float]]:
+        """Each tensor or number of the optimizer's state: (its key optim/GROUP/NAME/KEY,
+        the parameter's state dict, KEY, the value)."""
         for g, group in enumerate(self.optimizer.param_groups if self.optimizer else []):
             for p in group["params"]:
-                for key, value in self.optimizer.state.get(p, {}).items():
-                    if isinstance(value, (int, float)) or isinstance(value, torch.Tensor):
-                        state[f"optim/{g}/{self._name(p)}/{key}"] = torch.as_tensor(value)
-        return self._host_copies(state)
+                entries = self.optimizer.state.get(p, {})
+                for leaf, value in entries.items():
+                    if isinstance(value, (int, float, torch.Tensor)):
+                        yield f"optim/{g}/{self._name(p)}/{leaf}", entries, leaf, value
+
+    def _start_state(self, n: int, carried: int) -> tuple[dict[str, torch.Tensor], dict]:
+        """Host copies of the state step `n` starts from (BEFORE keys), and what step.json
+        says of it. After `carried` unrecorded steps, a replaying run (target, golden,
+        draw) first takes the reference's (`_adopt`): steps not recorded are not replayed,
+        and honest runs part there (a discrete choice flipped; AdamW's first update,
+        lr * g / (|g| + eps), steep where a gradient is near eps: an honest one-ulp target's
+        zero-initialized weight moved 2 lr off), so the recorded steps compare from one
+        start; its own state is kept under CARRIED (reported, not judged)."""
+        info: dict[str, Any] = {"unrecorded_before": carried, "adopted": False}
+        if self.replay is None or not carried:
+            return self._host_copies(_prefixed(self._live_state(), BEFORE)), info
+        own = self._host_copies(_prefixed(self._live_state(), CARRIED))
+        info.update(adopted=True, not_adopted=self._adopt(n))
+        return {**own, **self._host_copies(_prefixed(self._live_state(), BEFORE))}, info
+
+    def _adopt(self, n: int) -> list[str]:
+        """Take the state the reference's step `n` started from: its parameters, floating
+        buffers and optimizer state, by name (cast to this run's dtypes, on its devices).
+        Returns the keys it has none of, or of another shape."""
+        wait_for_writes(self.replay)
+        theirs = start_state(self.replay, n)
+        if not theirs:
+            raise TraceError(
+                f"{self.replay / step_dir(n)}: the reference recorded no state at the start "
+                f"of step {n}: record it again, with the same steps= as this run"
+            )
+        missing = []
+        with torch.no_grad():
+            for key, t in self._weights().items():
+                if key in theirs and theirs[key].shape == t.shape:
+                    t.copy_(theirs[key])
+                else:
+                    missing.append(key)
+            for key, entries, leaf, value in list(self._optimizer_entries()):
+                ref = theirs.get(key)
+                if ref is None or ref.shape != torch.as_tensor(value).shape:
+                    missing.append(key)
+                elif isinstance(value, torch.Tensor):
+                    value.copy_(ref)
+                else:  # a number (a step count)
+                    entries[leaf] = type(value)(ref.item())
+        return missing
 
     def _host_copies(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Host copies of `state`, from a device queued (complete after `_to_host`)."""
@@ -613,16 +680,12 @@ class Recorder:
             for k, v in state.items()
         }
 
-    def _weights(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        """The parameters and floating buffers as they are now, keyed prefix + param/NAME and
-        prefix + buffer/NAME."""
-        state = {f"{prefix}param/{n}": p for n, p in self.model.named_parameters()}
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """The parameters and floating buffers as they are now, keyed param/NAME and
+        buffer/NAME."""
+        state = {f"param/{n}": p for n, p in self.model.named_parameters()}
         state.update(
-            {
-                f"{prefix}buffer/{n}": b
-                for n, b in self.model.named_buffers()
-                if b.is_floating_point()
-            }
+            {f"buffer/{n}": b for n, b in self.model.named_buffers() if b.is_floating_point()}
         )
         return state
 
@@ -646,6 +709,10 @@ class _LaidOut:
             self.hook.remove()
             self.hook = None
             self.model.to(memory_format=other_layout(self.model))
+
+
+def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {prefix + key: t for key, t in state.items()}
 
 
 def _draw_number(draw: int | None) -> int | None:

@@ -34,7 +34,10 @@ DRAW_ENV = "ALIGN_DRAW"  # set to n: this run of the reference script is its hon
 STEP_FILE = "step.json"  # per step: scalars and the index of state.safetensors
 STATE_FILE = "state.safetensors"
 TRACE_DIR = "trace"
-BEFORE = "before/"  # state keys of the weights a step starts from, where step n-1 is not recorded
+BEFORE = "before/"  # state keys of what a step starts from, where step n-1 is not recorded
+# state keys of a replaying run's own state after unrecorded steps, before it took the
+# reference's (align.record.loop `Recorder._start_state`)
+CARRIED = "carried/"
 _RANK_DIR = re.compile(r"^rank(\d+)$")
 STEP_DIR = re.compile(r"^step(\d{6})$")
 
@@ -124,6 +127,18 @@ class LoopDump:
         if not isinstance(index, dict):
             raise TraceError(f"{d / STEP_FILE}: no 'state' index: the step record is corrupt")
         return Step(n, rank, read_trace(d / TRACE_DIR), _read_state(d / STATE_FILE, index), info)
+
+
+def start_state(rank_dir: Path, n: int) -> dict[str, torch.Tensor]:
+    """What step `n` of the rank dump `rank_dir` started from (its BEFORE state, keys
+    without the prefix: param/NAME, buffer/NAME, optim/GROUP/NAME/KEY); empty where step
+    n-1 was recorded."""
+    d = rank_dir / step_dir(n)
+    index = _read_json(d / STEP_FILE).get("state")
+    if not isinstance(index, dict):
+        raise TraceError(f"{d / STEP_FILE}: no 'state' index: the step record is corrupt")
+    index = {k: v for k, v in index.items() if k.startswith(BEFORE)}
+    return {k[len(BEFORE) :]: t for k, t in _read_state(d / STATE_FILE, index).items()}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ target (every rounding jittered, align.numerics.jitter) and targets with one fau
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from torch import nn
 
 import align
 from align.errors import AlignError, TraceError
+from align.numerics.jitter import Jitter
 from align.record.loop_dump import LoopDump
 from align.testing import FusedDropout, fused_dropout_kernel
 
@@ -621,3 +623,50 @@ def test_a_wrapped_model_is_recorded_by_the_names_of_the_model_inside(tmp_path):
     report = align.compare(tmp_path / "ref", tmp_path / "tgt")
     assert report.passed, str(report)
     assert any("model is compiled (torch.compile)" in n for n in report.notes), report.notes
+
+
+def _adam_run(out: Path, replay=None, golden=False, eps: float = 1e-8, jitter=False) -> None:
+    """Four steps of Adam on a small MLP, steps 2 and 3 recorded; `eps` another epsilon,
+    `jitter` every rounding nudged (an honest target)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, eps=eps)
+    data = torch.randn(4, 4, 8, generator=torch.Generator().manual_seed(1))
+    recorder = align.Recorder(model, out, steps=[2, 3], optimizer=opt, replay=replay, golden=golden)
+    with recorder as rec:
+        for n in range(4):
+            with rec.step(n), Jitter(n + 1) if jitter else contextlib.nullcontext():
+                model(data[n]).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+
+
+def test_after_unrecorded_steps_a_replaying_run_starts_from_the_references_state(tmp_path):
+    """Unrecorded steps are not replayed, so honest runs part there: a replaying run takes
+    the reference's parameters, buffers and optimizer state at step 2 and keeps its own
+    under carried/, judged as what the step started from (the few elements a flipped
+    choice moves set aside); the golden does too. An honest target passes and the note
+    says how far it had moved; a wrong epsilon in every step fails in what it carried into
+    step 2, and again within step 2, computed from the reference's start."""
+    _adam_run(tmp_path / "ref")
+    _adam_run(tmp_path / "gold", replay=tmp_path / "ref", golden=True)
+    _adam_run(tmp_path / "honest", replay=tmp_path / "ref", jitter=True)
+    _adam_run(tmp_path / "eps", replay=tmp_path / "ref", eps=1e-3)
+    ref, tgt = (LoopDump(tmp_path / side).load(0, 2) for side in ("ref", "eps"))
+    assert tgt.info["start"] == {"unrecorded_before": 2, "adopted": True, "not_adopted": []}
+    assert ref.info["start"] == {"unrecorded_before": 2, "adopted": False}
+    adopted = [k for k in ref.state if k.startswith("before/")]
+    assert any("/exp_avg_sq" in k for k in adopted) and any("/step" in k for k in adopted)
+    assert all(torch.equal(ref.state[k], tgt.state[k]) for k in adopted)
+    carried = tgt.state["carried/param/0.weight"]
+    assert not torch.equal(carried, ref.state["before/param/0.weight"])  # its own, kept
+    assert LoopDump(tmp_path / "gold").load(0, 2).info["start"]["adopted"]
+
+    honest = align.compare(tmp_path / "ref", tmp_path / "honest", tmp_path / "gold")
+    assert honest.passed, str(honest)
+    assert any("after 2 unrecorded steps" in n for n in honest.notes), honest.notes
+    report = align.compare(tmp_path / "ref", tmp_path / "eps", tmp_path / "gold")
+    first = report.first_divergence
+    assert not report.passed and first.phase == "weights" and "step 2" in first.tensor
+    within = {r.tensor for r in report.rows if r.failed and r.phase == "param"}
+    assert "step 2 group 0 0.weight after the step" in within, str(report)
