@@ -21,11 +21,9 @@ from align.judge.report import Report
 from align.judge.step_isolation import isolate_step
 from align.judge.traces import no_signal_notes
 from align.numerics import decisions
-from align.numerics.precision import get_policy
+from align.numerics.precision import error_floor, get_policy
 from align.numerics.verdict import (
     NOISY_GRADIENT_MESSAGE,
-    SHARE_COUNT,
-    SHARE_FLOOR,
     SPREAD_METRICS,
     Divergence,
     Row,
@@ -268,18 +266,16 @@ def _judge_step(
     rows += _scaler_rows(ref.info.get("scaler"), tgt.info.get("scaler"))
     optimizer_rows = partial(_optimizer_rows, ref, tgt, judged, name_map)
     rows += optimizer_rows("optimizer", "")
-    # what the step started from; where the target took the reference's after unrecorded
-    # steps, its own (CARRIED), with the few elements a flipped choice moves set aside
-    carried = bool((tgt.info.get("start") or {}).get("adopted"))
-    start = CARRIED if carried else BEFORE
-    starting = partial(judged, own=start, set_aside=carried)
-    for key in (k for k in ref.state if k.startswith(BEFORE) and k in g.state):
-        kind, name = key[len(BEFORE) :].split("/", 1)
-        tname = _param_name(name, name_map)
-        if tname is not None and kind != "optim":
-            label = f"{name} before the step"
-            rows.append(starting(_owner(name), "weights", label, key, f"{start}{kind}/{tname}"))
-    rows += _optimizer_rows(ref, tgt, starting, name_map, "weights", BEFORE, start)
+    # what the step started from, where the target did not take the reference's after
+    # unrecorded steps (what it carried then is a note: honest runs part there)
+    if not (tgt.info.get("start") or {}).get("adopted"):
+        for key in (k for k in ref.state if k.startswith(BEFORE) and k in g.state):
+            kind, name = key[len(BEFORE) :].split("/", 1)
+            tname = _param_name(name, name_map)
+            if tname is not None and kind != "optim":
+                label = f"{name} before the step"
+                rows.append(judged(_owner(name), "weights", label, key, f"{BEFORE}{kind}/{tname}"))
+        rows += optimizer_rows("weights", BEFORE)
     group_of = {n: gi for gi, g in enumerate(ref.info.get("groups", [])) for n in g["params"]}
     for kind in ("param", "buffer"):
         for key in (k for k in ref.state if k.startswith(f"{kind}/")):
@@ -299,11 +295,9 @@ def _optimizer_rows(
     name_map,
     phase: str,
     prefix: str,
-    own: str | None = None,
 ) -> list[Row]:
     """Rows of the optimizer's state by param group and parameter: after the step
-    (`prefix` ""), or what the step started from (BEFORE: a resumed optimizer's state;
-    the target's and the golden's under `own`, CARRIED where they took the reference's)."""
+    (`prefix` ""), or what the step started from (BEFORE: a resumed optimizer's state)."""
     rows = []
     for gi, group in enumerate(ref.info.get("groups", [])):
         for name in group["params"]:
@@ -314,7 +308,7 @@ def _optimizer_rows(
             for key in sorted(k for k in ref.state if k.startswith(start)):
                 leaf = key[len(start) :]
                 label = f"group {gi} {name} {leaf}" + (" before the step" if prefix else "")
-                tkey = f"{prefix if own is None else own}optim/{gi}/{tname}/{leaf}"
+                tkey = f"{prefix}optim/{gi}/{tname}/{leaf}"
                 if leaf == "step":
                     rows.append(_exact_row(_owner(name), phase, label, ref, tgt, key, tkey))
                 else:
@@ -361,51 +355,24 @@ def _state_row(
     label,
     key,
     tkey,
-    own: str = "",
-    set_aside: bool = False,
     noisy: frozenset[str] | set[str] = frozenset(),
 ) -> Row:
-    """`key` of the reference judged against the target's `tkey`; `own` (a prefix of key):
-    golden and draws hold theirs under that prefix where they have it (CARRIED), and
-    `set_aside` sets aside the largest errors of each (`_set_aside`). The optimizer state
+    """`key` of the reference judged against the target's `tkey`. The optimizer state
     and value of a parameter in `noisy` fail on no spread metric (NOISY_GRADIENT_MESSAGE)."""
     row = Row(module, 0, phase, label, "", [])
     if tkey not in tgt.state:
         row.failed.append("missing")
         row.message = f"{key} is recorded on the reference, not on the target"
         return row
-    mine = own + key.split("/", 1)[1] if own and own != BEFORE else key
-
-    def theirs(side: Step) -> torch.Tensor | None:
-        return side.state.get(mine, side.state.get(key))
-
-    g = theirs(gold)
-    if g is None:
+    if key not in gold.state:
         raise MismatchError(f"the golden dump has no {key}: record it with the same optimizer")
-    r, t, drawn = ref.state[key], tgt.state[tkey], [d for d in map(theirs, draws) if d is not None]
-    if set_aside and r.shape == t.shape == g.shape:
-        r, t = _set_aside(r, g), _set_aside(t, g)
-        drawn = [_set_aside(d, g) for d in drawn if d.shape == g.shape]
-    row = _judged(r, t, g, tol, strict, row, drawn)
+    drawn = [d.state[key] for d in draws if key in d.state]
+    row = _judged(ref.state[key], tgt.state[tkey], gold.state[key], tol, strict, row, drawn)
     parts = key.split("/")
     took = parts[2] if parts[0] == "optim" else parts[1] if parts[0] == "param" else None
     if took in noisy and row.failed and set(row.failed) <= SPREAD_METRICS:
         row.failed, row.message = [], NOISY_GRADIENT_MESSAGE
     return row
-
-
-def _set_aside(x: torch.Tensor, golden: torch.Tensor) -> torch.Tensor:
-    """`x` with its largest errors against `golden` (SHARE_COUNT, or SHARE_FLOOR of its
-    elements, at most a quarter) made exact: the few elements a discrete choice flipped in
-    unrecorded steps moves far (an honest one-ulp target's bias moved 2 lr by AdamW's
-    first update, a sign its cancelling gradient decided)."""
-    error = (x.double() - golden.double()).abs().flatten()
-    count = min(max(SHARE_COUNT, int(SHARE_FLOOR * error.numel())), error.numel() // 4)
-    out = x.flatten().clone()
-    if count:
-        at = torch.topk(error, count).indices
-        out[at] = golden.flatten()[at].to(x.dtype)
-    return out.reshape(x.shape)
 
 
 def _judged(
@@ -490,29 +457,44 @@ def _step_notes(ref: Step, tgt: Step, gold: Step | None = None) -> list[str]:
             notes.append(decisions.note(role, side.trace.meta["decisions_differed"]))
     start = tgt.info.get("start") or {}
     if start.get("adopted"):
-        notes.append(_carried_note(ref, tgt, start))
+        notes.append(_carried_note(ref, tgt, gold, start))
     return notes
 
 
-def _carried_note(ref: Step, tgt: Step, start: dict[str, Any]) -> str:
+def _carried_note(ref: Step, tgt: Step, gold: Step | None, start: dict[str, Any]) -> str:
     """What the target carried into a step after unrecorded steps, before it took the
-    reference's state (align.record.loop `Recorder._start_state`): reported, not judged."""
-    worst, where = 0.0, ""
+    reference's state (align.record.loop `Recorder._start_state`): reported, not judged.
+    Names the parameter most out of line: its error against the golden's own carried
+    state, in units of the reference's (of the dtype's floor, at least)."""
+    worst, where, errors = 0.0, "", (0.0, 0.0)
     for key, t in tgt.state.items():
-        theirs = ref.state.get(BEFORE + key[len(CARRIED) :])
-        if key.startswith(f"{CARRIED}param/") and theirs is not None and theirs.shape == t.shape:
-            r, own = theirs.double(), t.double()
-            size = max(float(r.norm()), float(own.norm()))
-            rel = float((own - r).norm()) / size if size > 0 else 0.0
-            if rel > worst:
-                worst, where = rel, key[len(CARRIED) + len("param/") :]
+        rest = key[len(CARRIED) :]
+        r = ref.state.get(BEFORE + rest)
+        g = ref.state.get(BEFORE + rest) if gold is None else gold.state.get(key)
+        g = g if g is not None or gold is None else gold.state.get(BEFORE + rest)
+        if not rest.startswith("param/") or r is None or g is None:
+            continue
+        if not r.shape == t.shape == g.shape:
+            continue
+        g64 = g.double()
+        size = max(float(g64.norm()), 1e-300)
+        own, theirs = (float((x.double() - g64).norm()) / size for x in (t, r))
+        ratio = own / max(theirs, error_floor(r.dtype))
+        if ratio > worst:
+            worst, where, errors = ratio, rest[len("param/") :], (own, theirs)
+    against = "the golden's" if gold is not None else "the reference's"
+    moved = (
+        f"; most out of line, {where}: {errors[0]:.3g} off {against} own, the reference "
+        f"{errors[1]:.3g}"
+        if where
+        else ""
+    )
     missing = start.get("not_adopted") or []
     return (
         f"step {tgt.number}: the target started it from the reference's state (replay=) after "
         f"{start.get('unrecorded_before')} unrecorded steps, whose choices are not replayed "
-        f"and where honest runs part; its own parameters were up to {worst:.3g} off the "
-        f"reference's there (relative to the larger{', ' + where if where else ''}): "
-        "judged before the step with the few elements a flipped choice moves set aside"
+        f"and where honest runs part; what it carried there is reported, not judged (record "
+        f"the run's first step to judge how it starts){moved}"
         + (
             f"; {len(missing)} entries it could not take, by name and shape: {missing[:3]}"
             if missing

@@ -93,9 +93,8 @@ Start state: steps not recorded are not replayed, and honest runs part there (a 
 choice flipped; AdamW's first update steep where a gradient is near eps). So after
 unrecorded steps a replaying run (target, golden, draw) takes the reference's `before/`
 state at its first recorded step (`Recorder._adopt`) and keeps its own under `carried/`:
-the comparison judges that as what the step started from, with the few elements a flipped
-choice moves set aside, notes how far it had moved, and judges the recorded steps from one
-start.
+the comparison notes how far out of line that was, not judged, and judges the recorded
+steps from one start (record a run's first step to judge how it starts).
 """
 
 from __future__ import annotations
@@ -638,8 +637,7 @@ class Recorder:
         and honest runs part there (a discrete choice flipped; AdamW's first update,
         lr * g / (|g| + eps), steep where a gradient is near eps: an honest one-ulp target's
         zero-initialized weight moved 2 lr off), so the recorded steps compare from one
-        start; its own state is kept under CARRIED, judged as what the step started from
-        (align.judge.steps sets aside the few elements a flipped choice moves)."""
+        start; its own state is kept under CARRIED, reported, not judged."""
         info: dict[str, Any] = {"unrecorded_before": carried, "adopted": False}
         if self.replay is None or not carried:
             return self._host_copies(_prefixed(self._live_state(), BEFORE)), info

@@ -93,6 +93,7 @@ def _train(
     honest=None,
     draw=None,
     clip=False,
+    steps=STEPS,
 ):
     torch.manual_seed(0)
     model = Net(cast)
@@ -104,7 +105,7 @@ def _train(
     data = torch.randn(3, 6, 3, 16, generator=torch.Generator().manual_seed(1))
     targets = torch.randint(0, 5, (3, 6), generator=torch.Generator().manual_seed(2))
     rec = align.Recorder(
-        model, out, steps=STEPS, optimizer=opt, replay=replay, golden=golden, draw=draw
+        model, out, steps=steps, optimizer=opt, replay=replay, golden=golden, draw=draw
     )
     for step in range(3):
         with rec.step(step):
@@ -173,15 +174,25 @@ def test_a_faulty_module_is_named_from_the_dumps(dumps, tmp_path, fault, site):
 
 
 def test_weights_that_load_differently_fail_before_the_first_step(dumps, tmp_path):
-    _train(tmp_path / "bad", fault=(weight_via_fp16, "conv"), replay=dumps / "ref")
-    report = align.compare(dumps / "ref", tmp_path / "bad", dumps / "gold", model=Net())
+    """Recorded from the run's first step, weights that load differently fail before it;
+    after an unrecorded step the target took the reference's, and a note says how far out
+    of line what it carried was."""
+    fault = (weight_via_fp16, "conv")
+    _train(tmp_path / "ref", steps=[0, 1])
+    _train(tmp_path / "gold", replay=tmp_path / "ref", golden=True, steps=[0, 1])
+    _train(tmp_path / "bad", fault=fault, replay=tmp_path / "ref", steps=[0, 1])
+    report = align.compare(tmp_path / "ref", tmp_path / "bad", tmp_path / "gold", model=Net())
     first = report.first_divergence
     assert (first.module, first.phase, first.tensor) == (
         "conv",
         "weights",
-        "step 1 conv.weight before the step",
+        "step 0 conv.weight before the step",
     ), str(report)
     assert report.culprits == []  # each module computes right with the weights it was given
+    _train(tmp_path / "later", fault=fault, replay=dumps / "ref")
+    later = align.compare(dumps / "ref", tmp_path / "later", dumps / "gold")
+    assert later.passed  # what it carried is not judged: it runs from the reference's
+    assert any("after 1 unrecorded steps" in n and "most out of line" in n for n in later.notes)
 
 
 def test_calls_that_cannot_be_rebuilt_and_a_foreign_model_are_notes(dumps, tmp_path):
