@@ -31,6 +31,7 @@ from torch import nn
 
 import align
 from align.errors import AlignError
+from align.record.capture import lay_out_weights
 from align.testing import (
     CLOSE_ACTIVATION,
     FAULTS,
@@ -218,7 +219,9 @@ def target_for(model: nn.Module, kind: str, site: str | None) -> nn.Module:
     if kind == "one_ulp":
         return perturb(model, 1.0)
     if kind == "channels_last":
-        return copy.deepcopy(model).to(memory_format=torch.channels_last)
+        target = copy.deepcopy(model)
+        lay_out_weights(target, torch.channels_last)  # (a Conv3d's weight has no channels_last)
+        return target
     if kind == "two_ulp_transcendental":
         return transcendental_ulps(model, 2.0)
     if kind == "threads":

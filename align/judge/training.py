@@ -34,6 +34,7 @@ from align.record.capture import (
     draw_layout,
     inputs_laid_out,
     jitter_seed,
+    lay_out_weights,
     model_errors,
     numerics,
     prepare,
@@ -104,7 +105,7 @@ def _trajectory(
     """
     private = prepare(model, device, policy)
     if memory_format is not None:  # its inputs follow, step by step
-        private.to(memory_format=memory_format)
+        lay_out_weights(private, memory_format)
     master = private
     if policy.name == "o2-fp16":  # fp32 master weights, half model (apex O2)
         master = copy.deepcopy(model).to(device)

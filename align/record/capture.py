@@ -561,8 +561,17 @@ def laid_out(model: nn.Module, inputs: Any, memory_format: torch.memory_format |
     with their 4-d floating tensors in it; None leaves both as they are."""
     if memory_format is None:
         return inputs
-    model.to(memory_format=memory_format)
+    lay_out_weights(model, memory_format)
     return inputs_laid_out(inputs, memory_format)
+
+
+def lay_out_weights(model: nn.Module, memory_format: torch.memory_format) -> None:
+    """`model`'s 4-d parameters and buffers in `memory_format`, in place. Not
+    `model.to(memory_format=...)`: that converts 5-d ones too, and a Conv3d's weight has
+    no channels_last (timm's lambda_resnet26t raised there)."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.dim() == 4:
+            t.data = t.data.contiguous(memory_format=memory_format)
 
 
 def inputs_laid_out(inputs: Any, memory_format: torch.memory_format) -> Any:

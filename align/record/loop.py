@@ -124,7 +124,7 @@ from align.numerics.jitter import Jitter
 from align.record.arguments import spec_to_json
 from align.record.backward_grads import BackwardGrads
 from align.record.buffers import HostBuffers
-from align.record.capture import KeepFloat64, inputs_laid_out, other_layout
+from align.record.capture import KeepFloat64, inputs_laid_out, lay_out_weights, other_layout
 from align.record.capture import Recorder as ModuleHooks
 from align.record.loop_dump import (
     BEFORE,
@@ -699,7 +699,7 @@ class _LaidOut:
     def __init__(self, model: nn.Module, memory_format: torch.memory_format | None):
         self.model, self.hook = model, None
         if memory_format is not None:
-            model.to(memory_format=memory_format)
+            lay_out_weights(model, memory_format)
             self.hook = model.register_forward_pre_hook(
                 lambda m, args, kwargs: inputs_laid_out((args, kwargs), memory_format),
                 with_kwargs=True,
@@ -709,7 +709,7 @@ class _LaidOut:
         if self.hook is not None:
             self.hook.remove()
             self.hook = None
-            self.model.to(memory_format=other_layout(self.model))
+            lay_out_weights(self.model, other_layout(self.model))
 
 
 def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

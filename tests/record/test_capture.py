@@ -9,7 +9,7 @@ from torch import nn
 
 import align
 from align.numerics.jitter import Jitter
-from align.record.capture import Recorder, call_model
+from align.record.capture import Recorder, call_model, lay_out_weights
 
 
 class Twice(nn.Module):
@@ -229,3 +229,18 @@ def test_an_honest_draw_records_its_tensors_as_its_run_computed_them():
     tanh = next(c for c in recorder.trace.calls if c.module == "1")
     assert torch.equal(recorder.trace.tensors[tanh.outputs[0]], computed["out"])
     assert torch.equal(recorder.trace.tensors[recorder.trace.calls[0].grad_inputs[0]], x.grad)
+
+
+def test_an_honest_draws_layout_converts_4d_weights_and_leaves_a_conv3ds():
+    """channels_last is a 4-d format: a model with a Conv3d (timm's lambda_resnet26t)
+    cannot be `.to(memory_format=channels_last)`, and its draws lay out the rest."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    model.add_module("pos", nn.Conv3d(1, 4, (1, 3, 3)))
+    with pytest.raises(RuntimeError, match="rank 4"):
+        copy.deepcopy(model).to(memory_format=torch.channels_last)
+    lay_out_weights(model, torch.channels_last)
+    conv2d, conv3d = model[0].weight, model.pos.weight
+    assert conv2d.is_contiguous(memory_format=torch.channels_last) and not conv2d.is_contiguous()
+    assert conv3d.is_contiguous()
+    lay_out_weights(model, torch.contiguous_format)
+    assert conv2d.is_contiguous()
