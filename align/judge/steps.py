@@ -468,13 +468,12 @@ def _carried_note(ref: Step, tgt: Step, gold: Step | None, start: dict[str, Any]
     state, in units of the reference's (of the dtype's floor, at least)."""
     worst, where, errors = 0.0, "", (0.0, 0.0)
     for key, t in tgt.state.items():
+        if not key.startswith(f"{CARRIED}param/"):
+            continue
         rest = key[len(CARRIED) :]
         r = ref.state.get(BEFORE + rest)
-        g = ref.state.get(BEFORE + rest) if gold is None else gold.state.get(key)
-        g = g if g is not None or gold is None else gold.state.get(BEFORE + rest)
-        if not rest.startswith("param/") or r is None or g is None:
-            continue
-        if not r.shape == t.shape == g.shape:
+        g = r if gold is None else gold.state.get(key, gold.state.get(BEFORE + rest))
+        if r is None or g is None or not r.shape == t.shape == g.shape:
             continue
         g64 = g.double()
         size = max(float(g64.norm()), 1e-300)
