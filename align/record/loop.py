@@ -70,8 +70,9 @@ of the first failing step; its `train` entry has one line per step and rank.
 Honest draws: the reference's own error against the golden is one sample of its
 rounding noise. Run the reference script again with `ALIGN_DRAW=1` (then 2, ...) in its
 environment, or `draw=1`: that run replays the reference dump's decisions, nudges every
-rounding at random (align.numerics.jitter, as another honest device would round) and
-writes DIR/draws/1/. Odd draws also run the model in the other memory format
+rounding of its recorded steps at random (align.numerics.jitter, as another honest device
+would round; after unrecorded steps it takes the reference's state) and writes
+DIR/draws/1/. Odd draws also run the model in the other memory format
 (capture.other_layout: channels_last for a contiguous model with 4-d weights; its 4-d
 inputs follow), whose kernels sum in another order, as capture.honest_draw does. The
 comparison then scales each tensor's limit by the largest error of the reference and its
@@ -228,7 +229,8 @@ class Recorder:
         golden: this is the float64 golden run (CPU): casts the model and its inputs.
         draw: this run of the reference script is its honest draw `draw` (default: the
             ALIGN_DRAW environment variable): it writes OUT/draws/{draw}/, replays OUT's
-            decisions, and runs every step with its rounding nudged (align.numerics.jitter).
+            decisions, and runs every recorded step with its rounding nudged
+            (align.numerics.jitter).
         background: write each step on a background thread, its shards while it runs;
             False writes each shard in the loop as it fills and the rest before
             `rec.step()` returns: the same files either way. Under torch.distributed
@@ -558,11 +560,13 @@ class Recorder:
         self._buffers.give(state.values())
 
     def _numerics(self, n: int) -> contextlib.AbstractContextManager:
-        """What every step of this run computes under: float64 kept (the golden), rounding
-        nudged (a draw; seeded per draw and step), or nothing."""
+        """What step `n` of this run computes under: float64 kept (the golden), rounding
+        nudged (a recorded step of a draw, seeded per draw and step: after unrecorded
+        steps a draw takes the reference's state, `_start_state`, so nudging those would
+        cost a jittered step each for nothing), or nothing."""
         if self.golden:
             return KeepFloat64()
-        if self.draw is not None:
+        if self.draw is not None and n in self.steps:
             return Jitter(self.draw * 1_000_003 + n)
         return contextlib.nullcontext()
 
