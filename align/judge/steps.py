@@ -20,7 +20,7 @@ from align.judge.comparison import _param_name, compare_traces, origins
 from align.judge.report import Report
 from align.judge.step_isolation import isolate_step
 from align.judge.traces import no_signal_notes
-from align.numerics import decisions
+from align.numerics import decisions, metrics
 from align.numerics.precision import error_floor, get_policy
 from align.numerics.verdict import (
     NOISY_GRADIENT_MESSAGE,
@@ -475,15 +475,14 @@ def _carried_note(ref: Step, tgt: Step, gold: Step | None, start: dict[str, Any]
         g = r if gold is None else gold.state.get(key, gold.state.get(BEFORE + rest))
         if r is None or g is None or not r.shape == t.shape == g.shape:
             continue
-        g64 = g.double()
-        size = max(float(g64.norm()), 1e-300)
-        own, theirs = (float((x.double() - g64).norm()) / size for x in (t, r))
+        against = metrics.Against(metrics.as_f64(g))
+        own, theirs = (against.partial(metrics.as_f64(x))[0]["rel_rmse"] for x in (t, r))
         ratio = own / max(theirs, error_floor(r.dtype))
         if ratio > worst:
             worst, where, errors = ratio, rest[len("param/") :], (own, theirs)
-    against = "the golden's" if gold is not None else "the reference's"
+    whose = "the golden's" if gold is not None else "the reference's"
     moved = (
-        f"; most out of line, {where}: {errors[0]:.3g} off {against} own, the reference "
+        f"; most out of line, {where}: {errors[0]:.3g} off {whose} own, the reference "
         f"{errors[1]:.3g}"
         if where
         else ""
