@@ -28,7 +28,7 @@ from align.errors import AlignError
 from align.numerics.decisions import Choices, Decisions, is_random
 from align.numerics.jitter import Pool
 from align.numerics.names import BUFFER, judged_locally
-from align.numerics.precision import kernel_accuracy
+from align.numerics.precision import kernel_accuracy, shares_statistics
 from align.numerics.verdict import Divergence, Row, Tolerance, judge_robustly
 from align.record.capture import Run, outside_modes
 from align.record.trace import Call
@@ -311,11 +311,8 @@ def isolate(
             notes.append(f"{call.label} not isolated: {type(exc).__name__}: {exc}")
             continue
         made = Pool(lambda k, pos=pos: iso.run(iso.ref.draw(k), pos), draws)
-        accuracy = kernel_accuracy(r_local.decisions.ran)
         try:
-            judged = list(
-                _judge_local(call, r_local, t_local, g_local, made, tol, strict_dtype, accuracy)
-            )
+            judged = list(_judge_local(call, r_local, t_local, g_local, made, tol, strict_dtype))
         except AlignError as exc:  # NaN/Inf on the reference's own isolated run: no yardstick
             notes.append(f"{call.label} not judged in isolation: {exc}")
             continue
@@ -337,8 +334,8 @@ def _judge_local(
     draws: Pool[LocalRun],
     tol,
     strict_dtype,
-    accuracy: float,
 ):
+    ran = r.decisions.ran  # the aten ops the call ran: its kernels' documented accuracy
     ref_items = {(p, n): x for p, n, x in r.items()}
     tgt_items = {(p, n): x for p, n, x in t.items()}
     gold_items = {(p, n): x for p, n, x in g.items()}
@@ -366,7 +363,8 @@ def _judge_local(
             local=judged_locally(label),
             row=row,
             draws=functools.partial(honest, phase, label),
-            accuracy=accuracy,
+            accuracy=kernel_accuracy(ran),
+            statistics=shares_statistics(ran),
         )
 
 

@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from align.errors import AlignError, TraceError
 from align.numerics.decisions import Decisions
-from align.numerics.precision import kernel_accuracy
+from align.numerics.precision import kernel_accuracy, shares_statistics
 from align.numerics.verdict import Divergence, Row, Tolerance, judge_on_replays
 from align.record.trace import Call, Trace
 
@@ -282,9 +282,7 @@ def _judged_backward(
     t_gold, _ = _replay_backward(api, t_fwd, t_bwd, tgt.tensors)
     keys = (ref.calls[rpos].grad_inputs, tgt.calls[tpos].grad_inputs)
     sides = ((ref, tgt), keys, (r_gold, t_gold))
-    yield from _rows(
-        call, "backward", "grad_input", *sides, tol, strict_dtype, kernel_accuracy(ran)
-    )
+    yield from _rows(call, "backward", "grad_input", *sides, tol, strict_dtype, ran)
 
 
 def _judged(
@@ -305,7 +303,7 @@ def _judged(
     r_gold, ran = _replay(api, r_entry, ref.tensors)
     t_gold, _ = _replay(api, t_entry, tgt.tensors)
     sides = ((ref, tgt), (r_keys, t_keys), (r_gold, t_gold))
-    yield from _rows(call, "forward", "output", *sides, tol, strict_dtype, kernel_accuracy(ran))
+    yield from _rows(call, "forward", "output", *sides, tol, strict_dtype, ran)
 
 
 def _rows(
@@ -317,9 +315,10 @@ def _rows(
     golds: tuple[list[torch.Tensor | None], list[torch.Tensor | None]],
     tol: Tolerance,
     strict_dtype: bool,
-    accuracy: float,
+    ran: set[str],
 ) -> Iterator[Row]:
-    """Each dumped tensor against its side's replay, relative to the reference's error."""
+    """Each dumped tensor against its side's replay, relative to the reference's error;
+    `ran`, the aten ops the replay ran (the kernels' documented accuracy)."""
     (ref, tgt), (r_gold, t_gold) = traces, golds
     for i, (rk, tk) in enumerate(zip(*keys)):
         if rk is None or tk is None or i >= min(len(r_gold), len(t_gold)) or r_gold[i] is None:
@@ -329,5 +328,13 @@ def _rows(
             continue
         row = Row(call.module, call.index, phase, f"{label}[{i}]", "", [], isolated=True)
         yield judge_on_replays(
-            t, r, gt, gr, tol, strict_dtype=strict_dtype, row=row, accuracy=accuracy
+            t,
+            r,
+            gt,
+            gr,
+            tol,
+            strict_dtype=strict_dtype,
+            row=row,
+            accuracy=kernel_accuracy(ran),
+            statistics=shares_statistics(ran),
         )

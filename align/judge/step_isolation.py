@@ -38,7 +38,7 @@ from torch import nn
 from align.judge.isolation import Isolator, LocalRun, culprit_positions
 from align.numerics.decisions import Decisions
 from align.numerics.names import BUFFER, judged_locally
-from align.numerics.precision import Policy, get_policy, kernel_accuracy
+from align.numerics.precision import Policy, get_policy, kernel_accuracy, shares_statistics
 from align.numerics.verdict import Divergence, Row, Tolerance, judge_on_replays
 from align.record.arguments import spec_from_json
 from align.record.capture import CallSpec, Run
@@ -128,7 +128,7 @@ def _judged(
     an honest kernel's tensor on the target's inputs."""
     call = ref.trace.calls[pos]
     golds = [{(p, n): x for p, n, x in replay.items()} for replay in replays]
-    accuracy = kernel_accuracy(replays[0].decisions.ran)
+    ran = replays[0].decisions.ran  # the aten ops the call ran
     for (phase, label), gold_t in golds[1].items():
         gold_r = golds[0].get((phase, label))
         if gold_r is None:
@@ -151,7 +151,8 @@ def _judged(
             tol,
             strict_dtype=strict_dtype,
             row=row,
-            accuracy=accuracy,
+            accuracy=kernel_accuracy(ran),
+            statistics=shares_statistics(ran),
             local=judged_locally(label),
             honest=partial(honest, phase, label),
         )

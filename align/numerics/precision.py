@@ -148,6 +148,14 @@ SUMMING_OPS = frozenset(
     avg_pool2d avg_pool2d_backward _adaptive_avg_pool2d _adaptive_avg_pool2d_backward
     avg_pool3d adaptive_avg_pool3d cumsum linalg_vector_norm norm""".split()
 )
+# ops that normalize by statistics of a slice (a channel, a row): each statistic is a sum
+# whose order moves it, and every element of its slice with it (verdict.STATISTIC_ORDER)
+STATISTIC_OPS = frozenset(
+    """native_batch_norm native_batch_norm_backward _native_batch_norm_legit
+    _native_batch_norm_legit_no_training batch_norm_backward native_layer_norm
+    native_layer_norm_backward native_group_norm native_group_norm_backward var std
+    var_mean std_mean linalg_vector_norm norm""".split()
+)
 # elementwise, but rounding twice (x * relu6(x + 3) / 6)
 REDUCTION_OPS = SUMMING_OPS | frozenset(
     """hardswish hardswish_ hardswish_backward hardsigmoid hardsigmoid_
@@ -185,6 +193,11 @@ def op_accuracy(op: str) -> float:
 def kernel_accuracy(ops: set[str]) -> float:
     """The documented accuracy, in roundings, of a computation that ran these aten ops."""
     return max((op_accuracy(op) for op in ops), default=KERNEL_ACCURACY["arithmetic"])
+
+
+def shares_statistics(ops: set[str]) -> bool:
+    """Whether a computation that ran these aten ops normalized by statistics of slices."""
+    return not STATISTIC_OPS.isdisjoint(ops)
 
 
 def error_floor(dtype: torch.dtype) -> float:

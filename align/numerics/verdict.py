@@ -55,6 +55,16 @@ BIAS_FRACTION = 0.05
 # scale_err's weighting effect, sqrt(n / effective count), for normal values: E[g^4] / E[g^2]^2 = 3
 NORMAL_WEIGHTING = math.sqrt(3)
 UNIT_FP32 = 2.0**-24  # the bias floor's constant: far below any gain fault, in any dtype
+# A normalization's statistics (mean, variance) are sums over n values, which honest
+# kernels form in any order: recursively summed, each is u * sqrt(n) off at most in
+# practice (Higham, 2nd ed., section 4.2's probabilistic bound), and every element of its
+# slice shares that error. Measured on the CPU's channels_last BatchNorm (per-thread
+# running sums), worst channel of 20 draws: a gain of 0.22 * sqrt(n) fp32 roundoffs, at
+# n from 128 to 25088, where the contiguous kernel stays within 1.4; an honest
+# channels_last ghostnet_050 BatchNorm over 4x32x32 values was 3.5 roundoffs off in gain,
+# 1.03x the limit without it. Statistics are accumulated in fp32 at least, whatever the
+# tensor's dtype. At n = 25088, 0.5 * sqrt(n) roundoffs is 4.7e-6, 60x under a 0.03% gain.
+STATISTIC_ORDER = 0.5
 # Elements of an isolated reduced-precision tensor further from the golden than the
 # reference's own element by more than EXCESS_ULPS of their value (an honest kernel's
 # output is one rounding of nearly the sum the reference formed: within 1.5 ulp of the
@@ -307,6 +317,7 @@ def judge(
     draws: Sequence[torch.Tensor] = (),
     accuracy: float = 1.0,
     paired: bool = True,
+    statistics: bool = False,
 ) -> Row:
     """Fill `row` with the metrics of target and reference against golden, and the verdict.
 
@@ -316,7 +327,9 @@ def judge(
     (`precision.kernel_accuracy`: 4 where transcendental functions ran). `paired`: target
     and reference computed from the same inputs (an isolated module fed the reference's),
     so each element of the target may stray from the reference's by roundings only
-    (`EXCESS_ULPS`); not so for replays of each side's own inputs. NaN/Inf on the
+    (`EXCESS_ULPS`); not so for replays of each side's own inputs. `statistics`: the
+    kernels normalized by statistics of slices (`precision.shares_statistics`), whose
+    summation order may bias a slice (`STATISTIC_ORDER`). NaN/Inf on the
     target where the others are finite fail `nonfinite`, as does a tensor with no element
     finite on every side; callers refuse NaN/Inf in the reference or golden first
     (`require_finite`, in `judge_robustly`).
@@ -424,6 +437,10 @@ def judge(
         for m, count in zip(SIGNED, counts):
             if count < metrics.MIN_SLICE:
                 floors[m] += 2 * unit_roundoff(reference.dtype) * kernel_bias(accuracy)
+        if statistics:  # over n values each: a channel's (numel / channels), or fewer
+            n_stat = t.numel() / (reference.shape[1] if reference.dim() > 1 else 1)
+            for m in SIGNED:
+                floors[m] += STATISTIC_ORDER * math.sqrt(n_stat) * UNIT_FP32
     ramp = _k(1.0, mr["rel_rmse"], unit_roundoff(reference.dtype), local)
     if not local and not row.isolated:
         ramp *= error_spread([abs_h for _, abs_h, _ in judged])
@@ -580,6 +597,7 @@ def judge_robustly(
     draws: Callable[[int], Sequence[torch.Tensor]],
     accuracy: float = 1.0,
     paired: bool = True,
+    statistics: bool = False,
 ) -> Row:
     """`judge` against the reference alone, and where that fails, again against the
     reference and its honest draws (made only then: they cost a run each): `draws(0)` the
@@ -596,7 +614,13 @@ def judge_robustly(
     whole-network tensor makes it one without signal (OVERFLOWED_MESSAGE), in an
     isolated one a draw left out."""
     require_finite(row, [("reference", reference), ("golden", golden)])
-    kw = dict(strict_dtype=strict_dtype, local=local, accuracy=accuracy, paired=paired)
+    kw = dict(
+        strict_dtype=strict_dtype,
+        local=local,
+        accuracy=accuracy,
+        paired=paired,
+        statistics=statistics,
+    )
     judged = judge(target, reference, golden, tol, row=row, **kw)
     used, finite = 0, []
     for round_ in (0, 1):
@@ -641,6 +665,7 @@ def judge_on_replays(
     accuracy: float,
     local: bool = True,
     honest: Callable[[], torch.Tensor | None] = lambda: None,
+    statistics: bool = False,
 ) -> Row:
     """An isolated tensor judged from each side's own inputs: `target` against its exact
     (float64) replay, relative to the reference's error against its own replay, moved
@@ -649,7 +674,8 @@ def judge_on_replays(
     moved unrounded, and moved relatively (`_ratio`), and `honest()`, an honest kernel's
     result on the target's inputs (None without one); and k widens by the sampling spread
     of the reference's error (`sampling_spread`). `local`:
-    False for a running statistic (align.judge.isolation says why)."""
+    False for a running statistic (align.judge.isolation says why); `statistics` as for
+    `judge`."""
     error = reference.double() - reference_replay
     moved = target_replay + error
     count = metrics.effective_counts(metrics.as_f64(target_replay))[1]  # rel_rmse's weights: g^2
@@ -660,7 +686,7 @@ def judge_on_replays(
     # fp32-sized standard errors)
     return judge_robustly(
         target,
-        moved.to(_held(reference, target, strict_dtype)),
+        moved.to(_held(reference, target, strict_dtype, row.phase)),
         target_replay,
         replace(tol, k=tol.k * sampling_spread(count)),
         strict_dtype=strict_dtype,
@@ -673,14 +699,24 @@ def judge_on_replays(
         ],
         accuracy=accuracy,
         paired=False,  # each side's error is its own: their elements are independent
+        statistics=statistics,
     )
 
 
-def _held(reference: torch.Tensor, target: torch.Tensor, strict_dtype: bool) -> torch.dtype:
+def _held(
+    reference: torch.Tensor, target: torch.Tensor, strict_dtype: bool, phase: str
+) -> torch.dtype:
     """The dtype whose values both sides' float32 tensors hold (`held_dtype`), where the
-    policy is not strict about dtypes (under fp32, the reference's own)."""
+    policy is not strict about dtypes (under fp32, the reference's own). A parameter
+    gradient, float32 as its parameter is, may hold only the target's: a kernel that
+    computed it from half-precision operands may round it to their dtype once (measured:
+    the CPU's channels_last BatchNorm backward under bf16 autocast, its grad_output
+    contiguous, returns bias gradients rounded to bf16 where the contiguous kernel's are
+    exact sums)."""
     if strict_dtype or reference.dtype != torch.float32 or target.dtype != torch.float32:
         return reference.dtype
+    if phase == "param_grad":
+        return held_dtype(target)
     return held_dtype(torch.cat([reference.flatten(), target.flatten()]))
 
 

@@ -11,6 +11,7 @@ from align.numerics.precision import (
     get_policy,
     kernel_accuracy,
     kernel_bias,
+    shares_statistics,
     unit_roundoff,
 )
 
@@ -69,3 +70,9 @@ def test_kernel_bias_is_one_rounding_but_for_transcendental_functions():
     assert kernel_bias(kernel_accuracy({"convolution", "add"})) == 1.0
     transcendental = KERNEL_ACCURACY["transcendental"]
     assert kernel_bias(kernel_accuracy({"convolution", "silu"})) == transcendental
+
+
+def test_a_normalization_shares_statistics_and_a_convolution_does_not():
+    assert shares_statistics({"convolution", "native_batch_norm"})
+    assert shares_statistics({"native_layer_norm_backward"})
+    assert not shares_statistics({"convolution", "relu", "mean"})

@@ -17,6 +17,7 @@ from align.numerics.verdict import (
     HEAVY_TAIL_SPREAD,
     NO_SIGNAL_MESSAGE,
     SPREAD_MESSAGE,
+    UNIT_FP32,
     Divergence,
     Row,
     Tolerance,
@@ -759,6 +760,60 @@ def test_a_replayed_gain_both_sides_share_passes_on_inputs_unalike():
             target, reference, exact[1], exact[0], tol, strict_dtype=False, row=row, accuracy=1.0
         )
         assert judged.passed == passes, (gain, judged.failed, judged.message)
+
+
+def test_a_replayed_weight_gradient_may_come_back_rounded_to_the_kernels_dtype():
+    """Under bf16 autocast a kernel that computed a float32 parameter gradient from bf16
+    operands may return it rounded to bf16 once (the CPU's channels_last BatchNorm
+    backward does), where the reference's is an exact fp32 sum: it passes. The same
+    rounding under fp32 fails, and a 2% gain rounded to bf16 fails under bf16."""
+    sums = [golden(64, seed=s) for s in (1, 2)]  # each side's exact sum: its replay
+    reference = sums[0].float()
+    tol = Tolerance()
+    for strict, gain, passes in ((False, 1.0, True), (True, 1.0, False), (False, 1.02, False)):
+        target = (sums[1] * gain).to(torch.bfloat16).float()
+        judged = judge_on_replays(
+            target,
+            reference,
+            sums[1],
+            sums[0],
+            tol,
+            strict_dtype=strict,
+            row=Row("bn", 0, "param_grad", "bias", "", [], isolated=True),
+            accuracy=2.0,
+        )
+        assert judged.passed == passes, (strict, gain, judged.failed, judged.message)
+
+
+def test_a_normalization_may_share_its_statistics_summation_error_across_a_slice():
+    """A BatchNorm whose statistics over n values summed in another order (the CPU's
+    channels_last kernel: up to 0.22 sqrt(n) fp32 roundoffs of gain per channel) passes
+    as a normalization's output (`statistics`), and fails as any other kernel's; a 0.03%
+    gain fails either way."""
+    channels, n = 4, 4096  # n values per channel: 2 x 32 x 64
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(2, channels, 32, 64, generator=gen, dtype=torch.float64)
+    reference = g.float()
+    honest = 1 + 0.22 * math.sqrt(n) * UNIT_FP32
+    for gain, statistics, passes in (
+        (honest, True, True),
+        (honest, False, False),
+        (1.0003, True, False),
+    ):
+        per_channel = torch.full((1, channels, 1, 1), gain, dtype=torch.float64)
+        target = (g * per_channel).float()
+        judged = judge(
+            target,
+            reference,
+            g,
+            Tolerance(),
+            strict_dtype=True,
+            local=True,
+            row=row(),
+            accuracy=2.0,
+            statistics=statistics,
+        )
+        assert judged.passed == passes, (gain, statistics, explain(judged))
 
 
 def test_an_fp32_tensor_of_bf16_values_is_held_at_bf16():
