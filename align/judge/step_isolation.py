@@ -15,7 +15,8 @@ to the reference's against its own (verdict.judge_on_replays): a module wrong gi
 own inputs is a culprit, whatever happened upstream.
 
 A call is not re-run when one of its arguments was neither a tensor, a plain value, a
-dtype nor a device (the dump says which; a device reads as the CPU the call re-runs on),
+dtype nor a device, in tuples, lists, dicts, OrderedDicts or namedtuples
+(align.record.arguments; the dump says which; a device reads as the CPU the call re-runs on),
 when the model has no module of its name, or when its weights are not in the dump; each
 is counted in a note. A parameter gradient is judged alone where it
 is its call's alone: the module is called once in the step, no other module holds the

@@ -7,14 +7,19 @@ dicts with string keys, and the leaves as JSON's plain values, torch's dtypes an
 formats by name ({"dtype": "float16"}: `x.to(torch.float16)` inside a module), or a
 device ({"device": "npu:0"}: read back as the device the call runs on again, where its
 tensors are: a module moving data to its model's device moves it there); a call whose
-arguments hold anything else (a namedtuple, a user's object) is written as the reason it
-cannot be rebuilt. Reading builds nothing but those containers,
-plain values and the named torch constants it looks up in fixed tables: a crafted dump
-cannot make align import or call anything.
+arguments hold anything else (a user's object) is written as the reason it cannot be
+rebuilt. An OrderedDict (torchvision's feature maps) is rebuilt as one, and a namedtuple
+as a namedtuple of the same type name and fields, made anew (`collections.namedtuple`:
+the module reads its fields by name or position; the user's class is never imported).
+Reading builds nothing but those containers, plain values and the named torch constants
+it looks up in fixed tables: a crafted dump cannot make align import or call anything.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
+import keyword
 from typing import Any
 
 import torch
@@ -124,8 +129,11 @@ def _written(tree: Any) -> Any:
         return _LEAF
     if type(tree) in (tuple, list):
         return {type(tree).__name__: [_written(c) for c in tree]}
-    if type(tree) is dict and all(isinstance(k, str) for k in tree):
-        return {"dict": [[k, _written(c)] for k, c in tree.items()]}
+    if type(tree) in (dict, collections.OrderedDict) and all(isinstance(k, str) for k in tree):
+        return {type(tree).__name__: [[k, _written(c)] for k, c in tree.items()]}
+    if isinstance(tree, tuple) and isinstance(getattr(type(tree), "_fields", None), tuple):
+        fields = list(type(tree)._fields)
+        return {"namedtuple": [type(tree).__name__, fields, [_written(c) for c in tree]]}
     raise _NotPlain(f"arguments in a {type(tree).__name__}")
 
 
@@ -145,11 +153,38 @@ def _tree(node: Any, depth: int = 0) -> Any:
         raise ValueError(f"{kind} without a list of children")
     if kind in _CONTAINERS:
         return _CONTAINERS[kind](_tree(c, depth + 1) for c in children)
-    if kind == "dict" and all(
+    if kind in _MAPPINGS and all(
         isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in children
     ):
-        return {k: _tree(c, depth + 1) for k, c in children}
+        return _MAPPINGS[kind]((k, _tree(c, depth + 1)) for k, c in children)
+    if kind == "namedtuple" and len(children) == 3 and isinstance(children[2], list):
+        name, fields, items = children
+        if _identifiers([name], fields=False) and isinstance(fields, list) and _identifiers(fields):
+            if len(fields) == len(items) and len(set(fields)) == len(fields):
+                return _namedtuple(name, tuple(fields))(*(_tree(c, depth + 1) for c in items))
+        raise ValueError(f"a malformed namedtuple: {str(children)[:60]}")
     raise ValueError(f"an unknown container {kind!r}")
+
+
+_MAPPINGS = {"dict": dict, "OrderedDict": collections.OrderedDict}
+
+
+def _identifiers(names: list, fields: bool = True) -> bool:
+    """Whether `names` are a namedtuple's valid type name or field names."""
+    return all(
+        isinstance(n, str)
+        and n.isidentifier()
+        and not keyword.iskeyword(n)
+        and not (fields and n.startswith("_"))
+        for n in names
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _namedtuple(name: str, fields: tuple[str, ...]) -> type:
+    """A namedtuple type of this name and fields, one per pair (its values compare as the
+    recorded ones do; the user's own class is never looked up)."""
+    return collections.namedtuple(name, fields)
 
 
 def _spec(structure: Any, leaves: Any, device: torch.device | None) -> tuple[TreeSpec, list[Any]]:

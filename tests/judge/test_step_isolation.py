@@ -8,6 +8,7 @@ linear head) is recorded in-process on steps 1 and 2: step 1's weights come from
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import subprocess
@@ -333,3 +334,52 @@ def test_a_weight_gradient_fault_is_named_under_gradient_clipping(tmp_path):
     report = align.compare(tmp_path / "ref", tmp_path / "bad", tmp_path / "gold", model=Net())
     assert [c.module for c in report.culprits][:1] == ["conv"], str(report)
     assert report.culprits[0].phase == "param_grad"
+
+
+Scales = collections.namedtuple("Scales", ["gain", "offset"])
+
+
+class Mix(nn.Module):
+    """Takes its features in an OrderedDict (as torchvision's FPN does) and its constants
+    in a namedtuple; `error`, a gain of its own computation (a fault)."""
+
+    def __init__(self, error: float = 1.0):
+        super().__init__()
+        self.lin, self.error = nn.Linear(8, 8), error
+
+    def forward(self, feats: collections.OrderedDict, scales: Scales) -> torch.Tensor:
+        return self.lin(feats["h"]) * (scales.gain * self.error) + scales.offset
+
+
+class MixNet(nn.Module):
+    def __init__(self, error: float = 1.0):
+        super().__init__()
+        self.inp, self.mix, self.head = nn.Linear(4, 8), Mix(error), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        return self.head(self.mix(collections.OrderedDict(h=h), Scales(0.5, 0.1)))
+
+
+def _mix_run(out: Path, replay=None, golden=False, error=1.0) -> None:
+    torch.manual_seed(0)
+    model = MixNet(error)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(1))
+    recorder = align.Recorder(model, out, steps=[0, 1], optimizer=opt, replay=replay, golden=golden)
+    with recorder as rec:
+        for n in range(2):
+            with rec.step(n):
+                model(data[n]).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+
+
+def test_a_call_given_an_ordered_dict_and_a_namedtuple_is_re_run_alone(tmp_path):
+    _mix_run(tmp_path / "ref")
+    _mix_run(tmp_path / "gold", replay=tmp_path / "ref", golden=True)
+    _mix_run(tmp_path / "bad", replay=tmp_path / "ref", error=1.003)
+    report = align.compare(tmp_path / "ref", tmp_path / "bad", tmp_path / "gold", model=MixNet())
+    assert [c.module for c in report.culprits][:1] == ["mix"], str(report)
+    assert ("mix", "forward") in {(r.module, r.phase) for r in report.local_rows}
+    assert not any("not re-run" in n for n in report.notes), report.notes

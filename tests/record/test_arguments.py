@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 
 import pytest
@@ -23,6 +24,7 @@ trees = st.recursive(
         st.lists(inner, max_size=3)
         | st.lists(inner, max_size=3).map(tuple)
         | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+        | st.dictionaries(st.text(max_size=4), inner, max_size=3).map(collections.OrderedDict)
     ),
     max_leaves=12,
 )
@@ -56,6 +58,19 @@ def test_written_arguments_rebuild_the_call_with_its_tensors(args, kwargs, outpu
         a is b if isinstance(a, torch.Tensor) else (a == b and type(a) is type(b))
         for a, b in zip(again, original, strict=True)
     )
+
+
+Pair = collections.namedtuple("Pair", ["features", "scale"])
+
+
+def test_a_namedtuple_is_rebuilt_with_its_name_and_fields():
+    """Its fields read by name and by position; the type is made anew, not imported."""
+    spec = _spec((Pair(torch.ones(2), 0.5),), {}, Pair(torch.ones(1), None), False)
+    read = spec_from_json(json.loads(json.dumps(spec_to_json(spec))), "here")
+    ((pair,), _) = tree_unflatten([torch.ones(2), read.in_leaves[1]], read.in_spec)
+    assert type(pair).__name__ == "Pair" and type(pair) is not Pair
+    assert pair.scale == 0.5 and pair[1] == 0.5 and torch.equal(pair.features, torch.ones(2))
+    assert tree_unflatten([torch.ones(1), None], read.out_spec)._fields == Pair._fields
 
 
 class Config:
@@ -108,6 +123,11 @@ def test_the_good_entry_reads():
         {**GOOD, "in_leaves": [1, 2]},  # more leaves than places
         {**GOOD, "training": "yes"},
         {**GOOD, "in": {"tuple": 5}},
+        {**GOOD, "in": {"namedtuple": ["os.system", ["a"], [0]]}},  # names are identifiers
+        {**GOOD, "in": {"namedtuple": ["P", ["__class__"], [0]]}},
+        {**GOOD, "in": {"namedtuple": ["P", ["a", "a"], [0, 0]]}},
+        {**GOOD, "in": {"namedtuple": ["P", ["a", "b"], [0]]}},
+        {**GOOD, "in": {"OrderedDict": [[1, 0]]}},
         {k: v for k, v in GOOD.items() if k != "out"},
         "not a dict",
     ],
