@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from verdict_catalogue import HONEST, build, fault_sites, target_for, totals
+from verdict_catalogue import HONEST, build, fault_sites, outcome, target_for, totals
 
 import align
 from align.testing import FAULTS
@@ -106,29 +106,7 @@ def run(args: argparse.Namespace, root: Path) -> list[dict]:
                 target = where / f"{kind}"
                 train(target_for(model, kind, site), x, target, replay=ref, **loop)
                 report = align.compare(ref, target, where / "golden", model=model)
-                culprit = report.culprits[0].module if report.culprits else None
-                first = report.culprits[0] if report.culprits else report.first_divergence
-                entry = {
-                    "model": name,
-                    "precision": precision,
-                    "target": kind,
-                    "site": site,
-                    "honest": site is None,
-                    "effective": True,
-                    "passed": report.passed,
-                    "culprit": culprit,
-                    "exact": site is not None and culprit == site,
-                    "first": None if first is None else str(first),
-                    "seconds": round(time.perf_counter() - started, 1),
-                }
-                results.append(entry)
-                verdict = "pass" if report.passed else "FAIL"
-                print(
-                    f"{name:24s} {precision:9s} {kind:22s} {verdict}  culprit={culprit} "
-                    f"site={site} ({entry['seconds']} s)"
-                    + ("" if report.passed else f"\n    {first}"),
-                    flush=True,
-                )
+                results.append(outcome(name, precision, kind, site, report, started))
     return results
 
 

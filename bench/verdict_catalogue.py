@@ -276,31 +276,45 @@ def run(
                 except AlignError as exc:  # no check possible: said, not counted
                     print(f"{name:24s} {precision:9s} {kind:22s} not checkable: {exc}")
                     continue
-                culprit = report.culprits[0].module if report.culprits else None
-                first = report.culprits[0] if report.culprits else report.first_divergence
-                entry = {
-                    "model": name,
-                    "precision": precision,
-                    "target": kind,
-                    "site": site,
-                    "honest": site is None,
-                    # a fault that changes nothing (a conv before a zero-initialized norm)
-                    "effective": site is None or not any("bit for bit" in n for n in report.notes),
-                    "passed": report.passed,
-                    "culprit": culprit,
-                    "exact": site is not None and culprit == site,
-                    "first": None if first is None else str(first),
-                    "seconds": round(time.perf_counter() - started, 1),
-                }
-                results.append(entry)
-                verdict = "pass" if report.passed else "FAIL"
-                print(
-                    f"{name:24s} {precision:9s} {kind:22s} {verdict}  culprit={culprit} "
-                    f"site={site} ({entry['seconds']} s)"
-                    + ("" if report.passed else f"\n    {first}"),
-                    flush=True,
-                )
+                # a fault that changes nothing (a conv before a zero-initialized norm)
+                effective = site is None or not any("bit for bit" in n for n in report.notes)
+                results.append(outcome(name, precision, kind, site, report, started, effective))
     return results
+
+
+def outcome(
+    name: str,
+    precision: str,
+    kind: str,
+    site: str | None,
+    report: align.Report,
+    started: float,
+    effective: bool = True,
+) -> dict:
+    """One check's outcome (printed as a line): honest when `site` is None, else a fault
+    at `site`, caught exactly when the first culprit is it."""
+    culprit = report.culprits[0].module if report.culprits else None
+    first = report.culprits[0] if report.culprits else report.first_divergence
+    entry = {
+        "model": name,
+        "precision": precision,
+        "target": kind,
+        "site": site,
+        "honest": site is None,
+        "effective": effective,
+        "passed": report.passed,
+        "culprit": culprit,
+        "exact": site is not None and culprit == site,
+        "first": None if first is None else str(first),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    verdict = "pass" if report.passed else "FAIL"
+    print(
+        f"{name:24s} {precision:9s} {kind:22s} {verdict}  culprit={culprit} "
+        f"site={site} ({entry['seconds']} s)" + ("" if report.passed else f"\n    {first}"),
+        flush=True,
+    )
+    return entry
 
 
 def totals(results: list[dict]) -> str:
