@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -107,6 +108,8 @@ def run(args: argparse.Namespace, root: Path) -> list[dict]:
                 train(target_for(model, kind, site), x, target, replay=ref, **loop)
                 report = align.compare(ref, target, where / "golden", model=model)
                 results.append(outcome(name, precision, kind, site, report, started))
+                shutil.rmtree(target)  # a dump is GBs: one target on disk at a time
+            shutil.rmtree(where)
     return results
 
 
