@@ -16,12 +16,14 @@ upstream first. Where target and reference agree bit for bit the golden is not r
 from __future__ import annotations
 
 import functools
+import math
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from align.errors import AlignError
@@ -29,7 +31,14 @@ from align.numerics.decisions import Choices, Decisions, is_random
 from align.numerics.jitter import Pool
 from align.numerics.names import BUFFER, judged_locally
 from align.numerics.precision import kernel_accuracy, shares_statistics
-from align.numerics.verdict import Divergence, Row, Tolerance, judge_robustly
+from align.numerics.verdict import (
+    STATISTIC_ORDER,
+    UNIT_FP32,
+    Divergence,
+    Row,
+    Tolerance,
+    judge_robustly,
+)
 from align.record.capture import Run, outside_modes
 from align.record.trace import Call
 
@@ -311,8 +320,13 @@ def isolate(
             notes.append(f"{call.label} not isolated: {type(exc).__name__}: {exc}")
             continue
         made = Pool(lambda k, pos=pos: iso.run(iso.ref.draw(k), pos), draws)
+        summed = functools.partial(
+            running_mean_draw, iso.modules[id(ref.model)][call.module], _first_input(ref, call)
+        )
         try:
-            judged = list(_judge_local(call, r_local, t_local, g_local, made, tol, strict_dtype))
+            judged = list(
+                _judge_local(call, r_local, t_local, g_local, made, tol, strict_dtype, summed)
+            )
         except AlignError as exc:  # NaN/Inf on the reference's own isolated run: no yardstick
             notes.append(f"{call.label} not judged in isolation: {exc}")
             continue
@@ -334,14 +348,19 @@ def _judge_local(
     draws: Pool[LocalRun],
     tol,
     strict_dtype,
+    summed: Callable[[str, torch.Tensor], torch.Tensor | None],
 ):
+    """The call's isolated rows; `summed(label, golden)`, an honest draw of a running
+    mean summed in another order (`running_mean_draw`)."""
     ran = r.decisions.ran  # the aten ops the call ran: its kernels' documented accuracy
     ref_items = {(p, n): x for p, n, x in r.items()}
     tgt_items = {(p, n): x for p, n, x in t.items()}
     gold_items = {(p, n): x for p, n, x in g.items()}
 
     def honest(phase: str, label: str, round_: int) -> list[torch.Tensor]:
-        return [x for d in draws(round_) for p, n, x in d.items() if (p, n) == (phase, label)]
+        made = [x for d in draws(round_) for p, n, x in d.items() if (p, n) == (phase, label)]
+        drawn = summed(label, gold_items[(phase, label)])
+        return made if drawn is None else [*made, drawn]
 
     for (phase, label), rt in ref_items.items():
         row = Row(call.module, call.index, phase, label, "", [], isolated=True)
@@ -366,6 +385,38 @@ def _judge_local(
             accuracy=kernel_accuracy(ran),
             statistics=shares_statistics(ran),
         )
+
+
+def running_mean_draw(
+    module: nn.Module, x: torch.Tensor | None, label: str, golden: torch.Tensor
+) -> torch.Tensor | None:
+    """An honest draw of the running mean a call of `module` (a BatchNorm) updated from its
+    input `x` (N, C, ...), where `golden` is the exact one: the batch mean summed in another
+    order, verdict.STATISTIC_ORDER sqrt(n) fp32 roundoffs of each channel's RMS off, times
+    the momentum, with random signs. A reference's kernel may sum more accurately than
+    fp32 (the CPU's contiguous BatchNorm: 0.01 roundoffs of the RMS at n = 2048, where its
+    channels_last one is 0.2 off), so its error says nothing of a channel whose mean
+    cancels (an honest channels_last ghostnet_050 at step 0, its running mean 0.1 of the
+    batch mean: cos_err 4.6e-4 where the reference's was 1.7e-16). None for other rows."""
+    if label != BUFFER + "running_mean" or x is None or x.dim() < 2:
+        return None
+    if not x.is_floating_point() or golden.shape != (x.shape[1],):
+        return None
+    momentum = getattr(module, "momentum", None)
+    momentum = momentum if isinstance(momentum, float) else 1.0  # None: a cumulative mean
+    dims = [d for d in range(x.dim()) if d != 1]
+    rms = x.double().pow(2).mean(dims).sqrt()
+    n = x.numel() / x.shape[1]
+    gen = torch.Generator().manual_seed(0)
+    signs = torch.randint(0, 2, golden.shape, generator=gen, dtype=torch.float64) * 2 - 1
+    step = STATISTIC_ORDER * math.sqrt(n) * UNIT_FP32 * momentum
+    return golden.double() + signs * step * rms.to(golden.device)
+
+
+def _first_input(run: Run, call: Call) -> torch.Tensor | None:
+    """The call's first recorded tensor input (a norm's x)."""
+    key = next((k for k in call.inputs if k is not None), None)
+    return None if key is None else run.trace.tensor(key)
 
 
 def culprit_positions(calls: list[Call], failing: dict[int, Row]) -> list[int]:

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from align.judge.isolation import Isolator, LocalRun, culprit_positions
+from align.judge.isolation import Isolator, LocalRun, culprit_positions, running_mean_draw
 from align.numerics.decisions import Decisions
 from align.numerics.names import BUFFER, judged_locally
 from align.numerics.precision import Policy, get_policy, kernel_accuracy, shares_statistics
@@ -163,7 +163,8 @@ class _HonestKernel:
     """The target's calls re-run alone at the dumps' precision on the CPU, from the target's
     own inputs, weights and decisions: what an honest kernel computes where the target's
     inputs are unlike the reference's (a training that took another path), an honest draw
-    for its replay (made only for a tensor that fails without it)."""
+    for its replay (made only for a tensor that fails without it); for a running mean, that
+    result with its batch mean summed in another order (isolation.running_mean_draw)."""
 
     def __init__(
         self, model: nn.Module, tgt: Step, weights: dict[str, torch.Tensor], policy: Policy | None
@@ -185,7 +186,14 @@ class _HonestKernel:
                 self.runs[pos] = {(p, n): t for p, n, t in local.items()}
             except Exception:  # (a call that cannot run at that precision: no such draw)
                 pass
-        return self.runs[pos].get((phase, label))
+        found = self.runs[pos].get((phase, label))
+        if found is None:
+            return None
+        call = self.tgt.trace.calls[pos]
+        module = unwrapped(self.model).get_submodule(call.module)
+        x = next((self.tgt.trace.tensor(k) for k in call.inputs if k is not None), None)
+        drawn = running_mean_draw(module, x, label, found)
+        return found if drawn is None else drawn
 
 
 def _run(

@@ -26,6 +26,7 @@ from align.judge.step_isolation import isolate_step
 from align.numerics.jitter import Jitter
 from align.numerics.precision import get_policy
 from align.numerics.verdict import as_tolerance
+from align.record.capture import lay_out_weights
 from align.record.loop_dump import LoopDump
 from align.testing import perturb
 from align.testing.faults import (
@@ -33,6 +34,7 @@ from align.testing.faults import (
     bias_grad_dropped,
     kernel_gain,
     norm_eps,
+    norm_momentum,
     output_offset,
     running_var_biased,
     weight_grad_gain,
@@ -383,3 +385,49 @@ def test_a_call_given_an_ordered_dict_and_a_namedtuple_is_re_run_alone(tmp_path)
     assert [c.module for c in report.culprits][:1] == ["mix"], str(report)
     assert ("mix", "forward") in {(r.module, r.phase) for r in report.local_rows}
     assert not any("not re-run" in n for n in report.notes), report.notes
+
+
+class ZeroMean(nn.Module):
+    """A BatchNorm fed a 1x1 convolution of another BatchNorm's zero-mean channels: its
+    batch mean, and so its running mean, is rounding noise."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.pw, self.bn2 = nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn2(self.pw(self.bn(self.conv(x))))).mean((2, 3)))
+
+
+def _zero_mean_run(out: Path, replay=None, golden=False, channels_last=False, fault=None):
+    torch.manual_seed(0)
+    model = ZeroMean()
+    if fault is not None:
+        fault[0](model, fault[1])
+    x = torch.randn(8, 8, 16, 16, generator=torch.Generator().manual_seed(1))
+    if channels_last:  # the CPU's channels_last BatchNorm sums its statistics in fp32
+        lay_out_weights(model, torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with align.Recorder(model, out, steps=[0], optimizer=opt, replay=replay, golden=golden) as rec:
+        with rec.step(0):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+
+def test_a_running_mean_of_rounding_noise_summed_in_another_order_passes(tmp_path):
+    """The reference's contiguous BatchNorm sums its batch mean more accurately than fp32;
+    an honest channels_last target's running mean of a zero-mean channel is then all
+    rounding (cos_err 0.34 where the reference's is 1e-16) and passes; a momentum fault
+    on the BatchNorm whose mean carries signal is still named."""
+    _zero_mean_run(tmp_path / "ref")
+    _zero_mean_run(tmp_path / "gold", replay=tmp_path / "ref", golden=True)
+    _zero_mean_run(tmp_path / "cl", replay=tmp_path / "ref", channels_last=True)
+    _zero_mean_run(tmp_path / "bad", replay=tmp_path / "ref", fault=(norm_momentum, "bn"))
+    honest = align.compare(tmp_path / "ref", tmp_path / "cl", tmp_path / "gold", model=ZeroMean())
+    assert honest.passed, str(honest)
+    bad = align.compare(tmp_path / "ref", tmp_path / "bad", tmp_path / "gold", model=ZeroMean())
+    assert [c.module for c in bad.culprits][:1] == ["bn"], str(bad)
