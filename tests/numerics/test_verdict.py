@@ -662,18 +662,35 @@ def test_a_slice_may_depart_as_far_as_an_honest_draw_beyond_its_nudges():
     device may be there; without it the slice fails."""
     g = golden(16 * 64, seed=5).reshape(16, 64)
     g[0] *= 1e-3
-    g[0, 7] = 3.0  # slice 0 of dim 0: one effective element
+    g[0, 7:9] = 3.0  # slice 0 of dim 0: two effective elements
     r = g.float()
     draw, t = r.clone(), noisy(g, 1e-7, 6)
-    draw[0, 7] *= 1 + 3e-4
-    t[0, 7] *= 1 + 1.5e-4
+    draw[0, 7:9] *= 1 + 3e-4
+    t[0, 7:9] *= 1 + 1.5e-4
     alone = run(t, r, g)
     assert "slice_gain" in alone.failed, explain(alone)
     verdict = run(t, r, g, draws=[draw])
     assert verdict.passed, explain(verdict)
     fault = t.clone()
-    fault[0, 7] = r[0, 7] * (1 + 1e-3)
+    fault[0, 7:9] = r[0, 7:9] * (1 + 1e-3)
     assert "slice_gain" in run(fault, r, g, draws=[draw]).failed
+
+
+def test_a_slice_one_element_carries_is_judged_as_that_element():
+    """A depthwise weight gradient over 1x1 maps: each channel's 25 taps, one of them
+    nonzero, a sum over the batch that cancels. Its gain is that one element's error, a
+    ratio of two single samples: 10x the reference's is honest there, and passes; a 1%
+    error on it still fails, as an element."""
+    g = torch.zeros(64, 25, dtype=torch.float64)
+    g[:, 12] = golden(64, seed=7)
+    r = (g * (1 + 1e-5 * golden(64 * 25, seed=8).reshape(64, 25))).float()
+    t = (g * (1 + 1e-5 * golden(64 * 25, seed=9).reshape(64, 25))).float()
+    t[3, 12] = g[3, 12] * (1 + 10 * float((r[3, 12] - g[3, 12]) / g[3, 12]))
+    honest = run(t, r, g)
+    assert "slice_gain" not in honest.failed, explain(honest)
+    fault = t.clone()
+    fault[3, 12] = g[3, 12] * 1.01
+    assert not run(fault, r, g).passed
 
 
 def test_a_slice_of_few_effective_elements_may_carry_their_honest_ulps():
