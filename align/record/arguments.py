@@ -43,6 +43,7 @@ NAMED = {
 }
 _LEAF = 0  # a leaf's place in a written structure
 _CONTAINERS = {"tuple": tuple, "list": list}
+_MAPPINGS = {"dict": dict, "OrderedDict": collections.OrderedDict}
 
 
 class _NotPlain(ValueError):
@@ -164,9 +165,6 @@ def _tree(node: Any, depth: int = 0) -> Any:
                 return _namedtuple(name, tuple(fields))(*(_tree(c, depth + 1) for c in items))
         raise ValueError(f"a malformed namedtuple: {str(children)[:60]}")
     raise ValueError(f"an unknown container {kind!r}")
-
-
-_MAPPINGS = {"dict": dict, "OrderedDict": collections.OrderedDict}
 
 
 def _identifiers(names: list, fields: bool = True) -> bool:
