@@ -40,7 +40,7 @@ from align.numerics.verdict import (
     judge_robustly,
 )
 from align.record.capture import Run, outside_modes
-from align.record.trace import Call
+from align.record.trace import Call, Trace
 
 
 @dataclass
@@ -321,7 +321,7 @@ def isolate(
             continue
         made = Pool(lambda k, pos=pos: iso.run(iso.ref.draw(k), pos), draws)
         summed = functools.partial(
-            running_mean_draw, iso.modules[id(ref.model)][call.module], _first_input(ref, call)
+            running_mean_draw, iso.modules[id(ref.model)][call.module], first_input(ref.trace, call)
         )
         try:
             judged = list(
@@ -387,6 +387,9 @@ def _judge_local(
         )
 
 
+RUNNING_MEAN = BUFFER + "running_mean"  # the row running_mean_draw draws for
+
+
 def running_mean_draw(
     module: nn.Module, x: torch.Tensor | None, label: str, golden: torch.Tensor
 ) -> torch.Tensor | None:
@@ -398,7 +401,7 @@ def running_mean_draw(
     channels_last one is 0.2 off), so its error says nothing of a channel whose mean
     cancels (an honest channels_last ghostnet_050 at step 0, its running mean 0.1 of the
     batch mean: cos_err 4.6e-4 where the reference's was 1.7e-16). None for other rows."""
-    if label != BUFFER + "running_mean" or x is None or x.dim() < 2:
+    if label != RUNNING_MEAN or x is None or x.dim() < 2:
         return None
     if not x.is_floating_point() or golden.shape != (x.shape[1],):
         return None
@@ -413,10 +416,10 @@ def running_mean_draw(
     return golden.double() + signs * step * rms.to(golden.device)
 
 
-def _first_input(run: Run, call: Call) -> torch.Tensor | None:
+def first_input(trace: Trace, call: Call) -> torch.Tensor | None:
     """The call's first recorded tensor input (a norm's x)."""
     key = next((k for k in call.inputs if k is not None), None)
-    return None if key is None else run.trace.tensor(key)
+    return None if key is None else trace.tensor(key)
 
 
 def culprit_positions(calls: list[Call], failing: dict[int, Row]) -> list[int]:

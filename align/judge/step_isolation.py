@@ -36,7 +36,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from align.judge.isolation import Isolator, LocalRun, culprit_positions, running_mean_draw
+from align.judge.isolation import (
+    RUNNING_MEAN,
+    Isolator,
+    LocalRun,
+    culprit_positions,
+    first_input,
+    running_mean_draw,
+)
 from align.numerics.decisions import Decisions
 from align.numerics.names import BUFFER, judged_locally
 from align.numerics.precision import Policy, get_policy, kernel_accuracy, shares_statistics
@@ -187,12 +194,11 @@ class _HonestKernel:
             except Exception:  # (a call that cannot run at that precision: no such draw)
                 pass
         found = self.runs[pos].get((phase, label))
-        if found is None:
-            return None
+        if found is None or label != RUNNING_MEAN:
+            return found
         call = self.tgt.trace.calls[pos]
         module = unwrapped(self.model).get_submodule(call.module)
-        x = next((self.tgt.trace.tensor(k) for k in call.inputs if k is not None), None)
-        drawn = running_mean_draw(module, x, label, found)
+        drawn = running_mean_draw(module, first_input(self.tgt.trace, call), label, found)
         return found if drawn is None else drawn
 
 
