@@ -325,7 +325,9 @@ def isolate(
         )
         try:
             judged = list(
-                _judge_local(call, r_local, t_local, g_local, made, tol, strict_dtype, summed)
+                _judge_local(
+                    ref.trace, call, r_local, t_local, g_local, made, tol, strict_dtype, summed
+                )
             )
         except AlignError as exc:  # NaN/Inf on the reference's own isolated run: no yardstick
             notes.append(f"{call.label} not judged in isolation: {exc}")
@@ -341,6 +343,7 @@ def isolate(
 
 
 def _judge_local(
+    trace: Trace,
     call: Call,
     r: LocalRun,
     t: LocalRun,
@@ -350,8 +353,9 @@ def _judge_local(
     strict_dtype,
     summed: Callable[[str, torch.Tensor], torch.Tensor | None],
 ):
-    """The call's isolated rows; `summed(label, golden)`, an honest draw of a running
-    mean summed in another order (`running_mean_draw`)."""
+    """The call's isolated rows (`trace`, the reference's, holds its recorded tensors);
+    `summed(label, golden)`, an honest draw of a running mean summed in another order
+    (`running_mean_draw`)."""
     ran = r.decisions.ran  # the aten ops the call ran: its kernels' documented accuracy
     ref_items = {(p, n): x for p, n, x in r.items()}
     tgt_items = {(p, n): x for p, n, x in t.items()}
@@ -383,7 +387,7 @@ def _judge_local(
             row=row,
             draws=functools.partial(honest, phase, label),
             accuracy=kernel_accuracy(ran),
-            statistics=shares_statistics(ran),
+            statistics=statistics_span(ran, trace, call, label, gt),
         )
 
 
@@ -395,12 +399,13 @@ def running_mean_draw(
 ) -> torch.Tensor | None:
     """An honest draw of the running mean a call of `module` (a BatchNorm) updated from its
     input `x` (N, C, ...), where `golden` is the exact one: the batch mean summed in another
-    order, verdict.STATISTIC_ORDER sqrt(n) fp32 roundoffs of each channel's RMS off, times
-    the momentum, with random signs. A reference's kernel may sum more accurately than
-    fp32 (the CPU's contiguous BatchNorm: 0.01 roundoffs of the RMS at n = 2048, where its
-    channels_last one is 0.2 off), so its error says nothing of a channel whose mean
-    cancels (an honest channels_last ghostnet_050 at step 0, its running mean 0.1 of the
-    batch mean: cos_err 4.6e-4 where the reference's was 1.7e-16). None for other rows."""
+    order, half verdict.STATISTIC_ORDER sqrt(n) fp32 roundoffs (a typical sum: 1.5 standard
+    deviations) of each channel's RMS off, times the momentum, with random signs. A
+    reference's kernel may sum more accurately than fp32 (the CPU's contiguous BatchNorm:
+    0.01 roundoffs of the RMS at n = 2048, where its channels_last one is 0.2 off), so its
+    error says nothing of a channel whose mean cancels (an honest channels_last
+    ghostnet_050 at step 0, its running mean 0.1 of the batch mean: cos_err 4.6e-4 where
+    the reference's was 1.7e-16). None for other rows."""
     if label != RUNNING_MEAN or x is None or x.dim() < 2:
         return None
     if not x.is_floating_point() or golden.shape != (x.shape[1],):
@@ -412,14 +417,42 @@ def running_mean_draw(
     n = x.numel() / x.shape[1]
     gen = torch.Generator().manual_seed(0)
     signs = torch.randint(0, 2, golden.shape, generator=gen, dtype=torch.float64) * 2 - 1
-    step = STATISTIC_ORDER * math.sqrt(n) * UNIT_FP32 * momentum
+    step = STATISTIC_ORDER / 2 * math.sqrt(n) * UNIT_FP32 * momentum
     return golden.double() + signs * step * rms.to(golden.device)
 
 
 def first_input(trace: Trace, call: Call) -> torch.Tensor | None:
     """The call's first recorded tensor input (a norm's x)."""
-    key = next((k for k in call.inputs if k is not None), None)
-    return None if key is None else trace.tensor(key)
+    return _first(trace, call.inputs)
+
+
+def _first(trace: Trace, keys: list[str | None]) -> torch.Tensor | None:
+    key = next((k for k in keys if k is not None), None)
+    tensor = trace.tensor(key) if key is not None and key in trace.tensors else None
+    return tensor if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() else None
+
+
+def statistics_span(
+    ran: set[str], trace: Trace, call: Call, label: str, golden: torch.Tensor
+) -> float:
+    """What the statistics a call normalized by (verdict.STATISTIC_ORDER) summed, in RMS of
+    its tensor `label` (exact: `golden`): 0 where it ran none; 1 for what it computes
+    forward; for an input gradient, the grad_output its backward summed (mean(dy),
+    mean(dy x)), through the call's forward gain rms(y) / rms(x), at least its own RMS.
+    An input gradient that cancels is offset by those sums' rounding, not its own (an
+    honest channels_last BatchNorm after a 1x1 convolution of zero-mean channels: its
+    input gradient's offset was twice an allowance in its own RMS, with one thread)."""
+    if not shares_statistics(ran):
+        return 0.0
+    if not label.startswith("grad_input["):
+        return 1.0
+    x, y = _first(trace, call.inputs), _first(trace, call.outputs)
+    dy = _first(trace, call.grad_outputs)
+    rms = [t.double().pow(2).mean().sqrt().item() for t in (x, y, dy, golden) if t is not None]
+    if len(rms) < 4 or min(rms) == 0 or not all(map(math.isfinite, rms)):
+        return 1.0
+    rms_x, rms_y, rms_dy, own = rms
+    return max(1.0, rms_dy * rms_y / rms_x / own)
 
 
 def culprit_positions(calls: list[Call], failing: dict[int, Row]) -> list[int]:

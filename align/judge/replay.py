@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_map
 
 from align.errors import AlignError, TraceError
+from align.judge.isolation import statistics_span
 from align.numerics.decisions import Decisions
-from align.numerics.precision import kernel_accuracy, shares_statistics
+from align.numerics.precision import kernel_accuracy
 from align.numerics.verdict import Divergence, Row, Tolerance, judge_on_replays
 from align.record.trace import Call, Trace
 
@@ -336,5 +337,5 @@ def _rows(
             strict_dtype=strict_dtype,
             row=row,
             accuracy=kernel_accuracy(ran),
-            statistics=shares_statistics(ran),
+            statistics=statistics_span(ran, ref, call, row.tensor, gr),
         )

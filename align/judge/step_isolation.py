@@ -43,10 +43,11 @@ from align.judge.isolation import (
     culprit_positions,
     first_input,
     running_mean_draw,
+    statistics_span,
 )
 from align.numerics.decisions import Decisions
 from align.numerics.names import BUFFER, judged_locally
-from align.numerics.precision import Policy, get_policy, kernel_accuracy, shares_statistics
+from align.numerics.precision import Policy, get_policy, kernel_accuracy
 from align.numerics.verdict import Divergence, Row, Tolerance, judge_on_replays
 from align.record.arguments import spec_from_json
 from align.record.capture import CallSpec, Run
@@ -160,7 +161,7 @@ def _judged(
             strict_dtype=strict_dtype,
             row=row,
             accuracy=kernel_accuracy(ran),
-            statistics=shares_statistics(ran),
+            statistics=statistics_span(ran, ref.trace, call, label, gold_r),
             local=judged_locally(label),
             honest=partial(honest, phase, label),
         )

@@ -64,15 +64,18 @@ BIAS_FRACTION = 0.05
 NORMAL_WEIGHTING = math.sqrt(3)
 UNIT_FP32 = 2.0**-24  # the bias floor's constant: far below any gain fault, in any dtype
 # A normalization's statistics (mean, variance) are sums over n values, which honest
-# kernels form in any order: recursively summed, each is u * sqrt(n) off at most in
-# practice (Higham, 2nd ed., section 4.2's probabilistic bound), and every element of its
-# slice shares that error. Measured on the CPU's channels_last BatchNorm (per-thread
-# running sums), worst channel of 20 draws: a gain of 0.22 * sqrt(n) fp32 roundoffs, at
-# n from 128 to 25088, where the contiguous kernel stays within 1.4; an honest
-# channels_last ghostnet_050 BatchNorm over 4x32x32 values was 3.5 roundoffs off in gain,
-# 1.03x the limit without it. Statistics are accumulated in fp32 at least, whatever the
-# tensor's dtype. At n = 25088, 0.5 * sqrt(n) roundoffs is 4.7e-6, 60x under a 0.03% gain.
-STATISTIC_ORDER = 0.5
+# kernels form in any order, and every element of a slice shares its statistic's error.
+# Summed in one chain (recursive summation, one thread), the partial sums grow as k times
+# the terms' mean, each rounded within a unit roundoff u: the sum's relative error has a
+# standard deviation of u sqrt(n) / 3 (Higham, 2nd ed., section 4.2's probabilistic
+# bound, with uniform roundings); STATISTIC_ORDER allows 3 of them. Measured on the
+# CPU's channels_last BatchNorm (per-thread running sums), worst channel of 20 draws: a
+# gain of 0.22 sqrt(n) roundoffs with two threads, n from 128 to 25088, where the
+# contiguous kernel stays within 1.4 roundoffs; with one thread, an input gradient's offset
+# of 0.67 sqrt(n) roundoffs of the sums' terms (tests/judge/test_step_isolation.py's
+# ZeroMean). Statistics are accumulated in fp32 at least, whatever the tensor's dtype. At
+# n = 25088, sqrt(n) roundoffs is 9.4e-6, 30x under a 0.03% gain.
+STATISTIC_ORDER = 1.0
 # Elements of an isolated reduced-precision tensor further from the golden than the
 # reference's own element by more than EXCESS_ULPS of their value (an honest kernel's
 # output is one rounding of nearly the sum the reference formed: within 1.5 ulp of the
@@ -325,7 +328,7 @@ def judge(
     draws: Sequence[torch.Tensor] = (),
     accuracy: float = 1.0,
     paired: bool = True,
-    statistics: bool = False,
+    statistics: float = 0.0,
 ) -> Row:
     """Fill `row` with the metrics of target and reference against golden, and the verdict.
 
@@ -337,7 +340,8 @@ def judge(
     so each element of the target may stray from the reference's by roundings only
     (`EXCESS_ULPS`); not so for replays of each side's own inputs. `statistics`: the
     kernels normalized by statistics of slices (`precision.shares_statistics`), whose
-    summation order may bias a slice (`STATISTIC_ORDER`). NaN/Inf on the
+    summation order may bias a slice (`STATISTIC_ORDER`), by rounding of sums of that
+    many times the tensor's RMS (align.judge.isolation.statistics_span; 0: none ran). NaN/Inf on the
     target where the others are finite fail `nonfinite`, as does a tensor with no element
     finite on every side; callers refuse NaN/Inf in the reference or golden first
     (`require_finite`, in `judge_robustly`).
@@ -448,7 +452,7 @@ def judge(
         if statistics:  # over n values each: a channel's (numel / channels), or fewer
             n_stat = t.numel() / (reference.shape[1] if reference.dim() > 1 else 1)
             for m in SIGNED:
-                floors[m] += STATISTIC_ORDER * math.sqrt(n_stat) * UNIT_FP32
+                floors[m] += STATISTIC_ORDER * math.sqrt(n_stat) * UNIT_FP32 * statistics
     ramp = _k(1.0, mr["rel_rmse"], unit_roundoff(reference.dtype), local)
     if not local and not row.isolated:
         ramp *= error_spread([abs_h for _, abs_h, _ in judged])
@@ -607,7 +611,7 @@ def judge_robustly(
     draws: Callable[[int], Sequence[torch.Tensor]],
     accuracy: float = 1.0,
     paired: bool = True,
-    statistics: bool = False,
+    statistics: float = 0.0,
 ) -> Row:
     """`judge` against the reference alone, and where that fails, again against the
     reference and its honest draws (made only then: they cost a run each): `draws(0)` the
@@ -675,7 +679,7 @@ def judge_on_replays(
     accuracy: float,
     local: bool = True,
     honest: Callable[[], torch.Tensor | None] = lambda: None,
-    statistics: bool = False,
+    statistics: float = 0.0,
 ) -> Row:
     """An isolated tensor judged from each side's own inputs: `target` against its exact
     (float64) replay, relative to the reference's error against its own replay, moved

@@ -34,6 +34,7 @@ from align.testing.faults import (
     bias_grad_dropped,
     kernel_gain,
     norm_eps,
+    norm_grad_no_var,
     norm_momentum,
     output_offset,
     running_var_biased,
@@ -428,18 +429,20 @@ def test_a_running_mean_of_rounding_noise_summed_in_another_order_passes(tmp_pat
     """The reference's contiguous BatchNorm sums its batch mean more accurately than fp32;
     an honest channels_last target's running mean of a zero-mean channel is then all
     rounding (cos_err 0.34 where the reference's is 1e-16) and passes in isolation; a
-    momentum fault on the BatchNorm whose mean carries signal is still named. (The same
-    kernel's input gradient, which cancels, is not judged here: still an open false alarm
-    in isolation, its offset 2x the allowance with one thread.)"""
+    momentum fault on the BatchNorm whose mean carries signal is still named. The same
+    kernel's input gradient cancels to 0.45 of its grad_output's sums: its offset, 0.67
+    sqrt(n) roundoffs of them with one thread, is allowed in their units
+    (isolation.statistics_span), and a forgotten variance term there is still named."""
     _zero_mean_run(tmp_path / "ref")
     for k in (1, 2):  # honest draws: the whole network's channels_last spread
         _zero_mean_run(tmp_path / "ref", draw=k)
     _zero_mean_run(tmp_path / "gold", replay=tmp_path / "ref", golden=True)
     _zero_mean_run(tmp_path / "cl", replay=tmp_path / "ref", channels_last=True)
-    _zero_mean_run(tmp_path / "bad", replay=tmp_path / "ref", fault=(norm_momentum, "bn"))
     honest = align.compare(tmp_path / "ref", tmp_path / "cl", tmp_path / "gold", model=ZeroMean())
     means = [r for r in honest.local_rows if r.tensor == "buffer running_mean"]
     assert {r.module for r in means} == {"bn", "bn2"}
-    assert all(r.passed for r in means), [str(r.divergence()) for r in means if r.failed]
-    bad = align.compare(tmp_path / "ref", tmp_path / "bad", tmp_path / "gold", model=ZeroMean())
-    assert [c.module for c in bad.culprits][:1] == ["bn"], str(bad)
+    assert honest.passed, str(honest)
+    for fault, name in ((norm_momentum, "bn"), (norm_grad_no_var, "bn2")):
+        _zero_mean_run(tmp_path / "bad", replay=tmp_path / "ref", fault=(fault, name))
+        bad = align.compare(tmp_path / "ref", tmp_path / "bad", tmp_path / "gold", model=ZeroMean())
+        assert [c.module for c in bad.culprits][:1] == [name], str(bad)
