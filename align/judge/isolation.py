@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from align.errors import AlignError
 from align.numerics.decisions import Choices, Decisions, is_random
 from align.numerics.jitter import Pool
 from align.numerics.names import BUFFER, judged_locally
 from align.numerics.precision import kernel_accuracy, shares_statistics
+from align.numerics.trees import flatten, unflatten
 from align.numerics.verdict import (
     STATISTIC_ORDER,
     UNIT_FP32,
@@ -146,7 +146,7 @@ class Isolator:
                 grad_leaves.append((j, t.requires_grad_(True)))
                 t = t.clone()  # a non-leaf, so in-place modules (ReLU(inplace)) may run
             leaves.append(t)
-        args, kwargs = tree_unflatten(leaves, spec.in_spec)
+        args, kwargs = unflatten(leaves, spec.in_spec)
         local = LocalRun(decisions=self._decisions(run, pos))
         replaced: list[tuple[torch.nn.Module, Any]] = []
         buffers = self._load_buffers(run, module, call)
@@ -165,7 +165,7 @@ class Isolator:
                 else:
                     child.forward = previous
             module._buffers.update(buffers)  # the buffers the whole run left
-        outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+        outs = [o for o in flatten(out)[0] if isinstance(o, torch.Tensor)]
         for i, o in enumerate(outs):
             local.forward[f"output[{i}]"] = o.detach()
         if not want_grad:
@@ -237,7 +237,7 @@ class Isolator:
             pos = queue.popleft()
             call, spec = trace.calls[pos], self.ref.specs[pos]
             label = call.label
-            feeds = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+            feeds = [x for x in flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
             for j, f in enumerate(feeds):
                 local.forward[f"feed:{label}[{j}]"] = f.detach()
             outs = [run.place(trace.tensor(k)) for k in call.outputs if k is not None]
@@ -259,7 +259,7 @@ class Isolator:
                 else:
                     t = outs.pop(0)
                     rebuilt.append(next(replayed) if t.is_floating_point() else t)
-            return tree_unflatten(rebuilt, spec.out_spec)
+            return unflatten(rebuilt, spec.out_spec)
 
         return replay
 

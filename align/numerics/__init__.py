@@ -11,4 +11,5 @@ Index:
     jitter.py      honest draws: the reference re-run with every rounding nudged
     decisions.py   discrete choices (indices, branches, random draws) recorded and replayed
     emulate.py     a CPU emulating a device's number formats (HF32, TF32, bf16 rounding)
+    trees.py       pytree flattening that opens a user's dataclass instances into fields
 """

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from align.numerics.names import DEFAULT_K, canonical_precision
+from align.numerics.trees import map_leaves
 
 NORMS = (
     nn.modules.batchnorm._NormBase,
@@ -73,7 +73,7 @@ class Policy:
                 return x.to(device=device, dtype=dtype, copy=True)
             return x.to(device=device, copy=True)
 
-        return tree_map(cast, inputs)
+        return map_leaves(cast, inputs)
 
     def autocast(self, device: torch.device):
         """The autocast context for this policy on `device` (a no-op without autocast)."""

@@ -8,9 +8,11 @@ formats by name ({"dtype": "float16"}: `x.to(torch.float16)` inside a module), o
 device ({"device": "npu:0"}: read back as the device the call runs on again, where its
 tensors are: a module moving data to its model's device moves it there); a call whose
 arguments hold anything else (a user's object) is written as the reason it cannot be
-rebuilt. An OrderedDict (torchvision's feature maps) is rebuilt as one, and a namedtuple
-as a namedtuple of the same type name and fields, made anew (`collections.namedtuple`:
-the module reads its fields by name or position; the user's class is never imported).
+rebuilt. An OrderedDict (torchvision's feature maps) is rebuilt as one, a namedtuple as a
+namedtuple of the same type name and fields, made anew (`collections.namedtuple`: the
+module reads its fields by name or position), and a dataclass instance, which the capture
+opens into its fields (align.numerics.trees), as an instance of a dataclass of the same
+name and fields, made anew: the user's class is never imported.
 Reading builds nothing but those containers, plain values and the named torch constants
 it looks up in fixed tables: a crafted dump cannot make align import or call anything.
 """
@@ -26,6 +28,7 @@ import torch
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from align.errors import TraceError
+from align.numerics.trees import Fields
 from align.record.capture import CallSpec
 
 __all__ = ["spec_from_json", "spec_to_json"]
@@ -135,6 +138,8 @@ def _written(tree: Any) -> Any:
     if isinstance(tree, tuple) and isinstance(getattr(type(tree), "_fields", None), tuple):
         fields = list(type(tree)._fields)
         return {"namedtuple": [type(tree).__name__, fields, [_written(c) for c in tree]]}
+    if isinstance(tree, Fields):
+        return {"dataclass": [tree.name, list(tree.names), [_written(c) for c in tree.values]]}
     raise _NotPlain(f"arguments in a {type(tree).__name__}")
 
 
@@ -158,22 +163,27 @@ def _tree(node: Any, depth: int = 0) -> Any:
         isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in children
     ):
         return _MAPPINGS[kind]((k, _tree(c, depth + 1)) for k, c in children)
-    if kind == "namedtuple" and len(children) == 3 and isinstance(children[2], list):
+    if kind in ("namedtuple", "dataclass") and len(children) == 3:
         name, fields, items = children
-        if _identifiers([name], fields=False) and isinstance(fields, list) and _identifiers(fields):
-            if len(fields) == len(items) and len(set(fields)) == len(fields):
-                return _namedtuple(name, tuple(fields))(*(_tree(c, depth + 1) for c in items))
-        raise ValueError(f"a malformed namedtuple: {str(children)[:60]}")
+        reserved = "__" if kind == "dataclass" else "_"  # a field name may not start so
+        if _identifiers([name]) and isinstance(fields, list) and isinstance(items, list):
+            if _identifiers(fields, reserved) and len(set(fields)) == len(fields) == len(items):
+                values = [_tree(c, depth + 1) for c in items]
+                if kind == "dataclass":
+                    return Fields(None, name, tuple(fields), values)
+                return _namedtuple(name, tuple(fields))(*values)
+        raise ValueError(f"a malformed {kind}: {str(children)[:60]}")
     raise ValueError(f"an unknown container {kind!r}")
 
 
-def _identifiers(names: list, fields: bool = True) -> bool:
-    """Whether `names` are a namedtuple's valid type name or field names."""
+def _identifiers(names: list, reserved: str = "") -> bool:
+    """Whether `names` are identifiers that do not start with `reserved` ("_" for a
+    namedtuple's fields, "__" for a dataclass's: no dunder attribute is ever set)."""
     return all(
         isinstance(n, str)
         and n.isidentifier()
         and not keyword.iskeyword(n)
-        and not (fields and n.startswith("_"))
+        and not (reserved and n.startswith(reserved))
         for n in names
     )
 

@@ -27,13 +27,13 @@ import torch
 from torch import nn
 from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from align.errors import AlignError, ModelRunError
 from align.numerics.decisions import Choices, Decisions
 from align.numerics.emulate import parse_emulation
 from align.numerics.jitter import Jitter
 from align.numerics.precision import Policy, get_policy
+from align.numerics.trees import flatten, map_leaves, unflatten
 from align.record.trace import Call, Trace
 from align.runtime import environment
 from align.runtime.devices import resolve
@@ -180,7 +180,7 @@ class Recorder:
         parent = self._stack[-1] if self._stack else None
         index = self._counts.get(name, 0)
         self._counts[name] = index + 1
-        leaves, spec = tree_flatten((args, kwargs))
+        leaves, spec = flatten((args, kwargs))
         keys: list[str | None] = []
         fed: list[Any] = []
         tapped = False
@@ -211,14 +211,14 @@ class Recorder:
                 self._buffers[pos] = [(n, b.detach().clone()) for n, b in floating.items()]
         self._stack.append(pos)
         if tapped:
-            return tree_unflatten(fed, spec)
+            return unflatten(fed, spec)
         return None
 
     def _post(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: Any):
         pos = self._stack.pop()
         self.trace.forward_order.append(pos)
         call = self.trace.calls[pos]
-        leaves, spec = tree_flatten(output)
+        leaves, spec = flatten(output)
         keys: list[str | None] = []
         for i, leaf in enumerate(leaves):
             if not isinstance(leaf, torch.Tensor):
@@ -304,7 +304,7 @@ def projection_loss(seed: int) -> LossFn:
     """
 
     def loss(output: Any, inputs: Any) -> torch.Tensor:
-        leaves = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+        leaves = [t for t in flatten(output)[0] if isinstance(t, torch.Tensor)]
         floats = [t for t in leaves if t.is_floating_point()]
         if not floats:
             raise AlignError("the model returned no floating tensor to take a loss of")
@@ -504,7 +504,7 @@ def run_model(
     )
     x = laid_out(private, policy.cast_inputs(inputs, device), memory_format)
     if backward:
-        tree_map(
+        map_leaves(
             lambda t: (
                 t.requires_grad_(True)
                 if isinstance(t, torch.Tensor) and t.is_floating_point()
@@ -577,7 +577,7 @@ def lay_out_weights(model: nn.Module, memory_format: torch.memory_format) -> Non
 def inputs_laid_out(inputs: Any, memory_format: torch.memory_format) -> Any:
     """`inputs` (any nesting) with their 4-d floating tensors in `memory_format` (but for
     images: FEW_CHANNELS)."""
-    return tree_map(partial(_laid_out, memory_format=memory_format), inputs)
+    return map_leaves(partial(_laid_out, memory_format=memory_format), inputs)
 
 
 @contextlib.contextmanager

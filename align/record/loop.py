@@ -115,13 +115,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from align.errors import AlignError, TraceError
 from align.files import write_json_atomic
 from align.numerics import decisions
 from align.numerics.decisions import Decisions
 from align.numerics.jitter import Jitter
+from align.numerics.trees import map_leaves
 from align.record.arguments import spec_to_json
 from align.record.backward_grads import BackwardGrads
 from align.record.buffers import HostBuffers
@@ -761,7 +761,7 @@ def _inputs_to_float64(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tu
     def cast(t: Any) -> Any:
         return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
-    return tree_map(cast, (args, kwargs))
+    return map_leaves(cast, (args, kwargs))
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,7 +1,10 @@
 """Isolation (align.judge.isolation): what an isolated call is given."""
 
+import dataclasses
+
 import torch
 
+import align
 from align.judge.isolation import _Payload, _Replay, statistics_span
 from align.numerics.jitter import Jitter
 from align.record.trace import Call, Trace
@@ -48,3 +51,43 @@ def test_an_input_gradient_that_cancels_is_allowed_its_grad_outputs_summation_or
     assert statistics_span({"convolution"}, trace, call, "grad_input[0]", dx) == 0.0
     trace, call, dx = _batch_norm_call(noise)
     assert statistics_span(ran, trace, call, "grad_input[0]", dx) < 1.2  # (its projection)
+
+
+@dataclasses.dataclass(frozen=True)
+class Carried:
+    h: torch.Tensor
+    scale: float
+
+
+class Scaled(torch.nn.Module):
+    def __init__(self, error: float):
+        super().__init__()
+        self.lin, self.error = torch.nn.Linear(8, 8), error
+
+    def forward(self, carried: Carried) -> Carried:
+        return Carried(self.lin(carried.h) * carried.scale * self.error, carried.scale)
+
+
+class CarryingNet(torch.nn.Module):
+    def __init__(self, error: float = 1.0):
+        super().__init__()
+        self.inp, self.scaled, self.head = (
+            torch.nn.Linear(4, 8),
+            Scaled(error),
+            torch.nn.Linear(8, 2),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.scaled(Carried(self.inp(x), 0.5)).h))
+
+
+def test_a_module_given_a_dataclass_is_isolated_and_named():
+    """align.check records the tensors a dataclass carries into and out of a call, so the
+    call is re-run alone on them and a 0.3% gain in it is named."""
+    torch.manual_seed(0)
+    model, wrong = CarryingNet(), CarryingNet(1.003)
+    wrong.load_state_dict(model.state_dict())
+    report = align.check(model, torch.randn(16, 4), target_model=wrong)
+    assert [c.module for c in report.culprits] == ["scaled"], str(report)
+    judged = {(r.phase, r.tensor) for r in report.local_rows if r.module == "scaled"}
+    assert {("forward", "output[0]"), ("backward", "grad_input[0]")} <= judged

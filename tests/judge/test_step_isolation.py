@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from align.numerics.precision import get_policy
 from align.numerics.verdict import as_tolerance
 from align.record.capture import lay_out_weights
 from align.record.loop_dump import LoopDump
+from align.record.trace import read_trace
 from align.testing import perturb
 from align.testing.faults import (
     backward_gain,
@@ -385,6 +387,67 @@ def test_a_call_given_an_ordered_dict_and_a_namedtuple_is_re_run_alone(tmp_path)
     report = align.compare(tmp_path / "ref", tmp_path / "bad", tmp_path / "gold", model=MixNet())
     assert [c.module for c in report.culprits][:1] == ["mix"], str(report)
     assert ("mix", "forward") in {(r.module, r.phase) for r in report.local_rows}
+    assert not any("not re-run" in n for n in report.notes), report.notes
+
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+    h: torch.Tensor
+    scale: float
+
+
+@dataclasses.dataclass
+class Gated:
+    y: torch.Tensor
+
+
+class Gate(nn.Module):
+    """Takes its features and returns its result in dataclasses; `error`, a gain of its own
+    computation (a fault)."""
+
+    def __init__(self, error: float = 1.0):
+        super().__init__()
+        self.lin, self.error = nn.Linear(8, 8), error
+
+    def forward(self, feats: Features) -> Gated:
+        return Gated(torch.sigmoid(self.lin(feats.h)) * feats.h * (feats.scale * self.error))
+
+
+class GateNet(nn.Module):
+    def __init__(self, error: float = 1.0):
+        super().__init__()
+        self.inp, self.gate, self.head = nn.Linear(4, 8), Gate(error), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gate(Features(torch.tanh(self.inp(x)), 0.5)).y)
+
+
+def _gate_run(out: Path, replay=None, golden=False, error=1.0) -> None:
+    torch.manual_seed(0)
+    model = GateNet(error)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+    recorder = align.Recorder(model, out, steps=[0], optimizer=opt, replay=replay, golden=golden)
+    with recorder as rec, rec.step(0):
+        model(data).square().mean().backward()
+        opt.step()
+
+
+def test_a_call_given_and_returning_dataclasses_is_recorded_and_re_run_alone(tmp_path):
+    """The tensors a dataclass holds are the call's inputs and outputs, with their
+    gradients; the call is re-run from the dump with a dataclass of the same name and
+    fields made anew, and a 0.3% gain in it is named."""
+    _gate_run(tmp_path / "ref")
+    _gate_run(tmp_path / "gold", replay=tmp_path / "ref", golden=True)
+    _gate_run(tmp_path / "bad", replay=tmp_path / "ref", error=1.003)
+    trace = read_trace(tmp_path / "ref" / "rank0" / "step000000" / "trace")
+    gate = next(c for c in trace.calls if c.module == "gate")
+    assert gate.inputs[0] is not None and gate.outputs[0] is not None
+    assert gate.grad_inputs[0] is not None and gate.grad_outputs[0] is not None
+    report = align.compare(tmp_path / "ref", tmp_path / "bad", tmp_path / "gold", model=GateNet())
+    assert [c.module for c in report.culprits][:1] == ["gate"], str(report)
+    gate_rows = {(r.phase, r.tensor) for r in report.local_rows if r.module == "gate"}
+    assert {("forward", "output[0]"), ("backward", "grad_input[0]")} <= gate_rows
     assert not any("not re-run" in n for n in report.notes), report.notes
 
 

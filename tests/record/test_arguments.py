@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from align.errors import TraceError
+from align.numerics.trees import flatten, unflatten
 from align.record.arguments import spec_from_json, spec_to_json
 from align.record.capture import CallSpec
 
@@ -73,6 +75,32 @@ def test_a_namedtuple_is_rebuilt_with_its_name_and_fields():
     assert tree_unflatten([torch.ones(1), None], read.out_spec)._fields == Pair._fields
 
 
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    features: torch.Tensor
+    scale: float
+    _tag: str = "x"
+
+
+def test_a_dataclass_is_rebuilt_with_its_name_and_fields():
+    """The capture opens it (align.numerics.trees); read from a dump, it is an instance of
+    a dataclass made anew with its name and fields, its fields read by name."""
+    leaves, spec = flatten(((Batch(torch.ones(2), 0.5),), {}))
+    out_leaves, out_spec = flatten(Batch(torch.ones(1), 2.0, "y"))
+    hide = [None if isinstance(x, torch.Tensor) else x for x in leaves]
+    out_hide = [None if isinstance(x, torch.Tensor) else x for x in out_leaves]
+    written = spec_to_json(CallSpec(spec, hide, out_spec, out_hide, True))
+    assert written["in"]["tuple"][0] == {
+        "tuple": [{"dataclass": ["Batch", ["features", "scale", "_tag"], [0, 0, 0]]}]
+    }
+    read = spec_from_json(json.loads(json.dumps(written)), "here")
+    ((batch,), _) = unflatten([torch.ones(2), *read.in_leaves[1:]], read.in_spec)
+    assert type(batch).__name__ == "Batch" and type(batch) is not Batch
+    assert dataclasses.is_dataclass(batch) and (batch.scale, batch._tag) == (0.5, "x")
+    assert torch.equal(batch.features, torch.ones(2))
+    assert unflatten([torch.ones(1), 2.0, "y"], read.out_spec)._tag == "y"
+
+
 class Config:
     scale = 2.0
 
@@ -127,6 +155,10 @@ def test_the_good_entry_reads():
         {**GOOD, "in": {"namedtuple": ["P", ["__class__"], [0]]}},
         {**GOOD, "in": {"namedtuple": ["P", ["a", "a"], [0, 0]]}},
         {**GOOD, "in": {"namedtuple": ["P", ["a", "b"], [0]]}},
+        {**GOOD, "in": {"dataclass": ["D", ["__class__"], [0]]}},  # no dunder is set
+        {**GOOD, "in": {"dataclass": ["os.path", ["a"], [0]]}},
+        {**GOOD, "in": {"dataclass": ["D", ["a", "b"], [0]]}},
+        {**GOOD, "in": {"dataclass": ["D", "a", [0]]}},
         {**GOOD, "in": {"OrderedDict": [[1, 0]]}},
         {k: v for k, v in GOOD.items() if k != "out"},
         "not a dict",
