@@ -22,7 +22,13 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from torch.utils._pytree import register_pytree_node, tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import (
+    TreeSpec,
+    register_pytree_node,
+    tree_flatten,
+    tree_map,
+    tree_unflatten,
+)
 
 __all__ = ["Fields", "closed", "flatten", "map_leaves", "opened", "unflatten"]
 
@@ -49,7 +55,7 @@ register_pytree_node(
 
 
 def _is_instance(x: Any) -> bool:
-    return dataclasses.is_dataclass(x) and not isinstance(x, type)
+    return hasattr(type(x), "__dataclass_fields__") and not isinstance(x, type)  # (cheap)
 
 
 def _open(x: Any) -> Any:
@@ -61,7 +67,7 @@ def _open(x: Any) -> Any:
 
 def opened(tree: Any) -> Any:
     """`tree` with every dataclass instance in it a `Fields` node."""
-    return tree_map(_open, tree)
+    return tree_map(_open, tree) if any(map(_is_instance, tree_flatten(tree)[0])) else tree
 
 
 def _close(node: Any) -> Any:
@@ -81,22 +87,34 @@ def closed(tree: Any) -> Any:
     return tree_map(_close, tree, is_leaf=lambda x: isinstance(x, Fields))
 
 
+def _has_fields(spec: TreeSpec) -> bool:
+    # (children() in recent torch, children_specs in older ones, deprecated now)
+    children = spec.children() if hasattr(spec, "children") else spec.children_specs
+    return spec.type is Fields or any(map(_has_fields, children))
+
+
 @functools.lru_cache(maxsize=256)
 def _made(name: str, names: tuple[str, ...]) -> type:
     """A dataclass of this name and fields, one per pair (made, never looked up)."""
     return dataclasses.make_dataclass(name, names)
 
 
-def flatten(tree: Any) -> tuple[list[Any], Any]:
-    """tree_flatten, dataclass instances opened: their fields' tensors are leaves."""
+def flatten(tree: Any) -> tuple[list[Any], TreeSpec]:
+    """tree_flatten, dataclass instances opened: their fields' tensors are leaves (a tree
+    without one is flattened once: the capture flattens every call's arguments)."""
+    leaves, spec = tree_flatten(tree)
+    if not any(map(_is_instance, leaves)):
+        return leaves, spec
     return tree_flatten(opened(tree))
 
 
-def unflatten(leaves: list[Any], spec: Any) -> Any:
+def unflatten(leaves: list[Any], spec: TreeSpec) -> Any:
     """tree_unflatten of a `flatten` spec, its dataclass instances made again."""
-    return closed(tree_unflatten(leaves, spec))
+    tree = tree_unflatten(leaves, spec)
+    return closed(tree) if _has_fields(spec) else tree
 
 
 def map_leaves(fn: Callable[[Any], Any], tree: Any) -> Any:
     """tree_map into dataclass instances too (a cast reaches the tensors they hold)."""
-    return closed(tree_map(fn, opened(tree)))
+    leaves, spec = flatten(tree)
+    return unflatten([fn(x) for x in leaves], spec)
