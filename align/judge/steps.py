@@ -63,8 +63,8 @@ def compare(
 ) -> Report:
     """Judge a target loop dump against a reference (and a float64 golden) step by step;
     with the `model` the script trains, the module calls of the first failing step (else
-    of the first step: a kernel fault that the whole network's noise hides shows alone)
-    are re-run alone to name the culprits (align.judge.step_isolation)."""
+    of each step until one names a culprit: a kernel fault that the whole network's noise
+    hides shows alone) are re-run alone to name the culprits (align.judge.step_isolation)."""
     started = time.perf_counter()
     ref, tgt = LoopDump(reference), LoopDump(target)
     gold = None if golden is None else LoopDump(golden)
@@ -90,7 +90,7 @@ def compare(
     rows: list[Row] = []
     table: list[dict[str, Any]] = []
     started_at: list[Divergence] = []
-    isolated_step = steps[0]  # the first failing step, else the first
+    isolated_step = steps[0]  # the first failing step (set below)
     failed_before = False
     noisy: dict[int, set[str]] = {}  # per rank: parameters that took a gradient without signal
     for n in steps:
@@ -137,17 +137,22 @@ def compare(
         rows += [r for *_, r in sorted(ordered, key=lambda x: x[:3])]
         failed_before = failed_before or any(r.failed for r in rows)
     local_rows, culprits = [], []
-    if model is not None:
+    # the first failing step; where none fails, each step in turn until one names a
+    # culprit: a fault the whole network's noise hides may only act in a later step (a
+    # gradient through a BatchNorm whose weight starts at zero, as timm's last one in a
+    # residual block does, is zero in the first)
+    isolated = [] if model is None else [isolated_step] if failed_before else steps
+    for n in isolated:
         for rank in ranks:
-            label = (
-                f"rank {rank} step {isolated_step}" if len(ranks) > 1 else f"step {isolated_step}"
-            )
-            sides = [dump.load(rank, isolated_step) for dump in (ref, tgt)]
-            weights = [dump.weights_before(rank, isolated_step) for dump in (ref, tgt)]
+            label = f"rank {rank} step {n}" if len(ranks) > 1 else f"step {n}"
+            sides = [dump.load(rank, n) for dump in (ref, tgt)]
+            weights = [dump.weights_before(rank, n) for dump in (ref, tgt)]
             found = isolate_step(model, *sides, weights, tol, strict_dtype=strict, policy=policy)
             local_rows += found[0]
             culprits += [replace(d, tensor=f"{label} {d.tensor}") for d in found[1]]
             notes += found[2]
+        if culprits:
+            break
     notes += [
         f"the {role}'s model is compiled (torch.compile): its recorded steps ran eagerly (align's "
         "hooks need eager ops), so its compiled kernels were not judged: compare the compiled "

@@ -23,6 +23,7 @@ from torch import nn
 
 import align
 from align.errors import TraceError
+from align.judge import steps
 from align.judge.step_isolation import isolate_step
 from align.numerics.jitter import Jitter
 from align.numerics.precision import get_policy
@@ -509,3 +510,62 @@ def test_a_running_mean_of_rounding_noise_summed_in_another_order_passes(tmp_pat
         _zero_mean_run(tmp_path / "bad", replay=tmp_path / "ref", fault=(fault, name))
         bad = align.compare(tmp_path / "ref", tmp_path / "bad", tmp_path / "gold", model=ZeroMean())
         assert [c.module for c in bad.culprits][:1] == [name], str(bad)
+
+
+class LateBlock(nn.Module):
+    """A residual block whose last BatchNorm starts at zero weight (timm's
+    zero_init_last): its convolution's gradient is zero in the first step."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = nn.Linear(4, 8), nn.Linear(8, 8)
+        self.bn = nn.BatchNorm1d(8)
+        nn.init.zeros_(self.bn.weight)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        return self.head(torch.relu(h + self.bn(self.conv(h))))
+
+
+def _late_run(out: Path, replay=None, golden=False, fault=None) -> None:
+    torch.manual_seed(0)
+    model = LateBlock()
+    if fault is not None:
+        fault(model, "conv")
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    data = torch.randn(3, 16, 4, generator=torch.Generator().manual_seed(1))
+    recorder = align.Recorder(
+        model, out, steps=[0, 1, 2], optimizer=opt, replay=replay, golden=golden
+    )
+    with recorder as rec:
+        for n in range(3):
+            with rec.step(n):
+                model(data[n]).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+
+
+def test_where_no_step_fails_each_step_is_isolated_until_one_names_a_culprit(tmp_path, monkeypatch):
+    """A weight-gradient fault behind a zero-initialized BatchNorm acts from step 1 on.
+    Where the whole network shows nothing (bf16's noise can hide it; here every row is
+    passed to make it so), step 0 alone names no one, and step 1 names the module."""
+    _late_run(tmp_path / "ref")
+    _late_run(tmp_path / "gold", replay=tmp_path / "ref", golden=True)
+    _late_run(tmp_path / "bad", replay=tmp_path / "ref", fault=weight_grad_gain)
+    judge_step = steps._judge_step
+
+    def quiet(*args, **kwargs):
+        rows = judge_step(*args, **kwargs)
+        for row in rows:
+            row.failed = []
+        return rows
+
+    monkeypatch.setattr(steps, "_judge_step", quiet)
+    report = align.compare(tmp_path / "ref", tmp_path / "bad", tmp_path / "gold", model=LateBlock())
+    assert [(c.module, c.tensor.split()[:2]) for c in report.culprits][:1] == [
+        ("conv", ["step", "1"])
+    ], str(report)
+    assert not any(r.tensor.startswith("step 2") for r in report.local_rows)  # it stops there
+    honest = align.compare(tmp_path / "ref", tmp_path / "ref", tmp_path / "gold", model=LateBlock())
+    assert honest.passed and not honest.culprits
