@@ -90,7 +90,7 @@ def compare(
     rows: list[Row] = []
     table: list[dict[str, Any]] = []
     started_at: list[Divergence] = []
-    isolated_step = steps[0]  # the first failing step (set below)
+    isolated_step = steps[0]  # the first failing step, once one fails
     failed_before = False
     noisy: dict[int, set[str]] = {}  # per rank: parameters that took a gradient without signal
     for n in steps:
