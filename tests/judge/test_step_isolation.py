@@ -569,3 +569,52 @@ def test_where_no_step_fails_each_step_is_isolated_until_one_names_a_culprit(tmp
     assert not any(r.tensor.startswith("step 2") for r in report.local_rows)  # it stops there
     honest = align.compare(tmp_path / "ref", tmp_path / "ref", tmp_path / "gold", model=LateBlock())
     assert honest.passed and not honest.culprits
+
+
+class Offset(nn.Module):
+    """A BatchNorm whose input's channel means are 6 of their standard deviations (a
+    convolution's output plus a constant)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.conv(x) + 3.0)).mean((2, 3)))
+
+
+def _offset_run(out: Path, replay=None, golden=False, channels_last=False, draw=None):
+    torch.manual_seed(0)
+    model = Offset()
+    x = torch.randn(8, 8, 32, 32, generator=torch.Generator().manual_seed(1))
+    if channels_last:
+        lay_out_weights(model, torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    recorder = align.Recorder(
+        model, out, steps=[0], optimizer=opt, replay=replay, golden=golden, draw=draw
+    )
+    with recorder as rec, rec.step(0):
+        model(x).square().mean().backward()
+        opt.step()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open false alarm: the CPU's channels_last BatchNorm, like Ascend's one-pass "
+    "kernel (hicann/ops-nn norm/bn_training_reduce: sum and squareSum per channel), errs "
+    "with the input's mean over its spread: "
+    "output and input gradient offsets of 1.9 and 4 sqrt(n) fp32 roundoffs at mean/std 6, "
+    "27 at 60, failing rel_rmse and share in isolation, which allow only the statistics' "
+    "offset in mean_err and scale_err (README, the statistics paragraph)",
+)
+@pytest.mark.usefixtures("one_thread")
+def test_a_batch_norm_of_inputs_far_from_zero_mean_summed_in_one_pass_passes(tmp_path):
+    _offset_run(tmp_path / "ref")
+    for k in (1, 2):
+        _offset_run(tmp_path / "ref", draw=k)
+    _offset_run(tmp_path / "gold", replay=tmp_path / "ref", golden=True)
+    _offset_run(tmp_path / "cl", replay=tmp_path / "ref", channels_last=True)
+    honest = align.compare(tmp_path / "ref", tmp_path / "cl", tmp_path / "gold", model=Offset())
+    assert honest.passed, str(honest)
