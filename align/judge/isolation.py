@@ -438,21 +438,31 @@ def statistics_span(
     """What the statistics a call normalized by (verdict.STATISTIC_ORDER) summed, in RMS of
     its tensor `label` (exact: `golden`): 0 where it ran none; 1 for what it computes
     forward; for an input gradient, the grad_output its backward summed (mean(dy),
-    mean(dy x)), through the call's forward gain rms(y) / rms(x), at least its own RMS.
-    An input gradient that cancels is offset by those sums' rounding, not its own (an
-    honest channels_last BatchNorm after a 1x1 convolution of zero-mean channels: its
-    input gradient's offset was twice an allowance in its own RMS, with one thread)."""
+    mean(dy x)), through the call's forward gain (`_spread(y) / _spread(x)`: a BatchNorm's
+    |weight| / std, whatever x's channel means), at least its own RMS. An input gradient
+    that cancels is offset by those sums' rounding, not its own (an honest channels_last
+    BatchNorm after a 1x1 convolution of zero-mean channels: its input gradient's offset
+    was twice an allowance in its own RMS, with one thread)."""
     if not shares_statistics(ran):
         return 0.0
     if not label.startswith("grad_input["):
         return 1.0
     x, y = _first(trace, call.inputs), _first(trace, call.outputs)
     dy = _first(trace, call.grad_outputs)
-    rms = [t.double().pow(2).mean().sqrt().item() for t in (x, y, dy, golden) if t is not None]
-    if len(rms) < 4 or min(rms) == 0 or not all(map(math.isfinite, rms)):
+    if x is None or y is None or dy is None:
         return 1.0
-    rms_x, rms_y, rms_dy, own = rms
-    return max(1.0, rms_dy * rms_y / rms_x / own)
+    rms = [_spread(x), _spread(y), *(t.double().pow(2).mean().sqrt().item() for t in (dy, golden))]
+    if min(rms) == 0 or not all(map(math.isfinite, rms)):
+        return 1.0
+    spread_x, spread_y, rms_dy, own = rms
+    return max(1.0, rms_dy * spread_y / spread_x / own)
+
+
+def _spread(t: torch.Tensor) -> float:
+    """RMS of `t` less its mean over every dim but 1 (a channel's, for a BatchNorm)."""
+    t = t.double()
+    dims = [d for d in range(t.dim()) if d != 1] if t.dim() > 1 else [0]
+    return (t - t.mean(dims, keepdim=True)).pow(2).mean().sqrt().item()
 
 
 def culprit_positions(calls: list[Call], failing: dict[int, Row]) -> list[int]:

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import pytest
 import torch
 
 import align
@@ -23,10 +24,10 @@ def test_an_honest_draw_isolates_a_container_on_its_childrens_records_as_they_ar
     assert not torch.equal(nudged, recorded)  # the jitter is on: a computed op is nudged
 
 
-def _batch_norm_call(dy: torch.Tensor) -> tuple[Trace, Call, torch.Tensor]:
-    """A train-mode BatchNorm's call on zero-mean channels, with its exact input gradient."""
+def _batch_norm_call(dy: torch.Tensor, mean: float = 0.0) -> tuple[Trace, Call, torch.Tensor]:
+    """A train-mode BatchNorm's call on channels of this mean, with its exact input gradient."""
     x = torch.randn(8, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    x = (x - x.mean((0, 2, 3), keepdim=True)) * 3.0
+    x = (x - x.mean((0, 2, 3), keepdim=True)) * 3.0 + mean
     bn = torch.nn.BatchNorm2d(4).double()
     xg = x.clone().requires_grad_(True)
     y = bn(xg)
@@ -47,6 +48,8 @@ def test_an_input_gradient_that_cancels_is_allowed_its_grad_outputs_summation_or
     trace, call, dx = _batch_norm_call(10.0 + noise)  # dx keeps only the noise's part
     span = statistics_span(ran, trace, call, "grad_input[0]", dx)
     assert 6.0 < span < 15.0  # rms(dy) / (3 rms(dx)): 10 / 1, less what the gradient keeps
+    far = _batch_norm_call(10.0 + noise, mean=30.0)  # the gain is |weight| / std all the same
+    assert statistics_span(ran, *far[:2], "grad_input[0]", far[2]) == pytest.approx(span)
     assert statistics_span(ran, trace, call, "output[0]", trace.tensor("y")) == 1.0
     assert statistics_span({"convolution"}, trace, call, "grad_input[0]", dx) == 0.0
     trace, call, dx = _batch_norm_call(noise)
