@@ -406,9 +406,7 @@ def running_mean_draw(
     error says nothing of a channel whose mean cancels (an honest channels_last
     ghostnet_050 at step 0, its running mean 0.1 of the batch mean: cos_err 4.6e-4 where
     the reference's was 1.7e-16). None for other rows."""
-    if label != RUNNING_MEAN or x is None or x.dim() < 2:
-        return None
-    if not x.is_floating_point() or golden.shape != (x.shape[1],):
+    if label != RUNNING_MEAN or x is None or x.dim() < 2 or golden.shape != (x.shape[1],):
         return None
     momentum = getattr(module, "momentum", None)
     momentum = momentum if isinstance(momentum, float) else 1.0  # None: a cumulative mean
@@ -422,7 +420,7 @@ def running_mean_draw(
 
 
 def first_input(trace: Trace, call: Call) -> torch.Tensor | None:
-    """The call's first recorded tensor input (a norm's x)."""
+    """The call's first recorded floating tensor input (a norm's x)."""
     return _first(trace, call.inputs)
 
 
@@ -451,10 +449,14 @@ def statistics_span(
     dy = _first(trace, call.grad_outputs)
     if x is None or y is None or dy is None:
         return 1.0
-    rms = [_spread(x), _spread(y), *(t.double().pow(2).mean().sqrt().item() for t in (dy, golden))]
-    if min(rms) == 0 or not all(map(math.isfinite, rms)):
+    scales = [
+        _spread(x),
+        _spread(y),
+        *(t.double().pow(2).mean().sqrt().item() for t in (dy, golden)),
+    ]
+    if min(scales) == 0 or not all(map(math.isfinite, scales)):
         return 1.0
-    spread_x, spread_y, rms_dy, own = rms
+    spread_x, spread_y, rms_dy, own = scales
     return max(1.0, rms_dy * spread_y / spread_x / own)
 
 

@@ -105,7 +105,7 @@ def flatten(tree: Any) -> tuple[list[Any], TreeSpec]:
     leaves, spec = tree_flatten(tree)
     if not any(map(_is_instance, leaves)):
         return leaves, spec
-    return tree_flatten(opened(tree))
+    return tree_flatten(tree_map(_open, tree))
 
 
 def unflatten(leaves: list[Any], spec: TreeSpec) -> Any:
