@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from align.errors import AlignError
 from align.numerics.decisions import Choices, Decisions, is_random
@@ -32,8 +31,6 @@ from align.numerics.names import BUFFER, judged_locally
 from align.numerics.precision import kernel_accuracy, shares_statistics
 from align.numerics.trees import flatten, unflatten
 from align.numerics.verdict import (
-    STATISTIC_ORDER,
-    UNIT_FP32,
     Divergence,
     Row,
     Tolerance,
@@ -320,13 +317,11 @@ def isolate(
             notes.append(f"{call.label} not isolated: {type(exc).__name__}: {exc}")
             continue
         made = Pool(lambda k, pos=pos: iso.run(iso.ref.draw(k), pos), draws)
-        summed = functools.partial(
-            running_mean_draw, iso.modules[id(ref.model)][call.module], first_input(ref.trace, call)
-        )
+        one_pass = functools.cache(lambda pos=pos: iso.run(gold.one_pass_draw(), pos))
         try:
             judged = list(
                 _judge_local(
-                    ref.trace, call, r_local, t_local, g_local, made, tol, strict_dtype, summed
+                    ref.trace, call, r_local, t_local, g_local, made, tol, strict_dtype, one_pass
                 )
             )
         except AlignError as exc:  # NaN/Inf on the reference's own isolated run: no yardstick
@@ -351,20 +346,19 @@ def _judge_local(
     draws: Pool[LocalRun],
     tol,
     strict_dtype,
-    summed: Callable[[str, torch.Tensor], torch.Tensor | None],
+    one_pass: Callable[[], LocalRun],
 ):
     """The call's isolated rows (`trace`, the reference's, holds its recorded tensors);
-    `summed(label, golden)`, an honest draw of a running mean summed in another order
-    (`running_mean_draw`)."""
+    `one_pass()`, the golden's run with its statistics summed as in one pass, an honest
+    draw of a call that normalized by statistics (align.numerics.one_pass)."""
     ran = r.decisions.ran  # the aten ops the call ran: its kernels' documented accuracy
     ref_items = {(p, n): x for p, n, x in r.items()}
     tgt_items = {(p, n): x for p, n, x in t.items()}
     gold_items = {(p, n): x for p, n, x in g.items()}
 
     def honest(phase: str, label: str, round_: int) -> list[torch.Tensor]:
-        made = [x for d in draws(round_) for p, n, x in d.items() if (p, n) == (phase, label)]
-        drawn = summed(label, gold_items[(phase, label)])
-        return made if drawn is None else [*made, drawn]
+        runs = [*draws(round_), *([one_pass()] if shares_statistics(ran) else [])]
+        return [x for d in runs for p, n, x in d.items() if (p, n) == (phase, label)]
 
     for (phase, label), rt in ref_items.items():
         row = Row(call.module, call.index, phase, label, "", [], isolated=True)
@@ -389,39 +383,6 @@ def _judge_local(
             accuracy=kernel_accuracy(ran),
             statistics=statistics_span(ran, trace, call, label, gt),
         )
-
-
-RUNNING_MEAN = BUFFER + "running_mean"  # the row running_mean_draw draws for
-
-
-def running_mean_draw(
-    module: nn.Module, x: torch.Tensor | None, label: str, golden: torch.Tensor
-) -> torch.Tensor | None:
-    """An honest draw of the running mean a call of `module` (a BatchNorm) updated from its
-    input `x` (N, C, ...), where `golden` is the exact one: the batch mean summed in another
-    order, half verdict.STATISTIC_ORDER sqrt(n) fp32 roundoffs (a typical sum: 1.5 standard
-    deviations) of each channel's RMS off, times the momentum, with random signs. A
-    reference's kernel may sum more accurately than fp32 (the CPU's contiguous BatchNorm:
-    0.01 roundoffs of the RMS at n = 2048, where its channels_last one is 0.2 off), so its
-    error says nothing of a channel whose mean cancels (an honest channels_last
-    ghostnet_050 at step 0, its running mean 0.1 of the batch mean: cos_err 4.6e-4 where
-    the reference's was 1.7e-16). None for other rows."""
-    if label != RUNNING_MEAN or x is None or x.dim() < 2 or golden.shape != (x.shape[1],):
-        return None
-    momentum = getattr(module, "momentum", None)
-    momentum = momentum if isinstance(momentum, float) else 1.0  # None: a cumulative mean
-    dims = [d for d in range(x.dim()) if d != 1]
-    rms = x.double().pow(2).mean(dims).sqrt()
-    n = x.numel() / x.shape[1]
-    gen = torch.Generator().manual_seed(0)
-    signs = torch.randint(0, 2, golden.shape, generator=gen, dtype=torch.float64) * 2 - 1
-    step = STATISTIC_ORDER / 2 * math.sqrt(n) * UNIT_FP32 * momentum
-    return golden.double() + signs * step * rms.to(golden.device)
-
-
-def first_input(trace: Trace, call: Call) -> torch.Tensor | None:
-    """The call's first recorded floating tensor input (a norm's x)."""
-    return _first(trace, call.inputs)
 
 
 def _first(trace: Trace, keys: list[str | None]) -> torch.Tensor | None:

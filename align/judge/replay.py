@@ -14,7 +14,9 @@ inputs, whatever happened upstream.
 A call's backward entry (`Functional.conv2d.0.backward`: the gradient of its output
 in, the gradients of its tensor inputs out) is replayed the same way: the call re-run in
 float64 from its dumped forward inputs, differentiated against that side's own dumped
-output gradient, so a kernel whose backward alone is wrong is named too.
+output gradient, so a kernel whose backward alone is wrong is named too. A call that
+normalized by statistics (batch_norm, layer_norm, group_norm) has an honest draw too: the
+target's replay with its sums moved as a one-pass kernel's are (align.numerics.one_pass).
 
 Only REPLAYABLE APIs run, pure tensor arithmetic named by msprobe's
 prefix (`Functional.<name>` is torch.nn.functional's, `Torch.<name>` torch's,
@@ -27,6 +29,7 @@ in-place calls are not replayed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -40,7 +43,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 from align.errors import AlignError, TraceError
 from align.judge.isolation import statistics_span
 from align.numerics.decisions import Decisions
-from align.numerics.precision import kernel_accuracy
+from align.numerics.one_pass import OnePass
+from align.numerics.precision import kernel_accuracy, shares_statistics
 from align.numerics.verdict import Divergence, Row, Tolerance, judge_on_replays
 from align.record.trace import Call, Trace
 
@@ -112,9 +116,12 @@ def _value(value: Any, tensors: Any) -> Any:
     raise _Unreplayable(f"an argument of type {kind}")
 
 
-def _replay(api: str, entry: dict, tensors: Any) -> tuple[list[torch.Tensor | None], set[str]]:
+def _replay(
+    api: str, entry: dict, tensors: Any, one_pass: int | None = None
+) -> tuple[list[torch.Tensor | None], set[str]]:
     """The call's outputs re-run in float64 from its dumped inputs (floating ones; None
-    elsewhere), and the aten ops it ran."""
+    elsewhere), and the aten ops it ran; with `one_pass` (a seed), its statistics summed
+    as in one pass (align.numerics.one_pass)."""
     fn = _function(api)
     args = _value(entry.get("input_args") or [], tensors)
     kwargs = {k: _value(v, tensors) for k, v in (entry.get("input_kwargs") or {}).items()}
@@ -122,7 +129,7 @@ def _replay(api: str, entry: dict, tensors: Any) -> tuple[list[torch.Tensor | No
         raise _Unreplayable("a dtype or out argument")
     if api.endswith("_") or "__i" in api:  # in place: on a private copy
         args = tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, args)
-    with Decisions() as ops, torch.no_grad():
+    with Decisions() as ops, torch.no_grad(), _one_pass(one_pass):
         try:
             out = fn(*args, **kwargs)
         except Exception as exc:  # arguments a dump flattened otherwise: not replayable
@@ -132,11 +139,12 @@ def _replay(api: str, entry: dict, tensors: Any) -> tuple[list[torch.Tensor | No
 
 
 def _replay_backward(
-    api: str, forward: dict, backward: dict, tensors: Any
+    api: str, forward: dict, backward: dict, tensors: Any, one_pass: int | None = None
 ) -> tuple[list[torch.Tensor | None], set[str]]:
     """The gradients of the call's tensor inputs (in the order of its tensor arguments, as
     a backward entry's `output` lists them), re-run in float64: the call from its dumped
-    forward inputs, differentiated against the dumped gradient of its outputs."""
+    forward inputs, differentiated against the dumped gradient of its outputs; `one_pass`
+    as for `_replay`."""
     if api.endswith("_") or "__i" in api:
         raise _Unreplayable("the backward of an in-place call is not re-run")
     fn = _function(api)
@@ -145,12 +153,17 @@ def _replay_backward(
     if any(k in kwargs for k in ("dtype", "out")):
         raise _Unreplayable("a dtype or out argument")
     at = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    dumped = backward.get("output")  # a gradient per tensor argument, None where it has none
+    wanted = [
+        args[i].is_floating_point()
+        and (not isinstance(dumped, list) or (k < len(dumped) and dumped[k] is not None))
+        for k, i in enumerate(at)
+    ]  # (a BatchNorm's running statistics have none, and cannot be differentiated)
     args = [
-        a.detach().requires_grad_(a.is_floating_point()) if i in at else a
-        for i, a in enumerate(args)
+        a.detach().requires_grad_(wanted[at.index(i)]) if i in at else a for i, a in enumerate(args)
     ]
     given = [_value(g, tensors) for g in backward.get("input") or []]
-    with Decisions() as ops:
+    with Decisions() as ops, _one_pass(one_pass):
         try:
             with torch.enable_grad():
                 out = fn(*args, **kwargs)
@@ -175,6 +188,10 @@ def _replay_backward(
             raise _Unreplayable(f"{type(exc).__name__}: {str(exc)[:80]}") from exc
     found = iter(grads)
     return [next(found) if args[i].requires_grad else None for i in at], ops.ran
+
+
+def _one_pass(seed: int | None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if seed is None else OnePass(seed)
 
 
 @functools.lru_cache(maxsize=4)
@@ -283,7 +300,8 @@ def _judged_backward(
     t_gold, _ = _replay_backward(api, t_fwd, t_bwd, tgt.tensors)
     keys = (ref.calls[rpos].grad_inputs, tgt.calls[tpos].grad_inputs)
     sides = ((ref, tgt), keys, (r_gold, t_gold))
-    yield from _rows(call, "backward", "grad_input", *sides, tol, strict_dtype, ran)
+    drawn = functools.cache(lambda: _replay_backward(api, t_fwd, t_bwd, tgt.tensors, 0)[0])
+    yield from _rows(call, "backward", "grad_input", *sides, tol, strict_dtype, ran, drawn)
 
 
 def _judged(
@@ -304,7 +322,8 @@ def _judged(
     r_gold, ran = _replay(api, r_entry, ref.tensors)
     t_gold, _ = _replay(api, t_entry, tgt.tensors)
     sides = ((ref, tgt), (r_keys, t_keys), (r_gold, t_gold))
-    yield from _rows(call, "forward", "output", *sides, tol, strict_dtype, ran)
+    drawn = functools.cache(lambda: _replay(api, t_entry, tgt.tensors, one_pass=0)[0])
+    yield from _rows(call, "forward", "output", *sides, tol, strict_dtype, ran, drawn)
 
 
 def _rows(
@@ -317,9 +336,14 @@ def _rows(
     tol: Tolerance,
     strict_dtype: bool,
     ran: set[str],
+    one_pass: Callable[[], list[torch.Tensor | None]],
 ) -> Iterator[Row]:
     """Each dumped tensor against its side's replay, relative to the reference's error;
-    `ran`, the aten ops the replay ran (the kernels' documented accuracy)."""
+    `ran`, the aten ops the replay ran (the kernels' documented accuracy); `one_pass()`,
+    the target's replay with its statistics summed as in one pass: an honest draw where
+    the call normalized by statistics."""
+    if not shares_statistics(ran):
+        one_pass = list  # no statistics, no such draw
     (ref, tgt), (r_gold, t_gold) = traces, golds
     for i, (rk, tk) in enumerate(zip(*keys)):
         if rk is None or tk is None or i >= min(len(r_gold), len(t_gold)) or r_gold[i] is None:
@@ -338,4 +362,10 @@ def _rows(
             row=row,
             accuracy=kernel_accuracy(ran),
             statistics=statistics_span(ran, ref, call, row.tensor, gr),
+            honest=functools.partial(_drawn, one_pass, i),
         )
+
+
+def _drawn(one_pass: Callable[[], list[torch.Tensor | None]], i: int) -> torch.Tensor | None:
+    drawn = one_pass()
+    return drawn[i] if i < len(drawn) else None

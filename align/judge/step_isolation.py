@@ -37,12 +37,9 @@ import torch
 from torch import nn
 
 from align.judge.isolation import (
-    RUNNING_MEAN,
     Isolator,
     LocalRun,
     culprit_positions,
-    first_input,
-    running_mean_draw,
     statistics_span,
 )
 from align.numerics.decisions import Decisions
@@ -169,10 +166,10 @@ def _judged(
 
 class _HonestKernel:
     """The target's calls re-run alone at the dumps' precision on the CPU, from the target's
-    own inputs, weights and decisions: what an honest kernel computes where the target's
+    own inputs, weights and decisions, with their normalizations' statistics summed as in
+    one pass (align.numerics.one_pass): what an honest kernel computes where the target's
     inputs are unlike the reference's (a training that took another path), an honest draw
-    for its replay (made only for a tensor that fails without it); for a running mean, that
-    result with its batch mean summed in another order (isolation.running_mean_draw)."""
+    for its replay (made only for a tensor that fails without it)."""
 
     def __init__(
         self, model: nn.Module, tgt: Step, weights: dict[str, torch.Tensor], policy: Policy | None
@@ -188,19 +185,13 @@ class _HonestKernel:
             self.runs[pos] = {}
             try:
                 if self.isolator is None:
-                    run = _run(self.model, self.tgt, self.weights, self.policy)
+                    run = _run(self.model, self.tgt, self.weights, self.policy).one_pass_draw()
                     self.isolator = Isolator(run, run, run, backward=True, replays=_every)
                 local = _alone(self.isolator, self.isolator.ref, pos)
                 self.runs[pos] = {(p, n): t for p, n, t in local.items()}
             except Exception:  # (a call that cannot run at that precision: no such draw)
                 pass
-        found = self.runs[pos].get((phase, label))
-        if found is None or label != RUNNING_MEAN:
-            return found
-        call = self.tgt.trace.calls[pos]
-        module = unwrapped(self.model).get_submodule(call.module)
-        drawn = running_mean_draw(module, first_input(self.tgt.trace, call), label, found)
-        return found if drawn is None else drawn
+        return self.runs[pos].get((phase, label))
 
 
 def _run(

@@ -32,6 +32,7 @@ from align.errors import AlignError, ModelRunError
 from align.numerics.decisions import Choices, Decisions
 from align.numerics.emulate import parse_emulation
 from align.numerics.jitter import Jitter
+from align.numerics.one_pass import OnePass
 from align.numerics.precision import Policy, get_policy
 from align.numerics.trees import flatten, map_leaves, unflatten
 from align.record.trace import Call, Trace
@@ -383,12 +384,22 @@ class Run:
         None  # the seed of an honest draw (align.numerics.jitter), None for a plain run
     )
     decisions: Decisions | None = None  # its discrete choices (align.numerics.decisions)
+    one_pass: int | None = None  # the seed of a one-pass statistics draw (align.numerics.one_pass)
 
     def numerics(self, autocast: bool = True) -> contextlib.ExitStack:
         """Context for running code as this run did."""
-        return numerics(
+        stack = numerics(
             self.policy, self.device, self.emulation, autocast, self.native_kernels, self.jitter
         )
+        if self.one_pass is not None:
+            stack.enter_context(OnePass(self.one_pass))
+        return stack
+
+    def one_pass_draw(self) -> Run:
+        """This run with its normalizations' statistics summed as in one pass, at random
+        (align.numerics.one_pass): an honest draw of an isolated call, made from the
+        golden or an honest kernel."""
+        return dataclasses.replace(self, one_pass=self.seed)
 
     def draw(self, n: int) -> Run:
         """This run's n-th honest draw: the same model and record, rounding jittered."""

@@ -85,3 +85,27 @@ def test_a_backward_is_rerun_in_float64_against_the_dumped_output_gradient():
         _replay_backward("Tensor.add_", forward, backward, tensors)
     with pytest.raises(_Unreplayable, match="no output gradient"):
         _replay_backward("Functional.linear", forward, {"input": [None]}, tensors)
+
+
+def test_a_batch_norm_replays_its_backward_and_draws_its_statistics_in_one_pass():
+    """msprobe dumps a batch_norm's running statistics as tensor arguments without
+    gradients: the backward differentiates only what has one. With `one_pass`, the
+    replay's statistics are summed as a one-pass kernel's are: per-channel offsets (and
+    gains: align.numerics.one_pass's tests say how large)."""
+    x, dy = torch.randn(4, 3, 5, 5) + 6, torch.randn(4, 3, 5, 5)
+    tensors = {"x": x, "m": torch.zeros(3), "v": torch.ones(3), "w": torch.rand(3), "dy": dy}
+    tensor = [{"type": "torch.Tensor", "data_name": k} for k in ("x", "m", "v", "w")]
+    forward = {
+        "input_args": [*tensor, None, {"type": "bool", "value": True}]
+        + [{"type": "float", "value": 0.1}, {"type": "float", "value": 1e-5}]
+    }
+    backward = {"input": [{"type": "torch.Tensor", "data_name": "dy"}]}
+    backward["output"] = [{"type": "torch.Tensor", "data_name": "dy"}, None, None, None]
+    (gx, *rest), _ = _replay_backward("Functional.batch_norm", forward, backward, tensors)
+    assert gx.shape == x.shape and rest == [None, None, None]  # w: no gradient dumped
+    (exact,), ran = _replay("Functional.batch_norm", forward, tensors)
+    (drawn,), _ = _replay("Functional.batch_norm", forward, tensors, one_pass=0)
+    offsets = (drawn - exact).mean((0, 2, 3))
+    assert "native_batch_norm" in ran and offsets.abs().min() > 1e-9
+    (g_drawn, *_), _ = _replay_backward("Functional.batch_norm", forward, backward, tensors, 0)
+    assert not torch.equal(g_drawn, gx)

@@ -771,3 +771,66 @@ def test_pickle_in_an_l1_dump_is_never_run_through_compare(tmp_path):
     with pytest.raises(TraceError, match="refused.*weights_only=True"):
         align.compare(ref, tgt)
     assert EXECUTED == []
+
+
+def _batch_norm_dump(directory: Path, layout: torch.memory_format, eps: float = 1e-5) -> None:
+    """An L1 dump of one Functional.batch_norm in training, as msprobe writes its arguments
+    (tensors, then the bool and floats), of an input whose channel means are 6 of its
+    standard deviations; `eps` is the one the kernel uses (the dump says 1e-5)."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(8, 16, 32, 32, generator=gen) + 6).contiguous(memory_format=layout)
+    dy = torch.randn(8, 16, 32, 32, generator=gen).contiguous(memory_format=layout)
+    weight, bias = torch.rand(16, generator=gen) + 0.5, torch.rand(16, generator=gen) - 0.5
+    inputs = [x, torch.zeros(16), torch.ones(16), weight, bias]
+    leaves = [t.clone().requires_grad_(i in (0, 3, 4)) for i, t in enumerate(inputs)]
+    with torch.no_grad():
+        moved = [t.clone() for t in inputs]  # the running statistics, as dumped: before
+    out = torch.nn.functional.batch_norm(*leaves, True, 0.1, eps)
+    grads = torch.autograd.grad(out, [leaves[0], leaves[3], leaves[4]], dy)
+    tensor_dir = directory / "dump_tensor_data"
+    tensor_dir.mkdir(parents=True)
+
+    def record(t: torch.Tensor, name: str) -> dict:
+        torch.save(t.detach().contiguous().clone(), tensor_dir / name)
+        return _stats(t.detach(), name)
+
+    name = "Functional.batch_norm.0"
+    data = {
+        f"{name}.forward": {
+            "input_args": [record(t, f"{name}.forward.input.{i}.pt") for i, t in enumerate(moved)]
+            + [{"type": "bool", "value": True}, {"type": "float", "value": 0.1}]
+            + [{"type": "float", "value": 1e-5}],
+            "input_kwargs": {},
+            "output": [record(out, f"{name}.forward.output.0.pt")],
+        },
+        f"{name}.backward": {
+            "input": [record(dy, f"{name}.backward.input.0.pt")],
+            "output": [
+                record(grads[0], f"{name}.backward.output.0.pt"),
+                None,
+                None,
+                record(grads[1], f"{name}.backward.output.3.pt"),
+                record(grads[2], f"{name}.backward.output.4.pt"),
+            ],
+        },
+    }
+    dump = {"task": "tensor", "level": "L1", "framework": "pytorch", "data": data}
+    (directory / "dump.json").write_text(json.dumps(dump))
+    (directory / "construct.json").write_text("{}")
+    (directory / "stack.json").write_text("{}")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_one_pass_batch_norm_passes_its_replay_and_a_wrong_eps_is_named(tmp_path):
+    """The CPU's channels_last BatchNorm sums each channel's mean in one chain, as an
+    Ascend one does: at mean / std 6 it passes, forward and backward (whose running
+    statistics have no gradient: not differentiated), and a kernel with eps 1e-2 is named.
+    (A dump without a golden judges it on dtype floors, which it exceeds at mean / std 30.)"""
+    _batch_norm_dump(tmp_path / "ref", torch.contiguous_format)
+    _batch_norm_dump(tmp_path / "cl", torch.channels_last)
+    honest = align.compare(tmp_path / "ref", tmp_path / "cl")
+    assert honest.passed and not honest.culprits, honest
+    assert {r.phase for r in honest.local_rows} == {"forward", "backward"}
+    _batch_norm_dump(tmp_path / "eps", torch.channels_last, eps=1e-2)
+    report = align.compare(tmp_path / "ref", tmp_path / "eps")
+    assert [c.module for c in report.culprits] == ["Functional.batch_norm"], report
