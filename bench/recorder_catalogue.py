@@ -32,7 +32,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from verdict_catalogue import HONEST, build, fault_sites, outcome, target_for, totals
+from verdict_catalogue import (
+    HONEST,
+    HONEST_KINDS,
+    build,
+    fault_sites,
+    outcome,
+    target_for,
+    totals,
+)
 
 import align
 from align.testing import FAULTS
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=MODELS)
     p.add_argument("--precisions", nargs="+", default=["fp32", "amp-bf16"])
-    p.add_argument("--honest", nargs="*", default=list(HONEST), choices=HONEST)
+    p.add_argument("--honest", nargs="*", default=list(HONEST), choices=HONEST_KINDS)
     p.add_argument("--faults", nargs="*", default=None, choices=list(FAULTS), help="default: all")
     p.add_argument("--steps", nargs="+", type=int, default=[1, 2], help="recorded (default 1 2)")
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")

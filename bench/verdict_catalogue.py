@@ -12,7 +12,7 @@ statistics over small maps), with dropout and drop-path on, checked with align's
 (no golden file). Honest targets (`align.testing.perturb`: every accumulating kernel
 rounds half an ulp or one ulp otherwise; the same model in channels_last) must pass.
 `--honest` adds other honest kinds (HONEST_KINDS: 2-ulp transcendentals, another thread
-count, a blocked summation order, norms from primitives). Faulty targets
+count, a blocked summation order, norms from primitives, one-pass BatchNorms). Faulty targets
 (`align.testing.FAULTS`, each injected into a module chosen by type, the middle one of its
 kind) must fail with the faulty module as the first culprit. Prints one
 line per check and the totals.
@@ -37,6 +37,7 @@ from align.testing import (
     FAULTS,
     decomposed_norms,
     math_attention,
+    one_pass_norms,
     perturb,
     split_summation,
     transcendental_ulps,
@@ -59,13 +60,15 @@ HONEST = ("half_ulp", "one_ulp", "channels_last")
 # More honest targets, selected with --honest (align.testing says why each is honest):
 # transcendental activations 2 ulp accurate, another intra-op thread count, convolutions and
 # linear layers summing in two blocks (and the batch in two halves), norms from primitives,
-# attention from separate matmuls and softmax instead of a fused kernel.
+# attention from separate matmuls and softmax instead of a fused kernel, BatchNorms forming
+# their statistics in one pass on a vector unit (Ascend's: sum and sum of squares).
 HONEST_KINDS = HONEST + (
     "two_ulp_transcendental",
     "threads",
     "summation_order",
     "decomposed_norm",
     "math_attention",
+    "one_pass_norm",
 )
 NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 # Faults that are none under bf16 autocast (tests/judge/test_faults.py says why): fp16 rounding
@@ -232,6 +235,8 @@ def target_for(model: nn.Module, kind: str, site: str | None) -> nn.Module:
         return decomposed_norms(model)
     if kind == "math_attention":
         return math_attention(model)
+    if kind == "one_pass_norm":
+        return one_pass_norms(model)
     target = copy.deepcopy(model)
     FAULTS[kind](target, site)
     return target

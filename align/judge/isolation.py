@@ -317,12 +317,9 @@ def isolate(
             notes.append(f"{call.label} not isolated: {type(exc).__name__}: {exc}")
             continue
         made = Pool(lambda k, pos=pos: iso.run(iso.ref.draw(k), pos), draws)
-        one_pass = functools.cache(lambda pos=pos: iso.run(gold.one_pass_draw(), pos))
         try:
             judged = list(
-                _judge_local(
-                    ref.trace, call, r_local, t_local, g_local, made, tol, strict_dtype, one_pass
-                )
+                _judge_local(ref.trace, call, r_local, t_local, g_local, made, tol, strict_dtype)
             )
         except AlignError as exc:  # NaN/Inf on the reference's own isolated run: no yardstick
             notes.append(f"{call.label} not judged in isolation: {exc}")
@@ -346,19 +343,15 @@ def _judge_local(
     draws: Pool[LocalRun],
     tol,
     strict_dtype,
-    one_pass: Callable[[], LocalRun],
 ):
-    """The call's isolated rows (`trace`, the reference's, holds its recorded tensors);
-    `one_pass()`, the golden's run with its statistics summed as in one pass, an honest
-    draw of a call that normalized by statistics (align.numerics.one_pass)."""
+    """The call's isolated rows (`trace`, the reference's, holds its recorded tensors)."""
     ran = r.decisions.ran  # the aten ops the call ran: its kernels' documented accuracy
     ref_items = {(p, n): x for p, n, x in r.items()}
     tgt_items = {(p, n): x for p, n, x in t.items()}
     gold_items = {(p, n): x for p, n, x in g.items()}
 
     def honest(phase: str, label: str, round_: int) -> list[torch.Tensor]:
-        runs = [*draws(round_), *([one_pass()] if shares_statistics(ran) else [])]
-        return [x for d in runs for p, n, x in d.items() if (p, n) == (phase, label)]
+        return [x for d in draws(round_) for p, n, x in d.items() if (p, n) == (phase, label)]
 
     for (phase, label), rt in ref_items.items():
         row = Row(call.module, call.index, phase, label, "", [], isolated=True)
@@ -394,7 +387,7 @@ def _first(trace: Trace, keys: list[str | None]) -> torch.Tensor | None:
 def statistics_span(
     ran: set[str], trace: Trace, call: Call, label: str, golden: torch.Tensor
 ) -> float:
-    """What the statistics a call normalized by (verdict.STATISTIC_ORDER) summed, in RMS of
+    """What the statistics a call normalized by (precision.STATISTIC_ORDER) summed, in RMS of
     its tensor `label` (exact: `golden`): 0 where it ran none; 1 for what it computes
     forward; for an input gradient, the grad_output its backward summed (mean(dy),
     mean(dy x)), through the call's forward gain (`_spread(y) / _spread(x)`: a BatchNorm's

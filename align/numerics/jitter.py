@@ -18,7 +18,10 @@ its own size, which nudging its result alone never shows. Nudges miss what anoth
 does to a long reduction that cancels (a BatchNorm weight gradient over 2x56x56 values),
 so every other whole-network draw (and training draw) also runs in the other memory format
 (`align.record.capture.honest_draw`): the device's own kernels for that layout, another
-order. The verdict scales its limits by the largest error of the reference and its draws.
+order. A normalization's statistics are moved as a one-pass kernel's are
+(align.numerics.one_pass: a device that sums x and x^2 per channel, as Ascend's
+BatchNorm does, errs with the input's mean over its spread, which no nudge reproduces).
+The verdict scales its limits by the largest error of the reference and its draws.
 What the recording copies (snapshots of tensors, a child's record replayed in isolation)
 is no op of the run and is not nudged (align.record.capture.outside_modes).
 """
@@ -32,6 +35,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from align.numerics.one_pass import OnePass
 from align.numerics.precision import SUMMING_OPS, op_accuracy, unit_roundoff
 
 JITTERED = (torch.float32, torch.bfloat16, torch.float16)
@@ -86,6 +90,7 @@ class Jitter(TorchDispatchMode):
     def __init__(self, seed: int):
         super().__init__()
         self.generator = torch.Generator().manual_seed(seed)
+        self.sums = OnePass(seed)  # moves a normalization's statistics; never entered
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if any(ret.alias_info is not None for ret in func._schema.returns):
@@ -95,9 +100,10 @@ class Jitter(TorchDispatchMode):
         ):
             return func(*args, **(kwargs or {}))
         op = func.overloadpacket.__name__
+        kwargs = kwargs or {}
         if op in SUMMING_OPS:  # its error is relative to its terms, not to its result
-            args, kwargs = self._operands(func, args, kwargs or {})
-        out = func(*args, **(kwargs or {}))
+            args, kwargs = self._operands(func, args, kwargs)
+        out = self.sums.moved(func, args, kwargs, func(*args, **kwargs))
         roundings = op_accuracy(op)
         return tree_map(lambda t: self._perturb(t, roundings), out)
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from align.numerics.verdict import STATISTIC_ORDER, UNIT_FP32
+from align.numerics.precision import STATISTIC_ORDER, UNIT_FP32
 
 # half the statistics allowance: a typical one-chain sum (1.5 of its standard deviations,
 # u sqrt(n) / 3 of its terms' RMS each), as the running-mean draw had it; statistics are
@@ -94,13 +94,16 @@ class OnePass(TorchDispatchMode):
         self.generator = torch.Generator().manual_seed(seed)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        return self.moved(func, args, kwargs or {}, func(*args, **(kwargs or {})))
+
+    def moved(self, func, args: tuple, kwargs: dict, out):
+        """`out`, what `func` returned for `args`, with its sums moved where it is a
+        normalization (align.numerics.jitter moves its draws' this way too)."""
         move = _MOVES.get(func.overloadpacket.__name__)
         if move is None:
             return out
         names = [a.name for a in func._schema.arguments]
-        bound = {**dict(zip(names, args)), **(kwargs or {})}
-        return move(self, bound, out)
+        return move(self, {**dict(zip(names, args)), **kwargs}, out)
 
     def _signs(self, n: int, device: torch.device) -> torch.Tensor:
         signs = torch.randint(0, 2, (n,), generator=self.generator, dtype=torch.float64)

@@ -32,7 +32,15 @@ from align.numerics import metrics
 from align.numerics.jitter import GRAY_ZONE
 from align.numerics.metrics import SIGNED
 from align.numerics.names import call_label
-from align.numerics.precision import Policy, error_floor, held_dtype, kernel_bias, unit_roundoff
+from align.numerics.precision import (
+    STATISTIC_ORDER,
+    UNIT_FP32,
+    Policy,
+    error_floor,
+    held_dtype,
+    kernel_bias,
+    unit_roundoff,
+)
 
 SHARE_FLOOR = 1e-2  # a hundredth of the elements may exceed tau without a reason
 SHARE_COUNT = 4  # ... and at least this many, for small tensors (BN parameters)
@@ -62,20 +70,6 @@ ONE_ELEMENT = 2.0
 BIAS_FRACTION = 0.05
 # scale_err's weighting effect, sqrt(n / effective count), for normal values: E[g^4] / E[g^2]^2 = 3
 NORMAL_WEIGHTING = math.sqrt(3)
-UNIT_FP32 = 2.0**-24  # the bias floor's constant: far below any gain fault, in any dtype
-# A normalization's statistics (mean, variance) are sums over n values, which honest
-# kernels form in any order, and every element of a slice shares its statistic's error.
-# Summed in one chain (recursive summation, one thread), the partial sums grow as k times
-# the terms' mean, each rounded within a unit roundoff u: the sum's relative error has a
-# standard deviation of u sqrt(n) / 3 (Higham, 2nd ed., section 4.2's probabilistic
-# bound, with uniform roundings); STATISTIC_ORDER allows 3 of them. Measured on the
-# CPU's channels_last BatchNorm (per-thread running sums), worst channel of 20 draws: a
-# gain of 0.22 sqrt(n) roundoffs with two threads, n from 128 to 25088, where the
-# contiguous kernel stays within 1.4 roundoffs; with one thread, an input gradient's offset
-# of 0.67 sqrt(n) roundoffs of the sums' terms (tests/judge/test_step_isolation.py's
-# ZeroMean). Statistics are accumulated in fp32 at least, whatever the tensor's dtype. At
-# n = 25088, sqrt(n) roundoffs is 9.4e-6, 30x under a 0.03% gain.
-STATISTIC_ORDER = 1.0
 # Elements of an isolated reduced-precision tensor further from the golden than the
 # reference's own element by more than EXCESS_ULPS of their value (an honest kernel's
 # output is one rounding of nearly the sum the reference formed: within 1.5 ulp of the

@@ -3,7 +3,7 @@
 
     honest.py   copies whose kernels differ as another correct device's do: perturb
                 (half or one ulp), transcendental_ulps, with_threads, split_summation,
-                decomposed_norms, math_attention
+                decomposed_norms, math_attention, one_pass_norms
     faults.py   FAULTS[kind](model, module_name): one known fault in one module; a fused
                 dropout kernel off its own mask (fused_dropout_kernel)
     models.py   USER_MODELS[name](): models as users write them (LSTM, GRU, a UNet, torch's
@@ -22,6 +22,7 @@ from align.testing.honest import (
     decomposed_norms,
     math_attention,
     module,
+    one_pass_norms,
     override_forward,
     perturb,
     split_summation,
@@ -38,6 +39,7 @@ __all__ = [
     "USER_MODELS",
     "FusedDropout",
     "decomposed_norms",
+    "one_pass_norms",
     "fused_dropout_kernel",
     "math_attention",
     "module",

@@ -12,6 +12,8 @@ another correct device's do, so the verdict must pass them.
 - `decomposed_norms(model)`: norms built from primitives, as graph compilers lower them.
 - `math_attention(model)`: scaled_dot_product_attention as separate matmuls and a
   softmax (each rounding its output) instead of the fused kernel the reference picks.
+- `one_pass_norms(model)`: BatchNorms forming their statistics in one pass on a vector
+  unit (a sum and a sum of squares per channel), as Ascend's do.
 """
 
 from __future__ import annotations
@@ -418,4 +420,91 @@ def decomposed_norms(model: nn.Module) -> nn.Module:
     for m in target.modules():
         if isinstance(m, NORM_TYPES):
             with_functionals(m, functionals, "Decomposed")
+    return target
+
+
+# fp32 elements per vector instruction (256 bytes) on an Ascend AI core's vector unit
+LANES = 64
+
+
+def _lane_sums(t: torch.Tensor) -> torch.Tensor:
+    """Row sums of fp32 `t` (rows, n) as a vector unit forms them: each of LANES lanes adds
+    its share of the row in one chain, in fp32, then the lanes are summed."""
+    rows, n = t.shape
+    blocks = F.pad(t, (0, -n % LANES)).view(rows, -1, LANES)
+    acc = torch.zeros(rows, LANES, dtype=torch.float32, device=t.device)
+    for k in range(blocks.shape[1]):
+        acc = acc + blocks[:, k]
+    return acc.sum(1)
+
+
+def _one_pass_stats(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's mean and biased variance from its sum and sum of squares (fp32 `xs`)."""
+    n = xs.shape[1]
+    mean = _lane_sums(xs) / n
+    return mean, (_lane_sums(xs * xs) / n - mean * mean).clamp_min(0)
+
+
+class _OnePassBatchNorm(torch.autograd.Function):
+    """A training BatchNorm whose statistics are a sum and a sum of squares per channel
+    (`_lane_sums`), the variance E[x^2] - mean^2, and whose backward takes its two sums
+    the same way: Ascend's BatchNormReduce / BatchNormUpdate pair."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float):
+        channels, moved = x.shape[1], (x.shape[0], *x.shape[2:])
+        xs = x.float().transpose(0, 1).reshape(channels, -1)
+        mean, variance = _one_pass_stats(xs)
+        rstd = torch.rsqrt(variance + eps)
+        x_hat = (xs - mean[:, None]) * rstd[:, None]
+        ctx.save_for_backward(x_hat, rstd, weight)
+        ctx.moved = moved
+        y = x_hat * weight.float()[:, None] + bias.float()[:, None]
+        y = y.reshape(channels, *moved).transpose(0, 1)
+        return y.to(x.dtype).clone(memory_format=torch.contiguous_format)  # not a view
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_hat, rstd, weight = ctx.saved_tensors
+        channels, n = x_hat.shape
+        ds = dy.float().transpose(0, 1).reshape(channels, -1)
+        grad_bias, grad_weight = _lane_sums(ds), _lane_sums(ds * x_hat)
+        grad = ds - grad_bias[:, None] / n - x_hat * (grad_weight[:, None] / n)
+        grad = grad * (weight.float() * rstd)[:, None]
+        grad = grad.reshape(channels, *ctx.moved).transpose(0, 1).to(dy.dtype)
+        return grad, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), None
+
+
+_TORCH_BATCH_NORM = F.batch_norm
+
+
+def one_pass_batch_norm(
+    x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
+):
+    """F.batch_norm with a training call's statistics formed in one pass (`_OnePassBatchNorm`);
+    others are torch's own."""
+    if not training or weight is None or bias is None or x.numel() == x.shape[1]:
+        args = (running_mean, running_var, weight, bias, training, momentum, eps)
+        return _TORCH_BATCH_NORM(x, *args)
+    if running_mean is not None and momentum is not None:
+        with torch.no_grad():
+            xs = x.float().transpose(0, 1).reshape(x.shape[1], -1)
+            mean, variance = _one_pass_stats(xs)
+            n = xs.shape[1]
+            running_mean.mul_(1 - momentum).add_(momentum * mean.to(running_mean.dtype))
+            unbiased = (variance * n / max(n - 1, 1)).to(running_var.dtype)
+            running_var.mul_(1 - momentum).add_(momentum * unbiased)
+    return _OnePassBatchNorm.apply(x, weight, bias, eps)
+
+
+def one_pass_norms(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose BatchNorms form their statistics in one pass on a vector
+    unit, as Ascend's do (aclnnBatchNormReduce: hicann/ops-nn norm/bn_training_reduce):
+    each channel's sum and sum of squares in fp32, LANES lanes each summing its share in
+    one chain; the variance E[x^2] - mean^2; the backward's sums of dy and dy x_hat alike.
+    Honest: the same layer, summed in another order and formed by another algorithm."""
+    target = copy.deepcopy(model)
+    for m in target.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with_functionals(m, {"batch_norm": one_pass_batch_norm}, "OnePass")
     return target

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import align
-from align.testing import FAULTS, perturb
+from align.testing import FAULTS, one_pass_norms, perturb
 
 timm = pytest.importorskip("timm")
 
@@ -38,6 +38,8 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor]:
 def honest(model: nn.Module, kind: str) -> nn.Module:
     if kind == "channels_last":
         return copy.deepcopy(model).to(memory_format=torch.channels_last)
+    if kind == "one_pass_norm":
+        return one_pass_norms(model)
     return perturb(model, {"half_ulp": 0.5, "one_ulp": 1.0}[kind])
 
 
@@ -45,13 +47,43 @@ def check(model, x, target, precision):
     return align.check(model, x, target_model=target, target="cpu", precision=precision)
 
 
-@pytest.mark.parametrize("kind", ["half_ulp", "one_ulp", "channels_last"])
+@pytest.mark.parametrize("kind", ["half_ulp", "one_ulp", "channels_last", "one_pass_norm"])
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("name", list(MODELS))
 def test_an_honest_target_passes(name, precision, kind):
     model, x = build(name)
     report = check(model, x, honest(model, kind), precision)
     assert report.passed, str(report)
+
+
+class Shifted(nn.Module):
+    """A BatchNorm whose input's channel means are about 60 of their standard deviations
+    (a convolution's output plus a constant)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.conv(x) + 30.0)).mean((2, 3)))
+
+
+def test_a_one_pass_batch_norm_far_from_zero_mean_passes_and_a_wrong_eps_is_named():
+    """A BatchNorm forming its statistics as Ascend's does (a sum and a sum of squares per
+    channel, the variance E[x^2] - mean^2) is 1.7e-4 off at mean / std 60, 100x torch's
+    kernel: honest draws move their statistics so too (align.numerics.one_pass), or the
+    whole network and the training fail it. A kernel with eps 1e-2 is still named."""
+    torch.manual_seed(0)
+    model = Shifted()
+    x = torch.randn(8, 8, 32, 32, generator=torch.Generator().manual_seed(1))
+    for phases in ("forward,backward", "train"):
+        report = align.check(model, x, target_model=one_pass_norms(model), phases=phases)
+        assert report.passed, str(report)
+    faulty = one_pass_norms(model)
+    FAULTS["norm_eps"](faulty, "bn")
+    report = align.check(model, x, target_model=faulty, target="cpu")
+    assert [c.module for c in report.culprits] == ["bn"], str(report)
 
 
 def _first(model: nn.Module, kind: type[nn.Module]) -> str:

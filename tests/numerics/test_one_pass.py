@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from align.numerics.one_pass import SUM_ERROR, OnePass
-from align.numerics.verdict import UNIT_FP32
+from align.numerics.precision import UNIT_FP32
 
 
 def _bn_run(x, dy, weight, bias, dtype=torch.float64, layout=torch.contiguous_format, mode=None):
