@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from align.numerics.precision import STATISTIC_ORDER, UNIT_FP32
@@ -103,7 +104,8 @@ class OnePass(TorchDispatchMode):
         if move is None:
             return out
         names = [a.name for a in func._schema.arguments]
-        return move(self, {**dict(zip(names, args)), **kwargs}, out)
+        with no_dispatch():  # arithmetic of the draw, no op of the run: modes below skip it
+            return move(self, {**dict(zip(names, args)), **kwargs}, out)
 
     def _signs(self, n: int, device: torch.device) -> torch.Tensor:
         signs = torch.randint(0, 2, (n,), generator=self.generator, dtype=torch.float64)

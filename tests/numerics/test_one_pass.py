@@ -133,3 +133,17 @@ def test_ops_that_sum_no_statistics_and_an_evaluating_batch_norm_are_left_alone(
     exact = bn(conv(x))
     with OnePass(0):
         assert torch.equal(bn(conv(x)), exact)
+
+
+def test_the_draws_own_arithmetic_is_no_op_of_the_run_for_the_modes_below():
+    """Recorded decisions (a ReLU's branches) are the run's alone: the draw's clamp of its
+    variance is not among them, or a replay would take the wrong choices."""
+    from align.numerics.decisions import Decisions
+
+    bn = nn.BatchNorm1d(4).double()
+    x = torch.randn(16, 4, dtype=torch.float64)
+    with Decisions() as plain:
+        torch.relu(bn(x))
+    with Decisions() as drawn, OnePass(0):
+        torch.relu(bn(x))
+    assert [op for op, _ in drawn.log] == [op for op, _ in plain.log] != []

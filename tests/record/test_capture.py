@@ -144,12 +144,16 @@ def test_odd_honest_draws_run_in_the_other_layout_with_the_references_choices():
     draws = [honest_draw(model, x, ref, k, loss_fn=None) for k in (0, 1)]
     assert [d.meta["memory_format"] for d in draws] == [None, "channels_last"]
     assert draws[1].meta["decisions"] == "replayed"
+    grads = {k for c in ref.trace.calls for k in (*c.grad_inputs, *c.grad_outputs) if k}
+    flow = max(float(ref.trace.tensors[k].norm()) for k in grads)
     for draw in draws:
         for key, t in ref.trace.tensors.items():
             other = draw.tensors[key]
             assert other.shape == t.shape
-            # rounding apart (a gradient that cancels to ~1e-7 is all rounding)
-            assert float((other - t).norm()) <= 1e-5 * float(t.norm()) + 1e-6, key
+            # rounding apart; a gradient that cancels (the conv's bias gradient before a
+            # BatchNorm, exactly 0) is all rounding of terms as large as the gradients
+            # flowing back, summed as a one-pass BatchNorm may (align.numerics.one_pass)
+            assert float((other - t).norm()) <= 1e-5 * (float(t.norm()) + flow), key
 
 
 def test_the_other_layout_keeps_an_image_as_given_and_survives_a_strided_1x1_conv():
