@@ -157,32 +157,33 @@ class OnePass(TorchDispatchMode):
 
 
 def _batch_norm(mode: OnePass, a: dict, out: tuple) -> tuple:
+    """native_batch_norm, or cuDNN's and MIOpen's (the GPU's kernels: `epsilon`,
+    `exponential_average_factor`, and cuDNN's reserve space as a fourth output)."""
     x = a["input"]
     if not a["training"] or x.numel() <= x.shape[1]:
         return out  # normalized by running statistics, or by one value per channel
     slices = _per_channel(x, a["weight"])
-    out, d_mean, d_variance = mode.forward(slices, x, a["eps"], out)
+    moved, d_mean, d_variance = mode.forward(slices, x, _given(a, "eps", "epsilon"), out[:3])
     n = slices.terms
+    momentum = _given(a, "momentum", "exponential_average_factor")
     for buffer, move in ((a["running_mean"], d_mean), (a["running_var"], d_variance * n / (n - 1))):
         if buffer is not None:
-            buffer.add_((a["momentum"] * move).to(buffer.dtype))
-    return out
+            buffer.add_((momentum * move).to(buffer.dtype))
+    return (*moved, *out[3:])
 
 
 def _batch_norm_backward(mode: OnePass, a: dict, out: tuple) -> tuple:
+    """native_batch_norm_backward, or cuDNN's and MIOpen's (only ever in training; their
+    `save_var` is the saved 1/std)."""
     x = a["input"]
-    if not a["train"] or a["save_mean"] is None or x.numel() <= x.shape[1]:
+    save_mean, save_invstd = a["save_mean"], _given(a, "save_invstd", "save_var")
+    if not a.get("train", True) or save_mean is None or x.numel() <= x.shape[1]:
         return out
     slices = _per_channel(x, a["weight"])
     grad_input, grad_weight, grad_bias = out
+    grad = _given(a, "grad_out", "grad_output").double()
     grad_input, d_sum, d_dot = mode.backward(
-        slices,
-        x,
-        a["grad_out"].double(),
-        a["save_mean"],
-        a["save_invstd"],
-        grad_input,
-        slices.weight,
+        slices, x, grad, save_mean, save_invstd, grad_input, slices.weight
     )
     n = slices.terms  # a BatchNorm's bias and weight gradients are the same sums, times n
     if grad_bias is not None:
@@ -190,6 +191,11 @@ def _batch_norm_backward(mode: OnePass, a: dict, out: tuple) -> tuple:
     if grad_weight is not None:
         grad_weight = (grad_weight.double() + n * d_dot).to(grad_weight.dtype)
     return grad_input, grad_weight, grad_bias
+
+
+def _given(a: dict, name: str, alias: str):
+    """Argument `name` of an op that may call it `alias` (cuDNN's and MIOpen's names)."""
+    return a[name] if name in a else a[alias]
 
 
 def _layer_norm(mode: OnePass, a: dict, out: tuple) -> tuple:
@@ -225,6 +231,10 @@ _MOVES: dict[str, Callable[[OnePass, dict, tuple], tuple]] = {
     "native_batch_norm": _batch_norm,
     "_native_batch_norm_legit": _batch_norm,
     "native_batch_norm_backward": _batch_norm_backward,
+    "cudnn_batch_norm": _batch_norm,
+    "cudnn_batch_norm_backward": _batch_norm_backward,
+    "miopen_batch_norm": _batch_norm,
+    "miopen_batch_norm_backward": _batch_norm_backward,
     "native_layer_norm": _layer_norm,
     "native_layer_norm_backward": _layer_norm_backward,
     "native_group_norm": _group_norm,

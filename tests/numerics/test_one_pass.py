@@ -147,3 +147,49 @@ def test_the_draws_own_arithmetic_is_no_op_of_the_run_for_the_modes_below():
     with Decisions() as drawn, OnePass(0):
         torch.relu(bn(x))
     assert [op for op, _ in drawn.log] == [op for op, _ in plain.log] != []
+
+
+def test_a_gpu_reference_batch_norm_is_moved_as_the_cpus_is():
+    """A CUDA reference's draws run cuDNN's BatchNorm (other argument names, a reserve
+    space): moved as native_batch_norm is. No GPU here: the CPU kernel's results are handed
+    to the move under cuDNN's schema, and must come out as native's move makes them."""
+    aten = torch.ops.aten
+    gen = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(4, 3, 5, 5, generator=gen) + 2, torch.randn(4, 3, 5, 5, generator=gen)
+    weight, bias = torch.rand(3, generator=gen) + 0.5, torch.rand(3, generator=gen)
+    stats = [torch.zeros(3), torch.ones(3)]
+    native = aten.native_batch_norm.default(x, weight, bias, *stats, True, 0.1, 1e-5)
+    grads = aten.native_batch_norm_backward.default(
+        dy, x, weight, None, None, native[1], native[2], True, 1e-5, [True, True, True]
+    )
+    reserve = torch.empty(0)
+    ours = [torch.zeros(3), torch.ones(3)]
+    theirs = [torch.zeros(3), torch.ones(3)]
+    expected = OnePass(7).moved(
+        aten.native_batch_norm.default, (x, weight, bias, *ours, True, 0.1, 1e-5), {}, native
+    )
+    cudnn = OnePass(7).moved(
+        aten.cudnn_batch_norm.default,
+        (x, weight, bias, *theirs, True, 0.1, 1e-5),
+        {},
+        (*native, reserve),
+    )
+    assert len(cudnn) == 4 and cudnn[3] is reserve
+    for a, b in zip([*expected, *ours], [*cudnn[:3], *theirs]):
+        assert torch.equal(a, b)
+    assert not torch.equal(expected[0], native[0])
+    expected = OnePass(8).moved(
+        aten.native_batch_norm_backward.default,
+        (dy, x, weight, None, None, native[1], native[2], True, 1e-5, [True, True, True]),
+        {},
+        grads,
+    )
+    cudnn = OnePass(8).moved(
+        aten.cudnn_batch_norm_backward.default,
+        (x, dy, weight, None, None, native[1], native[2], 1e-5, reserve),
+        {},
+        grads,
+    )
+    for a, b in zip(expected, cudnn):
+        assert torch.equal(a, b)
+    assert not torch.equal(expected[0], grads[0])
