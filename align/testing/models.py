@@ -3,7 +3,7 @@ classifiers has never seen (recurrent layers, embeddings, transposed convolution
 instance and group norms, 1-d audio stacks, torch's own transformer encoder, a point-cloud
 net with a global amax, SELU and RReLU, a causal language model with a -inf mask and an
 output layer tied to its embedding, a spatial transformer resampling its input with
-grid_sample).
+grid_sample, a BatchNorm of inputs far from zero mean).
 
 `USER_MODELS[name]()` returns the model in train mode (dropout on) and one batch of
 inputs, both seeded; `bench/verdict_catalogue.py --models unet lstm ...` and
@@ -228,6 +228,21 @@ class TinyGPT(nn.Module):
         return self.head(self.norm(x))
 
 
+class OffsetNorm(nn.Module):
+    """A BatchNorm whose input's channel means are far from zero: a convolution plus
+    `shift` (about shift / 0.5 of the channels' standard deviations), as after a bias or
+    a shift; a one-pass kernel's statistics err with that ratio (align.numerics.one_pass)."""
+
+    def __init__(self, shift: float = 30.0):
+        super().__init__()
+        self.shift = shift
+        self.conv, self.bn = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.conv(x) + self.shift)).mean((2, 3)))
+
+
 def _built(
     make: Callable[[], nn.Module], inputs: Callable[[torch.Generator], torch.Tensor]
 ) -> Callable[[], tuple[nn.Module, torch.Tensor]]:
@@ -250,4 +265,5 @@ USER_MODELS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
     "pointnet": _built(PointNet, lambda g: torch.randn(4, 3, 128, generator=g)),
     "gpt": _built(TinyGPT, lambda g: torch.randint(0, 200, (2, 16), generator=g)),
     "stn": _built(SpatialTransformer, lambda g: torch.randn(4, 1, 28, 28, generator=g)),
+    "offset_norm": _built(OffsetNorm, lambda g: torch.randn(8, 8, 32, 32, generator=g)),
 }

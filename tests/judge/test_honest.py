@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import align
-from align.testing import FAULTS, one_pass_norms, perturb
+from align.testing import FAULTS, USER_MODELS, one_pass_norms, perturb
 
 timm = pytest.importorskip("timm")
 
@@ -56,27 +56,12 @@ def test_an_honest_target_passes(name, precision, kind):
     assert report.passed, str(report)
 
 
-class Shifted(nn.Module):
-    """A BatchNorm whose input's channel means are about 60 of their standard deviations
-    (a convolution's output plus a constant)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
-        self.head = nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.bn(self.conv(x) + 30.0)).mean((2, 3)))
-
-
 def test_a_one_pass_batch_norm_far_from_zero_mean_passes_and_a_wrong_eps_is_named():
     """A BatchNorm forming its statistics as Ascend's does (a sum and a sum of squares per
     channel, the variance E[x^2] - mean^2) is 1.7e-4 off at mean / std 60, 100x torch's
     kernel: honest draws move their statistics so too (align.numerics.one_pass), or the
     whole network and the training fail it. A kernel with eps 1e-2 is still named."""
-    torch.manual_seed(0)
-    model = Shifted()
-    x = torch.randn(8, 8, 32, 32, generator=torch.Generator().manual_seed(1))
+    model, x = USER_MODELS["offset_norm"]()  # mean / std about 60
     for phases in ("forward,backward", "train"):
         report = align.check(model, x, target_model=one_pass_norms(model), phases=phases)
         assert report.passed, str(report)

@@ -44,6 +44,7 @@ from align.testing.faults import (
     weight_grad_gain,
     weight_via_fp16,
 )
+from align.testing.models import OffsetNorm
 
 
 class Scale(nn.Module):
@@ -571,22 +572,9 @@ def test_where_no_step_fails_each_step_is_isolated_until_one_names_a_culprit(tmp
     assert honest.passed and not honest.culprits
 
 
-class Offset(nn.Module):
-    """A BatchNorm whose input's channel means are 6 of their standard deviations (a
-    convolution's output plus a constant)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
-        self.head = nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.bn(self.conv(x) + 3.0)).mean((2, 3)))
-
-
 def _offset_run(out: Path, replay=None, golden=False, channels_last=False, draw=None, fault=None):
     torch.manual_seed(0)
-    model = Offset()
+    model = OffsetNorm(3.0)  # mean / std about 6
     if fault is not None:
         fault(model, "bn")
     x = torch.randn(8, 8, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -614,10 +602,11 @@ def test_a_batch_norm_of_inputs_far_from_zero_mean_summed_in_one_pass_passes(tmp
         _offset_run(tmp_path / "ref", draw=k)
     _offset_run(tmp_path / "gold", replay=tmp_path / "ref", golden=True)
     _offset_run(tmp_path / "cl", replay=tmp_path / "ref", channels_last=True)
-    honest = align.compare(tmp_path / "ref", tmp_path / "cl", tmp_path / "gold", model=Offset())
+    model = OffsetNorm(3.0)
+    honest = align.compare(tmp_path / "ref", tmp_path / "cl", tmp_path / "gold", model=model)
     assert honest.passed, str(honest)
     for fault in (norm_eps, norm_grad_no_var, kernel_gain):
         out = tmp_path / fault.__name__
         _offset_run(out, replay=tmp_path / "ref", channels_last=True, fault=fault)
-        report = align.compare(tmp_path / "ref", out, tmp_path / "gold", model=Offset())
+        report = align.compare(tmp_path / "ref", out, tmp_path / "gold", model=model)
         assert [c.module for c in report.culprits] == ["bn"], (fault.__name__, str(report))

