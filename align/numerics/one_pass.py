@@ -60,7 +60,7 @@ def _per_channel(x: torch.Tensor, weight: torch.Tensor | None) -> _Slices:
         x.numel() // channels,
         lambda t: t.transpose(0, 1).reshape(channels, -1),
         lambda g: g.reshape(channels, *moved).transpose(0, 1),
-        1.0 if weight is None else weight.double().view(broadcast),
+        1.0 if weight is None else weight.view(broadcast),
     )
 
 
@@ -71,7 +71,7 @@ def _trailing(x: torch.Tensor, normalized: list[int], weight: torch.Tensor | Non
         terms,
         lambda t: t.reshape(-1, terms),
         lambda g: g.reshape(x.shape),
-        1.0 if weight is None else weight.double(),
+        1.0 if weight is None else weight,
     )
 
 
@@ -111,24 +111,31 @@ class OnePass(TorchDispatchMode):
         signs = torch.randint(0, 2, (n,), generator=self.generator, dtype=torch.float64)
         return (signs * 2 - 1).to(device)
 
-    def _moved(self, terms: torch.Tensor) -> torch.Tensor:
-        """Per slice of `terms` (slices, n), a one-pass error of their mean."""
-        size = SUM_ERROR * math.sqrt(terms.shape[1]) * UNIT_FP32
-        return self._signs(terms.shape[0], terms.device) * size * terms.pow(2).mean(1).sqrt()
+    def _moved(self, square_mean: torch.Tensor, n: int) -> torch.Tensor:
+        """Per slice, a one-pass error of the mean of its `n` terms, from their mean square."""
+        size = SUM_ERROR * math.sqrt(n) * UNIT_FP32
+        return self._signs(len(square_mean), square_mean.device) * size * square_mean.sqrt()
 
     def forward(self, slices: _Slices, x: torch.Tensor, eps: float, out: tuple) -> tuple:
         """`out` (y, mean, 1/std) with the mean and E[x^2] of each slice moved; returns
-        it and the moves of the mean and the variance."""
+        it and the moves of the mean and the variance. The statistics are the kernel's
+        own (`out`); only the moves' sizes and the shift of y pass over x, in fp32 (the
+        shift is formed without cancelling: (x - mean) d(1/std) - d_mean / std')."""
         y, mean_out, rstd_out = out
-        xs = slices.group(x.double())
-        mean, variance = xs.mean(1), xs.var(1, unbiased=False)
-        d_mean, d_square = self._moved(xs), self._moved(xs.square())
-        mean2 = mean + d_mean  # and E[x^2] + d_square - mean2^2, as one pass forms it:
+        work = _working(x)
+        xs = slices.group(x.to(work))
+        mean, rstd = mean_out.double().flatten(), rstd_out.double().flatten()
+        variance = (rstd.pow(-2) - eps).clamp_min(0)
+        n = slices.terms
+        d_mean = self._moved(variance + mean.square(), n)
+        d_square = self._moved(xs.square().square().mean(1).double(), n)
+        # E[x^2] + d_square - (mean + d_mean)^2, as one pass forms the variance
         variance2 = (variance + d_square - 2 * mean * d_mean - d_mean.square()).clamp_min(0)
-        rstd, rstd2 = (variance + eps).rsqrt(), (variance2 + eps).rsqrt()
-        shift = (xs - mean2[:, None]) * rstd2[:, None] - (xs - mean[:, None]) * rstd[:, None]
-        y = (y.double() + slices.ungroup(shift) * slices.weight).to(y.dtype)
-        mean_out = mean2.to(mean_out.dtype).reshape(mean_out.shape)
+        rstd2 = (variance2 + eps).rsqrt()
+        scale, offset = (rstd2 - rstd).to(work)[:, None], (d_mean * rstd2).to(work)[:, None]
+        shift = slices.ungroup((xs - mean.to(work)[:, None]) * scale - offset)
+        y = (y.to(work) + shift * _cast(slices.weight, work)).to(y.dtype)
+        mean_out = (mean + d_mean).to(mean_out.dtype).reshape(mean_out.shape)
         rstd_out = rstd2.to(rstd_out.dtype).reshape(rstd_out.shape)
         return (y, mean_out, rstd_out), d_mean, variance2 - variance
 
@@ -144,16 +151,27 @@ class OnePass(TorchDispatchMode):
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """`grad_input` = outer rstd (summed - mean(summed) - x_hat mean(summed x_hat)),
         per slice, with those two means moved; returns it and the moves."""
-        xs = slices.group(x.double())
-        rstd = rstd.double().reshape(-1, 1)
-        x_hat = (xs - mean.double().reshape(-1, 1)) * rstd
-        terms = slices.group(summed)
-        d_sum, d_dot = self._moved(terms), self._moved(terms * x_hat)
+        work = _working(x)
+        rstd = rstd.to(work).reshape(-1, 1)
+        x_hat = (slices.group(x.to(work)) - mean.to(work).reshape(-1, 1)) * rstd
+        terms = slices.group(summed.to(work))
+        n = slices.terms
+        d_sum = self._moved(terms.square().mean(1).double(), n)
+        d_dot = self._moved((terms * x_hat).square().mean(1).double(), n)
         if grad_input is not None:
-            shift = -rstd * (d_sum[:, None] + x_hat * d_dot[:, None])
-            moved = grad_input.double() + slices.ungroup(shift) * outer
+            shift = -rstd * (d_sum.to(work)[:, None] + x_hat * d_dot.to(work)[:, None])
+            moved = grad_input.to(work) + slices.ungroup(shift) * _cast(outer, work)
             grad_input = moved.to(grad_input.dtype)
         return grad_input, d_sum, d_dot
+
+
+def _working(x: torch.Tensor) -> torch.dtype:
+    """The dtype a draw's arithmetic on `x` runs in: float64 for a golden, else fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _cast(weight: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor | float:
+    return weight if isinstance(weight, float) else weight.to(dtype)
 
 
 def _batch_norm(mode: OnePass, a: dict, out: tuple) -> tuple:
@@ -181,7 +199,7 @@ def _batch_norm_backward(mode: OnePass, a: dict, out: tuple) -> tuple:
         return out
     slices = _per_channel(x, a["weight"])
     grad_input, grad_weight, grad_bias = out
-    grad = _given(a, "grad_out", "grad_output").double()
+    grad = _given(a, "grad_out", "grad_output")
     grad_input, d_sum, d_dot = mode.backward(
         slices, x, grad, save_mean, save_invstd, grad_input, slices.weight
     )
@@ -222,7 +240,7 @@ def _weighted_backward(mode: OnePass, slices: _Slices, a: dict, out: tuple) -> t
     """A LayerNorm's or GroupNorm's backward: its sums are of dy times the weight (which
     varies within a slice); its weight and bias gradients sum across slices, elsewhere."""
     grad_input, grad_weight, grad_bias = out
-    summed = a["grad_out"].double() * slices.weight
+    summed = a["grad_out"] * _cast(slices.weight, _working(a["input"]))
     grad_input = mode.backward(slices, a["input"], summed, a["mean"], a["rstd"], grad_input, 1.0)[0]
     return grad_input, grad_weight, grad_bias
 
