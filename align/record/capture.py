@@ -397,8 +397,8 @@ class Run:
 
     def one_pass_draw(self) -> Run:
         """This run with its normalizations' statistics summed as in one pass, at random
-        (align.numerics.one_pass): an honest draw of an isolated call, made from the
-        golden or an honest kernel."""
+        (align.numerics.one_pass), without jitter's nudges: the honest kernel that
+        align.judge.step_isolation re-runs a call on."""
         return dataclasses.replace(self, one_pass=self.seed)
 
     def draw(self, n: int) -> Run:
