@@ -15,11 +15,12 @@ have and nudging each rounding (align.numerics.jitter) does not make.
 of its terms' RMS, with random signs per slice: the mean and E[x^2] forward (the
 variance formed from them, as in one pass), mean(dy) and mean(dy x_hat) backward, and
 what takes the same sums (a BatchNorm's running statistics, its weight and bias
-gradients). Run on the golden, or on an honest kernel, it is an honest draw for an
-isolated call (align.judge.isolation, align.judge.step_isolation, align.judge.replay).
-A reference may sum more accurately than fp32, so its own error says nothing of a sum
-that cancels (an honest channels_last ghostnet_050 at step 0, a running mean 0.1 of its
-batch mean: cos_err 4.6e-4 where the reference's was 1.7e-16).
+gradients). Every honest draw moves them so (align.numerics.jitter); the isolations that
+have no run to draw from run an honest kernel or a replay under `OnePass`
+(align.judge.step_isolation, align.judge.replay). A reference may sum more accurately
+than fp32, so its own error says nothing of a sum that cancels (an honest channels_last
+ghostnet_050 at step 0, a running mean 0.1 of its batch mean: cos_err 4.6e-4 where the
+reference's was 1.7e-16).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from align.numerics.precision import STATISTIC_ORDER, UNIT_FP32
 
 # half the statistics allowance: a typical one-chain sum (1.5 of its standard deviations,
-# u sqrt(n) / 3 of its terms' RMS each), as the running-mean draw had it; statistics are
-# summed in fp32 whatever the tensors' dtype
+# u sqrt(n) / 3 of its terms' RMS each); statistics are summed in fp32 whatever the
+# tensors' dtype. The worst order: a 64-lane sum (align.testing.one_pass_norms) errs 60-80x
+# less at input mean / std 6 to 60
 SUM_ERROR = STATISTIC_ORDER / 2
 
 
