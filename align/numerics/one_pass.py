@@ -57,13 +57,17 @@ class _Slices:
 def _per_channel(x: torch.Tensor, weight: torch.Tensor | None) -> _Slices:
     """A BatchNorm's slices: each channel (dim 1) over every other dim."""
     channels, moved = x.shape[1], (x.shape[0], *x.shape[2:])
-    broadcast = (1, channels, *[1] * (x.dim() - 2))
     return _Slices(
         x.numel() // channels,
         lambda t: t.transpose(0, 1).reshape(channels, -1),
         lambda g: g.reshape(channels, *moved).transpose(0, 1),
-        1.0 if weight is None else weight.view(broadcast),
+        _channel_weight(x, weight),
     )
+
+
+def _channel_weight(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor | float:
+    """A per-channel affine weight broadcast to `x` (N, C, ...); 1 without one."""
+    return 1.0 if weight is None else weight.view(1, x.shape[1], *[1] * (x.dim() - 2))
 
 
 def _trailing(x: torch.Tensor, normalized: list[int], weight: torch.Tensor | None) -> _Slices:
@@ -84,7 +88,7 @@ def _grouped(x: torch.Tensor, groups: int, weight: torch.Tensor | None) -> _Slic
         x.numel() // count,
         lambda t: t.reshape(count, -1),
         lambda g: g.reshape(x.shape),
-        _per_channel(x, weight).weight,
+        _channel_weight(x, weight),
     )
 
 

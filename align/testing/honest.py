@@ -438,33 +438,31 @@ def _lane_sums(t: torch.Tensor) -> torch.Tensor:
     return acc.sum(1)
 
 
-def _one_pass_stats(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's mean and biased variance from its sum and sum of squares (fp32 `xs`)."""
-    n = xs.shape[1]
-    mean = _lane_sums(xs) / n
-    return mean, (_lane_sums(xs * xs) / n - mean * mean).clamp_min(0)
-
-
 class _OnePassBatchNorm(torch.autograd.Function):
     """A training BatchNorm whose statistics are a sum and a sum of squares per channel
     (`_lane_sums`), the variance E[x^2] - mean^2, and whose backward takes its two sums
-    the same way: Ascend's BatchNormReduce / BatchNormUpdate pair."""
+    the same way: Ascend's BatchNormReduce / BatchNormUpdate pair. Returns y and, not
+    differentiable, the batch mean and biased variance (for the running statistics)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float):
         channels, moved = x.shape[1], (x.shape[0], *x.shape[2:])
         xs = x.float().transpose(0, 1).reshape(channels, -1)
-        mean, variance = _one_pass_stats(xs)
+        n = xs.shape[1]
+        mean = _lane_sums(xs) / n
+        variance = (_lane_sums(xs * xs) / n - mean * mean).clamp_min(0)
         rstd = torch.rsqrt(variance + eps)
         x_hat = (xs - mean[:, None]) * rstd[:, None]
         ctx.save_for_backward(x_hat, rstd, weight)
         ctx.moved = moved
+        ctx.mark_non_differentiable(mean, variance)
         y = x_hat * weight.float()[:, None] + bias.float()[:, None]
         y = y.reshape(channels, *moved).transpose(0, 1)
-        return y.to(x.dtype).clone(memory_format=torch.contiguous_format)  # not a view
+        # a copy, not a view: the caller may update it in place
+        return y.to(x.dtype).clone(memory_format=torch.contiguous_format), mean, variance
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, _mean, _variance):
         x_hat, rstd, weight = ctx.saved_tensors
         channels, n = x_hat.shape
         ds = dy.float().transpose(0, 1).reshape(channels, -1)
@@ -486,15 +484,14 @@ def one_pass_batch_norm(
     if not training or weight is None or bias is None or x.numel() == x.shape[1]:
         args = (running_mean, running_var, weight, bias, training, momentum, eps)
         return _TORCH_BATCH_NORM(x, *args)
+    y, mean, variance = _OnePassBatchNorm.apply(x, weight, bias, eps)
     if running_mean is not None and momentum is not None:
+        n = x.numel() // x.shape[1]
         with torch.no_grad():
-            xs = x.float().transpose(0, 1).reshape(x.shape[1], -1)
-            mean, variance = _one_pass_stats(xs)
-            n = xs.shape[1]
             running_mean.mul_(1 - momentum).add_(momentum * mean.to(running_mean.dtype))
             unbiased = (variance * n / max(n - 1, 1)).to(running_var.dtype)
             running_var.mul_(1 - momentum).add_(momentum * unbiased)
-    return _OnePassBatchNorm.apply(x, weight, bias, eps)
+    return y
 
 
 def one_pass_norms(model: nn.Module) -> nn.Module:
