@@ -23,6 +23,8 @@ from align.judge.traces import no_signal_notes
 from align.numerics import decisions, metrics
 from align.numerics.precision import error_floor, get_policy
 from align.numerics.verdict import (
+    NOISE_DOMINATED,
+    NOISY_ELEMENTS_MESSAGE,
     NOISY_GRADIENT_MESSAGE,
     SPREAD_METRICS,
     Divergence,
@@ -92,7 +94,8 @@ def compare(
     started_at: list[Divergence] = []
     isolated_step = steps[0]  # the first failing step, once one fails
     failed_before = False
-    noisy: dict[int, set[str]] = {}  # per rank: parameters that took a gradient without signal
+    # per rank and parameter: the elements that took a gradient without signal
+    noisy: dict[int, dict[str, torch.Tensor]] = {}
     for n in steps:
         ordered = []
         for rank in ranks:
@@ -110,7 +113,7 @@ def compare(
                 strict=strict,
                 name_map=name_map or {},
                 draws=draws,
-                noisy=noisy.setdefault(rank, set()),
+                noisy=noisy.setdefault(rank, {}),
             )
             label = f"rank {rank} step {n}" if len(ranks) > 1 else f"step {n}"
             if not failed_before and any(r.failed for r in step_rows):
@@ -161,6 +164,13 @@ def compare(
         if dump.ranks[ranks[0]].get("compiled")
     ]
     notes += no_signal_notes(rows)
+    if partly := [r for r in rows if r.message == NOISY_ELEMENTS_MESSAGE]:
+        notes.append(
+            f"{len(partly)} optimizer state or parameter tensor(s) judged without their elements "
+            "that took a gradient carrying no signal (an adaptive optimizer moves those by up "
+            f"to its learning rate, whatever their sign): {partly[0].module} {partly[0].tensor}"
+            + (" ..." if len(partly) > 1 else "")
+        )
     failing = next((r for r in rows if r.failed), None)
     summary = _summary(table)
     report = Report(
@@ -241,13 +251,13 @@ def _judge_step(
     strict: bool,
     name_map: dict[str, str | None],
     draws: Sequence[Step] = (),
-    noisy: set[str] | None = None,
+    noisy: dict[str, torch.Tensor] | None = None,
 ) -> list[Row]:
     """Rows of one step of one rank: data, module tensors, loss, scaler, optimizer, params;
     `draws`, the reference's honest draws of this step, widen the limits of failing ones.
-    `noisy` (updated): the parameters that took a gradient carrying no signal, in this
-    step or a recorded one before, whose optimizer state and values are not judged
-    (NOISY_GRADIENT_MESSAGE)."""
+    `noisy` (updated): per parameter, the elements that took a gradient carrying no
+    signal, in this step or a recorded one before, on which its optimizer state and
+    values are not judged (`_took_noise`)."""
     g = gold or ref
     rows = _input_rows(ref.trace, tgt.trace, g.trace, tol, strict)
     rows += compare_traces(
@@ -259,12 +269,8 @@ def _judge_step(
         name_map=name_map,
         draws=[d.trace for d in draws],
     )
-    noisy = set() if noisy is None else noisy
-    noisy.update(
-        f"{r.module}.{r.tensor}" if r.module else r.tensor
-        for r in rows
-        if r.phase == "param_grad" and carries_no_signal(r)
-    )
+    noisy = {} if noisy is None else noisy
+    _took_noise(ref, tgt, gold, draws, rows, name_map, noisy)
     judged = partial(_state_row, ref, tgt, g, draws, tol, strict, noisy=noisy)
     if "loss" in ref.state:
         rows.append(judged("", "loss", "loss", "loss", "loss"))
@@ -291,6 +297,51 @@ def _judge_step(
                 label = f"{group}{name} after the step"
                 rows.append(judged(_owner(name), kind, label, key, f"{kind}/{tname}"))
     return rows
+
+
+def _took_noise(
+    ref: Step,
+    tgt: Step,
+    gold: Step | None,
+    draws: Sequence[Step],
+    rows: Sequence[Row],
+    name_map: dict[str, str | None],
+    noisy: dict[str, torch.Tensor],
+) -> None:
+    """Add to `noisy` each parameter's elements whose gradient carried no signal in this
+    step (NOISY_ELEMENTS_MESSAGE): all of a gradient reported as carrying none, else those
+    an honest run misses by half the golden's size or more. The honest runs are the
+    reference, its draws and the target where its gradient passed: one run's luck decides
+    an element's sign, and a draw or the target sees the flips the reference escaped."""
+    grad_rows = {
+        f"{r.module}.{r.tensor}" if r.module else r.tensor: r
+        for r in rows
+        if r.phase == "param_grad"
+    }
+    for name, key in ref.trace.param_grads.items():
+        row = grad_rows.get(name)
+        gkey = None if gold is None else gold.trace.param_grads.get(name)
+        if row is not None and carries_no_signal(row):
+            mask = torch.ones(ref.trace.tensor(key).shape, dtype=torch.bool)
+        elif gkey is None:
+            continue  # without a golden, no element's signal is known
+        else:
+            g = metrics.as_f64(gold.trace.tensor(gkey))
+            runs = [ref.trace.tensor(key)]
+            runs += [
+                d.trace.tensor(d.trace.param_grads[name])
+                for d in draws
+                if name in d.trace.param_grads
+            ]
+            tkey = tgt.trace.param_grads.get(_param_name(name, name_map) or "")
+            if tkey is not None and row is not None and row.passed:
+                runs.append(tgt.trace.tensor(tkey))
+            off = torch.zeros_like(g)
+            for h in (h for h in runs if h.shape == g.shape):
+                off = torch.maximum(off, metrics.as_f64(h).sub(g).abs_())
+            mask = off > NOISE_DOMINATED * g.abs()
+        if bool(mask.any()):
+            noisy[name] = mask | noisy[name] if name in noisy else mask
 
 
 def _optimizer_rows(
@@ -360,10 +411,11 @@ def _state_row(
     label,
     key,
     tkey,
-    noisy: frozenset[str] | set[str] = frozenset(),
+    noisy: dict[str, torch.Tensor] | None = None,
 ) -> Row:
     """`key` of the reference judged against the target's `tkey`. The optimizer state
-    and value of a parameter in `noisy` fail on no spread metric (NOISY_GRADIENT_MESSAGE)."""
+    and value of a parameter are judged without its elements in `noisy` where they fail
+    on a spread metric only (NOISY_ELEMENTS_MESSAGE; NOISY_GRADIENT_MESSAGE: all of them)."""
     row = Row(module, 0, phase, label, "", [])
     if tkey not in tgt.state:
         row.failed.append("missing")
@@ -375,8 +427,24 @@ def _state_row(
     row = _judged(ref.state[key], tgt.state[tkey], gold.state[key], tol, strict, row, drawn)
     parts = key.split("/")
     took = parts[2] if parts[0] == "optim" else parts[1] if parts[0] == "param" else None
-    if took in noisy and row.failed and set(row.failed) <= SPREAD_METRICS:
+    mask = (noisy or {}).get(took)
+    if mask is None or not row.failed or not set(row.failed) <= SPREAD_METRICS:
+        return row
+    if bool(mask.all()):
         row.failed, row.message = [], NOISY_GRADIENT_MESSAGE
+    elif mask.shape == ref.state[key].shape:
+        keep = ~mask
+        row = _judged(
+            ref.state[key][keep],
+            tgt.state[tkey][keep],
+            gold.state[key][keep],
+            tol,
+            strict,
+            Row(module, 0, phase, label, "", []),
+            [d[keep] for d in drawn],
+        )
+        row.shape = list(ref.state[key].shape)
+        row.message = row.message or NOISY_ELEMENTS_MESSAGE
     return row
 
 

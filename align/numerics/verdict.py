@@ -129,6 +129,15 @@ NO_SIGNAL_MESSAGE = "no signal at this precision (the reference misses it by hal
 # 1.67x off on the reference and 35.6x on an honest one-ulp target; its exp_avg then 0.28
 # and 4.7 off). Reported, not judged, in that step and every recorded step after it.
 NOISY_GRADIENT_MESSAGE = "no signal at this precision (it took a gradient that carries none)"
+# The same, element by element: an adaptive optimizer (Adam) scales each element's update
+# by that element's own gradient history, so an element whose gradient an honest run
+# misses by half its size or more moves by up to the learning rate, whatever the sign
+# (measured: mobilenetv3_small_050 under AdamW, fp32, an SE conv weight whose elements
+# took gradients of 1e-8 at step 2 beside 2e-3 for the rest, after zeros before: one
+# element's sign flipped on an honest half-ulp target, 12x the reference's error in the
+# whole weight after the step, 0.5x one draw's). Such a state is judged on its other
+# elements, in that step and every recorded step after it.
+NOISY_ELEMENTS_MESSAGE = "judged without the elements that took a gradient carrying no signal"
 # Unscaled fp16 gradients whose reference comes within the check's headroom of float16's
 # largest value: an honest device overflows there, and its Inf then runs through every
 # gradient after it (measured: efficientnet_b0 at 32 px, amp-fp16, an honest
