@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import TraceError
-from align.judge.replay import replay_calls
+from align.judge.replay import replay_calls, replay_draws
 from align.judge.report import Report
 from align.judge.statistics import compare_statistics
 from align.judge.traces import judge_traces
@@ -94,7 +94,8 @@ def _compare_pair(ref: Trace, tgt: Trace, gold: Trace | None, options: dict) -> 
         if gold is not None:
             report.notes.append("statistics comparison: the golden dump was not used")
     else:
-        report = judge_traces(ref, aligned[0], aligned[1] if gold else None, **options)
+        draws = None if gold is not None else replay_draws(original, ref)
+        report = judge_traces(ref, aligned[0], aligned[1] if gold else None, draws=draws, **options)
         tol = as_tolerance(options.get("tolerance"), get_policy(report.meta["precision"]))
         rows, culprits, notes = replay_calls(original, tgt, _match(original, tgt), tol)
         report.local_rows += rows

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -48,8 +49,10 @@ def judge_traces(
     tolerance: Tolerance | dict | None = None,
     phases: Any = None,
     name_map: dict[str, str | None] | None = None,
+    draws: Sequence[Trace] | None = None,
 ) -> Report:
-    """The Report of `tgt` against `ref` (and `gold`), as align.compare gives for dumps."""
+    """The Report of `tgt` against `ref` (and `gold`), as align.compare gives for dumps;
+    `draws`, honest draws of the reference (default: those its dump holds)."""
     for role, trace in (("reference", ref), ("target", tgt), ("golden", gold)):
         if trace is not None:
             _require_registered_case(role, trace.meta.get("case"))
@@ -77,7 +80,7 @@ def judge_traces(
         phases=phases,
         strict_dtype=policy.name == "fp32",
         name_map=name_map,
-        draws=ref.draws,
+        draws=ref.draws if draws is None else draws,
     )
     require_judged(rows, phases)
     report = Report(
@@ -104,9 +107,10 @@ def judge_traces(
     if all(r.metrics == r.reference for r in rows) and identical(ref, tgt):
         report.notes.append(IDENTICAL)
     if gold is None:
+        widened = " (widened by a replayed API call's honest kernel errors)" if draws else ""
         report.notes.append(
-            "no golden trace: the reference stood in for it, so limits are dtype floors "
-            "only; dump a float64 golden (python -m align.dump MODEL --golden) for a "
+            f"no golden trace: the reference stood in for it, so limits are dtype floors"
+            f"{widened}; dump a float64 golden (python -m align.dump MODEL --golden) for a "
             "verdict relative to the reference's own error"
         )
     if gold is not None and not ref.draws:

@@ -20,8 +20,9 @@ from torch.overrides import TorchFunctionMode
 import align
 from align.errors import TraceError
 from align.judge.msprobe_dumps import align_calls
+from align.judge.replay import replay_draws
 from align.judge.statistics import bound
-from align.record.msprobe import is_msprobe_dump, load_msprobe, statistics_only
+from align.record.msprobe import is_msprobe_dump, load_dump, load_msprobe, statistics_only
 from align.record.readers import load_trace
 from align.testing.faults import _GradGain
 
@@ -773,12 +774,14 @@ def test_pickle_in_an_l1_dump_is_never_run_through_compare(tmp_path):
     assert EXECUTED == []
 
 
-def _batch_norm_dump(directory: Path, layout: torch.memory_format, eps: float = 1e-5) -> None:
+def _batch_norm_dump(
+    directory: Path, layout: torch.memory_format, eps: float = 1e-5, mean: float = 6.0
+) -> None:
     """An L1 dump of one Functional.batch_norm in training, as msprobe writes its arguments
-    (tensors, then the bool and floats), of an input whose channel means are 6 of its
+    (tensors, then the bool and floats), of an input whose channel means are `mean` of its
     standard deviations; `eps` is the one the kernel uses (the dump says 1e-5)."""
     gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(8, 16, 32, 32, generator=gen) + 6).contiguous(memory_format=layout)
+    x = (torch.randn(8, 16, 32, 32, generator=gen) + mean).contiguous(memory_format=layout)
     dy = torch.randn(8, 16, 32, 32, generator=gen).contiguous(memory_format=layout)
     weight, bias = torch.rand(16, generator=gen) + 0.5, torch.rand(16, generator=gen) - 0.5
     inputs = [x, torch.zeros(16), torch.ones(16), weight, bias]
@@ -824,8 +827,7 @@ def _batch_norm_dump(directory: Path, layout: torch.memory_format, eps: float = 
 def test_a_one_pass_batch_norm_passes_its_replay_and_a_wrong_eps_is_named(tmp_path):
     """The CPU's channels_last BatchNorm sums each channel's mean in one chain, as an
     Ascend one does: at mean / std 6 it passes, forward and backward (whose running
-    statistics have no gradient: not differentiated), and a kernel with eps 1e-2 is named.
-    (A dump without a golden judges it on dtype floors, which it exceeds at mean / std 30.)"""
+    statistics have no gradient: not differentiated), and a kernel with eps 1e-2 is named."""
     _batch_norm_dump(tmp_path / "ref", torch.contiguous_format)
     _batch_norm_dump(tmp_path / "cl", torch.channels_last)
     honest = align.compare(tmp_path / "ref", tmp_path / "cl")
@@ -834,3 +836,40 @@ def test_a_one_pass_batch_norm_passes_its_replay_and_a_wrong_eps_is_named(tmp_pa
     _batch_norm_dump(tmp_path / "eps", torch.channels_last, eps=1e-2)
     report = align.compare(tmp_path / "ref", tmp_path / "eps")
     assert [c.module for c in report.culprits] == ["Functional.batch_norm"], report
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_without_a_golden_a_one_pass_batch_norm_far_from_zero_mean_passes_the_whole_network(
+    tmp_path,
+):
+    """Without a golden dump, whole-network tensors had dtype floors alone for limits: the
+    CPU's channels_last BatchNorm at channel mean / std 30 was 2.5x the fp32 floor off the
+    contiguous one, and failed. Its replay's honest draws (a one-pass kernel's error on the
+    reference's inputs) widen them now; a kernel with eps 1e-2 is still named."""
+    _batch_norm_dump(tmp_path / "ref", torch.contiguous_format, mean=30)
+    _batch_norm_dump(tmp_path / "cl", torch.channels_last, mean=30)
+    honest = align.compare(tmp_path / "ref", tmp_path / "cl")
+    assert honest.passed, [r for r in honest.rows if r.failed]
+    _batch_norm_dump(tmp_path / "eps", torch.channels_last, eps=1e-2, mean=30)
+    report = align.compare(tmp_path / "ref", tmp_path / "eps")
+    assert [c.module for c in report.culprits] == ["Functional.batch_norm"], report
+
+
+def test_replay_draws_move_only_replayed_tensors_by_an_honest_kernels_error(tmp_path):
+    """The first draw moves each replayed call's tensors by the reference kernel's own error
+    (its tensor less the float64 replay), the second by a one-pass kernel's only where the
+    call normalized by statistics; anything not replayed is the reference's own tensor."""
+    _batch_norm_dump(tmp_path, torch.contiguous_format, mean=30)
+    ref = load_dump(tmp_path)
+    own, one_pass = replay_draws(ref, ref)
+    key = ref.calls[0].outputs[0]
+    exact = torch.nn.functional.batch_norm(
+        *(ref.tensors[f"Functional.batch_norm.0.forward.input.{i}.pt"].double() for i in range(5)),
+        True, 0.1, 1e-5,
+    )  # fmt: skip
+    r = ref.tensors[key].double()
+    torch.testing.assert_close(own.tensor(key), r + (r - exact), rtol=0, atol=1e-12)
+    moved = (one_pass.tensor(key) - r).norm() / r.norm()
+    assert 1e-5 < moved < 0.05, moved  # a one-pass kernel's error at mean / std 30
+    grad_output = ref.calls[0].grad_outputs[0]
+    assert torch.equal(own.tensor(grad_output), ref.tensors[grad_output])  # not a result
