@@ -6,11 +6,11 @@ calibrated, compared step by step with the culprit module named.
         --steps 4 5 --optimizer sgd --faults kernel_gain norm_eps --json out.json
 
 Each model (a timm image classifier, built as bench/verdict_catalogue.py builds it: train
-mode, dropout and drop-path on, 10 classes) is trained by a
-plain loop (AdamW or SGD with momentum, optional gradient clipping, bf16 autocast for
-amp-bf16) on seeded random batches, recording `--steps`: the reference, its float64 golden
-(`golden=True`), two honest draws (`draw=1, 2`) and one target per check, each replaying
-the reference's decisions. Honest targets (half-ulp, one-ulp, channels_last:
+mode, dropout and drop-path on, 10 classes) is trained by a plain loop (AdamW or SGD with
+momentum, optional gradient clipping, bf16 autocast for amp-bf16, fp16 autocast with a
+GradScaler for amp-fp16) on seeded random batches, recording `--steps`: the reference,
+its float64 golden (`golden=True`), two honest draws (`draw=1, 2`) and one target per
+check, each replaying the reference's decisions. Honest targets (half-ulp, one-ulp, channels_last:
 verdict_catalogue.target_for) must pass; faulty ones (align.testing.FAULTS, at the site
 verdict_catalogue.fault_sites picks) must fail with the faulty module as the first
 culprit of `align.compare(ref, target, golden, model=...)`. A fault that only changes the
@@ -46,6 +46,7 @@ import align
 from align.testing import FAULTS
 
 MODELS = ["resnet26d", "ghostnet_050", "efficientnet_b0", "mobilenetv3_small_050", "convnext_atto"]
+AUTOCAST = {"amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}
 # faults that change the weights once, before training: after unrecorded steps a replaying
 # run starts from the reference's state, so only a recorded step 0 can see them
 STATE_FAULTS = {"norm_gain", "weight_via_fp16"}
@@ -75,16 +76,30 @@ def train(
         (torch.randn(x.shape, generator=gen), torch.randint(0, 10, x.shape[:1], generator=gen))
         for _ in range(max(steps) + 1)
     ]
-    autocast = precision == "amp-bf16" and not recorder.get("golden")
-    with align.Recorder(model, out, steps=steps, optimizer=opt, **recorder) as rec:
+    dtype = AUTOCAST.get(precision)
+    autocast = dtype is not None and not recorder.get("golden")
+    # fp16 trains with dynamic loss scaling, as Ascend's recipes do (apex O1/O2); the
+    # float64 golden without (its gradients are recorded unscaled on every side)
+    scaler = (
+        torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=not recorder.get("golden"))
+        if precision == "amp-fp16"
+        else None
+    )
+    with align.Recorder(model, out, steps=steps, optimizer=opt, scaler=scaler, **recorder) as rec:
         for n, (inputs, labels) in enumerate(batches):
             with rec.step(n):
-                with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                with torch.autocast("cpu", dtype or torch.bfloat16, enabled=autocast):
                     loss = nn.functional.cross_entropy(model(inputs).float(), labels)
-                loss.backward()
+                (loss if scaler is None else scaler.scale(loss)).backward()
+                if scaler is not None:
+                    scaler.unscale_(opt)
                 if clip:
                     nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
+                if scaler is None:
+                    opt.step()
+                else:
+                    scaler.step(opt)
+                    scaler.update()
                 opt.zero_grad()
 
 
