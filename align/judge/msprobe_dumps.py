@@ -78,6 +78,7 @@ def _compare_pair(ref: Trace, tgt: Trace, gold: Trace | None, options: dict) -> 
     others = [tgt] if gold is None else [tgt, gold]
     original = ref
     ref, aligned, unmatched = align_calls(ref, others)
+    ref, reshaped = _same_shapes(ref, aligned)
     if not ref.calls:
         raise TraceError(
             f"{ref.meta['path']} and {tgt.meta['path']}: no call of one dump matches a call "
@@ -101,6 +102,14 @@ def _compare_pair(ref: Trace, tgt: Trace, gold: Trace | None, options: dict) -> 
         report.local_rows += rows
         report.culprits += culprits
         report.notes += notes
+    if reshaped:
+        report.notes.append(
+            f"{len(reshaped)} tensor(s) of matched calls have other shapes on each side and "
+            "were not judged (msprobe hooks a call's backward where autograd's graph of it "
+            "differs by device or layout, as a channels_last adaptive_avg_pool2d's does): "
+            + "; ".join(reshaped[:6])
+            + (" ..." if len(reshaped) > 6 else "")
+        )
     if unmatched:
         shown = "; ".join(unmatched[:12]) + (" ..." if len(unmatched) > 12 else "")
         report.notes.append(
@@ -166,6 +175,32 @@ def align_calls(ref: Trace, others: list[Trace]) -> tuple[Trace, list[Trace], li
     ] + unmatched
     restricted = _restricted(ref, ref, keep, {n: n for n in keep})
     return restricted, [_restricted(o, ref, keep, m) for o, m in zip(others, matches)], unmatched
+
+
+def _same_shapes(ref: Trace, others: list[Trace]) -> tuple[Trace, list[str]]:
+    """`ref` (aligned with `others`) without the tensors whose dumped shape differs in one
+    of `others`, and their labels: a call whose tensors differ so is still the same call
+    (its name and output shapes matched), recorded otherwise by msprobe's hooks."""
+    shapes = [getattr(t.tensors, "stats", {}) for t in (ref, *others)]
+    dropped: list[str] = []
+    calls = []
+    for n, call in enumerate(ref.calls):
+        changed = {}
+        for slot in ("inputs", "outputs", "grad_outputs", "grad_inputs"):
+            keys = list(getattr(call, slot))
+            for i, key in enumerate(keys):
+                found = [(getattr(t.calls[n], slot) + [None] * (i + 1))[i] for t in (ref, *others)]
+                seen = {
+                    tuple(s[k]["shape"])
+                    for s, k in zip(shapes, found)
+                    if k in s and "shape" in s[k]
+                }
+                if key is not None and len(seen) > 1:
+                    keys[i] = None
+                    changed[slot] = keys
+                    dropped.append(f"{call.label} {slot}[{i}] {' vs '.join(map(str, seen))}")
+        calls.append(replace(call, **changed) if changed else call)
+    return (replace(ref, calls=calls) if dropped else ref), dropped
 
 
 def _match(ref: Trace, other: Trace) -> dict[int, int]:

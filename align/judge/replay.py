@@ -12,7 +12,8 @@ op's documented accuracy, as align.judge.isolation judges a module
 inputs, whatever happened upstream.
 
 A call's backward entry (`Functional.conv2d.0.backward`: the gradient of its output
-in, the gradients of its tensor inputs out) is replayed the same way: the call re-run in
+in, and out what msprobe's hook on the output's autograd node caught, the gradients that
+node sends to its inputs, in its order) is replayed the same way: the call re-run in
 float64 from its dumped forward inputs, differentiated against that side's own dumped
 output gradient, so a kernel whose backward alone is wrong is named too. A call that
 normalized by statistics (batch_norm, layer_norm, group_norm) has an honest draw too: the
@@ -24,7 +25,7 @@ prefix (`Functional.<name>` is torch.nn.functional's, `Torch.<name>` torch's,
 whose inputs are not all in the dump (a keyword tensor, an argument type not listed in
 `_value`), or whose outputs hold more than MAX_REPLAYED elements, is left out and counted
 in a note. Random ops (dropout), device-specific APIs (`NPU.*`) and the backward of
-in-place calls are not replayed.
+in-place methods (`Tensor.add_`) are not replayed.
 """
 
 from __future__ import annotations
@@ -142,53 +143,54 @@ def _replay(
 def _replay_backward(
     api: str, forward: dict, backward: dict, tensors: Any, one_pass: int | None = None
 ) -> tuple[list[torch.Tensor | None], set[str]]:
-    """The gradients of the call's tensor inputs (in the order of its tensor arguments, as
-    a backward entry's `output` lists them), re-run in float64: the call from its dumped
-    forward inputs, differentiated against the dumped gradient of its outputs; `one_pass`
-    as for `_replay`."""
+    """What msprobe dumps as a call's backward `output`, re-run in float64: the gradients
+    the autograd node of the call's first tensor output (where msprobe hooks it) sends to
+    its inputs, in that node's order (a linear's addmm: bias, input, weight transposed; a
+    batch_norm's: input, weight, bias), None where the node sends none. The call re-runs
+    from its dumped forward inputs, a tensor requiring a gradient where the dump says it
+    did (a copy of it: an in-place call writes the copy, as it wrote a non-leaf on the
+    device), differentiated against the dumped gradient of that output; `one_pass` as for
+    `_replay`."""
     if api.endswith("_") or "__i" in api:
         raise _Unreplayable("the backward of an in-place call is not re-run")
     fn = _function(api)
-    args = _value(forward.get("input_args") or [], tensors)
-    kwargs = {k: _value(v, tensors) for k, v in (forward.get("input_kwargs") or {}).items()}
+    dumped = forward.get("input_args") or []
+    args = [_needing_grad(_value(v, tensors), v) for v in dumped]
+    kwargs = {
+        k: _needing_grad(_value(v, tensors), v)
+        for k, v in (forward.get("input_kwargs") or {}).items()
+    }
     if any(k in kwargs for k in ("dtype", "out")):
         raise _Unreplayable("a dtype or out argument")
-    at = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-    dumped = backward.get("output")  # a gradient per tensor argument, None where it has none
-    wanted = [
-        args[i].is_floating_point()
-        and (not isinstance(dumped, list) or (k < len(dumped) and dumped[k] is not None))
-        for k, i in enumerate(at)
-    ]  # (a BatchNorm's running statistics have none, and cannot be differentiated)
-    args = [
-        a.detach().requires_grad_(wanted[at.index(i)]) if i in at else a for i, a in enumerate(args)
-    ]
     given = [_value(g, tensors) for g in backward.get("input") or []]
+    sent: list[tuple[torch.Tensor | None, ...]] = []
     with Decisions() as ops, _one_pass(one_pass):
         try:
             with torch.enable_grad():
                 out = fn(*args, **kwargs)
-            outs = [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
-            pairs = [
-                (o, g)
-                for o, g in zip(outs, given)
-                if isinstance(g, torch.Tensor) and o.requires_grad and g.shape == o.shape
-            ]
-            leaves = [args[i] for i in at if args[i].requires_grad]
-            if not pairs or not leaves:
+            first = next((x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)), None)
+            grad = given[0] if given and isinstance(given[0], torch.Tensor) else None
+            if first is None or first.grad_fn is None or grad is None:
                 raise _Unreplayable("no output gradient to differentiate against")
-            grads = torch.autograd.grad(
-                [o for o, _ in pairs],
-                leaves,
-                [g.double() for _, g in pairs],
-                allow_unused=True,
-            )
+            if grad.shape != first.shape:
+                raise _Unreplayable("an output gradient of another shape than the output")
+            first.grad_fn.register_hook(lambda grad_inputs, _: sent.append(grad_inputs))
+            torch.autograd.backward(first, grad.double())
         except _Unreplayable:
             raise
         except Exception as exc:  # arguments a dump flattened otherwise: not replayable
             raise _Unreplayable(f"{type(exc).__name__}: {str(exc)[:80]}") from exc
-    found = iter(grads)
-    return [next(found) if args[i].requires_grad else None for i in at], ops.ran
+    return list(sent[0]), ops.ran
+
+
+def _needing_grad(value: Any, dumped: Any) -> Any:
+    """A float64 tensor argument as the replay feeds it: a copy of a leaf that requires a
+    gradient where the dump says it did (or says nothing), else as it is."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return value
+    if isinstance(dumped, dict) and dumped.get("requires_grad") is False:
+        return value
+    return value.detach().requires_grad_().clone()
 
 
 def _one_pass(seed: int | None) -> contextlib.AbstractContextManager:

@@ -67,42 +67,59 @@ def test_arguments_that_cannot_be_rebuilt_leave_the_call_out(value, why):
         _value(value, {})
 
 
-def test_a_backward_is_rerun_in_float64_against_the_dumped_output_gradient():
-    x, w, g = torch.randn(2, 3), torch.randn(4, 3), torch.randn(2, 4)
-    tensors = {"x.pt": x, "w.pt": w, "g.pt": g}
-    forward = {
-        "input_args": [
-            {"type": "torch.Tensor", "data_name": "x.pt"},
-            {"type": "torch.Tensor", "data_name": "w.pt"},
-        ]
-    }
+def test_a_backward_is_rerun_in_float64_as_msprobe_hooks_it():
+    """msprobe hooks the autograd node of a call's output and dumps the gradients it sends
+    to its inputs, in the node's order: a linear without bias is an mm of the input and
+    the transposed weight, with a bias an addmm (bias, input, transposed weight). The
+    replay gives those, from the dumped output gradient; an input the dump says needed no
+    gradient gets none."""
+    x, w, b, g = torch.randn(2, 3), torch.randn(4, 3), torch.randn(4), torch.randn(2, 4)
+    tensors = {"x.pt": x, "w.pt": w, "b.pt": b, "g.pt": g}
+    arg = {k: {"type": "torch.Tensor", "data_name": f"{k}.pt"} for k in "xwb"}
     backward = {"input": [{"type": "torch.Tensor", "data_name": "g.pt"}]}
-    (gx, gw), ran = _replay_backward("Functional.linear", forward, backward, tensors)
+    forward = {"input_args": [arg["x"], arg["w"]]}
+    (gx, gwt), ran = _replay_backward("Functional.linear", forward, backward, tensors)
     assert gx.dtype == torch.float64 and ran  # the ops it ran give its floor
-    assert torch.allclose(gx, g.double() @ w.double())
-    assert torch.allclose(gw, g.double().T @ x.double())
+    torch.testing.assert_close(gx, g.double() @ w.double())
+    torch.testing.assert_close(gwt, (g.double().T @ x.double()).T)
+    forward = {"input_args": [{**arg["x"], "requires_grad": False}, arg["w"], arg["b"]]}
+    (gb, gx, gwt), _ = _replay_backward("Functional.linear", forward, backward, tensors)
+    torch.testing.assert_close(gb, g.double().sum(0))
+    assert gx is None and gwt.shape == (3, 4)  # x needed no gradient on the device
     with pytest.raises(_Unreplayable, match="in-place"):
         _replay_backward("Tensor.add_", forward, backward, tensors)
     with pytest.raises(_Unreplayable, match="no output gradient"):
         _replay_backward("Functional.linear", forward, {"input": [None]}, tensors)
 
 
+def test_an_in_place_functional_call_replays_its_backward_on_a_copy():
+    """F.relu(x, inplace=True) wrote a non-leaf on the device; its replay writes a copy of
+    its input, so its backward is re-run (it failed on a leaf before)."""
+    x, g = torch.randn(2, 5), torch.randn(2, 5)
+    forward = {
+        "input_args": [{"type": "torch.Tensor", "data_name": "x", "requires_grad": True}],
+        "input_kwargs": {"inplace": {"type": "bool", "value": True}},
+    }
+    backward = {"input": [{"type": "torch.Tensor", "data_name": "g"}]}
+    (gx,), _ = _replay_backward("Functional.relu", forward, backward, {"x": x, "g": g})
+    torch.testing.assert_close(gx, g.double() * (x > 0))
+
+
 def test_a_batch_norm_replays_its_backward_and_draws_its_statistics_in_one_pass():
-    """msprobe dumps a batch_norm's running statistics as tensor arguments without
-    gradients: the backward differentiates only what has one. With `one_pass`, the
+    """msprobe dumps a batch_norm's running statistics as tensor arguments that need no
+    gradient: its node sends gradients to input, weight and bias only. With `one_pass`, the
     replay's statistics are summed as a one-pass kernel's are: per-channel offsets (and
     gains: align.numerics.one_pass's tests say how large)."""
     x, dy = torch.randn(4, 3, 5, 5) + 6, torch.randn(4, 3, 5, 5)
     tensors = {"x": x, "m": torch.zeros(3), "v": torch.ones(3), "w": torch.rand(3), "dy": dy}
-    tensor = [{"type": "torch.Tensor", "data_name": k} for k in ("x", "m", "v", "w")]
+    tensor = [{"type": "torch.Tensor", "data_name": k, "requires_grad": k in "xw"} for k in "xmvw"]
     forward = {
         "input_args": [*tensor, None, {"type": "bool", "value": True}]
         + [{"type": "float", "value": 0.1}, {"type": "float", "value": 1e-5}]
     }
     backward = {"input": [{"type": "torch.Tensor", "data_name": "dy"}]}
-    backward["output"] = [{"type": "torch.Tensor", "data_name": "dy"}, None, None, None]
-    (gx, *rest), _ = _replay_backward("Functional.batch_norm", forward, backward, tensors)
-    assert gx.shape == x.shape and rest == [None, None, None]  # w: no gradient dumped
+    (gx, gw, gb), _ = _replay_backward("Functional.batch_norm", forward, backward, tensors)
+    assert gx.shape == x.shape and gw.shape == (3,) and gb is None  # no bias: none sent
     (exact,), ran = _replay("Functional.batch_norm", forward, tensors)
     (drawn,), _ = _replay("Functional.batch_norm", forward, tensors, one_pass=0)
     offsets = (drawn - exact).mean((0, 2, 3))

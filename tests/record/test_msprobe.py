@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,6 @@ from align.judge.replay import replay_draws
 from align.judge.statistics import bound
 from align.record.msprobe import is_msprobe_dump, load_dump, load_msprobe, statistics_only
 from align.record.readers import load_trace
-from align.testing.faults import _GradGain
 
 EXECUTED: list[str] = []
 
@@ -115,12 +115,13 @@ def write_dump(
             return _record(t, name)
 
     def _record(t: torch.Tensor, name: str) -> dict:
+        needs_grad = t.requires_grad  # as msprobe writes it: the tensor's, not the copy's
         t = t.detach().float() if honest else t.detach()
         if task != "tensor":
-            return _stats(t, None)
+            return {**_stats(t, None), "requires_grad": needs_grad}
         saved[name] = t.clone()
         torch.save(saved[name], tensor_dir / name)
-        return _stats(t, name)
+        return {**_stats(t, name), "requires_grad": needs_grad}
 
     def grad_hook(backward: str, slot: str, i: int):
         def hook(grad: torch.Tensor) -> None:
@@ -156,13 +157,13 @@ def write_dump(
 
     class ApiHooks(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
+            out = own = func(*args, **(kwargs or {}))
             if not isinstance(out, torch.Tensor) or not out.is_floating_point():
                 return out
             api = _api_name(func)
             n = counts[api] = counts.get(api, -1) + 1
             if gain == (api, n):
-                out = out * 1.01
+                out = own * 1.01
             name = f"{api}.{n}.forward"
             if level == "mix":
                 construct[name] = stack[-1] if stack else None
@@ -178,34 +179,25 @@ def write_dump(
                 "input_kwargs": {},
                 "output": [record(out, f"{name}.output.0.pt")],
             }
-            if backward_gain == (api, n):
-                out = _GradGain.apply(out)  # a kernel whose backward alone is wrong
-            if out.requires_grad:
+            if own.requires_grad:  # msprobe hooks the autograd node of the call's output
                 backward = f"{api}.{n}.backward"
-                out.register_hook(grad_hook(backward, "input", 0))
-                out.register_hook(lambda g, b=backward: arriving.__setitem__(b, g))
-                # the same call on leaves of its own: its gradients of its inputs alone
-                leaves = {id(t): t.detach().requires_grad_(t.requires_grad) for t in tensors}
-                local = func(*(leaves.get(id(a), a) for a in args), **(kwargs or {}))
-                local = local * 1.01 if gain == (api, n) else local
-                local = _GradGain.apply(local) if backward_gain == (api, n) else local
-                calls.append((backward, local, [leaves[id(t)] for t in tensors]))
+                if backward_gain == (api, n):  # a kernel whose backward alone is wrong
+                    own.grad_fn.register_hook(
+                        lambda grad_in, _: tuple(None if g is None else g * 1.01 for g in grad_in)
+                    )
+                own.grad_fn.register_hook(partial(node_hook, backward))
             return out
 
-    arriving: dict[str, torch.Tensor] = {}
-    calls: list[tuple[str, torch.Tensor, list[torch.Tensor]]] = []
-
-    def input_grads() -> None:
-        """Each API call's own gradients of its tensor inputs (msprobe's backward `output`)."""
-        for backward, local, leaves in calls:
-            if backward not in arriving:
-                continue
-            wanted = [t for t in leaves if t.requires_grad]
-            found = iter(torch.autograd.grad(local, wanted, arriving[backward]))
-            data[backward]["output"] = [
-                record(next(found), f"{backward}.output.{i}.pt") if t.requires_grad else None
-                for i, t in enumerate(leaves)
-            ]
+    def node_hook(backward: str, grad_inputs: tuple, grad_outputs: tuple) -> None:
+        """msprobe's backward record: the gradient into the node as `input`, the ones it
+        sends to its inputs, in its order (None where it sends none), as `output`."""
+        data[backward] = {
+            "input": [record(grad_outputs[0], f"{backward}.input.0.pt")],
+            "output": [
+                None if g is None else record(g, f"{backward}.output.{i}.pt")
+                for i, g in enumerate(grad_inputs)
+            ],
+        }
 
     if level in ("L0", "mix"):
         for qualname, module in model.named_modules():
@@ -216,7 +208,6 @@ def write_dump(
     with ApiHooks() if level in ("L1", "mix") else contextlib.nullcontext():
         loss = model(x).square().sum()
     loss.backward()
-    input_grads()
     if level in ("L0", "mix"):
         data["Module.head.Linear.parameters_grad.0"] = {  # .0: the step's first gradient
             "weight": [
@@ -793,14 +784,17 @@ def _batch_norm_dump(
     tensor_dir = directory / "dump_tensor_data"
     tensor_dir.mkdir(parents=True)
 
-    def record(t: torch.Tensor, name: str) -> dict:
+    def record(t: torch.Tensor, name: str, needs_grad: bool = False) -> dict:
         torch.save(t.detach().contiguous().clone(), tensor_dir / name)
-        return _stats(t.detach(), name)
+        return {**_stats(t.detach(), name), "requires_grad": needs_grad}
 
     name = "Functional.batch_norm.0"
     data = {
         f"{name}.forward": {
-            "input_args": [record(t, f"{name}.forward.input.{i}.pt") for i, t in enumerate(moved)]
+            "input_args": [
+                record(t, f"{name}.forward.input.{i}.pt", leaves[i].requires_grad)
+                for i, t in enumerate(moved)
+            ]
             + [{"type": "bool", "value": True}, {"type": "float", "value": 0.1}]
             + [{"type": "float", "value": 1e-5}],
             "input_kwargs": {},
@@ -808,12 +802,8 @@ def _batch_norm_dump(
         },
         f"{name}.backward": {
             "input": [record(dy, f"{name}.backward.input.0.pt")],
-            "output": [
-                record(grads[0], f"{name}.backward.output.0.pt"),
-                None,
-                None,
-                record(grads[1], f"{name}.backward.output.3.pt"),
-                record(grads[2], f"{name}.backward.output.4.pt"),
+            "output": [  # what its autograd node sends: input, weight, bias
+                record(g, f"{name}.backward.output.{i}.pt") for i, g in enumerate(grads)
             ],
         },
     }
@@ -873,3 +863,24 @@ def test_replay_draws_move_only_replayed_tensors_by_an_honest_kernels_error(tmp_
     assert 1e-5 < moved < 0.05, moved  # a one-pass kernel's error at mean / std 30
     grad_output = ref.calls[0].grad_outputs[0]
     assert torch.equal(own.tensor(grad_output), ref.tensors[grad_output])  # not a result
+
+
+def test_a_gradient_recorded_with_another_shape_on_one_side_is_a_note_not_a_crash(tmp_path):
+    """msprobe hooks the autograd node of a call's output, which a device or layout may
+    build otherwise (a channels_last adaptive_avg_pool2d's is a view's: its input gradient
+    came out output-shaped): such a tensor is listed in a note and left out, the rest of
+    the call and of the dump judged as usual."""
+    ref, tgt = _pair(tmp_path, level="L1", honest=True)
+
+    def reshaped(data: dict) -> None:
+        entry = data["Functional.linear.1.backward"]
+        entry["output"][1] = entry["input"][0]  # the input gradient, output-shaped
+
+    _edit_dump_json(tgt, reshaped)
+    report = align.compare(ref, tgt)
+    assert report.passed, report
+    note = next(n for n in report.notes if "other shapes on each side" in n)
+    assert "Functional.linear#1 grad_inputs[1]" in note, note
+    judged = {(r.module, r.call, r.tensor) for r in report.rows}
+    assert ("Functional.linear", 1, "grad_input[2]") in judged  # the others are
+    assert ("Functional.linear", 1, "grad_input[1]") not in judged

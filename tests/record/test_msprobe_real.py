@@ -189,3 +189,26 @@ def test_a_weight_that_differs_is_named_before_the_module_it_changes(tmp_path, d
     prefix = f"[{step.name}] " if len(list(target.glob("step*"))) > 1 else ""
     assert report.first_divergence.module == f"{prefix}head/parameters.weight"
     assert report.first_divergence.phase == "forward"
+
+
+def test_every_api_backward_of_a_real_dump_is_replayed_in_msprobes_order():
+    """msprobe dumps a call's backward as its output's autograd node sees it (the linear's
+    addmm: bias, input, transposed weight; the batch_norm's: input, weight, bias; the
+    in-place ReLU's on its input): each is re-run so, the clean target passes them all, and
+    every gradient the dump holds is judged (none was before for the linear or batch_norm,
+    whose order is not their arguments')."""
+    ref, clean = DATA / "ref" / "tensor_mix", DATA / "clean" / "tensor_mix"
+    report = align.compare(ref, clean)
+    replayed = {
+        (r.module.rpartition("/")[2], r.tensor)
+        for r in report.local_rows
+        if r.phase == "backward" and r.passed
+    }
+    assert {
+        ("Functional.linear", "grad_input[0]"),  # bias
+        ("Functional.linear", "grad_input[2]"),  # weight, transposed
+        ("Functional.batch_norm", "grad_input[0]"),
+        ("Functional.batch_norm", "grad_input[1]"),
+        ("Functional.relu", "grad_input[0]"),
+    } <= replayed, replayed
+    assert not any("backward" in n and "not re-run" in n for n in report.notes), report.notes
