@@ -107,10 +107,11 @@ def judge_traces(
     if all(r.metrics == r.reference for r in rows) and identical(ref, tgt):
         report.notes.append(IDENTICAL)
     if gold is None:
-        widened = " (widened by a replayed API call's honest kernel errors)" if draws else ""
+        widened = ", and by a replayed API call's honest kernel errors" if draws else ""
         report.notes.append(
-            f"no golden trace: the reference stood in for it, so limits are dtype floors"
-            f"{widened}; dump a float64 golden (python -m align.dump MODEL --golden) for a "
+            "no golden trace: the reference stood in for it, so limits are dtype floors "
+            f"(times the square root of the calls a tensor went through{widened}); dump a "
+            "float64 golden (python -m align.dump MODEL --golden) for a "
             "verdict relative to the reference's own error"
         )
     if gold is not None and not ref.draws:

@@ -10,6 +10,7 @@ from torch import nn
 import align
 from align.judge.comparison import compare_traces
 from align.numerics.verdict import Tolerance
+from align.record.trace import Trace
 
 
 def test_a_running_statistic_one_side_writes_and_the_other_leaves_is_compared():
@@ -53,3 +54,29 @@ def test_state_is_left_to_isolation_when_asked():
     assert [r.tensor for r in kept] == ["output[0]", "buffer running_mean", "buffer running_var"]
     left = compare_traces(ref, ref, gold, tol=Tolerance(), phases=("forward",), state=False)
     assert [r.tensor for r in left] == ["output[0]"]
+
+
+def test_without_a_golden_a_deeper_tensor_is_allowed_the_roundings_it_went_through():
+    """Without a golden, the floors are the limits; a tensor computed through n calls
+    carries n calls' roundings on each side, a random walk: sqrt(n) floors. The same
+    relative difference that fails on the first layer's output passes on the sixteenth's,
+    and ten times as much still fails there."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(32, 32) for _ in range(16)))
+    ref = align.capture(model, torch.randn(8, 32), backward=False)
+    first, last = (ref.by_key()[(f"{n}", 0)].outputs[0] for n in (0, 15))
+
+    def target(key: str, rel: float) -> Trace:
+        tgt = copy.copy(ref)
+        tgt.tensors = dict(ref.tensors)
+        r = ref.tensors[key]
+        noise = torch.randn(r.shape, generator=torch.Generator().manual_seed(1))
+        tgt.tensors[key] = r + rel * r.norm() / noise.norm() * noise
+        return tgt
+
+    def failed(key: str, rel: float) -> bool:
+        rows = compare_traces(ref, target(key, rel), None, tol=Tolerance(), phases=("forward",))
+        return any(r.failed for r in rows)
+
+    assert failed(first, 2.5e-5) and not failed(last, 2.5e-5)
+    assert failed(last, 2.5e-4)
