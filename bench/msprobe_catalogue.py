@@ -1,5 +1,6 @@
-"""The verdict on real msprobe dumps: mindstudio-probe's own L1 tensor dumps of timm models,
-compared by `align.compare` without a golden dump, as users compare a GPU's and an NPU's.
+"""The verdict on real msprobe dumps: mindstudio-probe's own dumps of timm models (L1 or mix,
+task tensor or statistics), compared by `align.compare` without a golden dump, as users
+compare a GPU's and an NPU's.
 
     python bench/msprobe_catalogue.py --msprobe-python /path/to/venv/bin/python
     python bench/msprobe_catalogue.py --msprobe-python P --models resnet26d --level mix \
@@ -105,14 +106,14 @@ def dump_run(name: str, kind: str, out: str, config: str) -> None:
     debugger.step()
 
 
-def _dump(python: str, name: str, kind: str, out: Path, level: str) -> None:
+def _dump(python: str, name: str, kind: str, out: Path, level: str, task: str) -> None:
     config = {
-        "task": "tensor",
+        "task": task,
         "dump_path": str(out),
         "rank": [],
         "step": [0],
         "level": level,
-        "tensor": {"scope": [], "list": [], "data_mode": ["all"]},
+        task: {"scope": [], "list": [], "data_mode": ["all"]},
     }
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(config, f)
@@ -132,23 +133,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--honest", nargs="*", default=["half_ulp", "channels_last", "one_pass_norm"])
     p.add_argument("--faults", nargs="*", default=list(KERNEL_FAULTS), choices=KERNEL_FAULTS)
     p.add_argument("--level", choices=("L1", "mix"), default="L1")
+    p.add_argument("--task", choices=("tensor", "statistics"), default="tensor")
     p.add_argument("--json", default=None, help="write every check's outcome here")
     args = p.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory(prefix="align-msprobe-catalogue-") as tmp:
         for name in args.models:
             ref = Path(tmp) / name / "ref"
-            _dump(args.msprobe_python, name, "ref", ref, args.level)
+            _dump(args.msprobe_python, name, "ref", ref, args.level, args.task)
             for kind in args.honest + args.faults:
                 started, target = time.perf_counter(), Path(tmp) / name / kind
-                _dump(args.msprobe_python, name, kind, target, args.level)
+                _dump(args.msprobe_python, name, kind, target, args.level, args.task)
                 report = align.compare(ref, target)
                 site = API_OF[KERNEL_FAULTS[kind][0]] if kind in KERNEL_FAULTS else None
                 culprit = report.culprits[0].module if report.culprits else None
                 first = report.culprits[0] if report.culprits else report.first_divergence
                 entry = {
                     "model": name,
-                    "precision": f"fp32 {args.level}",
+                    "precision": f"fp32 {args.level} {args.task}",
                     "target": kind,
                     "site": site,
                     "honest": site is None,
