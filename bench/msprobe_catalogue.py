@@ -14,8 +14,9 @@ builds it (train mode, dropout on, batch 2 at 64 px), in its own process under m
 PrecisionDebugger. Honest targets (verdict_catalogue.target_for: half-ulp, channels_last,
 ...) must pass. Faults are device kernels gone wrong below msprobe's API hooks
 (`KERNEL_FAULTS`: one aten call changed by a dispatch mode, so the dump records a wrong
-kernel and no extra API call) and must fail with the call's API as the first culprit; a
-fault whose dump reproduces the reference bit for bit is counted as not effective.
+kernel and no extra API call) and must fail with the call's API as the first culprit (for
+statistics, which name no culprit: as the first failing tensor); a fault whose dump
+reproduces the reference bit for bit is counted as not effective.
 Prints one line per check and the totals.
 """
 
@@ -146,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
                 _dump(args.msprobe_python, name, kind, target, args.level, args.task)
                 report = align.compare(ref, target)
                 site = API_OF[KERNEL_FAULTS[kind][0]] if kind in KERNEL_FAULTS else None
-                culprit = report.culprits[0].module if report.culprits else None
                 first = report.culprits[0] if report.culprits else report.first_divergence
+                # statistics name no culprit: what they name is the first failing tensor
+                named = report.culprits or (args.task == "statistics" and first is not None)
+                culprit = first.module if named else None
                 entry = {
                     "model": name,
                     "precision": f"fp32 {args.level} {args.task}",
