@@ -81,7 +81,7 @@ def train(
     # fp16 trains with dynamic loss scaling, as Ascend's recipes do (apex O1/O2); the
     # float64 golden without (its gradients are recorded unscaled on every side)
     scaler = (
-        torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=not recorder.get("golden"))
+        torch.amp.GradScaler("cpu", enabled=not recorder.get("golden"))
         if precision == "amp-fp16"
         else None
     )
