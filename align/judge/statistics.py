@@ -93,10 +93,10 @@ def compare_statistics(
         t = target.tensors.stats.get(tkeys[i]) if i < len(tkeys) and tkeys[i] else None
         row = Row(call.module, call.index, phase, f"{LABELS[slot]}[{i}]", "", [])
         row = _judged(r, t, row, run_dtype, scale)
-        if row is not None and row.failed and set(row.failed) <= SPREAD:
+        if slot == "grad_inputs" and row is not None and row.failed and set(row.failed) <= SPREAD:
             arriving = [reference.tensors.stats.get(k) for k in call.grad_outputs if k]
             floor = _sum_noise(r, [a for a in arriving if a], bound(run_dtype, scale))
-            if slot == "grad_inputs" and all(_rms(s) < floor for s in (r, t)):
+            if all(_rms(s) < floor for s in (r, t)):
                 row.failed, row.message = [], NO_SIGNAL
         rows.append(row)
     if "backward" in phases:
