@@ -94,13 +94,28 @@ class Slices:
         zero = self.norm == 0
         return gain.masked_fill(zero, 0.0), se.masked_fill(zero, math.inf)
 
-    def concentration(self) -> torch.Tensor:
-        """Per slice: 1 / sqrt of its effective number of elements, (sum g^4)^(1/2) /
-        sum g^2. A gain weighs each element by g^2: a slice with a few large values is
-        measured by those few (1 for one nonzero value, 1/sqrt(n) for n equal ones).
-        Slices where g is 0 get 1."""
-        fourth = self.g.square().square_().sum(1).sqrt()
-        return (fourth / self._safe).masked_fill(self.norm == 0, 1.0)
+    def concentration(self, cells: torch.Tensor | None = None) -> torch.Tensor:
+        """Per slice: 1 / sqrt of its effective number of independent roundings,
+        (sum over cells of (sum g^2)^2)^(1/2) / sum g^2. A gain weighs each element by g^2:
+        a slice with a few large values is measured by those few (1 for one nonzero value,
+        1/sqrt(n) for n equal ones in n cells), and elements of one `rounding_cells` cell
+        (flat, as g) round alike, so they count once (1 for a slice of one repeated value:
+        a weight gradient whose grad_output holds six distinct values). Slices where g is 0
+        get 1."""
+        weight = self.g.square()
+        if cells is None:
+            fourth = weight.square().sum(1)
+        else:  # the weights summed per (slice, cell) pair, then squared
+            rows, width = self.rows(cells), cells.max() + 1
+            pairs = (torch.arange(len(rows))[:, None] * width + rows).flatten()
+            keys, inverse = torch.unique(pairs, return_inverse=True)
+            summed = torch.zeros(len(keys), dtype=weight.dtype).index_add_(
+                0, inverse, weight.flatten()
+            )
+            fourth = torch.zeros(len(rows), dtype=weight.dtype).index_add_(
+                0, keys // width, summed.square_()
+            )
+        return (fourth.sqrt_() / self._safe).masked_fill(self.norm == 0, 1.0)
 
 
 SHARED_ROUNDING = 32  # golden values within 1/32 ulp of each other share their rounding

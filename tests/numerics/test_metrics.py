@@ -347,6 +347,20 @@ def test_slice_concentration_counts_the_elements_a_gain_weighs():
     assert float(c[2]) == pytest.approx(0.5, rel=1e-3)  # four dominant values
 
 
+def test_slice_concentration_counts_elements_that_round_alike_once():
+    """Sixteen equal values are one rounding; two values repeated eight times each are two
+    (weighted by g^2); distinct values stay sixteen."""
+    g = torch.ones(3, 16, dtype=torch.float64)
+    g[1, 8:] = 2.0
+    g[2] = torch.linspace(1.0, 2.0, 16, dtype=torch.float64)
+    cells = metrics.rounding_cells(g.flatten(), torch.bfloat16)
+    c = metrics.Slices(g.flatten(), (3, 16), 0).concentration(cells)
+    assert float(c[0]) == pytest.approx(1.0)
+    assert float(c[1]) == pytest.approx(math.sqrt(8**2 + 32**2) / 40)
+    plain = metrics.Slices(g.flatten(), (3, 16), 0).concentration()
+    assert float(c[2]) == pytest.approx(float(plain[2]))
+
+
 @given(st.integers(0, 2), st.floats(-0.05, 0.05))
 @settings(max_examples=25, deadline=None)
 def test_slice_gains_measure_a_gain_on_one_slice_along_any_dim(dim, gain):

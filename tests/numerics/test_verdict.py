@@ -418,6 +418,29 @@ def test_a_slice_that_holds_one_rounding_may_carry_it_as_a_gain(case):
     assert "slice_gain" not in verdict.failed, explain(verdict)
 
 
+def test_a_float32_slice_of_a_few_bf16_roundings_may_be_one_bf16_ulp_off():
+    """A weight gradient under amp-bf16 (float32, holding bf16 values) whose grad_output holds
+    a few distinct values: an input channel's 576 elements are 6 roundings, so a kernel
+    that sums the batch's partial gradients in bf16 (ATen's native one) may leave all of
+    them one bf16 ulp off. Judged as float32 elements, each independent, that was a 200
+    standard error gain; 3% off still fails."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(64, 32, 3, 3, generator=gen, dtype=torch.float64).to(torch.bfloat16).double()
+    few = torch.tensor([1.4, 1.42, -1.38, 1.45, -1.41, 1.39], dtype=torch.float64) * 1e-9
+    g[:, 5] = few[torch.randint(6, (64, 3, 3), generator=gen)]
+    r = g.to(torch.bfloat16).float()
+    t = r.clone()
+    up = r[:, 5].to(torch.bfloat16).view(torch.int16) + 1  # sign and magnitude: the next
+    t[:, 5] = up.view(torch.bfloat16).float()  # bf16 value away from zero, one ulp
+    assert (t[:, 5].abs() > r[:, 5].abs()).all() and held_dtype(t) == torch.bfloat16
+    verdict = run(t, r, g, strict_dtype=False)
+    assert "slice_gain" not in verdict.failed, explain(verdict)
+    fault = r.clone()
+    fault[:, 5] = (r[:, 5].double() * 1.03).to(torch.bfloat16).float()
+    failed = run(fault, r, g, strict_dtype=False)
+    assert "slice_gain" in failed.failed and "slice 5 of dim 1" in failed.message, explain(failed)
+
+
 def test_a_few_large_values_rounded_honestly_are_no_gain():
     """scale_err weighs each error by g, and rounding errors grow with |g|: over 20 bf16
     values spanning two decades (an SE block's activation at 1x1), a target whose every
