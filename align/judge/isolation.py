@@ -28,7 +28,7 @@ from align.errors import AlignError
 from align.numerics.decisions import Choices, Decisions, is_random
 from align.numerics.jitter import Pool
 from align.numerics.names import BUFFER, judged_locally
-from align.numerics.precision import kernel_accuracy, shares_statistics
+from align.numerics.precision import kernel_accuracy, shares_statistics, unscaled_dtype
 from align.numerics.trees import flatten, unflatten
 from align.numerics.verdict import (
     Divergence,
@@ -168,7 +168,7 @@ class Isolator:
         if not want_grad:
             return self._decided(run, pos, local)
         pairs = [
-            (o, run.place(trace.tensor(k)).to(o.dtype))
+            (o, _scaled(run, trace.tensor(k), o.dtype))
             for o, k in zip(outs, call.grad_outputs)
             if k is not None and o.requires_grad
         ]
@@ -182,14 +182,14 @@ class Isolator:
             )
         for (j, _), g in zip(grad_leaves, grads):
             if g is not None:
-                local.backward[f"grad_input[{j}]"] = g
+                local.backward[f"grad_input[{j}]"] = _unscaled(run, g)
         for (n, _), g in zip(params, grads[len(grad_leaves) :]):
             if g is not None:
-                local.params[n] = g
+                local.params[n] = _unscaled(run, g)
         for label, payload in self._payloads.items():
             for m, g in enumerate(payload.received):
                 if g is not None:
-                    local.backward[f"grad_to:{label}[{m}]"] = g
+                    local.backward[f"grad_to:{label}[{m}]"] = _unscaled(run, g)
         return self._decided(run, pos, local)
 
     def _load_buffers(self, run: Run, module: torch.nn.Module, call: Call) -> dict:
@@ -241,7 +241,7 @@ class Isolator:
             floats = [o for o in outs if o.is_floating_point()]
             tensor_grads = [g for k, g in zip(call.inputs, call.grad_inputs) if k is not None]
             grads_in = [
-                run.place(trace.tensor(k)).to(f.dtype)
+                _scaled(run, trace.tensor(k), f.dtype)
                 if k is not None and f.requires_grad
                 else None
                 for f, k in zip(feeds, tensor_grads + [None] * len(feeds))
@@ -259,6 +259,19 @@ class Isolator:
             return unflatten(rebuilt, spec.out_spec)
 
         return replay
+
+
+def _scaled(run: Run, grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A recorded gradient placed on `run` at `dtype`, times its `grad_scale`."""
+    placed = run.place(grad)
+    return (placed * run.grad_scale if run.grad_scale != 1.0 else placed).to(dtype)
+
+
+def _unscaled(run: Run, grad: torch.Tensor) -> torch.Tensor:
+    """A gradient `run` computed, its `grad_scale` taken off (as align.record.loop records)."""
+    if run.grad_scale == 1.0:
+        return grad
+    return grad.to(unscaled_dtype(grad.dtype, run.grad_scale)) / run.grad_scale
 
 
 def _seed(run: Run) -> None:

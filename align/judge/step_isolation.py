@@ -28,6 +28,7 @@ Others are left to the step's own rows.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -186,6 +187,8 @@ class _HonestKernel:
             try:
                 if self.isolator is None:
                     run = _run(self.model, self.tgt, self.weights, self.policy).one_pass_draw()
+                    scale = (self.tgt.info.get("scaler") or {}).get("scale", 1.0)
+                    run = dataclasses.replace(run, grad_scale=float(scale))  # as the loop ran
                     self.isolator = Isolator(run, run, run, backward=True, replays=_every)
                 local = _alone(self.isolator, self.isolator.ref, pos)
                 self.runs[pos] = {(p, n): t for p, n, t in local.items()}

@@ -100,6 +100,15 @@ def compare(
         ordered = []
         for rank in ranks:
             sides = [ref.load(rank, n), tgt.load(rank, n)]
+            sides[0], overflowed = _without_overflow(sides[0])
+            if overflowed:
+                scale = sides[0].info["scaler"].get("scale")
+                notes.append(
+                    f"step {n}: the reference's loss scaler skipped the optimizer step (its "
+                    f"gradients overflowed at scale {scale:g}): {overflowed} gradient tensor(s) "
+                    "holding NaN/Inf there were not judged; the golden and the draws skip it too "
+                    "(Recorder(..., replay=)), the target's scaler is judged on its own"
+                )
             if gold is not None:
                 if n not in gold.steps(rank):
                     raise MismatchError(
@@ -506,6 +515,32 @@ def _step_entry(n: int, rank: int, sides: list[Step], rows: list[Row]) -> dict[s
         "scaler": sides[1].info.get("scaler"),
         "first_divergence": None if failing is None else str(failing.divergence()),
     }
+
+
+def _without_overflow(ref: Step) -> tuple[Step, int]:
+    """The reference's step without the gradients that overflowed where its loss scaler
+    skipped the step (NaN/Inf: nothing to measure a target by), and how many were left out.
+    Every tensor of a step the scaler did not skip is kept: NaN/Inf there is an error."""
+    if not (ref.info.get("scaler") or {}).get("skipped"):
+        return ref, 0
+    trace, finite = ref.trace, {None: True}
+
+    def kept(key: str | None) -> str | None:
+        if key not in finite:
+            finite[key] = metrics.all_finite(trace.tensor(key).double())
+        return key if finite[key] else None
+
+    calls = [
+        replace(
+            call,
+            grad_outputs=[kept(k) for k in call.grad_outputs],
+            grad_inputs=[kept(k) for k in call.grad_inputs],
+        )
+        for call in trace.calls
+    ]
+    grads = {name: key for name, key in trace.param_grads.items() if kept(key) is not None}
+    left_out = sum(not ok for ok in finite.values())
+    return replace(ref, trace=replace(trace, calls=calls, param_grads=grads)), left_out
 
 
 def _step_notes(ref: Step, tgt: Step, gold: Step | None = None) -> list[str]:

@@ -40,6 +40,7 @@ from align.numerics.precision import (
     error_floor,
     held_dtype,
     kernel_bias,
+    round_to,
     unit_roundoff,
 )
 
@@ -361,7 +362,10 @@ def judge(
         row.failed.append("dtype")
         row.metrics["dtype"], row.limits["dtype"] = 1.0, 0.0
         row.message = f"dtype {target.dtype} on the target, {reference.dtype} on the reference"
-    floor = error_floor(reference.dtype) * tol.floor * accuracy
+    # the precision its values hold (a float32 gradient of a bf16 kernel's, an fp16
+    # gradient unscaled): its floors and roundings are that dtype's
+    computed = _held(reference, target, strict_dtype, row.phase)
+    floor = error_floor(computed) * tol.floor * accuracy
     t, g = metrics.flat(target), metrics.as_f64(golden)
     honest = [metrics.flat(h) for h in (reference, *draws) if h.shape == reference.shape]
     against = metrics.Against(g)
@@ -431,8 +435,8 @@ def judge(
         sigma["scale_err"] *= max(1.0, math.sqrt(n / counts[1]) / NORMAL_WEIGHTING)
     if clean:  # elements that share one rounding are one draw (metrics.design_effects),
         # and one rounding, shared, biases them by one unit roundoff at most
-        effects = metrics.design_effects_of(g, reference.dtype)
-        shared = unit_roundoff(reference.dtype) * kernel_bias(accuracy) / BIAS_SIGMAS
+        effects = metrics.design_effects_of(g, computed)
+        shared = unit_roundoff(computed) * kernel_bias(accuracy) / BIAS_SIGMAS
         sigma = {
             m: max(sigma[m], min(sigma[m] * effect, shared)) for m, effect in zip(SIGNED, effects)
         }
@@ -452,12 +456,12 @@ def judge(
         # on that SE activation was -0.73%: its three large values all rounded down, 1 in 8)
         for m, count in zip(SIGNED, counts):
             if count < metrics.MIN_SLICE:
-                floors[m] += 2 * unit_roundoff(reference.dtype) * kernel_bias(accuracy)
+                floors[m] += 2 * unit_roundoff(computed) * kernel_bias(accuracy)
         if statistics:  # over n values each: a channel's (numel / channels), or fewer
             n_stat = t.numel() / (reference.shape[1] if reference.dim() > 1 else 1)
             for m in SIGNED:
                 floors[m] += STATISTIC_ORDER * math.sqrt(n_stat) * UNIT_FP32 * statistics
-    ramp = _k(1.0, mr["rel_rmse"], unit_roundoff(reference.dtype), local)
+    ramp = _k(1.0, mr["rel_rmse"], unit_roundoff(computed), local)
     if not local and not row.isolated:
         ramp *= error_spread([abs_h for _, abs_h, _ in judged])
     k = tol.k * ramp
@@ -468,12 +472,10 @@ def judge(
         for m, f in floors.items()
     }
     # one rounding at the precision the tensor was computed at (the dtype whose values it
-    # holds, or twice the reference's own rel_rmse: an fp32 gradient of a bf16 convolution
-    # is bf16-accurate), shared by a slice; and one ulp of it per element, the reference's
-    # rounding and the target kernel's accuracy together
-    computed = _held(reference, target, strict_dtype, row.phase)
+    # holds, or twice the reference's own rel_rmse), shared by a slice; and one ulp of it
+    # per element, the reference's rounding and the target kernel's accuracy together
     shared = max(error_floor(computed) * tol.floor, 2 * own) * kernel_bias(accuracy)
-    ulp = 2 * max(error_floor(computed) * tol.floor * accuracy, own)
+    ulp = 2 * max(floor, own)
     worst = None
     if clean:
         cells = functools.cache(lambda: metrics.rounding_cells(g, computed))
@@ -680,7 +682,8 @@ def judge_robustly(
         and set(judged.failed) <= SPREAD_METRICS
         and len(finite) >= SPREAD_DRAWS
     ):
-        floor = error_floor(reference.dtype) * tol.floor * accuracy
+        held = _held(reference, target, strict_dtype, row.phase)
+        floor = error_floor(held) * tol.floor * accuracy
         if spread(reference, golden, finite, floor) >= HEAVY_TAIL_SPREAD:
             judged.failed, judged.message = [], SPREAD_MESSAGE
     return judged
@@ -719,7 +722,7 @@ def judge_on_replays(
     # fp32-sized standard errors)
     return judge_robustly(
         target,
-        moved.to(_held(reference, target, strict_dtype, row.phase)),
+        round_to(moved.to(reference.dtype), _held(reference, target, strict_dtype, row.phase)),
         target_replay,
         replace(tol, k=tol.k * sampling_spread(count)),
         strict_dtype=strict_dtype,

@@ -31,15 +31,17 @@ def _layout(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _empty(t: torch.Tensor, layout: torch.memory_format, pinned: bool) -> torch.Tensor:
-    """Host memory for a copy of `t`: page-locked where asked and the device's runtime
-    gives it (a copy into pageable memory is made at once: right, only slower)."""
+def _empty(
+    t: torch.Tensor, layout: torch.memory_format, pinned: bool, dtype: torch.dtype
+) -> torch.Tensor:
+    """Host memory for a copy of `t` in `dtype`: page-locked where asked and the device's
+    runtime gives it (a copy into pageable memory is made at once: right, only slower)."""
     if pinned:
         try:
-            return torch.empty(t.shape, dtype=t.dtype, memory_format=layout, pin_memory=True)
+            return torch.empty(t.shape, dtype=dtype, memory_format=layout, pin_memory=True)
         except RuntimeError:
             pass
-    return torch.empty(t.shape, dtype=t.dtype, memory_format=layout)
+    return torch.empty(t.shape, dtype=dtype, memory_format=layout)
 
 
 class HostBuffers:
@@ -52,20 +54,26 @@ class HostBuffers:
         self._lock = threading.Lock()
 
     def copy(
-        self, t: torch.Tensor, layout: torch.memory_format | None = None, *, queued: bool = False
+        self,
+        t: torch.Tensor,
+        layout: torch.memory_format | None = None,
+        *,
+        queued: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """A host copy of `t` (detached) in a buffer of its own, laid out as `t` is (or
-        in `layout`). `queued`, for a tensor on a device: the copy is queued on the
-        device's stream into page-locked memory and the buffer holds it only once the
-        device is synchronized (no device memory is held, and the loop does not wait)."""
+        in `layout`), in t's dtype (or `dtype`). `queued`, for a tensor on a device: the
+        copy is queued on the device's stream into page-locked memory and the buffer holds
+        it only once the device is synchronized (no device memory is held, and the loop
+        does not wait)."""
         t = t.detach()
-        layout = layout or _layout(t)
-        key = (tuple(t.shape), t.dtype, layout)
+        layout, dtype = layout or _layout(t), dtype or t.dtype
+        key = (tuple(t.shape), dtype, layout)
         with self._lock:
             free = self._last.get(key) or self._free.get(key)
             buffer = free.pop() if free else None
         if buffer is None:
-            buffer = _empty(t, layout, pinned=queued and t.device.type != "cpu")
+            buffer = _empty(t, layout, queued and t.device.type != "cpu", dtype)
         return buffer.copy_(t, non_blocking=queued)
 
     def give(self, tensors: Iterable[torch.Tensor]) -> None:

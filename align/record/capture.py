@@ -385,6 +385,10 @@ class Run:
     )
     decisions: Decisions | None = None  # its discrete choices (align.numerics.decisions)
     one_pass: int | None = None  # the seed of a one-pass statistics draw (align.numerics.one_pass)
+    # the loss scale a re-run's backward applies to the trace's gradients, recorded unscaled
+    # (align.record.loop), and takes off what it returns: an fp16 backward runs scaled, as
+    # the recorded loop did, not in fp16's subnormals (1: the trace's are as run)
+    grad_scale: float = 1.0
 
     def numerics(self, autocast: bool = True) -> contextlib.ExitStack:
         """Context for running code as this run did."""

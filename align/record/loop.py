@@ -117,10 +117,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from align.errors import AlignError, TraceError
-from align.files import write_json_atomic
+from align.files import read_json, write_json_atomic
 from align.numerics import decisions
 from align.numerics.decisions import Decisions
 from align.numerics.jitter import Jitter
+from align.numerics.precision import unscaled_dtype
 from align.numerics.trees import map_leaves
 from align.record.arguments import spec_to_json
 from align.record.backward_grads import BackwardGrads
@@ -447,7 +448,10 @@ class Recorder:
         stepped: list[bool] = []
         # Where the optimizer may not step (no optimizer, or a scaler that can skip), the
         # gradients backward accumulated are taken too.
-        backward_grads = self.optimizer is None or scale != 1.0
+        # A run standing for the reference (the golden, a draw) skips the optimizer step
+        # where the reference's scaler did (`_skips`), and takes them too.
+        skip = self._skips(n)
+        backward_grads = self.optimizer is None or scale != 1.0 or skip
 
         def take_accumulated(name: str, p: torch.Tensor) -> None:
             # the first gradient into an empty .grad is taken as it is: one call alone may
@@ -480,6 +484,9 @@ class Recorder:
             grads.install(stack)
             if self.optimizer is not None:
                 stack.callback(self.optimizer.register_step_pre_hook(take_received).remove)
+            if skip:
+                self.optimizer.step = _skipped_step  # (an instance attribute, removed after)
+                stack.callback(delattr, self.optimizer, "step")
             stack.enter_context(self._numerics(n))
             stack.enter_context(choices)
             stack.enter_context(roots)
@@ -527,19 +534,25 @@ class Recorder:
         queued on its stream, written once the step ends (`_to_host`): no device memory
         is held, and the loop does not wait for it. The trace keeps a stand-in (a meta
         tensor: the shape and dtype, no memory)."""
+        dtype = unscaled_dtype(t.dtype, scale)
         if on_host(t):
-            copy = self._buffers.copy(t)
+            copy = self._buffers.copy(t, dtype=dtype)
             if scale != 1.0:
                 copy.div_(scale)
             files.add(key, copy)
         else:
-            self._queued.append((key, self._queue(t), scale))
-        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+            self._queued.append((key, self._queue(t, dtype=dtype), scale))
+        return torch.empty(t.shape, dtype=dtype, device="meta")
 
-    def _queue(self, t: torch.Tensor, layout: torch.memory_format | None = None) -> torch.Tensor:
+    def _queue(
+        self,
+        t: torch.Tensor,
+        layout: torch.memory_format | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
         """A host copy of device tensor `t`, queued on its device (complete after `_to_host`)."""
         self._queued_on.add(t.device)
-        return self._buffers.copy(t, layout, queued=True)
+        return self._buffers.copy(t, layout, queued=True, dtype=dtype)
 
     def _to_host(self, trace: Trace, files: StepFiles) -> None:
         """Wait for the copies the step queued (one synchronization per device, in the
@@ -585,6 +598,21 @@ class Recorder:
         if self.scaler is None or not self.scaler.is_enabled():
             return None
         return {"scale": scale, "next_scale": self._scale(), "skipped": not stepped}
+
+    def _skips(self, n: int) -> bool:
+        """Whether this run skips step n's optimizer step: it stands for the reference (the
+        golden, which runs without loss scaling, or a draw) and the reference's scaler
+        skipped it (its gradients overflowed). A target keeps its own scaler's choice: the
+        comparison judges whether it skipped alike."""
+        stands_in = self.golden or self.draw is not None
+        if self.replay is None or self.optimizer is None or not stands_in:
+            return False
+        wait_for_writes(self.replay)
+        path = self.replay / step_dir(n) / STEP_FILE
+        if not path.is_file():
+            return False  # (`_replayed` says the step is missing)
+        info = read_json(path, what="a step record (record it again)", error=TraceError)
+        return isinstance(info, dict) and bool((info.get("scaler") or {}).get("skipped"))
 
     def _replayed(self, n: int) -> decisions.Choices | None:
         if self.replay is None:
@@ -740,6 +768,10 @@ def _step_numbers(steps: Any) -> frozenset[int]:
     if not numbers or not all(isinstance(n, int) and n >= 0 for n in numbers):
         raise AlignError(f"steps= must list step numbers >= 0 to record, e.g. [0, 1, 2]: {steps!r}")
     return numbers
+
+
+def _skipped_step(*args: Any, **kwargs: Any) -> None:
+    """An optimizer step that the reference's loss scaler skipped (Recorder._skips)."""
 
 
 def _make_golden(model: nn.Module, optimizer: torch.optim.Optimizer | None, scaler: Any) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 import align
 from align.errors import TraceError
 from align.judge import steps
-from align.judge.step_isolation import isolate_step
+from align.judge.step_isolation import _HonestKernel, isolate_step
 from align.numerics.jitter import Jitter
 from align.numerics.precision import get_policy
 from align.numerics.verdict import as_tolerance
@@ -44,6 +44,7 @@ from align.testing.faults import (
     weight_grad_gain,
     weight_via_fp16,
 )
+from align.testing.loops import fp16_scaled_step
 from align.testing.models import OffsetNorm
 
 
@@ -610,3 +611,22 @@ def test_a_batch_norm_of_inputs_far_from_zero_mean_summed_in_one_pass_passes(tmp
         _offset_run(out, replay=tmp_path / "ref", channels_last=True, fault=fault)
         report = align.compare(tmp_path / "ref", out, tmp_path / "gold", model=model)
         assert [c.module for c in report.culprits] == ["bn"], (fault.__name__, str(report))
+
+
+def test_an_honest_kernel_re_runs_an_fp16_backward_at_the_loops_loss_scale(tmp_path):
+    """The honest kernel re-runs a call at the dump's precision: under fp16 with a
+    GradScaler it scales the recorded (unscaled) gradients back, as the loop ran, and
+    unscales what it returns; at scale 1 the fp16 gradients would be mostly subnormal."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 36, 4))
+    fp16_scaled_step(model, tmp_path / "d", scale=65536.0)
+    dump = LoopDump(tmp_path / "d")
+    step, weights = dump.load(0, 0), dump.weights_before(0, 0)
+    pos = next(i for i, c in enumerate(step.trace.calls) if c.module == "0")
+    exact = step.trace.tensor(step.trace.meta["backward_grads"]["0.weight"]).double()
+    honest = _HonestKernel(model, step, weights, get_policy("amp-fp16"))(
+        pos, "param_grad", "weight"
+    )
+    assert honest is not None and honest.dtype == torch.float32
+    error = (honest.double() - exact).norm() / exact.norm()
+    assert error < 5e-3, error  # fp16 roundings; flushed to subnormals it is several percent

@@ -9,10 +9,13 @@ from align.numerics.precision import (
     KERNEL_ACCURACY,
     error_floor,
     get_policy,
+    held_dtype,
     kernel_accuracy,
     kernel_bias,
+    round_to,
     shares_statistics,
     unit_roundoff,
+    unscaled_dtype,
 )
 
 
@@ -76,3 +79,34 @@ def test_a_normalization_shares_statistics_and_a_convolution_does_not():
     assert shares_statistics({"convolution", "native_batch_norm"})
     assert shares_statistics({"native_layer_norm_backward"})
     assert not shares_statistics({"convolution", "relu", "mean"})
+
+
+def test_an_fp32_tensor_is_held_at_the_narrowest_precision_its_values_fit():
+    """bf16 values, fp16 values, and fp16 values divided by a loss scale (a power of two:
+    below fp16's range, still fp16's 11 bits) are held at that precision."""
+    g = torch.randn(4096, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert held_dtype(g.to(torch.bfloat16).float()) == torch.bfloat16
+    assert held_dtype(g.to(torch.float16).float()) == torch.float16
+    assert held_dtype(g.to(torch.float16).float() / 65536) == torch.float16
+    assert held_dtype(g.float()) == torch.float32
+    assert held_dtype(g[:4].to(torch.bfloat16).float()) == torch.float32  # too few to tell
+    assert held_dtype(torch.zeros(100)) == torch.float32
+
+
+def test_rounding_to_fp16_precision_keeps_float32s_range():
+    """An unscaled fp16 gradient's values, far below fp16's smallest normal number, round
+    to fp16's 11 bits without flushing; bf16 rounds as a cast does."""
+    g = torch.randn(4096, generator=torch.Generator().manual_seed(1)) * 1e-7
+    rounded = round_to(g, torch.float16)
+    assert rounded.dtype == torch.float32 and held_dtype(rounded) == torch.float16
+    assert (rounded - g).abs().max() <= g.abs().max() * 2.0**-11
+    assert (g.to(torch.float16) == 0).sum() > 0  # what a cast to fp16 would have lost
+    assert torch.equal(round_to(g, torch.bfloat16), g.to(torch.bfloat16).float())
+    assert round_to(g, torch.float32) is g
+
+
+def test_a_gradient_divided_by_its_loss_scale_leaves_fp16_for_float32():
+    assert unscaled_dtype(torch.float16, 65536.0) == torch.float32
+    assert unscaled_dtype(torch.bfloat16, 65536.0) == torch.bfloat16  # fp32's range already
+    assert unscaled_dtype(torch.float16, 1.0) == torch.float16
+    assert unscaled_dtype(torch.int64, 65536.0) == torch.int64

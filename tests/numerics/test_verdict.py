@@ -856,15 +856,6 @@ def test_a_normalization_may_share_its_statistics_summation_error_across_a_slice
         assert judged.passed == passes, (gain, statistics, explain(judged))
 
 
-def test_an_fp32_tensor_of_bf16_values_is_held_at_bf16():
-    g = golden()
-    assert held_dtype(g.to(torch.bfloat16).float()) == torch.bfloat16
-    assert held_dtype(g.to(torch.float16).float()) == torch.float16
-    assert held_dtype(g.float()) == torch.float32
-    assert held_dtype(g[:4].to(torch.bfloat16).float()) == torch.float32  # too few to tell
-    assert held_dtype(torch.zeros(100)) == torch.float32
-
-
 def test_the_sampling_spread_of_few_elements_is_wide_and_of_many_near_one():
     assert sampling_spread(8) == pytest.approx(3.47, abs=0.01)
     assert 1.0 < sampling_spread(100_000) < 1.02

@@ -24,8 +24,10 @@ from torch import nn
 import align
 from align.errors import AlignError, TraceError
 from align.numerics.jitter import Jitter
+from align.numerics.precision import held_dtype
 from align.record.loop_dump import LoopDump
 from align.testing import FusedDropout, fused_dropout_kernel
+from align.testing.loops import fp16_scaled_step
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,14 +78,15 @@ def main(rank, args):
         if step == args.bad_batch and rank == args.bad_rank:
             xb = xb * 1.01
         with rec.step(step), Jitter(step + 1) if args.jitter else contextlib.nullcontext():
-            loss = criterion(model(xb), yb)
+            logits = model(xb)
+            if step == args.inf_step:  # a gradient overflowing: the scaler skips the step
+                logits.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float("inf")))
+            loss = criterion(logits, yb)
             if scaler is None:
                 loss.backward()
                 opt.step()
             else:
                 scaler.scale(loss).backward()
-                if step == args.inf_step:  # a kernel overflowing: the scaler skips the step
-                    model.fc2.bias.grad[0] = float("inf")
                 scaler.step(opt)
                 scaler.update()
             opt.zero_grad()
@@ -129,6 +132,10 @@ TARGETS = {
     "damp": (["--optimizer", "sgd", "--dampening", "0.1"], "sgd"),
     "scaled": (["--scale", "1024", "--jitter"], "scaled_ref"),
     "overflow": (["--scale", "1024", "--inf-step", "1"], "scaled_ref"),
+    # a reference whose scaler skips step 1: an honest target that skips it too, and one
+    # that steps
+    "skipping": (["--scale", "1024", "--inf-step", "1", "--jitter"], "skipping_ref"),
+    "stepping": (["--scale", "1024", "--jitter"], "skipping_ref"),
 }
 
 
@@ -165,8 +172,10 @@ def dumps(tmp_path_factory) -> Path:
         _launch(root, "ref"),
         _launch(root, "sgd", "--optimizer", "sgd"),
         _launch(root, "scaled_ref", "--scale", "1024"),
+        _launch(root, "skipping_ref", "--scale", "1024", "--inf-step", "1"),
     )
     procs = [_launch(root, "gold", "--golden", "--replay", str(root / "ref"))]
+    procs.append(_launch(root, "skipping_gold", "--golden", "--replay", str(root / "skipping_ref")))
     procs += [_launch(root, "ref", draw=n) for n in (1, 2)]  # the reference script, again
     for name, (args, reference) in TARGETS.items():
         procs.append(_launch(root, name, *args, "--replay", str(root / reference)))
@@ -246,7 +255,28 @@ def test_scaler_scale_and_skipped_step(dumps):
     assert _compare(dumps, "scaled_ref", "scaled", golden=True).passed
     info = json.loads((dumps / "overflow/rank0/step000001/step.json").read_text())
     assert info["scaler"] == {"scale": 1024.0, "next_scale": 512.0, "skipped": True}
-    first = _compare(dumps, "scaled_ref", "overflow", golden=False).first_divergence
+    overflow = _compare(dumps, "scaled_ref", "overflow", golden=False)
+    first = overflow.first_divergence  # the gradient that overflowed, then the scaler's skip
+    assert (first.module, first.phase, first.metric) == ("fc2", "backward", "nonfinite"), first
+    assert any(r.tensor == "step 1 skipped" and r.failed for r in overflow.rows)
+
+
+def test_a_step_the_references_scaler_skipped_is_skipped_by_the_golden_and_judged(dumps):
+    """The reference's gradients overflow in step 1 and its scaler skips the step: the
+    golden (no scaler) replays the skip, the overflowed gradients are left out with a note,
+    everything else of the step is judged; an honest target that skips alike passes, one
+    whose scaler steps fails on the scaler."""
+    gold = LoopDump(dumps / "skipping_gold")
+    before, after = (gold.load(0, n).state["param/fc2.bias"] for n in (0, 1))
+    assert torch.equal(before, after)  # the golden did not step where the reference skipped
+    report = align.compare(dumps / "skipping_ref", dumps / "skipping", dumps / "skipping_gold")
+    assert report.passed, str(report)
+    assert any("skipped the optimizer step" in n for n in report.notes), report.notes
+    judged = {r.tensor for r in report.rows}
+    assert "step 1 loss" in judged and "step 1 group 0 fc2.bias after the step" in judged
+    assert not any(r.tensor.startswith("step 1") and r.phase == "param_grad" for r in report.rows)
+    stepping = align.compare(dumps / "skipping_ref", dumps / "stepping", dumps / "skipping_gold")
+    first = stepping.first_divergence
     assert (first.phase, first.tensor) == ("scaler", "step 1 skipped"), str(first)
 
 
@@ -531,6 +561,24 @@ def test_a_new_reference_recording_drops_the_stale_draws_of_the_last(tmp_path):
     assert [d.root.name for d in LoopDump(tmp_path / "d").draws()] == ["1"]
     align.Recorder(model, tmp_path / "d", steps=[0], optimizer=opt).close()
     assert LoopDump(tmp_path / "d").draws() == []
+
+
+def test_fp16_gradients_are_recorded_unscaled_in_float32_not_flushed(tmp_path):
+    """Under fp16 autocast with a GradScaler, a module's gradients are fp16 at the loss
+    scale: divided by it in fp16 most would be subnormal or zero. They are recorded in
+    float32, exactly the fp16 values over the scale (fp16's precision kept)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 36, 4))
+    seen = {}
+    model[0].register_full_backward_hook(lambda m, gi, go: seen.update(go=go[0].clone()))
+    fp16_scaled_step(model, tmp_path / "d", scale=65536.0)
+    trace = LoopDump(tmp_path / "d").load(0, 0).trace
+    conv = next(c for c in trace.calls if c.module == "0")
+    recorded = trace.tensor(conv.grad_outputs[0])
+    assert seen["go"].dtype == torch.float16 and recorded.dtype == torch.float32
+    assert torch.equal(recorded, seen["go"].float() / 65536)
+    assert (recorded.abs() < torch.finfo(torch.float16).tiny).float().mean() > 0.5  # below fp16
+    assert held_dtype(recorded) == torch.float16
 
 
 def test_odd_draws_run_a_convolutional_model_in_the_other_memory_format(tmp_path):
