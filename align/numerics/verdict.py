@@ -558,12 +558,12 @@ def _worst_slice(
     (precision.KERNEL_BIAS: a repeated value, an input every element multiplies, which a
     kernel computing in HF32 or bf16 rounds once); and PRIOR_SIGMAS of what the slice's
     effective elements, each up to `per_element` off, add up to
-    (never more than `per_element`); elements of one rounding cell (`cells`,
-    metrics.rounding_cells, worked out where
-    a slice fails without them) are one (measured: retinanet's classification conv under
-    amp-bf16, a weight gradient whose grad_output holds six distinct values, 7371 elements
-    of an input channel in 15 cells, one bf16 ulp off on ATen's native kernel, which sums
-    the batch's partial gradients in bf16). Returns (the difference, the reference's
+    (never more than `per_element`), the elements of one rounding cell counting once
+    (`cells`, metrics.rounding_cells, worked out where a slice fails without them;
+    measured: retinanet's classification conv under amp-bf16, a weight gradient whose
+    grad_output holds six distinct values, 7371 elements of an input channel in 15 cells,
+    one bf16 ulp off on ATen's native kernel, which sums the batch's partial gradients in
+    bf16). Returns (the difference, the reference's
     gain, the limit on the difference, what to say, the k it needs) or None."""
     best, numel = None, t.numel()
     dims = [d for d, rows in enumerate(shape) if rows >= 2 and numel // rows >= metrics.MIN_SLICE]

@@ -485,8 +485,7 @@ class Recorder:
             if self.optimizer is not None:
                 stack.callback(self.optimizer.register_step_pre_hook(take_received).remove)
             if skip:
-                self.optimizer.step = _skipped_step  # (an instance attribute, removed after)
-                stack.callback(delattr, self.optimizer, "step")
+                stack.enter_context(_skipping(self.optimizer))
             stack.enter_context(self._numerics(n))
             stack.enter_context(choices)
             stack.enter_context(roots)
@@ -770,8 +769,19 @@ def _step_numbers(steps: Any) -> frozenset[int]:
     return numbers
 
 
-def _skipped_step(*args: Any, **kwargs: Any) -> None:
-    """An optimizer step that the reference's loss scaler skipped (Recorder._skips)."""
+@contextlib.contextmanager
+def _skipping(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """`optimizer.step()` does nothing inside (the reference's scaler skipped the step:
+    Recorder._skips); the instance's own `step` (an LR scheduler's wrapper) is put back."""
+    own = optimizer.__dict__.get("step")
+    optimizer.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        if own is None:
+            del optimizer.step
+        else:
+            optimizer.step = own
 
 
 def _make_golden(model: nn.Module, optimizer: torch.optim.Optimizer | None, scaler: Any) -> None:

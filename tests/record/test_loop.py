@@ -25,6 +25,7 @@ import align
 from align.errors import AlignError, TraceError
 from align.numerics.jitter import Jitter
 from align.numerics.precision import held_dtype
+from align.record.loop import _skipping
 from align.record.loop_dump import LoopDump
 from align.testing import FusedDropout, fused_dropout_kernel
 from align.testing.loops import fp16_scaled_step
@@ -278,6 +279,21 @@ def test_a_step_the_references_scaler_skipped_is_skipped_by_the_golden_and_judge
     stepping = align.compare(dumps / "skipping_ref", dumps / "stepping", dumps / "skipping_gold")
     first = stepping.first_divergence
     assert (first.phase, first.tensor) == ("scaler", "step 1 skipped"), str(first)
+
+
+def test_a_skipped_step_leaves_an_lr_schedulers_wrapper_of_the_step_in_place():
+    weight = nn.Parameter(torch.ones(2))
+    weight.grad = torch.ones(2)
+    opt = torch.optim.SGD([weight], lr=0.1)
+    torch.optim.lr_scheduler.StepLR(opt, 1)  # wraps opt.step on the instance
+    wrapped = opt.__dict__["step"]
+    with _skipping(opt):
+        opt.step()
+    assert torch.equal(weight.detach(), torch.ones(2)) and opt.__dict__["step"] is wrapped
+    bare = torch.optim.SGD([weight], lr=0.1)
+    with _skipping(bare):
+        bare.step()
+    assert "step" not in bare.__dict__
 
 
 def test_honest_draws_are_reruns_of_the_reference_script_with_its_choices(dumps, tmp_path):
