@@ -35,7 +35,7 @@ from align.numerics.verdict import (
     judge_robustly,
 )
 from align.record.loop_dump import BEFORE, CARRIED, DRAW_ENV, DRAWS_DIR, LoopDump, Step
-from align.record.trace import Trace
+from align.record.trace import Call, Trace
 
 # param group entries that choose an implementation, not the arithmetic
 IMPLEMENTATION = {"foreach", "fused", "capturable", "differentiable"}
@@ -100,14 +100,15 @@ def compare(
         ordered = []
         for rank in ranks:
             sides = [ref.load(rank, n), tgt.load(rank, n)]
-            sides[0], overflowed = _without_overflow(sides[0])
+            sides[0], overflowed = _without_overflow(*sides)
             if overflowed:
                 scale = sides[0].info["scaler"].get("scale")
                 notes.append(
                     f"step {n}: the reference's loss scaler skipped the optimizer step (its "
                     f"gradients overflowed at scale {scale:g}): {overflowed} gradient tensor(s) "
-                    "holding NaN/Inf there were not judged; the golden and the draws skip it too "
-                    "(Recorder(..., replay=)), the target's scaler is judged on its own"
+                    "holding NaN/Inf there (on the target too, where its scaler skipped it) were "
+                    "not judged; the golden and the draws skip it too (Recorder(..., replay=)), "
+                    "the target's scaler is judged on its own"
                 )
             if gold is not None:
                 if n not in gold.steps(rank):
@@ -158,6 +159,7 @@ def compare(
         for rank in ranks:
             label = f"rank {rank} step {n}" if len(ranks) > 1 else f"step {n}"
             sides = [dump.load(rank, n) for dump in (ref, tgt)]
+            sides[0] = _without_overflow(*sides)[0]
             weights = [dump.weights_before(rank, n) for dump in (ref, tgt)]
             found = isolate_step(model, *sides, weights, tol, strict_dtype=strict, policy=policy)
             local_rows += found[0]
@@ -517,30 +519,47 @@ def _step_entry(n: int, rank: int, sides: list[Step], rows: list[Row]) -> dict[s
     }
 
 
-def _without_overflow(ref: Step) -> tuple[Step, int]:
+def _without_overflow(ref: Step, tgt: Step) -> tuple[Step, int]:
     """The reference's step without the gradients that overflowed where its loss scaler
-    skipped the step (NaN/Inf: nothing to measure a target by), and how many were left out.
-    Every tensor of a step the scaler did not skip is kept: NaN/Inf there is an error."""
-    if not (ref.info.get("scaler") or {}).get("skipped"):
+    skipped the step (NaN/Inf: nothing to measure a target by), on its side or, where the
+    target's scaler skipped it too, on the target's (two honest runs at the edge of fp16's
+    range overflow in other elements); and how many were left out. Every tensor of a step
+    the reference's scaler did not skip is kept: NaN/Inf there is an error."""
+    skipped = [bool((side.info.get("scaler") or {}).get("skipped")) for side in (ref, tgt)]
+    if not skipped[0]:
         return ref, 0
-    trace, finite = ref.trace, {None: True}
+    overflowed: set[tuple] = set()  # (module, call index, slot, i), or a parameter's name
+    for side in (ref, tgt)[: 1 + skipped[1]]:
+        trace = side.trace
 
-    def kept(key: str | None) -> str | None:
-        if key not in finite:
-            finite[key] = metrics.all_finite(trace.tensor(key).double())
-        return key if finite[key] else None
+        def bad(key: Any, trace: Trace = trace) -> bool:
+            return isinstance(key, str) and not metrics.all_finite(trace.tensor(key).double())
 
+        for call in trace.calls:
+            for slot in ("grad_outputs", "grad_inputs"):
+                keys = getattr(call, slot)
+                overflowed |= {(*call.key, slot, i) for i, k in enumerate(keys) if bad(k)}
+        own = trace.meta.get("backward_grads")
+        for grads in (trace.param_grads, own if isinstance(own, dict) else {}):
+            overflowed |= {name for name, key in grads.items() if bad(key)}
+
+    def kept(call: Call, slot: str) -> list[str | None]:
+        keys = getattr(call, slot)
+        return [None if (*call.key, slot, i) in overflowed else k for i, k in enumerate(keys)]
+
+    trace = ref.trace
     calls = [
-        replace(
-            call,
-            grad_outputs=[kept(k) for k in call.grad_outputs],
-            grad_inputs=[kept(k) for k in call.grad_inputs],
-        )
-        for call in trace.calls
+        replace(c, grad_outputs=kept(c, "grad_outputs"), grad_inputs=kept(c, "grad_inputs"))
+        for c in trace.calls
     ]
-    grads = {name: key for name, key in trace.param_grads.items() if kept(key) is not None}
-    left_out = sum(not ok for ok in finite.values())
-    return replace(ref, trace=replace(trace, calls=calls, param_grads=grads)), left_out
+    grads = {n: k for n, k in trace.param_grads.items() if n not in overflowed}
+    meta = dict(trace.meta)
+    if isinstance(meta.get("backward_grads"), dict):
+        meta["backward_grads"] = {
+            n: k for n, k in meta["backward_grads"].items() if n not in overflowed
+        }
+    filtered = replace(trace, calls=calls, param_grads=grads, meta=meta)
+    return replace(ref, trace=filtered), len(overflowed)
 
 
 def _step_notes(ref: Step, tgt: Step, gold: Step | None = None) -> list[str]:

@@ -47,10 +47,15 @@ class Net(nn.Module):
         self.fc1 = nn.Linear(64, 64)
         self.norm = nn.LayerNorm(32, eps=norm_eps)
         self.fc2 = nn.Linear(32, 10)
+        self.hidden_hook = None  # a tensor hook on fc2's input, for the next call
 
     def forward(self, x):
         h = self.fc1(x).view(x.shape[0], 32, 2).max(dim=-1).values  # maxout: discrete choices
-        return self.fc2(torch.relu(self.norm(h)))
+        h = torch.relu(self.norm(h))
+        if self.hidden_hook is not None:
+            h.register_hook(self.hidden_hook)
+            self.hidden_hook = None
+        return self.fc2(h)
 
 
 def main(rank, args):
@@ -79,9 +84,13 @@ def main(rank, args):
         if step == args.bad_batch and rank == args.bad_rank:
             xb = xb * 1.01
         with rec.step(step), Jitter(step + 1) if args.jitter else contextlib.nullcontext():
+            overflow = step == args.inf_step  # a gradient overflowing: the scaler skips the step
+            inf = lambda g: g.index_fill(0, torch.tensor([args.inf_row]), float("inf"))
+            if overflow and args.inf_at == "hidden":  # fc2's input gradient
+                (model.module if args.world > 1 else model).hidden_hook = inf
             logits = model(xb)
-            if step == args.inf_step:  # a gradient overflowing: the scaler skips the step
-                logits.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float("inf")))
+            if overflow and args.inf_at == "logits":
+                logits.register_hook(inf)
             loss = criterion(logits, yb)
             if scaler is None:
                 loss.backward()
@@ -112,6 +121,8 @@ if __name__ == "__main__":
     p.add_argument("--bad-batch", type=int, default=-1)
     p.add_argument("--bad-rank", type=int, default=0)
     p.add_argument("--inf-step", type=int, default=-1)
+    p.add_argument("--inf-row", type=int, default=0)
+    p.add_argument("--inf-at", choices=("logits", "hidden"), default="logits")
     p.add_argument("--jitter", action="store_true")
     p.add_argument("--replay", default=None)
     p.add_argument("--golden", action="store_true")
@@ -124,6 +135,8 @@ if __name__ == "__main__":
         main(0, args)
 """
 
+# a reference whose gradients overflow in step 1, so its scaler skips it
+SKIPPING = ["--scale", "1024", "--inf-step", "1"]
 # name: (arguments, replays the reference "ref" or "sgd")
 TARGETS = {
     "honest": (["--jitter"], "ref"),
@@ -135,8 +148,10 @@ TARGETS = {
     "overflow": (["--scale", "1024", "--inf-step", "1"], "scaled_ref"),
     # a reference whose scaler skips step 1: an honest target that skips it too, and one
     # that steps
-    "skipping": (["--scale", "1024", "--inf-step", "1", "--jitter"], "skipping_ref"),
+    "skipping": ([*SKIPPING, "--inf-at", "hidden", "--jitter"], "skipping_ref"),
     "stepping": (["--scale", "1024", "--jitter"], "skipping_ref"),
+    # overflowing in fc2's gradients too, which are finite on the reference
+    "elsewhere": ([*SKIPPING, "--inf-at", "logits"], "skipping_ref"),
 }
 
 
@@ -173,7 +188,7 @@ def dumps(tmp_path_factory) -> Path:
         _launch(root, "ref"),
         _launch(root, "sgd", "--optimizer", "sgd"),
         _launch(root, "scaled_ref", "--scale", "1024"),
-        _launch(root, "skipping_ref", "--scale", "1024", "--inf-step", "1"),
+        _launch(root, "skipping_ref", *SKIPPING, "--inf-at", "hidden"),
     )
     procs = [_launch(root, "gold", "--golden", "--replay", str(root / "ref"))]
     procs.append(_launch(root, "skipping_gold", "--golden", "--replay", str(root / "skipping_ref")))
@@ -265,8 +280,9 @@ def test_scaler_scale_and_skipped_step(dumps):
 def test_a_step_the_references_scaler_skipped_is_skipped_by_the_golden_and_judged(dumps):
     """The reference's gradients overflow in step 1 and its scaler skips the step: the
     golden (no scaler) replays the skip, the overflowed gradients are left out with a note,
-    everything else of the step is judged; an honest target that skips alike passes, one
-    whose scaler steps fails on the scaler."""
+    everything else of the step is judged; an honest target that skips alike passes, also
+    where other tensors overflowed on it (fc2's gradients, finite on the reference), and
+    one whose scaler steps fails on the scaler."""
     gold = LoopDump(dumps / "skipping_gold")
     before, after = (gold.load(0, n).state["param/fc2.bias"] for n in (0, 1))
     assert torch.equal(before, after)  # the golden did not step where the reference skipped
@@ -275,7 +291,10 @@ def test_a_step_the_references_scaler_skipped_is_skipped_by_the_golden_and_judge
     assert any("skipped the optimizer step" in n for n in report.notes), report.notes
     judged = {r.tensor for r in report.rows}
     assert "step 1 loss" in judged and "step 1 group 0 fc2.bias after the step" in judged
-    assert not any(r.tensor.startswith("step 1") and r.phase == "param_grad" for r in report.rows)
+    step1 = {r.module for r in report.rows if r.phase == "param_grad" and "step 1" in r.tensor}
+    assert "fc1" not in step1 and "fc2" in step1  # overflowed upstream of fc2's input only
+    elsewhere = align.compare(dumps / "skipping_ref", dumps / "elsewhere", dumps / "skipping_gold")
+    assert elsewhere.passed, str(elsewhere)
     stepping = align.compare(dumps / "skipping_ref", dumps / "stepping", dumps / "skipping_gold")
     first = stepping.first_divergence
     assert (first.phase, first.tensor) == ("scaler", "step 1 skipped"), str(first)
