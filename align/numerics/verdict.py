@@ -364,7 +364,7 @@ def judge(
         row.message = f"dtype {target.dtype} on the target, {reference.dtype} on the reference"
     # the precision its values hold (a float32 gradient of a bf16 kernel's, an fp16
     # gradient unscaled): its floors and roundings are that dtype's
-    computed = _held(reference, target, strict_dtype, row.phase)
+    computed = _held(reference, target, golden, strict_dtype, row.phase)
     floor = error_floor(computed) * tol.floor * accuracy
     t, g = metrics.flat(target), metrics.as_f64(golden)
     honest = [metrics.flat(h) for h in (reference, *draws) if h.shape == reference.shape]
@@ -682,7 +682,7 @@ def judge_robustly(
         and set(judged.failed) <= SPREAD_METRICS
         and len(finite) >= SPREAD_DRAWS
     ):
-        held = _held(reference, target, strict_dtype, row.phase)
+        held = _held(reference, target, golden, strict_dtype, row.phase)
         floor = error_floor(held) * tol.floor * accuracy
         if spread(reference, golden, finite, floor) >= HEAVY_TAIL_SPREAD:
             judged.failed, judged.message = [], SPREAD_MESSAGE
@@ -722,7 +722,10 @@ def judge_on_replays(
     # fp32-sized standard errors)
     return judge_robustly(
         target,
-        round_to(moved.to(reference.dtype), _held(reference, target, strict_dtype, row.phase)),
+        round_to(
+            moved.to(reference.dtype),
+            _held(reference, target, target_replay, strict_dtype, row.phase),
+        ),
         target_replay,
         replace(tol, k=tol.k * sampling_spread(count)),
         strict_dtype=strict_dtype,
@@ -740,7 +743,11 @@ def judge_on_replays(
 
 
 def _held(
-    reference: torch.Tensor, target: torch.Tensor, strict_dtype: bool, phase: str
+    reference: torch.Tensor,
+    target: torch.Tensor,
+    golden: torch.Tensor,
+    strict_dtype: bool,
+    phase: str,
 ) -> torch.dtype:
     """The dtype whose values both sides' float32 tensors hold (`held_dtype`), where the
     policy is not strict about dtypes (under fp32, the reference's own). A parameter
@@ -748,12 +755,18 @@ def _held(
     computed it from half-precision operands may round it to their dtype once (measured:
     the CPU's channels_last BatchNorm backward under bf16 autocast, its grad_output
     contiguous, returns bias gradients rounded to bf16 where the contiguous kernel's are
-    exact sums)."""
+    exact sums). Where the golden's exact values fit that dtype too, the tensor is exact
+    data (anchor coordinates, counts), not rounded to it: its own dtype."""
     if strict_dtype or reference.dtype != torch.float32 or target.dtype != torch.float32:
         return reference.dtype
     if phase == "param_grad":
-        return held_dtype(target)
-    return held_dtype(torch.cat([reference.flatten(), target.flatten()]))
+        held = held_dtype(target)
+    else:
+        held = held_dtype(torch.cat([reference.flatten(), target.flatten()]))
+    exact = metrics.as_f64(golden)
+    if held != reference.dtype and torch.equal(exact.to(held).double(), exact):
+        return reference.dtype
+    return held
 
 
 def _same_shape(t: torch.Tensor | None, like: torch.Tensor) -> list[torch.Tensor]:

@@ -441,6 +441,19 @@ def test_a_float32_slice_of_a_few_bf16_roundings_may_be_one_bf16_ulp_off():
     assert "slice_gain" in failed.failed and "slice 5 of dim 1" in failed.message, explain(failed)
 
 
+@pytest.mark.parametrize("local", [True, False])
+def test_exact_data_that_fits_bf16_is_judged_as_float32_under_amp(local):
+    """Float32 values a narrower dtype holds are rounded there only where the golden's
+    are not: integer coordinates (anchors, counts) are exact data, and a target 0.3% off
+    on them fails under amp as under fp32, though bf16's floor would let it pass."""
+    g = torch.randint(128, 256, (64, 64), generator=torch.Generator().manual_seed(0)).double()
+    t = g.float()
+    t[torch.rand(64, 64, generator=torch.Generator().manual_seed(1)) < 0.3] += 1
+    verdict = run(t, g.float(), g, strict_dtype=False, local=local)
+    assert "rel_rmse" in verdict.failed, explain(verdict)
+    assert verdict.limits["rel_rmse"] < 1e-4  # float32's floor, not bf16's
+
+
 def test_a_few_large_values_rounded_honestly_are_no_gain():
     """scale_err weighs each error by g, and rounding errors grow with |g|: over 20 bf16
     values spanning two decades (an SE block's activation at 1x1), a target whose every
