@@ -32,7 +32,8 @@ What a step holds:
   (align.record.backward_grads: a module's call alone reproduces them; one copy where the
   optimizer receives them unchanged); the
   step's discrete choices (align.numerics.decisions). Gradients are divided by the scaler's
-  scale, so a run that scales its loss compares with one that does not (the golden).
+  scale, so a run that scales its loss compares with one that does not (the golden);
+  fp16 ones in float32, whose range holds them (precision.unscaled_dtype).
 * `state.safetensors` and `step.json`: the loss, the parameters and floating buffers
   after the step, the optimizer's state (momentum buffers, exp_avg, exp_avg_sq, step
   counts) and hyperparameters by param group and parameter name, and the scaler's scale
@@ -55,7 +56,8 @@ Golden: `golden=True` on a CPU run of the same script (same seed, same batches, 
 steps) makes it the float64 golden: the recorder casts the model to float64, casts the
 model's floating inputs to float64 and keeps float64 where the script asks for a lower
 float dtype (align.record.capture.KeepFloat64); autocast leaves float64 alone, so an AMP
-script runs unchanged. Run it without loss scaling. Then every tensor
+script runs unchanged. Run it without loss scaling: it skips the optimizer steps the
+reference's scaler skipped, as the draws do (`Recorder._skips`). Then every tensor
 of the target is judged by its error against the golden relative to the reference's
 (align.numerics.verdict); without a golden the reference stands in and only dtype floors remain.
 
