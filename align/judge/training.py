@@ -15,6 +15,7 @@ deviation over the same steps, never against a fixed threshold.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable
@@ -40,10 +41,12 @@ from align.record.capture import (
     prepare,
     projection_loss,
 )
+from align.record.loop import skipping
 from align.zoo import get_case
 
 QUANTITIES = ("loss", "grad_norm", "update_norm")
-UNEXCUSED = frozenset({"nonfinite", "missing", "shape", "dtype"})  # draws cannot excuse these
+# draws cannot excuse these (they skip where the reference skipped)
+UNEXCUSED = frozenset({"nonfinite", "missing", "shape", "dtype", "skipped"})
 
 
 @dataclass(frozen=True)
@@ -96,12 +99,16 @@ def _trajectory(
     replay: list[Choices] | None = None,
     jitter: int | None = None,
     memory_format: torch.memory_format | None = None,
+    skips: list[bool] | None = None,
 ) -> dict[str, Any]:
     """Train a private copy for len(batches) steps; per-step figures and final state.
 
     Each step's decisions (dropout masks, ReLU branches: align.numerics.decisions) are recorded in
     the result's "decisions", or replayed from `replay`, the reference's. `jitter` and
-    `memory_format` make it an honest draw (align.record.capture.honest_draw).
+    `memory_format` make it an honest draw (align.record.capture.honest_draw). `skips`: the
+    steps the reference's loss scaler skipped (its gradients overflowed), which a run
+    standing for it (the golden, a draw) skips too; each step's "skipped" says whether
+    the optimizer stepped.
     """
     private = prepare(model, device, policy)
     if memory_format is not None:  # its inputs follow, step by step
@@ -121,6 +128,8 @@ def _trajectory(
         init_scale=2.0**12 if opts.loss_scale is None else opts.loss_scale,
         enabled=scaled and policy.name != "fp64",  # the golden is exact: nothing to scale
     )
+    stepped = [0]  # optimizer steps taken (not where the scaler skipped: a step pre-hook)
+    optimizer.register_step_pre_hook(lambda *_: stepped.__setitem__(0, stepped[0] + 1))
     steps, decided = [], []
     for step, batch in enumerate(batches):
         x = policy.cast_inputs(batch, device)
@@ -150,7 +159,9 @@ def _trajectory(
         if opts.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(master.parameters(), opts.clip_grad)
         before = [p.detach().clone() for p in master.parameters()]
-        scaler.step(optimizer)
+        taken = stepped[0]
+        with skipping(optimizer) if skips and skips[step] else contextlib.nullcontext():
+            scaler.step(optimizer)
         scaler.update()
         if scheduler is not None:
             scheduler.step()
@@ -168,7 +179,12 @@ def _trajectory(
         if not opts.unscale_before_clip:
             norm = norm / scale  # report the true gradient norm even when clipping saw it scaled
         steps.append(
-            {"loss": float(loss.detach()), "grad_norm": float(norm), "update_norm": update}
+            {
+                "loss": float(loss.detach()),
+                "grad_norm": float(norm),
+                "update_norm": update,
+                "skipped": stepped[0] == taken,
+            }
         )
     state = {f"param:{n}": p.detach() for n, p in master.named_parameters()}
     state.update(
@@ -224,7 +240,13 @@ def compare_trajectories(
 
 
 def _finite(trajectory: dict) -> bool:
-    return all(math.isfinite(s[q]) for s in trajectory["steps"] for q in QUANTITIES)
+    """Every figure finite, but a skipped step's gradient norm (it overflowed)."""
+    return all(
+        math.isfinite(s[q])
+        for s in trajectory["steps"]
+        for q in QUANTITIES
+        if not (q == "grad_norm" and s.get("skipped"))
+    )
 
 
 def judge_trajectories(
@@ -236,7 +258,21 @@ def judge_trajectories(
     envelope = dict.fromkeys(QUANTITIES, 0.0)  # the honest runs' worst deviation so far
     for i, (t, r, g) in enumerate(zip(tgt["steps"], ref["steps"], gold["steps"])):
         entry = {"step": i}
+        if r.get("skipped") and not t.get("skipped") and first is None:
+            first = {
+                "module": "",
+                "phase": "train",
+                "metric": "skipped",
+                "value": 1.0,
+                "limit": 0.0,
+                "call": 0,
+                "tensor": f"step {i} skipped",
+                "message": f"step {i}: the reference's loss scaler skipped it (its gradients "
+                "overflowed), the target's stepped",
+            }
         for q in QUANTITIES:
+            if q == "grad_norm" and r.get("skipped") and t.get("skipped"):
+                continue  # overflowed on both: the scaler's skip is what is judged
             dt, dr = _deviation(t[q], g[q]), _deviation(r[q], g[q])
             envelope[q] = max(envelope[q], dr, *(_deviation(d["steps"][i][q], g[q]) for d in draws))
             # One scalar per step is one noisy draw: judge against the honest runs' running
@@ -332,6 +368,7 @@ def short_train(
     batches = _batches(resolved, steps, seed)
     loss_fn = resolved.loss_fn or projection_loss(seed)
     ref = _trajectory(resolved.model, batches, loss_fn, reference, policy, opts, seed, emulation)
+    skips = [s["skipped"] for s in ref["steps"]]
     gold = _trajectory(
         resolved.model,
         batches,
@@ -341,6 +378,7 @@ def short_train(
         opts,
         seed,
         replay=ref["decisions"],
+        skips=skips,
     )
     tgt = _trajectory(
         target_model if target_model is not None else resolved.model,
@@ -369,6 +407,7 @@ def short_train(
             replay=ref["decisions"],
             jitter=jitter_seed(seed, k),
             memory_format=draw_layout(model, k),
+            skips=skips,
         )
 
     # Emulated HF32/TF32 math rounds to 10 mantissa bits: that, not fp32, sets the floor.

@@ -487,7 +487,7 @@ class Recorder:
             if self.optimizer is not None:
                 stack.callback(self.optimizer.register_step_pre_hook(take_received).remove)
             if skip:
-                stack.enter_context(_skipping(self.optimizer))
+                stack.enter_context(skipping(self.optimizer))
             stack.enter_context(self._numerics(n))
             stack.enter_context(choices)
             stack.enter_context(roots)
@@ -772,7 +772,7 @@ def _step_numbers(steps: Any) -> frozenset[int]:
 
 
 @contextlib.contextmanager
-def _skipping(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+def skipping(optimizer: torch.optim.Optimizer) -> Iterator[None]:
     """`optimizer.step()` does nothing inside (the reference's scaler skipped the step:
     Recorder._skips); the instance's own `step` (an LR scheduler's wrapper) is put back."""
     own = optimizer.__dict__.get("step")

@@ -35,7 +35,7 @@ def _loss(out, inputs):
     return F.cross_entropy(out if out.dtype == torch.float64 else out.float(), Y.to(out.device))
 
 
-def _check(precision="fp32", target=None, steps=6, **kw):
+def _check(precision="fp32", target=None, steps=6, train=None, **kw):
     return align.check(
         _net(),
         X,
@@ -44,7 +44,7 @@ def _check(precision="fp32", target=None, steps=6, **kw):
         phases=("train",),
         steps=steps,
         loss_fn=_loss,
-        train_options=TrainOptions(lr=0.05),
+        train_options=train or TrainOptions(lr=0.05),
         target_train_options=target,
         **kw,
     )
@@ -164,6 +164,18 @@ def test_a_loss_scale_of_the_users_own_trains_aligned():
         _net(), X, target="cpu", phases=("train",), steps=3, loss_fn=_loss, train_options=opts
     )
     assert report.passed, str(report)
+
+
+def test_steps_the_references_scaler_skipped_are_skipped_by_the_golden_and_judged():
+    """Under fp16 a loss scale of 2^40 overflows every gradient: the reference's scaler skips
+    the steps, the golden and the draws skip them too, and the target passes skipping
+    alike; a target whose smaller scale lets it step fails on the first step it took."""
+    overflowing = TrainOptions(lr=0.05, loss_scale=2.0**40)
+    report = _check("amp-fp16", steps=2, train=overflowing)
+    assert report.passed, str(report)
+    stepping = _check("amp-fp16", TrainOptions(lr=0.05, loss_scale=16.0), 2, overflowing)
+    first = stepping.train["first_divergence"]
+    assert (first["metric"], first["tensor"]) == ("skipped", "step 0 skipped"), first
 
 
 # -- honest draws of the reference's training ------------------------------------------------

@@ -25,7 +25,7 @@ import align
 from align.errors import AlignError, TraceError
 from align.numerics.jitter import Jitter
 from align.numerics.precision import held_dtype
-from align.record.loop import _skipping
+from align.record.loop import skipping
 from align.record.loop_dump import LoopDump
 from align.testing import FusedDropout, fused_dropout_kernel
 from align.testing.loops import fp16_scaled_step
@@ -306,11 +306,11 @@ def test_a_skipped_step_leaves_an_lr_schedulers_wrapper_of_the_step_in_place():
     opt = torch.optim.SGD([weight], lr=0.1)
     torch.optim.lr_scheduler.StepLR(opt, 1)  # wraps opt.step on the instance
     wrapped = opt.__dict__["step"]
-    with _skipping(opt):
+    with skipping(opt):
         opt.step()
     assert torch.equal(weight.detach(), torch.ones(2)) and opt.__dict__["step"] is wrapped
     bare = torch.optim.SGD([weight], lr=0.1)
-    with _skipping(bare):
+    with skipping(bare):
         bare.step()
     assert "step" not in bare.__dict__
 
