@@ -96,12 +96,14 @@ def compare(
     failed_before = False
     # per rank and parameter: the elements that took a gradient without signal
     noisy: dict[int, dict[str, torch.Tensor]] = {}
+    judged_refs: dict[tuple[int, int], Step] = {}  # skipped steps, their overflow left out
     for n in steps:
         ordered = []
         for rank in ranks:
             sides = [ref.load(rank, n), tgt.load(rank, n)]
             sides[0], overflowed = _without_overflow(*sides)
             if overflowed:
+                judged_refs[rank, n] = sides[0]  # (isolation re-runs it: read once)
                 scale = sides[0].info["scaler"].get("scale")
                 notes.append(
                     f"step {n}: the reference's loss scaler skipped the optimizer step (its "
@@ -158,8 +160,7 @@ def compare(
     for n in isolated:
         for rank in ranks:
             label = f"rank {rank} step {n}" if len(ranks) > 1 else f"step {n}"
-            sides = [dump.load(rank, n) for dump in (ref, tgt)]
-            sides[0] = _without_overflow(*sides)[0]
+            sides = [judged_refs.get((rank, n)) or ref.load(rank, n), tgt.load(rank, n)]
             weights = [dump.weights_before(rank, n) for dump in (ref, tgt)]
             found = isolate_step(model, *sides, weights, tol, strict_dtype=strict, policy=policy)
             local_rows += found[0]

@@ -230,7 +230,7 @@ def held_dtype(t: torch.Tensor, min_elements: int = 8) -> torch.dtype:
     (bfloat16's 8 significant bits, then float16's 11), else `t`'s own: an fp32 gradient of
     a bf16 kernel's weight copy under autocast is bf16 values, and as accurate as bf16; an
     fp16 gradient divided by its loss scale (a power of two) keeps fp16's bits below fp16's
-    range (align.record.loop.unscaled_dtype). A tensor of fewer than `min_elements` nonzero
+    range (`unscaled_dtype`). A tensor of fewer than `min_elements` nonzero
     elements keeps its dtype (a few values may fit by chance)."""
     if t.dtype != torch.float32 or int(t.count_nonzero()) < min_elements:
         return t.dtype
@@ -259,7 +259,3 @@ def round_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.float16:
         return to_tf32(t)  # 10 stored bits, as fp16's, in fp32's range
     return t.to(dtype).to(t.dtype)
-    for narrow in (torch.bfloat16, torch.float16):
-        if torch.equal(t.to(narrow).to(t.dtype), t):
-            return narrow
-    return t.dtype
