@@ -130,7 +130,7 @@ def rounding_cells(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     mantissa, exponent = torch.frexp(g)
     step = 2.0 ** (bits + SHARED_ROUNDING.bit_length() - 1)  # ulps of a [0.5, 1) mantissa
     key = (exponent.to(torch.int64) + 1100) * 2**40 + (mantissa.abs() * step).to(torch.int64)
-    key = torch.where(mantissa < 0, -key, key)
+    key = torch.where(torch.signbit(g), -key, key)  # (-0.0 apart from 0.0, as its sign is)
     return torch.unique(key, return_inverse=True)[1]
 
 
