@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import TraceError
+from align.judge import loss_scales
 from align.judge.replay import replay_calls, replay_draws
 from align.judge.report import Report
 from align.judge.statistics import compare_statistics
@@ -84,6 +85,12 @@ def _compare_pair(ref: Trace, tgt: Trace, gold: Trace | None, options: dict) -> 
             f"{ref.meta['path']} and {tgt.meta['path']}: no call of one dump matches a call "
             "of the other (different models, or dumped with different levels or scopes)"
         )
+    scaled = []
+    for n, role in enumerate(("target", "golden")[: len(aligned)]):
+        k = loss_scales.scale_exponent(ref, aligned[n])
+        if k:
+            aligned[n] = loss_scales.rescaled(aligned[n], k)
+            scaled.append(loss_scales.note(role, k))
     if statistics_only(ref) or statistics_only(tgt):
         tol = options.get("tolerance")  # a number widens the statistics bound
         report = compare_statistics(
@@ -102,6 +109,7 @@ def _compare_pair(ref: Trace, tgt: Trace, gold: Trace | None, options: dict) -> 
         report.local_rows += rows
         report.culprits += culprits
         report.notes += notes
+    report.notes += scaled
     if reshaped:
         report.notes.append(
             f"{len(reshaped)} tensor(s) of matched calls have other shapes on each side and "

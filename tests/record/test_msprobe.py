@@ -86,6 +86,7 @@ def write_dump(
     backward_gain: tuple[str, int] | None = None,
     honest: bool = False,
     variant: str = "",
+    loss_scale: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Run Net under msprobe-like hooks and write dump.json, construct.json, stack.json, .pt.
 
@@ -93,7 +94,8 @@ def write_dump(
     writes it), mix both with each API's module call in construct.json. `gain` scales
     one API call's output by 1.01 (a faulty kernel), `backward_gain` the gradients it
     sends back (a faulty backward kernel); `honest` runs in float64 and
-    rounds what it records to float32 (an honest device: fp32 rounding noise only).
+    rounds what it records to float32 (an honest device: fp32 rounding noise only);
+    `loss_scale` multiplies the loss before backward, as a GradScaler does.
     Returns the tensors by data name (what a correct reader must give back).
     """
     torch.manual_seed(seed)
@@ -207,7 +209,7 @@ def write_dump(
                 module.register_forward_hook(post_hook(prefix))
     with ApiHooks() if level in ("L1", "mix") else contextlib.nullcontext():
         loss = model(x).square().sum()
-    loss.backward()
+    (loss * loss_scale).backward()
     if level in ("L0", "mix"):
         data["Module.head.Linear.parameters_grad.0"] = {  # .0: the step's first gradient
             "weight": [
@@ -578,6 +580,36 @@ def test_statistics_honest_rounding_passes_and_a_one_percent_gain_fails(tmp_path
     )
     assert first.value == pytest.approx(0.01, rel=0.05) and first.limit == bound(torch.float32)
     assert "on the target" in first.message and "called at" in first.message
+
+
+@pytest.mark.parametrize("task", ["tensor", "statistics"])
+def test_a_target_at_another_loss_scale_is_judged_unscaled_and_said_so(tmp_path, task):
+    """Two honest devices whose GradScalers parted (2^10 and 2^9): every gradient of the
+    target is half the reference's. Judged unscaled it passes, with a note naming the
+    factor; a 1% backward fault under the other scale still fails, at its own call."""
+    ref, tgt = tmp_path / "ref", tmp_path / "tgt"
+    write_dump(ref, task, "mix", honest=True, loss_scale=1024.0)
+    write_dump(tgt, task, "mix", honest=True, loss_scale=512.0)
+    report = align.compare(ref, tgt)
+    assert report.passed, report
+    assert any("2^-1 times the reference's" in n for n in report.notes)
+    assert any(r.phase == "backward" and r.passed for r in report.rows)
+    faulty = tmp_path / "faulty"
+    write_dump(faulty, task, "mix", loss_scale=512.0, backward_gain=("Functional.linear", 1))
+    report = align.compare(ref, faulty)
+    first = report.first_divergence
+    assert not report.passed and first.phase == "backward"
+    assert first.module.split("/")[0] == "head", first
+    assert any("2^-1 times the reference's" in n for n in report.notes)
+
+
+def test_a_gradient_gain_that_is_no_power_of_two_is_not_taken_for_a_loss_scale(tmp_path):
+    ref, tgt = tmp_path / "ref", tmp_path / "tgt"
+    write_dump(ref, "tensor", "mix", loss_scale=1024.0)
+    write_dump(tgt, "tensor", "mix", loss_scale=1024.0 * 1.3)
+    report = align.compare(ref, tgt)
+    assert not report.passed and report.first_divergence.phase == "backward"
+    assert not any("loss scale differs" in n for n in report.notes)
 
 
 def test_statistics_bound_scales_with_the_dtype():
