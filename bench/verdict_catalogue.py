@@ -131,7 +131,8 @@ def fault_sites(model: nn.Module, x: torch.Tensor | None = None) -> dict[str, st
         "activation": _middle(model, tuple(CLOSE_ACTIVATION), exact=True),
         "fp16_kernel": _middle(model, (nn.Linear,)),
         "backward_gain": conv,
-        "dropout_scale": _middle(model, (nn.Dropout,)),
+        # a dropout that drops (mobilevit's blocks hold p = 0 ones: no scale to get wrong)
+        "dropout_scale": _middle_where(model, lambda m: isinstance(m, nn.Dropout) and m.p > 0),
         "output_offset": conv,
         "moved_breakpoint": _middle(model, (nn.ReLU,), exact=True),
         # align.testing.faults.PORT_FAULTS
