@@ -831,10 +831,17 @@ def require_finite(row: Row, sides: Sequence[tuple[str, torch.Tensor]]) -> None:
     designed = metrics.shared_infinities(*(x for _, x in sides))
     for who, x in sides:
         if bad := int((~torch.isfinite(metrics.flat(x)) & ~designed).sum()):
+            scaled = (
+                " (a gradient that overflowed under a loss scaler, whose step the scaler "
+                "skips: compare a step it did not skip, or record with align.Recorder, which "
+                "leaves a skipped step's overflowed gradients out)"
+                if row.phase in ("backward", "param_grad")
+                else ""
+            )
             raise AlignError(
                 f"the {who} holds {bad} NaN/Inf of {x.numel()} elements in "
                 f"{call_label(row.module, row.call)} {row.phase} {row.tensor}: no verdict can be "
-                f"earned against it; find why that run overflowed, or dump it again"
+                f"earned against it; find why that run overflowed, or dump it again{scaled}"
             )
 
 

@@ -192,6 +192,25 @@ def test_an_infinity_on_the_reference_alone_is_an_overflow_and_an_error():
         _robustly(r.clone(), r, g)
 
 
+def test_an_overflowed_gradient_on_the_reference_says_what_a_loss_scaler_does_with_it():
+    g, r = _masked()
+    r[1] = math.inf
+    for phase, hint in (("backward", True), ("forward", False)):
+        row = dataclasses.replace(_row(), phase=phase)
+        with pytest.raises(AlignError) as error:
+            judge_robustly(
+                r.clone(),
+                r,
+                g,
+                Tolerance(),
+                strict_dtype=True,
+                local=False,
+                row=row,
+                draws=lambda _: [r],
+            )
+        assert ("loss scaler" in str(error.value) and "align.Recorder" in str(error.value)) == hint
+
+
 @pytest.mark.parametrize("local", [False, True])
 def test_a_draw_that_overflowed_leaves_no_signal_whole_network_and_is_left_out_isolated(local):
     """An honest draw whose jitter took an fp16 value past the largest: honest devices
