@@ -15,10 +15,11 @@ upstream first. Where target and reference agree bit for bit the golden is not r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +37,7 @@ from align.numerics.verdict import (
     Tolerance,
     judge_robustly,
 )
-from align.record.capture import Run, outside_modes
+from align.record.capture import Run, inputs_laid_out, outside_modes
 from align.record.trace import Call, Trace
 
 
@@ -143,7 +144,17 @@ class Isolator:
                 grad_leaves.append((j, t.requires_grad_(True)))
                 t = t.clone()  # a non-leaf, so in-place modules (ReLU(inplace)) may run
             leaves.append(t)
+        if run.memory_format is not None:
+            leaves = inputs_laid_out(leaves, run.memory_format)
         args, kwargs = unflatten(leaves, spec.in_spec)
+        with _weights_laid_out(module, run.memory_format):
+            return self._call(run, pos, module, args, kwargs, grad_leaves)
+
+    def _call(self, run: Run, pos: int, module, args, kwargs, grad_leaves) -> LocalRun:
+        """The isolated call itself, forward and backward, on its prepared arguments."""
+        trace, call = self.ref.trace, self.ref.trace.calls[pos]
+        modules = self.modules[id(run.model)]
+        want_grad = self.backward and any(k is not None for k in call.grad_outputs)
         local = LocalRun(decisions=self._decisions(run, pos))
         replaced: list[tuple[torch.nn.Module, Any]] = []
         buffers = self._load_buffers(run, module, call)
@@ -443,3 +454,23 @@ def culprit_positions(calls: list[Call], failing: dict[int, Row]) -> list[int]:
             has_failing_descendant.add(parent)
             parent = calls[parent].parent
     return sorted(p for p in failing if p not in has_failing_descendant)
+
+
+@contextlib.contextmanager
+def _weights_laid_out(
+    module: torch.nn.Module, memory_format: torch.memory_format | None
+) -> Iterator[None]:
+    """`module`'s 4-d weights in `memory_format` for one isolated call, put back after
+    (the reference and its draws share the model); nothing where it is None."""
+    kept = (
+        []
+        if memory_format is None
+        else [(t, t.data) for t in [*module.parameters(), *module.buffers()] if t.dim() == 4]
+    )
+    try:
+        for t, data in kept:
+            t.data = data.contiguous(memory_format=memory_format)
+        yield
+    finally:
+        for t, data in kept:
+            t.data = data
