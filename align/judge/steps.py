@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from align.errors import MismatchError
+from align.errors import AlignError, MismatchError
 from align.judge.comparison import _param_name, compare_traces, origins
 from align.judge.report import Report
 from align.judge.step_isolation import isolate_step
@@ -151,6 +151,17 @@ def compare(
             notes += _step_notes(*sides)
         rows += [r for *_, r in sorted(ordered, key=lambda x: x[:3])]
         failed_before = failed_before or any(r.failed for r in rows)
+    # what the model computed backward (the loss's gradient into it is not the model's)
+    computed = [r for r in rows if r.phase == "param_grad" or "grad_input" in r.tensor]
+    if judged_refs and not computed:
+        raise AlignError(
+            "no gradient could be judged: every gradient the model computed overflowed on the "
+            "reference, "
+            f"whose loss scaler skipped step(s) {sorted({n for _, n in judged_refs})} (a "
+            "GradScaler halves its scale at each overflow, from 65536: an fp16 run's first "
+            "steps are often skipped); record steps after its scale has settled "
+            "(Recorder(..., steps=[...]))"
+        )
     local_rows, culprits = [], []
     # the first failing step; where none fails, each step in turn until one names a
     # culprit: a fault the whole network's noise hides may only act in a later step (a

@@ -300,6 +300,20 @@ def test_a_step_the_references_scaler_skipped_is_skipped_by_the_golden_and_judge
     assert (first.phase, first.tensor) == ("scaler", "step 1 skipped"), str(first)
 
 
+def test_a_comparison_whose_every_gradient_overflowed_on_the_reference_is_an_error(dumps, tmp_path):
+    """The only step recorded was skipped by the reference's scaler, every gradient of it
+    overflowed (at the logits): no gradient is left to judge, and a pass on the forward
+    alone would read as aligned (measured: mobileone_s0 under amp-fp16, steps 1 and 2
+    both skipped at scales 32768 and 16384, a 1% backward fault passed)."""
+    for name in ("elsewhere", "skipping"):
+        shutil.copytree(dumps / name, tmp_path / name)
+        for step in (tmp_path / name / "rank0").glob("step*"):
+            if step.name != "step000001":
+                shutil.rmtree(step)
+    with pytest.raises(AlignError, match=r"no gradient could be judged.*skipped step\(s\) \[1\]"):
+        align.compare(tmp_path / "elsewhere", tmp_path / "skipping")
+
+
 def test_a_skipped_step_leaves_an_lr_schedulers_wrapper_of_the_step_in_place():
     weight = nn.Parameter(torch.ones(2))
     weight.grad = torch.ones(2)
