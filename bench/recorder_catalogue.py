@@ -37,6 +37,7 @@ from verdict_catalogue import (
     HONEST_KINDS,
     build,
     fault_sites,
+    not_a_fault,
     outcome,
     target_for,
     totals,
@@ -127,6 +128,8 @@ def run(args: argparse.Namespace, root: Path) -> list[dict]:
             for k in (1, 2):
                 train(model, x, ref, draw=k, **loop)
             for kind, site in checks:
+                if not_a_fault(precision, model, kind, site):
+                    continue
                 started = time.perf_counter()
                 target = where / f"{kind}"
                 train(target_for(model, kind, site), x, target, replay=ref, **loop)

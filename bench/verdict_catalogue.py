@@ -75,6 +75,8 @@ NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 # is finer than bf16's, and tanh-GELU is 8x closer to GELU than bf16's own rounding.
 NOT_A_FAULT_UNDER_BF16 = {"weight_via_fp16", "fp16_kernel", "gelu_tanh"}
 NOT_A_FAULT_UNDER_BF16_AT = {nn.GELU: "activation"}
+# under fp16 autocast the kernel already computes in fp16, from weights cast to fp16
+NOT_A_FAULT_UNDER_FP16 = {"weight_via_fp16", "fp16_kernel"}
 
 
 def called_modules(model: nn.Module, x: torch.Tensor) -> set[str]:
@@ -182,10 +184,17 @@ def fault_sites(model: nn.Module, x: torch.Tensor | None = None) -> dict[str, st
     return {kind: site for kind, site in sites.items() if site is not None}
 
 
-def _bf16_exempt(model: nn.Module, kind: str, site: str | None) -> bool:
-    if site is None:
+def not_a_fault(precision: str, model: nn.Module, kind: str, site: str | None) -> bool:
+    """Whether fault `kind` at `site` changes nothing that `precision` does not already."""
+    if precision in ("amp-fp16", "o2-fp16"):
+        return kind in NOT_A_FAULT_UNDER_FP16
+    if precision != "amp-bf16":
         return False
-    return NOT_A_FAULT_UNDER_BF16_AT.get(type(dict(model.named_modules())[site])) == kind
+    if kind in NOT_A_FAULT_UNDER_BF16:
+        return True
+    return site is not None and (
+        NOT_A_FAULT_UNDER_BF16_AT.get(type(dict(model.named_modules())[site])) == kind
+    )
 
 
 def build(name: str, size: int, train: bool = True) -> tuple[nn.Module, torch.Tensor]:
@@ -265,9 +274,7 @@ def run(
         ]
         for precision in precisions:
             for kind, site in checks:
-                if precision == "amp-bf16" and (
-                    kind in NOT_A_FAULT_UNDER_BF16 or _bf16_exempt(model, kind, site)
-                ):
+                if not_a_fault(precision, model, kind, site):
                     continue
                 started = time.perf_counter()
                 try:
