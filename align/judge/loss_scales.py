@@ -84,7 +84,8 @@ def _backward_pairs(ref: Trace, other: Trace) -> list[tuple[str, str]]:
 def _norm(stats: dict[str, dict[str, Any]], key: str) -> float | None:
     """The tensor's Norm as msprobe recorded it, where finite and positive."""
     value = stats.get(key, {}).get("Norm")
-    return value if isinstance(value, (int, float)) and 0 < value < math.inf else None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return value if number and 0 < value < math.inf else None
 
 
 class _Rescaled:
