@@ -148,13 +148,15 @@ class Isolator:
             leaves = inputs_laid_out(leaves, run.memory_format)
         args, kwargs = unflatten(leaves, spec.in_spec)
         with _weights_laid_out(module, run.memory_format):
-            return self._call(run, pos, module, args, kwargs, grad_leaves)
+            return self._call(run, pos, module, args, kwargs, grad_leaves, want_grad)
 
-    def _call(self, run: Run, pos: int, module, args, kwargs, grad_leaves) -> LocalRun:
-        """The isolated call itself, forward and backward, on its prepared arguments."""
+    def _call(
+        self, run: Run, pos: int, module, args, kwargs, grad_leaves, want_grad: bool
+    ) -> LocalRun:
+        """The isolated call itself, forward and (where `want_grad`) backward, on its
+        prepared arguments."""
         trace, call = self.ref.trace, self.ref.trace.calls[pos]
         modules = self.modules[id(run.model)]
-        want_grad = self.backward and any(k is not None for k in call.grad_outputs)
         local = LocalRun(decisions=self._decisions(run, pos))
         replaced: list[tuple[torch.nn.Module, Any]] = []
         buffers = self._load_buffers(run, module, call)
