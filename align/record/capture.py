@@ -191,7 +191,9 @@ class Recorder:
                 fed.append(leaf)
                 continue
             keys.append(self.store(leaf))
-            if self.backward and leaf.requires_grad:
+            # (a module called under no_grad, on a tensor that requires grad, as a teacher
+            # network or spectral norm's power iteration is: no gradient will come back)
+            if self.backward and leaf.requires_grad and torch.is_grad_enabled():
                 leaf = _Tap.apply(leaf)
                 leaf.register_hook(partial(_weakly, weakref.ref(self), "_grad_in", pos, i))
                 tapped = True
@@ -356,9 +358,21 @@ def numerics(
 
 class KeepFloat64(TorchDispatchMode):
     """Keeps a golden run in float64: casts and factories asking for a lower float dtype
-    (a loss that calls `.float()`, a model that builds anchors in float32) get float64."""
+    (a loss that calls `.float()`, a model that builds anchors in float32) get float64, and
+    so do factories that ask for no dtype (`torch.zeros(n)`, `torch.tensor(0.5)`: float64
+    is torch's default dtype while the mode is on), as the same script run in float64 would
+    build them."""
 
     LOWER = (torch.float32, torch.float16, torch.bfloat16)
+
+    def __enter__(self):
+        self.__dict__.setdefault("_defaults", []).append(torch.get_default_dtype())
+        torch.set_default_dtype(torch.float64)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.set_default_dtype(self._defaults.pop())
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

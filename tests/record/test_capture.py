@@ -10,6 +10,7 @@ from torch import nn
 import align
 from align.numerics.jitter import Jitter
 from align.record.capture import Recorder, call_model, lay_out_weights
+from align.testing import FAULTS, perturb
 
 
 class Twice(nn.Module):
@@ -248,3 +249,63 @@ def test_an_honest_draws_layout_converts_4d_weights_and_leaves_a_conv3ds():
     assert conv3d.is_contiguous()
     lay_out_weights(model, torch.contiguous_format)
     assert conv2d.is_contiguous()
+
+
+class MessagePassing(nn.Module):
+    """Builds its scratch tensors with torch's default dtype (`torch.zeros(n)`), as user
+    code does, and index_adds the model's activations into them (no type promotion)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("dst", torch.tensor([0, 2, 2, 1, 0]))
+
+    def forward(self, x):
+        h = self.lin(x)
+        agg = torch.zeros(3, 4).index_add(0, self.dst, h)
+        return agg / (torch.zeros(3).index_add(0, self.dst, torch.ones(5)) + 1)[:, None]
+
+
+def test_the_golden_builds_a_models_default_dtype_tensors_in_float64():
+    model, x = MessagePassing(), torch.randn(5, 4)
+    honest = perturb(model, 0.5)  # not bit for bit: every tensor is judged
+    report = align.check(model, x, target_model=honest, target="cpu", phases="forward,backward")
+    assert report.passed and report.rows
+    faulty = copy.deepcopy(model)
+    FAULTS["kernel_gain"](faulty, "lin")
+    report = align.check(model, x, target_model=faulty, target="cpu", phases="forward")
+    assert not report.passed and report.culprits[0].module == "lin"
+    assert torch.get_default_dtype() == torch.float32  # put back after the golden run
+
+
+def test_keep_float64_puts_the_default_dtype_back_when_the_run_raises():
+    from align.record.capture import KeepFloat64
+
+    with pytest.raises(RuntimeError), KeepFloat64():
+        assert torch.zeros(1).dtype == torch.tensor(0.5).dtype == torch.float64
+        raise RuntimeError("the model failed")
+    assert torch.get_default_dtype() == torch.float32
+
+
+class Teacher(nn.Module):
+    """Calls a child under no_grad on a tensor that requires grad (an EMA teacher's target,
+    spectral norm's power iteration)."""
+
+    def __init__(self):
+        super().__init__()
+        self.student, self.teacher = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.student(x)
+        with torch.no_grad():
+            target = self.teacher(h)
+        return h - target
+
+
+def test_a_module_called_under_no_grad_on_a_tensor_that_requires_grad_is_recorded():
+    model, x = Teacher(), torch.randn(3, 4)
+    trace = align.capture(model, x)
+    teacher = next(c for c in trace.calls if c.module == "teacher")
+    assert teacher.inputs[0] is not None and teacher.grad_inputs == [None]
+    student = next(c for c in trace.calls if c.module == "student")
+    assert student.grad_outputs[0] is not None
