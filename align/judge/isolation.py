@@ -186,7 +186,7 @@ class Isolator:
             if k is not None and o.requires_grad
         ]
         params = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        wrt = [t for _, t in grad_leaves] + [p for _, p in params]
+        wrt = [t for _, t in grad_leaves] + [p for _, p in params] + self._anchors
         if not pairs or not wrt:
             return self._decided(run, pos, local)
         with local.decisions, run.numerics(autocast=False):
@@ -230,6 +230,7 @@ class Isolator:
         for child_pos in self.children[pos]:
             queues[trace.calls[child_pos].module].append(child_pos)
         self._payloads: dict[str, _Payload] = {}
+        self._anchors: list[torch.Tensor] = []
         for name, queue in queues.items():
             mapped = self._module_name(run, name)
             if mapped is None:
@@ -259,6 +260,15 @@ class Isolator:
                 else None
                 for f, k in zip(feeds, tensor_grads + [None] * len(feeds))
             ]
+            if (
+                torch.is_grad_enabled()
+                and any(g is not None for g in call.grad_outputs)
+                and not any(f.requires_grad for f in feeds)
+            ):  # a child fed no tensor that requires grad (a spectral norm's weight computed
+                # from its own parameter): an anchor, so the gradient sent to it is judged too
+                feeds.append(torch.zeros((), device=run.device, requires_grad=True))
+                self._anchors.append(feeds[-1])
+                grads_in.append(None)
             payload = _Payload(floats, grads_in)
             self._payloads[label] = payload
             replayed = iter(_Replay.apply(payload, *feeds) if floats else ())

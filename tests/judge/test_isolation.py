@@ -130,3 +130,55 @@ def test_a_cancelling_weight_gradient_is_allowed_another_layouts_summation_order
     FAULTS["weight_grad_gain"](faulty, "dw")
     report = align.check(model, x, target_model=faulty, target="cpu")
     assert not report.passed and report.culprits[0].module == "dw"
+
+
+class Gain(torch.nn.Module):
+    """A child called with no tensor: it returns a value made of its own parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.g = torch.nn.Parameter(torch.linspace(0.5, 1.5, 16))
+
+    def forward(self):
+        return self.g * 2
+
+
+class GainedLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.gain = torch.nn.Linear(16, 16), Gain()
+
+    def forward(self, x):
+        return self.lin(x) * self.gain()
+
+
+class _Louder(torch.autograd.Function):
+    """Identity forward; backward 1% too large."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 1.01
+
+
+class WrongGainGradient(GainedLinear):
+    """Sends the gain 1% too much gradient: its own backward is wrong, not the child's."""
+
+    def forward(self, x):
+        return self.lin(x) * _Louder.apply(self.gain())
+
+
+def test_the_gradient_a_module_sends_a_child_fed_no_tensor_is_judged():
+    # a spectral norm's weight is such a child's output: without an anchor the replayed
+    # child is a constant, and a wrong gradient sent to it was judged nowhere
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), GainedLinear(), torch.nn.Linear(16, 4))
+    target = copy.deepcopy(model)
+    target[1].__class__ = WrongGainGradient
+    x = torch.randn(4, 8)
+    report = align.check(model, x, target_model=target, target="cpu", phases="forward,backward")
+    assert report.culprits and report.culprits[0].module == "1", str(report)
+    assert report.culprits[0].tensor == "grad_to:1.gain[0]"
