@@ -23,6 +23,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 ACCUMULATING = (
     nn.modules.conv._ConvNd,
@@ -250,6 +251,14 @@ def _split_reduction(weight: torch.Tensor) -> torch.Tensor:
     return flat.view(weight.shape[1:]).expand_as(weight).to(weight.device)
 
 
+def _weight_shape(m: nn.Module) -> torch.Size:
+    """The shape of `m.weight` without computing a parametrized one (spectral norm's would
+    run a power iteration: the copy would differ from the model before it ran)."""
+    if parametrize.is_parametrized(m, "weight"):
+        return m.parametrizations.weight.original.shape
+    return m.weight.shape
+
+
 def split_summation(model: nn.Module) -> nn.Module:
     """A copy of `model` whose convolutions and linear layers sum in another order: each
     output is the sum of two partial sums (the first and second half of its input channels
@@ -262,7 +271,7 @@ def split_summation(model: nn.Module) -> nn.Module:
     target = copy.deepcopy(model)
     plain = (nn.Conv2d.forward, nn.Linear.forward)
     for m in target.modules():
-        if type(m).forward not in plain or m.weight[0].numel() < 2:
+        if type(m).forward not in plain or _weight_shape(m)[1:].numel() < 2:
             continue
         cls = type(m)
 

@@ -3,7 +3,8 @@ classifiers has never seen (recurrent layers, embeddings, transposed convolution
 instance and group norms, 1-d audio stacks, torch's own transformer encoder, a point-cloud
 net with a global amax, SELU and RReLU, a causal language model with a -inf mask and an
 output layer tied to its embedding, a spatial transformer resampling its input with
-grid_sample, a BatchNorm of inputs far from zero mean).
+grid_sample, a BatchNorm of inputs far from zero mean, a VAE drawing its noise inside
+forward, message passing into default-dtype scratch tensors, spectral norm).
 
 `USER_MODELS[name]()` returns the model in train mode (dropout on) and one batch of
 inputs, both seeded; `bench/verdict_catalogue.py --models unet lstm ...` and
@@ -243,6 +244,74 @@ class OffsetNorm(nn.Module):
         return self.head(torch.relu(self.bn(self.conv(x) + self.shift)).mean((2, 3)))
 
 
+class VAE(nn.Module):
+    """A variational autoencoder: the reparameterization draws its noise inside forward
+    (`torch.randn_like`, no module of its own), transposed convolutions decode, a sigmoid
+    gives the reconstruction."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(
+            nn.Conv2d(1, 16, 4, 2, 1), nn.SiLU(), nn.Conv2d(16, 32, 4, 2, 1), nn.SiLU()
+        )
+        self.mu, self.logvar = nn.Linear(32 * 7 * 7, 16), nn.Linear(32 * 7 * 7, 16)
+        self.dec_in = nn.Linear(16, 32 * 7 * 7)
+        self.dec = nn.Sequential(
+            nn.ConvTranspose2d(32, 16, 4, 2, 1), nn.SiLU(), nn.ConvTranspose2d(16, 1, 4, 2, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.enc(x).flatten(1)
+        mu, logvar = self.mu(h), self.logvar(h)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return torch.sigmoid(self.dec(self.dec_in(z).view(-1, 32, 7, 7)))
+
+
+class GraphNet(nn.Module):
+    """Message passing over a fixed edge list: neighbours' features, summed in float32
+    (`.float()`, as under AMP), index_added into scratch tensors built with torch's default
+    dtype (`torch.zeros(n)`), as user code builds them, and divided by the node degrees."""
+
+    def __init__(self, nodes: int = 40, width: int = 32):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.register_buffer("src", torch.randint(0, nodes, (160,), generator=g))
+        self.register_buffer("dst", torch.randint(0, nodes, (160,), generator=g))
+        self.l1, self.l2 = nn.Linear(8, width), nn.Linear(width, width)
+        self.drop = nn.Dropout(0.2)
+        self.out = nn.Linear(width, 3)
+
+    def propagate(self, h: torch.Tensor) -> torch.Tensor:
+        agg = torch.zeros(h.shape).index_add(1, self.dst, h[:, self.src].float())
+        degree = torch.zeros(h.shape[1]).index_add(0, self.dst, torch.ones(len(self.dst))) + 1
+        return (agg + h) / degree[None, :, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.propagate(self.l1(x)))
+        h = F.relu(self.propagate(self.l2(self.drop(h))))
+        return self.out(h.mean(1))
+
+
+class Critic(nn.Module):
+    """A GAN critic with spectral norm (torch's parametrization: each training forward runs
+    a power iteration under no_grad and writes its vectors)."""
+
+    def __init__(self):
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
+        self.net = nn.Sequential(
+            sn(nn.Conv2d(3, 16, 4, 2, 1)),
+            nn.LeakyReLU(0.2),
+            sn(nn.Conv2d(16, 32, 4, 2, 1)),
+            nn.LeakyReLU(0.2),
+            nn.Flatten(),
+            sn(nn.Linear(32 * 8 * 8, 1)),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 def _built(
     make: Callable[[], nn.Module], inputs: Callable[[torch.Generator], torch.Tensor]
 ) -> Callable[[], tuple[nn.Module, torch.Tensor]]:
@@ -266,4 +335,7 @@ USER_MODELS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
     "gpt": _built(TinyGPT, lambda g: torch.randint(0, 200, (2, 16), generator=g)),
     "stn": _built(SpatialTransformer, lambda g: torch.randn(4, 1, 28, 28, generator=g)),
     "offset_norm": _built(OffsetNorm, lambda g: torch.randn(8, 8, 32, 32, generator=g)),
+    "vae": _built(VAE, lambda g: torch.rand(4, 1, 28, 28, generator=g)),
+    "graph": _built(GraphNet, lambda g: torch.randn(4, 40, 8, generator=g)),
+    "critic": _built(Critic, lambda g: torch.randn(4, 3, 32, 32, generator=g)),
 }

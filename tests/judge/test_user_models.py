@@ -38,6 +38,9 @@ SITES = {
     "gpt": "blocks.1.qkv",
     "stn": "body.5",
     "offset_norm": "conv",
+    "vae": "mu",
+    "graph": "l2",
+    "critic": "net.2",
 }
 # models whose 3 training steps cannot show a 1% weight-gradient gain at their site, and why
 QUIET_TRAINING = {
