@@ -128,7 +128,7 @@ def run(args: argparse.Namespace, root: Path) -> list[dict]:
             for k in (1, 2):
                 train(model, x, ref, draw=k, **loop)
             for kind, site in checks:
-                if not_a_fault(precision, model, kind, site):
+                if not_a_fault(precision, model, kind, site, x):
                     continue
                 started = time.perf_counter()
                 target = where / f"{kind}"

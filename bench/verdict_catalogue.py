@@ -184,17 +184,41 @@ def fault_sites(model: nn.Module, x: torch.Tensor | None = None) -> dict[str, st
     return {kind: site for kind, site in sites.items() if site is not None}
 
 
-def not_a_fault(precision: str, model: nn.Module, kind: str, site: str | None) -> bool:
-    """Whether fault `kind` at `site` changes nothing that `precision` does not already."""
+def not_a_fault(
+    precision: str, model: nn.Module, kind: str, site: str | None, x: torch.Tensor | None = None
+) -> bool:
+    """Whether fault `kind` at `site` changes nothing that `precision` does not already, or
+    no more than an honest kernel may (`x`: the inputs, to see what dtype a site runs in)."""
     if precision in ("amp-fp16", "o2-fp16"):
         return kind in NOT_A_FAULT_UNDER_FP16
     if precision != "amp-bf16":
         return False
     if kind in NOT_A_FAULT_UNDER_BF16:
         return True
-    return site is not None and (
-        NOT_A_FAULT_UNDER_BF16_AT.get(type(dict(model.named_modules())[site])) == kind
+    if site is None:
+        return False
+    at = dict(model.named_modules())[site]
+    if NOT_A_FAULT_UNDER_BF16_AT.get(type(at)) == kind:
+        return True
+    # a SiLU 2% steeper is at most 0.56% off: under 2 bf16 ulp (0.78%), what a transcendental
+    # kernel may honestly differ by, where the SiLU computes in bf16 (after a bf16 kernel)
+    return (
+        kind == "activation" and type(at) is nn.SiLU and runs_in(model, x, site) == torch.bfloat16
     )
+
+
+def runs_in(model: nn.Module, x: torch.Tensor | None, site: str) -> torch.dtype | None:
+    """The dtype module `site` gets its input in, under bf16 autocast (None without `x`)."""
+    if x is None:
+        return None
+    seen = []
+    private = copy.deepcopy(model)
+    dict(private.named_modules())[site].register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].dtype)
+    )
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        private(x)
+    return seen[0] if seen else None
 
 
 def build(name: str, size: int, train: bool = True) -> tuple[nn.Module, torch.Tensor]:
@@ -274,7 +298,7 @@ def run(
         ]
         for precision in precisions:
             for kind, site in checks:
-                if not_a_fault(precision, model, kind, site):
+                if not_a_fault(precision, model, kind, site, x):
                     continue
                 started = time.perf_counter()
                 try:
