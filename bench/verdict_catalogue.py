@@ -329,7 +329,7 @@ def outcome(
     effective: bool = True,
 ) -> dict:
     """One check's outcome (printed as a line): honest when `site` is None, else a fault
-    at `site`, caught exactly when the first culprit is it."""
+    at `site`, caught exactly when the first culprit is it (or its parametrization)."""
     culprit = report.culprits[0].module if report.culprits else None
     first = report.culprits[0] if report.culprits else report.first_divergence
     entry = {
@@ -341,7 +341,10 @@ def outcome(
         "effective": effective,
         "passed": report.passed,
         "culprit": culprit,
-        "exact": site is not None and culprit == site,
+        # (a parametrized weight is stored in the site's parametrization: named there)
+        "exact": site is not None
+        and culprit is not None
+        and (culprit == site or culprit.startswith(f"{site}.parametrizations.")),
         "first": None if first is None else str(first),
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -18,7 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from align.testing.honest import decomposed_functionals, module, override_forward, with_functionals
+from align.testing.honest import (
+    decomposed_functionals,
+    module,
+    override_forward,
+    stored_weight,
+    with_functionals,
+)
 
 # -- faults ------------------------------------------------------------------------------
 
@@ -35,7 +41,7 @@ def kernel_gain(model: nn.Module, name: str) -> None:
 
 def weight_via_fp16(model: nn.Module, name: str) -> None:
     """A parameter conversion error: the weight went through fp16 and back."""
-    w = module(model, name).weight
+    w = stored_weight(module(model, name))
     with torch.no_grad():
         w.copy_(w.half().float())
 

@@ -251,12 +251,12 @@ def _split_reduction(weight: torch.Tensor) -> torch.Tensor:
     return flat.view(weight.shape[1:]).expand_as(weight).to(weight.device)
 
 
-def _weight_shape(m: nn.Module) -> torch.Size:
-    """The shape of `m.weight` without computing a parametrized one (spectral norm's would
-    run a power iteration: the copy would differ from the model before it ran)."""
+def stored_weight(m: nn.Module) -> torch.Tensor:
+    """`m.weight` as stored: a parametrized one's original, not computed (spectral norm's
+    computation runs a power iteration: a copy would differ from the model before it ran)."""
     if parametrize.is_parametrized(m, "weight"):
-        return m.parametrizations.weight.original.shape
-    return m.weight.shape
+        return m.parametrizations.weight.original
+    return m.weight
 
 
 def split_summation(model: nn.Module) -> nn.Module:
@@ -271,7 +271,7 @@ def split_summation(model: nn.Module) -> nn.Module:
     target = copy.deepcopy(model)
     plain = (nn.Conv2d.forward, nn.Linear.forward)
     for m in target.modules():
-        if type(m).forward not in plain or _weight_shape(m)[1:].numel() < 2:
+        if type(m).forward not in plain or stored_weight(m)[0].numel() < 2:
             continue
         cls = type(m)
 
