@@ -282,8 +282,9 @@ class GraphNet(nn.Module):
         self.out = nn.Linear(width, 3)
 
     def propagate(self, h: torch.Tensor) -> torch.Tensor:
-        agg = torch.zeros(h.shape).index_add(1, self.dst, h[:, self.src].float())
-        degree = torch.zeros(h.shape[1]).index_add(0, self.dst, torch.ones(len(self.dst))) + 1
+        agg = torch.zeros(h.shape, device=h.device).index_add(1, self.dst, h[:, self.src].float())
+        ones = torch.ones(len(self.dst), device=h.device)
+        degree = torch.zeros(h.shape[1], device=h.device).index_add(0, self.dst, ones) + 1
         return (agg + h) / degree[None, :, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
