@@ -16,6 +16,7 @@ bare and, alternating with it, with a Recorder present but the step not in its `
   waits at a step's start for room: --steps-in-memory), then the flush of the last;
 * synchronous (`background=False`): the step and its write, as before the writer thread.
 
+The floor: one copy of the step's bytes into memory allocated before (`copy_`).
 Then, each in a fresh process, the peak RSS of 4 training steps recording none, 1 and
 all 4 of them: memory is bounded by one step when recording 4 costs what recording 1
 does. Each ratio is the median of a figure over the bare step timed just before it, so a
@@ -161,6 +162,19 @@ def times(args: argparse.Namespace) -> tuple[dict[str, tuple[float, float]], flo
     }, dump / MB
 
 
+def copy_seconds(mb: float) -> float:
+    """Median seconds to copy `mb` MB into memory allocated before, at this thread count:
+    what any recorder that keeps a step's tensors pays, hooks or not."""
+    source = torch.ones(int(mb * MB) // 4)
+    into = torch.empty_like(source)
+    seconds = []
+    for _ in range(5):
+        started = time.perf_counter()
+        into.copy_(source)
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
+
+
 def peak(args: argparse.Namespace) -> int:
     """Peak RSS of 4 training steps recording the first `args.record` of them."""
     model, opt, x, y = _setup(args.batch, args.size)
@@ -200,6 +214,7 @@ def main() -> None:
         print(peak(args))
         return
     t, dump_mb = times(args)
+    copying = copy_seconds(dump_mb)
     peaks = {n: _child_peak(args, n) for n in (0, 1, 4)}
     print(
         f"ResNet-18 batch {args.batch} {args.size}px, SGD momentum, {args.threads} thread(s), "
@@ -218,6 +233,10 @@ def main() -> None:
     print(
         f"  recorded step, alone        {ms('blocked')}  (goal 1.3x) what blocks the loop: "
         f"{t['inside'][0] * 1e3:.1f} ms ({t['inside'][1]:.2f}x) recording in the step"
+    )
+    print(
+        f"    of which copying {dump_mb:.0f} MB once at least {copying * 1e3:.1f} ms "
+        f"({1 + copying / t['bare'][0]:.2f}x: the floor of keeping a step's tensors)"
     )
     print(
         f"    until written (flush)     {ms('written')}  the write of {dump_mb:.1f} MB: "

@@ -47,13 +47,18 @@ loss, align's own jitter) are reproducible by their seed and are not recorded.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    _get_current_dispatch_mode,
+    _pop_mode_temporarily,
+)
 
 from align.numerics.attention import math_when_dropping
 from align.numerics.pieces import OUTPUT_IS_BRANCH, PIECES
@@ -210,6 +215,15 @@ class Decisions(TorchDispatchMode):
             super().__exit__(*exc)
         finally:
             self._attention.__exit__(*exc)
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """The mode off inside, where it is the innermost mode (else it stays on)."""
+        if _get_current_dispatch_mode() is not self:
+            yield
+            return
+        with _pop_mode_temporarily():
+            yield
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -20,9 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 import align
 from align.errors import AlignError, TraceError
+from align.numerics.decisions import Decisions
 from align.numerics.jitter import Jitter
 from align.numerics.precision import held_dtype
 from align.record.loop import skipping
@@ -465,6 +467,33 @@ def test_recorder_writes_only_the_chosen_steps_atomically(tmp_path):
     assert float(trace_loss) == pytest.approx(
         2 * float(step.trace.tensor(step.trace.calls[0].outputs[0]).square().mean())
     )
+
+
+class _NoisySGD(torch.optim.SGD):
+    """A user's optimizer that adds noise drawn from the default generator to each step."""
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad.add_(torch.randn_like(p), alpha=1e-3)
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, _NoisySGD])
+def test_torchs_own_optimizers_step_outside_the_decisions_and_a_users_inside(tmp_path, optimizer):
+    """torch.optim's step makes no choice: it runs without the mode's per-op tax; a user's
+    optimizer may draw (noise here): its draws are recorded for the target to replay."""
+    model = _Tiny()
+    opt = optimizer(model.parameters(), lr=0.1)
+    modes = []
+    opt.register_step_pre_hook(lambda *_: modes.append(_get_current_dispatch_mode()))
+    _train(align.Recorder(model, tmp_path / "d", steps=[0], optimizer=opt), model, opt, 1)
+    drawn = [op for op, _ in LoopDump(tmp_path / "d").load(0, 0).trace.decisions]
+    if optimizer is torch.optim.SGD:
+        assert modes == [None] and drawn == []
+    else:
+        assert isinstance(modes[0], Decisions) and drawn == ["aten.randn_like.default"] * 2
+    assert "step" not in opt.__dict__  # the class's step is the optimizer's again
 
 
 def test_the_loss_is_what_autograd_backward_ran_on_in_the_loops_thread(tmp_path):
