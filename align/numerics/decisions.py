@@ -31,9 +31,10 @@ reference's positions. Branches: the run computes the op with its own kernel, an
 the elements whose branch, by the op's formula on the run's own inputs, differs from the
 reference's (the flips) are recomputed on the reference's branch; a wrong kernel (a
 leaky slope, a breakpoint moved inside the kernel) keeps its own wrong values everywhere
-else and still fails. Scalar arguments (a threshold, a slope, a clamp bound, p) are part
-of a record's identity, so an op called with another breakpoint is not matched and keeps
-its own branches. Random draws: the reference's values replace the run's own; a fused
+else and still fails. Scalar arguments (a threshold, a slope, a clamp bound, p, a pool's
+padding) are part of a record's identity, so an op called with another breakpoint is not
+matched and keeps its own branches; so is the shape of the input an index op indexes
+(a pool on an input padded beforehand indexes another plane). Random draws: the reference's values replace the run's own; a fused
 dropout kernel is first checked against its own mask (output = input * mask / (1 - p)),
 so a kernel with another scale, or one that drops other elements than the mask it
 returns, fails and is named (`Decisions.faults`, kept in the run's trace and its dumps).
@@ -248,13 +249,14 @@ class Decisions(TorchDispatchMode):
     def _indices(self, func, args, kwargs):
         out = func(*args, **kwargs)
         own = out if func in _INDICES_ONLY else out[1]
-        recorded = self._take(str(func), own.shape, own)
+        key = _index_key(func, args)
+        recorded = self._take(key, own.shape, own)
         if recorded is None:
             self._unmatched()
-            self._log(str(func), own.detach().clone())
+            self._log(key, own.detach().clone())
             return out
         indices = recorded.to(own.device, copy=True)  # the caller may write into it in place
-        self._log(str(func), recorded)
+        self._log(key, recorded)
         if func in _INDICES_ONLY:
             self._count(func, own, indices, None)
             return indices
@@ -470,9 +472,24 @@ def _seeded(func, args: tuple, kwargs: dict) -> bool:
 
 
 def _key(func, args: tuple) -> str:
-    """A record's identity: the op and its scalar arguments (a threshold, a slope, p)."""
-    scalars = [repr(a) for a in args if isinstance(a, (bool, int, float))]
+    """A record's identity: the op and its scalar arguments (a threshold, a slope, p; a
+    pool's kernel size, stride and padding)."""
+    scalars = [repr(a) for a in args if _scalar(a)]
     return f"{func}({','.join(scalars)})" if scalars else str(func)
+
+
+def _scalar(a: Any) -> bool:
+    """A number, or a list of numbers (a pool's padding: [1, 1])."""
+    if isinstance(a, (list, tuple)):
+        return bool(a) and all(isinstance(v, (bool, int, float)) for v in a)
+    return isinstance(a, (bool, int, float))
+
+
+def _index_key(func, args: tuple) -> str:
+    """An index record's identity: `_key` and the shape of the input it indexes. A pool
+    computed on an input padded beforehand (another device's decomposition) indexes
+    another plane: the reference's indices are not its."""
+    return _key(func, (tuple(args[0].shape), *args[1:]))
 
 
 def _mask_key(keep: float) -> str:

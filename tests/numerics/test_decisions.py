@@ -129,6 +129,37 @@ def test_check_judges_a_near_tied_selection_sharply_by_the_references_choice():
     assert not _check_near_tied(faulty, x).passed
 
 
+class _StemPool(nn.Module):
+    """conv, ReLU, a 3x3 max pool with padding 1 (a ResNet stem); `pad` pads beforehand
+    with that value and pools without padding, as another device's decomposition may."""
+
+    def __init__(self, pad: float | None = None):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pad = pad
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        if self.pad is None:
+            return nn.functional.max_pool2d(h, 3, 2, 1)
+        return nn.functional.max_pool2d(nn.functional.pad(h, (1, 1, 1, 1), value=self.pad), 3, 2)
+
+
+def test_a_pool_on_an_input_padded_beforehand_keeps_its_own_indices():
+    """The reference's indices point into the unpadded plane: replayed into the padded
+    one they would gather other elements (measured: timm resnet26d's maxpool gave -inf)."""
+    torch.manual_seed(0)
+    model, x = _StemPool(), torch.randn(2, 3, 16, 16)
+    honest = copy.deepcopy(model)
+    honest.pad = float("-inf")
+    report = align.check(model, x, target_model=honest, target="cpu")
+    assert report.passed, str(report)
+    faulty = copy.deepcopy(model)  # (zeros would tie with ReLU's: no change at all)
+    faulty.pad = 0.1
+    report = align.check(model, x, target_model=faulty, target="cpu")
+    assert not report.passed and report.first_divergence.tensor == "output[0]", str(report)
+
+
 def test_a_caller_writing_into_replayed_indices_leaves_the_record_alone():
     x = torch.randn(3, 5)
     record = Decisions()

@@ -353,7 +353,7 @@ def test_target_and_golden_replay_the_reference_choices(dumps):
     ref, tgt = LoopDump(dumps / "ref").load(0, 1), LoopDump(dumps / "honest").load(0, 1)
     gold = LoopDump(dumps / "gold").load(0, 1)
     assert ref.trace.meta["decisions"] == "own"
-    assert "aten.max.dim" in [op for op, _ in ref.trace.decisions]  # the maxout's choices
+    assert "aten.max.dim" in [op.split("(")[0] for op, _ in ref.trace.decisions]  # the maxout
     for side in (tgt, gold):
         assert side.trace.meta["decisions"] == "replayed"
         assert [op for op, _ in side.trace.decisions] == [op for op, _ in ref.trace.decisions]

@@ -189,7 +189,7 @@ def test_decisions_round_trip_and_a_target_dump_replays_them(tmp_path):
     torch.manual_seed(0)
     model, x = Pooled(), torch.randn(2, 1, 8, 8)
     ref = align.capture(model, x, device="cpu")
-    assert [op for op, _ in ref.decisions] == [
+    assert [op.split("(")[0] for op, _ in ref.decisions] == [
         "aten.max_pool2d_with_indices.default",
         "aten.sort.default",
     ]
