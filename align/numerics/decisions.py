@@ -34,10 +34,11 @@ leaky slope, a breakpoint moved inside the kernel) keeps its own wrong values ev
 else and still fails. Scalar arguments (a threshold, a slope, a clamp bound, p, a pool's
 padding) are part of a record's identity, so an op called with another breakpoint is not
 matched and keeps its own branches; so is the shape of the input an index op indexes
-(a pool on an input padded beforehand indexes another plane). Random draws: the reference's values replace the run's own; a fused
-dropout kernel is first checked against its own mask (output = input * mask / (1 - p)),
-so a kernel with another scale, or one that drops other elements than the mask it
-returns, fails and is named (`Decisions.faults`, kept in the run's trace and its dumps).
+(a pool on an input padded beforehand indexes another plane). Random draws: the
+reference's values replace the run's own; a fused dropout kernel is first checked
+against its own mask (output = input * mask / (1 - p)), so a kernel with another
+scale, or one that drops other elements than the mask it returns, fails and is named
+(`Decisions.faults`, kept in the run's trace and its dumps).
 
 How many decisions a run would have made otherwise, and how far the flipped elements
 were from the choice (two indices' values apart, a branch's input from its breakpoint;
