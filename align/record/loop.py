@@ -50,7 +50,8 @@ Discrete decisions: `replay=REFERENCE_DIR` makes a run take the reference dump's
 decisions (indices, piecewise branches, random draws from the default generator: see
 align.numerics.decisions) of the same rank and step, as target and golden runs should. Steps not
 recorded make their own, so the runs must otherwise see the same thing: seed the script
-and feed the same batches in the same order.
+and feed the same batches in the same order. A torch.optim optimizer's step is outside
+(it decides and draws nothing); a user's own optimizer class is inside, its draws replayed.
 
 Golden: `golden=True` on a CPU run of the same script (same seed, same batches, same
 steps) makes it the float64 golden: the recorder casts the model to float64, casts the
