@@ -119,7 +119,7 @@ class Recorder:
         self._backward_at: int | None = None
         self._counts: dict[str, int] = {}
         self._seen: dict[tuple, tuple[torch.Tensor, str]] = {}
-        self._grads: dict[int, tuple[torch.Tensor, str]] = {}
+        self._grads: dict[int, tuple[weakref.ref, str]] = {}
         # per running call: copies of its module's floating buffers as they were before it
         self._buffers: dict[int, list[tuple[str, torch.Tensor]]] = {}
         self._handles = []
@@ -166,14 +166,18 @@ class Recorder:
 
     def store_grad(self, grad: torch.Tensor, fresh: bool = False) -> str:
         """Key of a snapshot of the gradient `grad`; the same tensor is stored once, unless
-        `fresh` (written in place since: a parameter gradient accumulated again)."""
+        `fresh` (written in place since: a parameter gradient accumulated again). It is
+        known by a weak reference: backward frees each gradient once used, as without
+        the hooks (kept, a step's gradients stayed alive to its end and the next ones took
+        fresh memory: 1.75x against 1.34x a bare ResNet-18 step recorded at batch 16,
+        128 px, measured alternating in one process)."""
         hit = self._grads.get(id(grad))
-        if hit is not None and hit[0] is grad and not fresh:
+        if hit is not None and hit[0]() is grad and not fresh:
             return hit[1]
         key = f"t{len(self.trace.tensors)}"
         with outside_modes(grad):
             self.trace.tensors[key] = self._grad_snapshot(key, grad.detach())
-        self._grads[id(grad)] = (grad, key)
+        self._grads[id(grad)] = (weakref.ref(grad), key)
         return key
 
     def _pre(self, name: str, module: nn.Module, args: tuple, kwargs: dict):

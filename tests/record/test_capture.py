@@ -85,6 +85,33 @@ def test_shared_tensors_stored_once():
     assert len(set(outs)) == 1  # the inner Linear's output is everybody's output
 
 
+def test_a_gradient_is_freed_once_stored_and_a_live_one_stored_once():
+    """The hooks keep their own snapshot of a gradient, not the gradient: backward frees it
+    as it goes (a recorded step's memory, and fresh pages for the next gradients, measured
+    0.1x of a ResNet-18 step at batch 16, 128 px), while one still alive is stored once."""
+    import weakref
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    seen = []
+    hooks = Recorder(model, backward=True)
+    try:
+        out = model(torch.randn(3, 4))
+        hidden = hooks.trace.calls[1].outputs[0]  # the Tanh's output: grad_outputs of it
+        out.register_hook(lambda g: seen.append(weakref.ref(g)))
+        out.sum().backward()
+        assert seen and seen[0]() is None  # the output's gradient is gone, its copy kept
+        grads = [c.grad_outputs[0] for c in hooks.trace.calls]
+        assert all(k in hooks.trace.tensors for k in grads) and hidden in hooks.trace.tensors
+        live = torch.ones(3, 2)
+        first = hooks.store_grad(live)
+        assert hooks.store_grad(live) == first  # alive: one record
+        again = hooks.store_grad(live, fresh=True)  # written in place since: a new record
+        assert again != first and hooks.store_grad(live) == again
+    finally:
+        hooks.release()
+        hooks.remove()
+
+
 @pytest.mark.parametrize("inputs", [torch.ones(1, 3), (torch.ones(1, 3),), {"x": torch.ones(1, 3)}])
 def test_call_model_feeds_tensor_tuple_or_dict(inputs):
     class F(nn.Module):
