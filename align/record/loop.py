@@ -37,7 +37,9 @@ What a step holds:
 * `state.safetensors` and `step.json`: the loss, the parameters and floating buffers
   after the step, the optimizer's state (momentum buffers, exp_avg, exp_avg_sq, step
   counts) and hyperparameters by param group and parameter name, and the scaler's scale
-  and whether it skipped the optimizer step (`scaler=`).
+  and whether it skipped the optimizer step (`scaler=`). A script with several optimizers
+  (a GAN's generator and critic) gives them as a list: their param groups are numbered
+  across them in that order, and a step counts as skipped when none of them stepped.
 
 The loss is what `rec.loss(loss)` was given in the step; without that call, the tensor
 `.backward()` was last called on (divided by the scaler's scale, so
@@ -55,9 +57,10 @@ and feed the same batches in the same order. A torch.optim optimizer's step is o
 
 Golden: `golden=True` on a CPU run of the same script (same seed, same batches, same
 steps) makes it the float64 golden: the recorder casts the model to float64, casts the
-model's floating inputs to float64 and keeps float64 where the script asks for a lower
-float dtype (align.record.capture.KeepFloat64); autocast leaves float64 alone, so an AMP
-script runs unchanged. Run it without loss scaling: it skips the optimizer steps the
+floating inputs of every module call (the model's, or a submodule's the script calls) to
+float64 and keeps float64 where the script asks for a lower float dtype
+(align.record.capture.KeepFloat64); autocast leaves float64 alone, so an AMP script runs
+unchanged. Run it without loss scaling: it skips the optimizer steps the
 reference's scaler skipped, as the draws do (`Recorder._skips`). Then every tensor
 of the target is judged by its error against the golden relative to the reference's
 (align.numerics.verdict); without a golden the reference stands in and only dtype floors remain.
@@ -109,7 +112,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from functools import partial, wraps
 from pathlib import Path
 from types import TracebackType
@@ -226,7 +229,9 @@ class Recorder:
             the compiled kernels are not what is judged: the comparison says so.
         out: dump directory; this rank writes DIR/rank{N}/.
         steps: the step numbers (as passed to `step()`) to record.
-        optimizer: records the gradients it receives and its state after each step.
+        optimizer: records the gradients it receives and its state after each step; a
+            list of them for a script with several (a GAN's generator and critic): their
+            param groups are numbered across them, in the order given.
         scaler: a torch.amp.GradScaler: records its scale and skipped steps, and divides
             recorded gradients by the scale.
         replay: a reference dump whose discrete choices this run takes, step by step.
@@ -270,7 +275,7 @@ class Recorder:
         out: str | os.PathLike,
         steps: Iterable[int],
         *,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
         scaler: torch.amp.GradScaler | None = None,
         replay: str | os.PathLike | None = None,
         golden: bool = False,
@@ -280,8 +285,6 @@ class Recorder:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise AlignError(f"Recorder needs the nn.Module being trained, not {type(model)}")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise AlignError(f"optimizer= must be a torch.optim.Optimizer, not {type(optimizer)}")
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise AlignError(f"scaler= must be a torch.amp.GradScaler, not {type(scaler)}")
         self.steps = _step_numbers(steps)
@@ -295,12 +298,13 @@ class Recorder:
             replay, out = out, Path(out) / DRAWS_DIR / str(self.draw)
         self._last = max(self.steps)
         model, self.compiled = wrapped(model)
-        self.model, self.optimizer, self.scaler, self.golden = model, optimizer, scaler, golden
+        self.optimizers = _optimizers(optimizer)
+        self.model, self.scaler, self.golden = model, scaler, golden
         self.rank, self.world = _rank()
         self.root = Path(out) / f"rank{self.rank}"
         self.replay = None if replay is None else rank_root(Path(replay), self.rank)
         if golden:
-            _make_golden(model, optimizer, scaler)
+            _make_golden(model, self.optimizers, scaler)
         self._names = {id(p): name for name, p in model.named_parameters()}
         self._given_loss: torch.Tensor | None = None
         self._recording = False
@@ -373,7 +377,7 @@ class Recorder:
                 "memory_format": None
                 if self.memory_format is None
                 else str(self.memory_format).split(".")[-1],
-                "optimizer": None if self.optimizer is None else type(self.optimizer).__name__,
+                "optimizers": [type(o).__name__ for o in self.optimizers],
                 "compiled": self.compiled,
                 "scaler": self.scaler is not None and self.scaler.is_enabled(),
                 "replay": None if self.replay is None else str(self.replay),
@@ -454,7 +458,7 @@ class Recorder:
         # A run standing for the reference (the golden, a draw) skips the optimizer step
         # where the reference's scaler did (`_skips`), and takes them too.
         skip = self._skips(n)
-        backward_grads = self.optimizer is None or scale != 1.0 or skip
+        backward_grads = not self.optimizers or scale != 1.0 or skip
 
         def take_accumulated(name: str, p: torch.Tensor) -> None:
             # the first gradient into an empty .grad is taken as it is: one call alone may
@@ -485,12 +489,12 @@ class Recorder:
             stack.callback(hooks.release)
             stack.callback(hooks.remove)
             grads.install(stack)
-            if self.optimizer is not None:
-                stack.callback(self.optimizer.register_step_pre_hook(take_received).remove)
-                if _draws_nothing(self.optimizer):
-                    stack.enter_context(_stepping_outside(self.optimizer, choices))
-            if skip:
-                stack.enter_context(skipping(self.optimizer))
+            for optimizer in self.optimizers:
+                stack.callback(optimizer.register_step_pre_hook(take_received).remove)
+                if _draws_nothing(optimizer):
+                    stack.enter_context(_stepping_outside(optimizer, choices))
+                if skip:
+                    stack.enter_context(skipping(optimizer))
             stack.enter_context(self._numerics(n))
             stack.enter_context(choices)
             stack.enter_context(roots)
@@ -609,7 +613,7 @@ class Recorder:
         skipped it (its gradients overflowed). A target keeps its own scaler's choice: the
         comparison judges whether it skipped alike."""
         stands_in = self.golden or self.draw is not None
-        if self.replay is None or self.optimizer is None or not stands_in:
+        if self.replay is None or not self.optimizers or not stands_in:
             return False
         wait_for_writes(self.replay)
         path = self.replay / step_dir(n) / STEP_FILE
@@ -631,15 +635,16 @@ class Recorder:
         return read_trace(path).decisions
 
     def _groups(self) -> list[dict[str, Any]]:
-        """Each param group's hyperparameters and its parameters' names, in order."""
-        if self.optimizer is None:
-            return []
+        """Each param group's hyperparameters and its parameters' names, in order (of the
+        optimizers, then of their groups)."""
         return [
             {
                 "hyper": {k: _jsonable(v) for k, v in g.items() if k != "params"},
                 "params": [self._name(p) for p in g["params"]],
+                "optimizer": o,
             }
-            for g in self.optimizer.param_groups
+            for o, optimizer in enumerate(self.optimizers)
+            for g in optimizer.param_groups
         ]
 
     def _state(self) -> dict[str, torch.Tensor]:
@@ -659,9 +664,10 @@ class Recorder:
     def _optimizer_entries(self) -> Iterator[tuple[str, dict, str, torch.Tensor | float]]:
         """Each tensor or number of the optimizer's state: (its key optim/GROUP/NAME/KEY,
         the parameter's state dict, KEY, the value)."""
-        for g, group in enumerate(self.optimizer.param_groups if self.optimizer else []):
+        groups = [(o, group) for o in self.optimizers for group in o.param_groups]
+        for g, (optimizer, group) in enumerate(groups):
             for p in group["params"]:
-                entries = self.optimizer.state.get(p, {})
+                entries = optimizer.state.get(p, {})
                 for leaf, value in entries.items():
                     if isinstance(value, (int, float, torch.Tensor)):
                         yield f"optim/{g}/{self._name(p)}/{leaf}", entries, leaf, value
@@ -818,11 +824,27 @@ def _stepping_outside(
     return _step_replaced(optimizer, outside)
 
 
-def _make_golden(model: nn.Module, optimizer: torch.optim.Optimizer | None, scaler: Any) -> None:
+def _optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """`optimizer=` as a list: none, one, or several."""
+    if optimizer is None:
+        return []
+    given = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else optimizer
+    if (
+        isinstance(given, (list, tuple))
+        and given
+        and all(isinstance(o, torch.optim.Optimizer) for o in given)
+    ):
+        return list(given)
+    raise AlignError(
+        f"optimizer= must be a torch.optim.Optimizer or a list of them, not {type(optimizer)}"
+    )
+
+
+def _make_golden(model: nn.Module, optimizers: list[torch.optim.Optimizer], scaler: Any) -> None:
     """Turn this run into the float64 golden: model in float64, floating inputs cast."""
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise AlignError("golden=True is the float64 CPU run: keep the model on the CPU")
-    if optimizer is not None and optimizer.state:
+    if any(o.state for o in optimizers):
         raise AlignError("golden=True: construct the Recorder before the first optimizer step")
     if scaler is not None and scaler.is_enabled():
         raise AlignError(
@@ -830,7 +852,8 @@ def _make_golden(model: nn.Module, optimizer: torch.optim.Optimizer | None, scal
             "recorded gradients are unscaled on every side"
         )
     model.double()  # in place: the optimizer keeps the same parameter objects
-    model.register_forward_pre_hook(_inputs_to_float64, with_kwargs=True)
+    for module in model.modules():  # a script may call a submodule (a GAN's critic) itself
+        module.register_forward_pre_hook(_inputs_to_float64, with_kwargs=True)
 
 
 def _inputs_to_float64(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

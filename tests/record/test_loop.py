@@ -794,3 +794,58 @@ def test_after_unrecorded_steps_a_replaying_run_starts_from_the_references_state
     first = report.first_divergence
     assert not report.passed and "step 2 group 0 0.weight after" in first.tensor, str(report)
     assert not any(r.phase == "weights" for r in report.rows)  # the reference's own start
+
+
+def _gan_run(out: Path, steps: int = 2, adam_eps: float = 1e-8, **kwargs) -> None:
+    """A GAN's loop: the critic's SGD step, then the generator's Adam step, each called by
+    the script itself (no top-level forward), two optimizers recorded together."""
+    torch.manual_seed(0)
+    gen = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 6))
+    critic = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt_c = torch.optim.SGD(critic.parameters(), lr=1e-2, momentum=0.9)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=1e-2, eps=adam_eps)
+    batches = [(torch.randn(8, 4), torch.randn(8, 6) + 1) for _ in range(steps)]
+    model = nn.ModuleDict({"gen": gen, "critic": critic})
+    with align.Recorder(model, out, steps=range(steps), optimizer=[opt_c, opt_g], **kwargs) as rec:
+        for n, (z, real) in enumerate(batches):
+            with rec.step(n):
+                (critic(gen(z).detach()).mean() - critic(real).mean()).backward()
+                opt_c.step()
+                opt_c.zero_grad()
+                (-critic(gen(z)).mean()).backward()
+                opt_g.step()
+                opt_g.zero_grad()
+                opt_c.zero_grad()
+
+
+def test_several_optimizers_are_recorded_and_judged_by_param_group(tmp_path):
+    """A GAN: both optimizers' states are recorded, groups numbered across them; the golden
+    casts the inputs of the submodules the script calls; an honest draw passes and the
+    generator's Adam with another epsilon fails at its group, the step named."""
+    ref, gold, fault = tmp_path / "ref", tmp_path / "gold", tmp_path / "eps"
+    _gan_run(ref)
+    _gan_run(gold, replay=ref, golden=True)
+    _gan_run(ref, draw=1)
+    _gan_run(fault, replay=ref, adam_eps=1e-3)
+    step = LoopDump(ref).load(0, 1)
+    groups = step.info["groups"]
+    assert [g["optimizer"] for g in groups] == [0, 1]
+    assert [g["params"][0].split(".")[0] for g in groups] == ["critic", "gen"]
+    assert "optim/0/critic.0.weight/momentum_buffer" in step.state
+    assert "optim/1/gen.0.weight/exp_avg_sq" in step.state
+    assert json.loads((ref / "rank0" / "loop.json").read_text())["optimizers"] == ["SGD", "Adam"]
+    assert LoopDump(gold).load(0, 0).state["param/gen.0.weight"].dtype == torch.float64
+    assert align.compare(ref, ref / "draws" / "1", gold).passed
+    report = align.compare(ref, fault, gold)
+    assert not report.passed
+    first = report.first_divergence
+    assert first.module.startswith("gen.") and "group 1" in first.tensor, first
+    assert report.train["steps"][0]["step"] == 0
+
+
+def test_optimizer_must_be_an_optimizer_or_a_list_of_them(tmp_path):
+    model = _Tiny()
+    with pytest.raises(AlignError, match="a list of them"):
+        align.Recorder(model, tmp_path / "d", steps=[0], optimizer=[])
+    with pytest.raises(AlignError, match="a list of them"):
+        align.Recorder(model, tmp_path / "d", steps=[0], optimizer=[torch.optim.SGD, "adam"])
