@@ -130,6 +130,11 @@ class Recorder:
             self._handles.append(
                 module.register_forward_hook(partial(self._post, name), with_kwargs=True)
             )
+            self._handles.append(
+                module.register_forward_hook(
+                    partial(self._ended, name), with_kwargs=True, always_call=True
+                )
+            )
 
     def current(self) -> tuple[str, int, int] | None:
         """(module, call index, position) of the innermost module call running now,
@@ -251,6 +256,17 @@ class Recorder:
                 call.buffers.append(call.buffers_in[-1] if same else self.store(now.clone()))
         self.specs[pos].out_spec = spec
         self.specs[pos].out_leaves = [None if isinstance(x, torch.Tensor) else x for x in leaves]
+
+    def _ended(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: Any):
+        """After every call, `_post` or not: a call that raised leaves the stack, so what
+        runs next is not taken for part of it. Checkpointing (torch.utils.checkpoint, timm's
+        set_grad_checkpointing) stops its recomputation in backward with an exception once
+        the tensors backward needs are back: without this, every later backward op was
+        owned by the stopped call (measured: each ReLU's backward branches of resnet26d
+        owned by the last recomputed call, and each ReLU named a culprit in isolation)."""
+        if self._stack and self.trace.calls[self._stack[-1]].module == name:
+            pos = self._stack.pop()  # (`_post` ran: it popped its own, and this is a parent)
+            self._buffers.pop(pos, None)
 
     def _mark(self, pos: int) -> None:
         call = self.trace.calls[pos]

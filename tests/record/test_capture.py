@@ -336,3 +336,67 @@ def test_a_module_called_under_no_grad_on_a_tensor_that_requires_grad_is_recorde
     assert teacher.inputs[0] is not None and teacher.grad_inputs == [None]
     student = next(c for c in trace.calls if c.module == "student")
     assert student.grad_outputs[0] is not None
+
+
+class Checkpointed(nn.Module):
+    """A body recomputed in backward (torch.utils.checkpoint, as timm's
+    set_grad_checkpointing does), whose recomputation torch stops early by raising."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return self.head(checkpoint(self.body, x, use_reentrant=False))
+
+
+def test_a_call_stopped_by_an_exception_leaves_the_stack():
+    """Backward's ops belong to the calls whose backward runs, not to the recomputed call
+    checkpointing stopped: each ReLU's backward branches are its own call's."""
+    from align.numerics.decisions import Decisions
+
+    model, x = Checkpointed(), torch.randn(5, 6, requires_grad=True)
+    hooks = Recorder(model, backward=True)
+    choices = Decisions(where=hooks.current)
+    try:
+        with choices:
+            model(x).sum().backward()
+        calls = hooks.trace.calls
+        assert hooks._stack == []  # every call, stopped or not, has left it
+        recomputed = [c for c in calls if c.index == 1]
+        assert recomputed and all(c.module.startswith("body") for c in recomputed)
+        owners = [
+            calls[o]
+            for (key, _), o in zip(choices.log, choices.owners)
+            if key.startswith("aten.threshold_backward")
+        ]
+        assert len(owners) == 2
+        assert [(c.module, c.index) for c in owners] == [("body.3", 0), ("body.1", 0)]
+    finally:
+        hooks.release()
+        hooks.remove()
+
+
+def test_a_module_that_raises_leaves_the_recorder_usable():
+    class Flaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(2, 2)
+
+        def forward(self, x):
+            self.inner(x)
+            raise ValueError("data error")
+
+    model = nn.Sequential(Flaky(), nn.Linear(2, 2))
+    hooks = Recorder(model, backward=False)
+    try:
+        with pytest.raises(ValueError):
+            model(torch.ones(1, 2))
+        assert hooks._stack == [] and hooks.current() is None
+        model[1](torch.ones(1, 2))
+        assert hooks.trace.calls[-1].module == "1" and hooks.trace.calls[-1].parent is None
+    finally:
+        hooks.remove()
