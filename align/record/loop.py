@@ -643,9 +643,13 @@ class Recorder:
                 "params": [self._name(p) for p in g["params"]],
                 "optimizer": o,
             }
-            for o, optimizer in enumerate(self.optimizers)
-            for g in optimizer.param_groups
+            for o, _optimizer, g in self._param_groups()
         ]
+
+    def _param_groups(self) -> list[tuple[int, torch.optim.Optimizer, dict[str, Any]]]:
+        """(optimizer index, optimizer, group) of every param group, numbered across the
+        optimizers in the order given: a group's position here is its number in the dump."""
+        return [(o, opt, g) for o, opt in enumerate(self.optimizers) for g in opt.param_groups]
 
     def _state(self) -> dict[str, torch.Tensor]:
         """Private copies of the parameters and floating buffers after the step, and of
@@ -664,8 +668,7 @@ class Recorder:
     def _optimizer_entries(self) -> Iterator[tuple[str, dict, str, torch.Tensor | float]]:
         """Each tensor or number of the optimizer's state: (its key optim/GROUP/NAME/KEY,
         the parameter's state dict, KEY, the value)."""
-        groups = [(o, group) for o in self.optimizers for group in o.param_groups]
-        for g, (optimizer, group) in enumerate(groups):
+        for g, (_o, optimizer, group) in enumerate(self._param_groups()):
             for p in group["params"]:
                 entries = optimizer.state.get(p, {})
                 for leaf, value in entries.items():
