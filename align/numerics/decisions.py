@@ -10,9 +10,10 @@ honest devices can make them differently:
 - *branches* of piecewise functions (their table: align.numerics.pieces): ReLU and its
   backward mask, threshold, hardtanh / ReLU6 / clamp, leaky ReLU, ELU / SELU / CELU (their
   slopes jump at 0), hard and soft shrink, hardswish / hardsigmoid, maximum / minimum,
-  PReLU, sign, round / floor / ceil / trunc, and the comparisons that feed `where`,
-  including the equalities by which the backward of a max or amax over a dim finds the
-  element that was largest. An input that rounding puts on the other side of a breakpoint
+  PReLU, sign, round / floor / ceil / trunc, floor and trunc division, remainder and fmod,
+  a float cast to an integer dtype, bucketize / searchsorted, and the comparisons that feed
+  `where`, including the equalities by which the backward of a max or amax over a dim
+  finds the element that was largest. An input that rounding puts on the other side of a breakpoint
   passes a gradient the reference blocked (timm's resnet26d in train mode: one flipped
   ReLU made `layer4.0.act3`'s input gradient fail by 10,000x).
 - *random draws* from the default generator: dropout, drop-path, bernoulli, rand, randn,
@@ -136,6 +137,13 @@ _SLOPES = "aten.rrelu_with_noise.slopes"  # the record key of RReLU's drawn slop
 # branches flipped, and the whole network failed with no module wrong alone)
 LOOK_PAST = 0.1
 LOOKAHEAD = 8  # records of one key and shape looked through for a closer one
+# A step that rounding, a cast or bucketing took (a whole number, a bucket) is replayed only
+# where the run's own input lies within WITHIN epsilons of its dtype, times its largest
+# magnitude, of the reference's step. An input a whole unit away did not round across: a
+# floor kernel one below, cast to an integer after it, must not be made right by the cast's
+# replay (one above sits on the edge of the reference's step, where an honest rounding of
+# 2.9999999 would be too). fp32: 3e-5 of the scale; bf16 cannot tell.
+WITHIN = 256
 
 Choices = list[tuple[str, torch.Tensor]]  # (record key, tensor) in call order
 Where = Callable[[], "tuple[str, int, int] | None"]  # (module, call index, call position)
@@ -149,6 +157,7 @@ class Differed:
     choices: int = 0  # index or branch elements, or drawn elements
     differed: int = 0  # of which the run would have decided otherwise
     gap: float = 0.0  # largest distance of a differing choice, relative to the values' scale
+    kept: int = 0  # differing steps too far from the reference's to be rounding: own kept
 
 
 @dataclass(frozen=True)
@@ -236,7 +245,7 @@ class Decisions(TorchDispatchMode):
             if func in _RRELU_FORWARD:
                 return self._slopes(func, args, kwargs)
             return func(*args, **kwargs)  # the slopes it multiplies by were replayed forward
-        if func in PIECES and _floating(args[0]):
+        if func in PIECES and _floating(args[0]) and _applies(PIECES[func], args, kwargs):
             return self._branches(func, args, kwargs)
         if func.overloadpacket in _RANDOM_PACKETS and not _seeded(func, args, kwargs):
             return self._draw(func, args, kwargs)
@@ -267,7 +276,7 @@ class Decisions(TorchDispatchMode):
 
     def _branches(self, func, args, kwargs):
         piece = PIECES[func]
-        key = _key(func, args)
+        key = _key(func, args, {k: kwargs[k] for k in piece.keyed if k in kwargs})
         inplace = _writes_first(func)
         own_branch = None if func in OUTPUT_IS_BRANCH else piece.branch(*args, **kwargs)
         shape = args[0].shape if inplace else None if own_branch is None else own_branch.shape
@@ -288,11 +297,18 @@ class Decisions(TorchDispatchMode):
             return out
         self._log(key, recorded)
         flips = own_branch != recorded
+        if own_branch.is_floating_point():
+            flips &= ~(own_branch.isnan() & recorded.isnan())  # a quotient by 0 on both
         n = int(flips.sum())
         self._tally(func, own_branch.numel(), n)
         if not n:
             return out
         source = (original, *args[1:]) if inplace else args
+        if func in OUTPUT_IS_BRANCH and out.dtype != torch.bool:
+            flips &= _within_rounding(func, source, kwargs, piece.decided, recorded)
+            self._stat(func).kept += n - int(flips.sum())
+            if not flips.any():
+                return out
         self._gap(func, piece.gap(*source, **kwargs), flips, source[piece.decided])
         fixed = piece.value(recorded, *source, **kwargs)
         if func in OUTPUT_IS_BRANCH:
@@ -440,13 +456,37 @@ class Decisions(TorchDispatchMode):
     def summary(self) -> str:
         """One line: the decisions this run would have made otherwise; '' if none."""
         parts = [
-            f"{name} {s.differed} of {s.choices} (values {s.gap:.2g} apart)"
+            f"{name} {s.differed} of {s.choices} (values {s.gap:.2g} apart"
+            + (
+                f"; {s.kept} too far from the reference's to be rounding, own kept)"
+                if s.kept
+                else ")"
+            )
             for name, s in sorted(self.stats.items())
             if s.differed
         ]
         if self.unmatched:
             parts.append(f"{self.unmatched} calls not matched, their own decision kept")
         return "; ".join(parts)
+
+
+def _within_rounding(func, args: tuple, kwargs: dict, decided: int, recorded: torch.Tensor):
+    """Where the reference's step lies between the op's steps at the run's own input moved
+    down and up by WITHIN epsilons of its scale (the op is monotone in that input)."""
+    x = args[decided]
+    reach = 0.0
+    if x.is_floating_point():
+        reach = WITHIN * torch.finfo(x.dtype).eps * float(x.detach().abs().max())
+
+    def step(shift: float) -> torch.Tensor:
+        moved = list(args)
+        moved[decided] = x.detach() + shift  # a new tensor: an in-place op writes there
+        return func(*moved, **kwargs)
+
+    below, above = step(-reach), step(reach)
+    low, high = torch.minimum(below, above), torch.maximum(below, above)
+    recorded = recorded.to(low.dtype)
+    return (low <= recorded) & (recorded <= high)
 
 
 def _disagreement(own: torch.Tensor, recorded: torch.Tensor) -> float:
@@ -472,11 +512,19 @@ def _seeded(func, args: tuple, kwargs: dict) -> bool:
     return any(isinstance(a, torch.Generator) for a in args)
 
 
-def _key(func, args: tuple) -> str:
+def _key(func, args: tuple, named: dict[str, Any] | None = None) -> str:
     """A record's identity: the op and its scalar arguments (a threshold, a slope, p; a
-    pool's kernel size, stride and padding)."""
+    pool's kernel size, stride and padding), and the keyword arguments `named` (a rounding
+    mode, a cast's dtype)."""
     scalars = [repr(a) for a in args if _scalar(a)]
+    scalars += [f"{k}={v!r}" for k, v in (named or {}).items()]
     return f"{func}({','.join(scalars)})" if scalars else str(func)
+
+
+def _applies(piece, args: tuple, kwargs: dict) -> bool:
+    """True when this call of a piecewise op has breakpoints (a division that rounds, a
+    cast to an integer dtype; not a plain division or a cast between floats)."""
+    return piece.applies is None or piece.applies(*args, **kwargs)
 
 
 def _scalar(a: Any) -> bool:

@@ -38,6 +38,8 @@ class Piece:
     value: Callable[..., torch.Tensor]
     gap: Callable[..., torch.Tensor]
     decided: int = 0  # the argument whose side of the breakpoint is the branch (its scale)
+    applies: Callable[..., bool] | None = None  # None: every call (with a floating input)
+    keyed: tuple[str, ...] = ()  # keyword arguments that are part of a record's identity
 
 
 def _u8(*masks: torch.Tensor) -> torch.Tensor:
@@ -105,6 +107,73 @@ _SIGN = Piece(lambda x: None, lambda r, x: r, _gap_x)
 # rounding to an integer: the breakpoints are the half-integers (round) or the integers
 _ROUND = Piece(lambda x: None, lambda r, x: r, lambda x: (x - x.floor() - 0.5).abs())
 _TO_INTEGER = Piece(lambda x: None, lambda r, x: r, lambda x: (x - x.round()).abs())
+
+
+# Quotients rounded to a whole number (floor and trunc division, remainder, fmod): the
+# breakpoints are where a / b is whole. mmdet's SOLOv2 finds each object's grid cell so.
+def _off_multiple(a, b, **_):
+    """Each element's distance from the nearest multiple of b (in a's units)."""
+    return (a - b * torch.round(a / b)).abs()
+
+
+def _rounds(*_, rounding_mode=None, **__) -> bool:
+    return rounding_mode is not None  # plain division is continuous
+
+
+_QUOTIENT = Piece(lambda a, b: None, lambda r, a, b: r, _off_multiple)
+_ROUNDED_DIV = Piece(
+    lambda a, b, **_: None,
+    lambda r, a, b, **_: r,
+    _off_multiple,
+    applies=_rounds,
+    keyed=("rounding_mode",),
+)
+_REMAINDER = Piece(
+    lambda a, b: torch.floor(a / b), lambda r, a, b: (a - b * r).to(a.dtype), _off_multiple
+)
+_FMOD = Piece(
+    lambda a, b: torch.trunc(a / b), lambda r, a, b: (a - b * r).to(a.dtype), _off_multiple
+)
+
+
+# A float cast to an integer dtype truncates (to bool: x != 0)
+def _to_integer_dtype(x, dtype=None, **_) -> bool:
+    return dtype is not None and not (dtype.is_floating_point or dtype.is_complex)
+
+
+def _cast_gap(x, dtype=None, **_):
+    return x.abs() if dtype is torch.bool else (x - x.round()).abs()
+
+
+_CAST = Piece(
+    lambda x, **_: None,
+    lambda r, x, **_: r,
+    _cast_gap,
+    applies=_to_integer_dtype,
+    keyed=("dtype",),
+)
+
+
+# The bucket of each value among boundaries (bucketize(x, b); searchsorted(b, x))
+def _off_boundaries(boundaries, x):
+    """Each value's distance from its nearest boundary (1-D boundaries, or one row per row)."""
+    return (x.unsqueeze(-1) - boundaries.unsqueeze(-2)).abs().amin(-1)
+
+
+_SEARCH = ("out_int32", "right", "side")
+_BUCKETIZE = Piece(
+    lambda x, b, **_: None,
+    lambda r, x, b, **_: r,
+    lambda x, b, **_: _off_boundaries(b, x),
+    keyed=_SEARCH,
+)
+_SEARCHSORTED = Piece(
+    lambda b, x, **_: None,
+    lambda r, b, x, **_: r,
+    lambda b, x, **_: _off_boundaries(b, x),
+    decided=1,
+    keyed=_SEARCH,
+)
 
 
 def _elu_value(r, x, alpha=1.0, scale=1.0, input_scale=1.0):
@@ -191,6 +260,14 @@ PIECES: dict[Any, Piece] = {
         lambda r, x, lambd=0.5: torch.where(r == 1, 0, x).to(x.dtype),
         lambda x, lambd=0.5: _nearest(x, -lambd, lambd),
     ),
+    aten.remainder.Tensor: _REMAINDER,
+    aten.remainder.Scalar: _REMAINDER,
+    aten.remainder_.Tensor: _REMAINDER,
+    aten.remainder_.Scalar: _REMAINDER,
+    aten.fmod.Tensor: _FMOD,
+    aten.fmod.Scalar: _FMOD,
+    aten.fmod_.Tensor: _FMOD,
+    aten.fmod_.Scalar: _FMOD,
     aten.softshrink.default: Piece(
         _shrink_branch, _softshrink_value, lambda x, lambd=0.5: _nearest(x, -lambd, lambd)
     ),
@@ -247,10 +324,11 @@ PIECES: dict[Any, Piece] = {
         decided=1,
     ),
 }
-# Ops whose output is the branch itself (comparisons feeding `where`, sign, rounding): the
-# record is the output; floating inputs only (integer comparisons are exact). Equality too:
-# the backward of max / amax over a dim sends the gradient where `input == max`, and an
-# honest near-tie makes another element the largest.
+# Ops whose output is the branch itself (comparisons feeding `where`, sign, rounding,
+# rounded division, casts to an integer dtype, bucketing): the record is the output;
+# floating inputs only (integer comparisons are exact). Equality too: the backward of max /
+# amax over a dim sends the gradient where `input == max`, and an honest near-tie makes
+# another element the largest.
 OUTPUT_IS_BRANCH = {
     aten.eq.Scalar: _COMPARE,
     aten.eq.Tensor: _COMPARE,
@@ -274,5 +352,16 @@ OUTPUT_IS_BRANCH = {
     aten.ceil_.default: _TO_INTEGER,
     aten.trunc.default: _TO_INTEGER,
     aten.trunc_.default: _TO_INTEGER,
+    aten.div.Tensor_mode: _ROUNDED_DIV,
+    aten.div.Scalar_mode: _ROUNDED_DIV,
+    aten.div_.Tensor_mode: _ROUNDED_DIV,
+    aten.div_.Scalar_mode: _ROUNDED_DIV,
+    aten.floor_divide.default: _QUOTIENT,
+    aten.floor_divide.Scalar: _QUOTIENT,
+    aten.floor_divide_.Tensor: _QUOTIENT,
+    aten.floor_divide_.Scalar: _QUOTIENT,
+    aten._to_copy.default: _CAST,
+    aten.bucketize.Tensor: _BUCKETIZE,
+    aten.searchsorted.Tensor: _SEARCHSORTED,
 }
 PIECES.update(OUTPUT_IS_BRANCH)

@@ -200,6 +200,16 @@ BRANCHING = {
     "rrelu_eval_inplace": lambda x: F.rrelu(x * 1.0, training=False, inplace=True),
     "round": lambda x: x * (3 * x).round(),
     "floor": lambda x: x * (3 * x).floor(),
+    "floor_divide": lambda x: x * (3 * x.detach() // 0.7),  # it has no derivative
+    "div_floor": lambda x: x * torch.div(3 * x, x.flip(0).abs() + 0.5, rounding_mode="floor"),
+    "div_trunc": lambda x: x * torch.div(3 * x, 0.7, rounding_mode="trunc"),
+    "remainder": lambda x: torch.remainder(3 * x, x.flip(0).abs() + 0.5),
+    "remainder_inplace": lambda x: (3 * x).remainder_(0.7),
+    "fmod": lambda x: torch.fmod(3 * x, 0.7),
+    "to_long": lambda x: x * (3 * x).long(),
+    "to_bool": lambda x: x * (x - 0.2).bool(),
+    "bucketize": lambda x: x * torch.bucketize(x, torch.tensor([-0.5, 0.0, 0.7])),
+    "searchsorted": lambda x: x * torch.searchsorted(torch.tensor([-0.5, 0.0, 0.7]), x),
     "eq_where": lambda x: torch.where(x == x.amax(dim=1, keepdim=True), 2 * x, x),
     "dropout": lambda x: F.dropout(x, 0.5, training=True),
     "drop_path": lambda x: x * x.new_empty(x.shape[0], 1).bernoulli_(0.7).div_(0.7),
@@ -275,6 +285,105 @@ def test_a_value_rounded_across_an_integer_takes_the_records_integer():
     assert torch.equal(flipped.round(), torch.tensor([1.0, 2.0, 7.0]))  # on its own: jumps
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     assert "round 1 of 3" in replay.summary() and "floor 1 of 3" in replay.summary()
+
+
+# each jumps where its input crosses 1.0
+QUOTIENTS = {
+    "floor_divide": lambda x: x // 1.0,
+    "div_floor": lambda x: torch.div(x, torch.ones_like(x), rounding_mode="floor"),
+    "div_trunc": lambda x: torch.div(x, 1.0, rounding_mode="trunc"),
+    "remainder": lambda x: torch.remainder(x, 1.0),
+    "fmod": lambda x: torch.fmod(x, torch.ones_like(x)),
+    "to_int": lambda x: x.to(torch.int32),
+    "bucketize": lambda x: torch.bucketize(x, torch.tensor([0.5, 1.0])),
+    "searchsorted": lambda x: torch.searchsorted(torch.tensor([0.5, 1.0]), x, right=True),
+}
+
+
+@pytest.mark.parametrize("op", sorted(QUOTIENTS))
+def test_a_quotient_rounded_across_a_whole_number_takes_the_records_side(op):
+    """Floor and trunc division, remainder, fmod, a cast to an integer and bucketing jump
+    where their input crosses a whole quotient or a boundary (mmdet's SOLOv2 assigns grid
+    cells so): a run whose honest rounding crossed takes the reference's side."""
+    one = torch.tensor(1.0)
+    below, above = one.nextafter(torch.tensor(0.0)), one.nextafter(torch.tensor(2.0))
+    x, flipped = torch.stack([below, torch.tensor(2.3)]), torch.stack([above, torch.tensor(2.3)])
+    record = Decisions()
+    with record:
+        expected = QUOTIENTS[op](x)
+    replay = Decisions(record.log)
+    with replay:
+        got = QUOTIENTS[op](flipped)
+    own = QUOTIENTS[op](flipped)
+    assert (own - expected).abs().max() > 0.5  # on its own the run jumps
+    assert torch.allclose(got.double(), expected.double(), atol=1e-6)
+    assert replay.unmatched == 0
+    stats = list(replay.stats.values())
+    assert sum(s.differed for s in stats) == 1 and all(s.gap < 1e-6 for s in stats)
+
+
+def test_a_step_a_whole_unit_away_is_not_rounding_and_keeps_its_own():
+    """A floor kernel one below, cast to an integer after it: the cast's input is a whole
+    unit from the reference's step, no rounding put it there, and the replay must not hide
+    it. (One above, its input sits on the edge of the reference's step: that the run
+    cannot tell from an honest rounding of 2.9999999.)"""
+    record = Decisions()
+    with record:
+        torch.tensor([2.0, 5.0, 0.3]).long()
+    replay = Decisions(record.log)
+    with replay:
+        got = torch.tensor([1.0, 5.0, 0.3]).long()
+    assert got.tolist() == [1, 5, 0]
+    assert replay.stats["_to_copy"].kept == 1
+    assert "1 too far from the reference's to be rounding" in replay.summary()
+
+
+def test_a_plain_division_or_a_cast_between_floats_makes_no_decision():
+    """Only a division that rounds and a cast to an integer dtype have breakpoints: replaying
+    a continuous op's output would hide a wrong kernel."""
+    x, record = torch.randn(4), Decisions()
+    with record:
+        torch.div(x, 3.0)
+        x.to(torch.float64)
+        torch.div(x, 3.0, rounding_mode="floor")
+    assert [key.split("(")[0] for key, _ in record.log] == ["aten.div.Tensor_mode"]
+    assert "rounding_mode='floor'" in record.log[0][0]
+
+
+class GridPool(nn.Module):
+    """Features weighted by the grid cell their predicted position falls in (a user's own
+    SOLOv2-style assignment), with positions that land exactly on cell edges."""
+
+    def __init__(self, cell: float = 0.25):
+        super().__init__()
+        self.cell = cell
+        self.pos, self.feat, self.cells = nn.Linear(8, 2), nn.Linear(8, 16), nn.Embedding(16, 16)
+        with torch.no_grad():
+            self.pos.weight.zero_()
+            self.pos.weight[0, 0] = self.pos.weight[1, 1] = 1.0
+            self.pos.bias.zero_()
+
+    def forward(self, x):
+        at = torch.div(self.pos(x), self.cell, rounding_mode="floor").clamp(0, 3).long()
+        return self.feat(x) * self.cells(at[:, 0] * 4 + at[:, 1])
+
+
+def test_grid_cells_assigned_across_an_edge_by_honest_rounding_are_the_references():
+    """Before floor division was replayed, half the honest target's positions fell into
+    the next cell, and so did the honest draws': every whole-network limit was ~1 (a 0.3%
+    fault anywhere would pass there). Now the limits are rounding-sized, and a target that
+    cuts the grid elsewhere (a moved breakpoint, not matched by the record) still fails."""
+    torch.manual_seed(0)
+    model = GridPool()
+    x = torch.rand(64, 8)
+    x[:, :2] = torch.randint(0, 4, (64, 2)) * 0.25
+    report = align.check(model, x, target_model=perturb(model, ulps=1.0))
+    assert report.passed, str(report)
+    assert max(r.limits["rel_rmse"] for r in report.rows) < 1e-4, str(report)
+    assert "div " in " ".join(report.notes)
+    moved = perturb(model, ulps=1.0)
+    moved.cell = 0.26
+    assert not align.check(model, x, target_model=moved).passed
 
 
 def test_ties_broken_by_honest_rounding_keep_the_references_gradient():
