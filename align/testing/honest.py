@@ -53,9 +53,11 @@ def override_forward(m: nn.Module, forward, tag: str) -> None:
 
 def _binade(t: torch.Tensor) -> torch.Tensor:
     """Each element's binade (the power of two at or below its magnitude), 0 where it is 0
-    (an exact 0 stays exact). `.bool()`, not `== 0`: decisions replay float comparisons."""
-    mantissa, exponent = torch.frexp(t)
-    return torch.where(mantissa.bool(), torch.ldexp(torch.ones_like(mantissa), exponent - 1), 0.0)
+    (an exact 0 stays exact). Zero is told by its bits: decisions replay float comparisons
+    and casts, and a perturbation is no decision of the model's."""
+    mantissa, exponent = torch.frexp(t.float())
+    nonzero = (mantissa.view(torch.int32) & 0x7FFFFFFF) != 0
+    return torch.where(nonzero, torch.ldexp(torch.ones_like(mantissa), exponent - 1), 0.0)
 
 
 def _nudge(

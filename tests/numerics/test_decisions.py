@@ -338,6 +338,44 @@ def test_a_step_a_whole_unit_away_is_not_rounding_and_keeps_its_own():
     assert "1 too far from the reference's to be rounding" in replay.summary()
 
 
+def test_nms_keeps_the_references_boxes_by_index_into_the_runs_own():
+    """Two boxes overlapping by about the IoU threshold: the reference suppresses the
+    second, a run whose rounding moved it to just under the threshold would keep it."""
+    from torchvision.ops import nms
+
+    def boxes(shift: float) -> torch.Tensor:
+        return torch.tensor([[0.0, 0.0, 10.0, 10.0], [shift, 0.0, shift + 10.0, 10.0]])
+
+    scores = torch.tensor([0.9, 0.8])
+    record = Decisions()
+    with record:
+        assert nms(boxes(3.333), scores, 0.5).tolist() == [0]
+    assert nms(boxes(3.334), scores, 0.5).tolist() == [0, 1]  # on its own: both kept
+    replay = Decisions(record.log)
+    with replay:
+        assert nms(boxes(3.334), scores, 0.5).tolist() == [0]
+    assert replay.stats["nms"].differed == 1 and replay.stats["nms"].gap < 1e-4
+    other = Decisions(record.log)
+    with other:  # another threshold is another decision: its own kept
+        assert nms(boxes(3.334), scores, 0.6).tolist() == [0, 1]
+    assert other.unmatched == 1
+
+
+def test_a_detector_in_eval_mode_is_checked_with_the_references_boxes():
+    """torchvision's SSDlite in eval mode, random weights: its NMS kept 272 boxes on the
+    reference and 295 in the float64 golden, and the check stopped on the shape."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.detection.ssdlite320_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=5, score_thresh=0.01
+    ).eval()
+    images = [torch.rand(3, 320, 320) for _ in range(2)]
+    report = align.check(model, (images,), target_model=perturb(model), phases="forward")
+    assert report.passed, str(report)
+    assert "nms " in " ".join(report.notes)
+
+
 def test_a_plain_division_or_a_cast_between_floats_makes_no_decision():
     """Only a division that rounds and a cast to an integer dtype have breakpoints: replaying
     a continuous op's output would hide a wrong kernel."""
@@ -370,9 +408,10 @@ class GridPool(nn.Module):
 
 def test_grid_cells_assigned_across_an_edge_by_honest_rounding_are_the_references():
     """Before floor division was replayed, half the honest target's positions fell into
-    the next cell, and so did the honest draws': every whole-network limit was ~1 (a 0.3%
-    fault anywhere would pass there). Now the limits are rounding-sized, and a target that
-    cuts the grid elsewhere (a moved breakpoint, not matched by the record) still fails."""
+    the next cell, and so did the golden's: the reference missed every tensor from the
+    cells on by 121%, and they were reported as carrying no signal, not judged. Now their
+    limits are rounding-sized, and a target that cuts the grid elsewhere (a moved
+    breakpoint, not matched by the record) fails there."""
     torch.manual_seed(0)
     model = GridPool()
     x = torch.rand(64, 8)
