@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from align.errors import (
     ModelRunError,
     UnknownCaseError,
 )
+from align.testing import perturb
 
 
 class Net(nn.Module):
@@ -78,6 +80,25 @@ def test_target_module_with_another_shape_is_an_error(net, x):
     target = Net(out=5)
     with pytest.raises(MismatchError, match=r"\(6, 4\) on the reference, \(6, 5\) on the target"):
         check(net, x, target_model=target)
+
+
+def test_a_count_decided_outside_the_dispatcher_is_named_as_such():
+    """Rows selected through numpy (as mmcv's C++ NMS selects boxes): float32 loses the
+    1e-9 that float64 keeps, and the golden run selects rows the reference does not."""
+
+    class Selects(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            near = (x[:, 0] + 1) - 1
+            keep = torch.from_numpy(np.flatnonzero(near.detach().cpu().numpy() > 0))
+            return self.fc(x), self.fc(x[keep])
+
+    model = Selects()
+    with pytest.raises(MismatchError, match="a count the run decides"):
+        check(model, torch.full((4, 3), 1e-9), target_model=perturb(model))
 
 
 class FunctionalNorm(Net):

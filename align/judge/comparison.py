@@ -403,6 +403,7 @@ class _Judge:
                 f"{row.module or '<model>'} {row.tensor}: shape {tuple(r.shape)} on the "
                 f"reference, {tuple(t.shape)} on the target, {tuple(g.shape)} in the golden "
                 "run; the runs did not compute the same thing (same model, inputs and batch?)"
+                + (COUNTED if _counted(r.shape, t.shape, g.shape) else "")
             )
         return judge_robustly(
             t,
@@ -415,3 +416,18 @@ class _Judge:
             draws=draws,
             accuracy=math.sqrt(max(len(self.reached), 1)) if self.guessed else 1.0,
         )
+
+
+COUNTED = (
+    ". If that dimension is a count the run decides (boxes NMS keeps, elements over a"
+    " threshold): align replays the decisions PyTorch's dispatcher sees"
+    " (align.numerics.decisions), not those of code that bypasses it (mmcv's C++ nms,"
+    " numpy): check the outputs before that step"
+)
+
+
+def _counted(*shapes: torch.Size) -> bool:
+    """True when the shapes have one rank and differ in one dimension only."""
+    if len({len(s) for s in shapes}) != 1:
+        return False
+    return sum(len({s[d] for s in shapes}) > 1 for d in range(len(shapes[0]))) == 1
