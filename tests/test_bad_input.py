@@ -83,7 +83,7 @@ def test_target_module_with_another_shape_is_an_error(net, x):
 
 
 def test_a_count_decided_outside_the_dispatcher_is_named_as_such():
-    """Rows selected through numpy (as mmcv's C++ NMS selects boxes): float32 loses the
+    """Rows selected through numpy (as a C++ extension selects boxes): float32 loses the
     1e-9 that float64 keeps, and the golden run selects rows the reference does not."""
 
     class Selects(nn.Module):

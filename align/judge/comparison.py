@@ -421,8 +421,9 @@ class _Judge:
 COUNTED = (
     ". If that dimension is a count the run decides (boxes NMS keeps, elements over a"
     " threshold): align replays the decisions PyTorch's dispatcher sees"
-    " (align.numerics.decisions), not those of code that bypasses it (mmcv's C++ nms,"
-    " numpy): check the outputs before that step"
+    " (align.numerics.decisions) and those align.numerics.outside lists, not those of"
+    " other code that bypasses it (a C++ extension's loops, numpy): check the outputs"
+    " before that step"
 )
 
 

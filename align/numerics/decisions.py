@@ -5,7 +5,8 @@ honest devices can make them differently:
 
 - *indices*: sort, top-k, max/argmax, max-pool (SSD's hard negative mining sorts nearly
   equal anchor losses; a max-pool window can hold a tie), and the boxes torchvision's NMS
-  keeps (a detector in eval mode: overlaps near the threshold, tied scores). Measured on
+  and mmcv's keep (a detector in eval mode: overlaps near the threshold, tied scores;
+  mmcv's, outside the dispatcher, through align.numerics.outside). Measured on
   ssd512: the emulated npu-fp32 target picked other negatives, and the classification
   head's bias gradient was 18,000x the reference's error.
 - *branches* of piecewise functions (their table: align.numerics.pieces): ReLU and its
@@ -64,6 +65,7 @@ from torch.utils._python_dispatch import (
     _pop_mode_temporarily,
 )
 
+from align.numerics import outside
 from align.numerics.attention import math_when_dropping
 from align.numerics.pieces import OUTPUT_IS_BRANCH, PIECES
 from align.numerics.verdict import Row
@@ -154,6 +156,8 @@ LOOKAHEAD = 8  # records of one key and shape looked through for a closer one
 WITHIN = 256
 
 Choices = list[tuple[str, torch.Tensor]]  # (record key, tensor) in call order
+_ACTIVE: list[Decisions] = []  # the runs recording or replaying now, innermost last
+_UNWRAP: list[Callable[[], None]] = []  # puts back what align.numerics.outside wrapped
 Where = Callable[[], "tuple[str, int, int] | None"]  # (module, call index, call position)
 
 
@@ -224,12 +228,19 @@ class Decisions(TorchDispatchMode):
         self._attention = math_when_dropping()  # a fused kernel's mask is out of sight
         self._attention.__enter__()
         try:
-            return super().__enter__()
+            entered = super().__enter__()
         except BaseException:
             self._attention.__exit__(None, None, None)
             raise
+        if not _ACTIVE:  # decisions outside the dispatcher go to the innermost run
+            _UNWRAP.append(outside.wrap(lambda *call: _ACTIVE[-1]._outside(*call)))
+        _ACTIVE.append(self)
+        return entered
 
     def __exit__(self, *exc: object) -> None:
+        _ACTIVE.remove(self)
+        if not _ACTIVE:
+            _UNWRAP.pop()()
         try:
             super().__exit__(*exc)
         finally:
@@ -285,22 +296,36 @@ class Decisions(TorchDispatchMode):
         return (values, indices)
 
     def _kept(self, func, args, kwargs):
-        """NMS: the reference's kept boxes, by index into the run's own boxes."""
+        """torchvision's NMS: the reference's kept boxes, by index into the run's own."""
         out = func(*args, **kwargs)
-        key = _index_key(func, args)  # the boxes' count and the IoU threshold
+        threshold = _argument(func, args, kwargs, "iou_threshold")
+        return self._keep(func.overloadpacket.__name__, func, out, args[0], args[1], threshold)
+
+    def _outside(self, name: str, function, args: tuple, kwargs: dict):
+        """An NMS outside the dispatcher (align.numerics.outside), called (boxes, scores,
+        iou_threshold, ...): recorded and replayed as torchvision's."""
+        out = function(*args, **kwargs)
+        threshold = kwargs["iou_threshold"] if "iou_threshold" in kwargs else args[2]
+        return self._keep(name, name, out, args[0], args[1], float(threshold))
+
+    def _keep(self, name: str, op, out, boxes, scores, threshold: float):
+        """The reference's kept boxes in place of the run's `out`, by index into its own
+        `boxes` (of the same count, at the same IoU threshold), and how they differed."""
+        key = _key(op, ((boxes.shape[0],), threshold))
         recorded = self._take(key, None)
         if recorded is None:
             self._unmatched()
             self._log(key, out.detach().clone())
             return out
         self._log(key, recorded)
-        kept = recorded.to(out.device, copy=True)
+        kept = recorded.to(device=out.device, dtype=out.dtype, copy=True)
         differ = set(out.tolist()) ^ set(kept.tolist())
-        self._tally(func, len(differ | set(kept.tolist())), len(differ))
+        s = self.stats.setdefault(name, Differed())
+        s.calls += 1
+        s.choices += len(differ | set(kept.tolist()))
+        s.differed += len(differ)
         if differ:
-            threshold = _argument(func, args, kwargs, "iou_threshold")
-            s = self._stat(func)
-            s.gap = max(s.gap, _overlap_gap(args[0], args[1], kept, out, threshold))
+            s.gap = max(s.gap, _overlap_gap(boxes, scores, kept, out, threshold))
         return kept
 
     def _branches(self, func, args, kwargs):
