@@ -193,7 +193,8 @@ def no_signal_notes(rows: list[Row]) -> list[str]:
         (
             NO_SIGNAL_MESSAGE,
             "the reference misses them by half their size or more: a cancelling sum, a "
-            "BatchNorm over a few values",
+            "BatchNorm over a few values, or a discrete choice align does not replay (a "
+            "float decision in numpy or a C++ extension's loops)",
         ),
         (OVERFLOWED_MESSAGE, "an honest draw of the reference overflowed there"),
         (
