@@ -35,6 +35,7 @@ _EXPORTS = {
     "CheckOptions": "align.api",
     "check": "align.api",
     "compare": "align.api",
+    "decision": "align.numerics.outside",
     "get_case": "align.zoo",
     "list_cases": "align.zoo",
     "register_case": "align.zoo",

@@ -64,6 +64,7 @@ from torch.utils._python_dispatch import (
     _get_current_dispatch_mode,
     _pop_mode_temporarily,
 )
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from align.numerics import outside
 from align.numerics.attention import math_when_dropping
@@ -170,6 +171,15 @@ class Differed:
     differed: int = 0  # of which the run would have decided otherwise
     gap: float = 0.0  # largest distance of a differing choice, relative to the values' scale
     kept: int = 0  # differing steps too far from the reference's to be rounding: own kept
+    measured: bool = True  # False for a user's choice (align.decision): no gap to measure
+
+    def describe(self) -> str:
+        """'3 of 128 (values 1e-07 apart)': how many choices differed, and how far."""
+        details = [f"values {self.gap:.2g} apart"] if self.measured else []
+        if self.kept:
+            details.append(f"{self.kept} too far from the reference's to be rounding, own kept")
+        said = f" ({'; '.join(details)})" if details else ""
+        return f"{self.differed} of {self.choices}{said}"
 
 
 @dataclass(frozen=True)
@@ -301,12 +311,33 @@ class Decisions(TorchDispatchMode):
         threshold = _argument(func, args, kwargs, "iou_threshold")
         return self._keep(func.overloadpacket.__name__, func, out, args[0], args[1], threshold)
 
-    def _outside(self, name: str, function, args: tuple, kwargs: dict):
-        """An NMS outside the dispatcher (align.numerics.outside), called (boxes, scores,
-        iou_threshold, ...): recorded and replayed as torchvision's."""
+    def _outside(self, name: str, function, args: tuple, kwargs: dict, kind: str):
+        """A decision outside the dispatcher (align.numerics.outside): an NMS called
+        (boxes, scores, iou_threshold, ...), recorded and replayed as torchvision's, or a
+        function marked `align.decision`, whose integer and bool tensors are replayed."""
         out = function(*args, **kwargs)
-        threshold = kwargs["iou_threshold"] if "iou_threshold" in kwargs else args[2]
-        return self._keep(name, name, out, args[0], args[1], float(threshold))
+        if kind == "nms":
+            threshold = kwargs["iou_threshold"] if "iou_threshold" in kwargs else args[2]
+            return self._keep(name, name, out, args[0], args[1], float(threshold))
+        shapes = [tuple(a.shape) for a in tree_leaves((args, kwargs)) if torch.is_tensor(a)]
+        key = f"{name}{shapes}"  # its inputs' shapes: another call is another choice
+        leaves, spec = tree_flatten(out)
+        s = self.stats.setdefault(name, Differed(measured=False))
+        for i, own in enumerate(leaves):
+            if not torch.is_tensor(own) or own.is_floating_point() or own.is_complex():
+                continue  # continuous values are the run's own
+            recorded = self._take(key, None)
+            if recorded is None:
+                self._unmatched()
+                self._log(key, own.detach().clone())
+                continue
+            self._log(key, recorded)
+            leaves[i] = recorded.to(device=own.device, dtype=own.dtype, copy=True)
+            s.calls += 1
+            s.choices += max(own.numel(), recorded.numel())
+            same = own.shape == recorded.shape
+            s.differed += int((own != leaves[i]).sum()) if same else max(own.numel(), 1)
+        return tree_unflatten(leaves, spec)
 
     def _keep(self, name: str, op, out, boxes, scores, threshold: float):
         """The reference's kept boxes in place of the run's `out`, by index into its own
@@ -509,16 +540,7 @@ class Decisions(TorchDispatchMode):
 
     def summary(self) -> str:
         """One line: the decisions this run would have made otherwise; '' if none."""
-        parts = [
-            f"{name} {s.differed} of {s.choices} (values {s.gap:.2g} apart"
-            + (
-                f"; {s.kept} too far from the reference's to be rounding, own kept)"
-                if s.kept
-                else ")"
-            )
-            for name, s in sorted(self.stats.items())
-            if s.differed
-        ]
+        parts = [f"{name} {s.describe()}" for name, s in sorted(self.stats.items()) if s.differed]
         if self.unmatched:
             parts.append(f"{self.unmatched} calls not matched, their own decision kept")
         return "; ".join(parts)
