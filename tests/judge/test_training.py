@@ -235,3 +235,22 @@ def test_the_final_state_is_judged_against_the_draws_too():
     assert not compare_trajectories(target, REF, GOLD, TOL, floor=1e-6)["passed"]
     draws, _ = _draws(_trajectory([1.0, 1.0, 1.0], 1.0 - 8e-4))
     assert compare_trajectories(target, REF, GOLD, TOL, floor=1e-6, draws=draws)["passed"]
+
+
+def test_a_quantity_the_reference_misses_by_half_carries_no_signal_from_then_on():
+    """A chaotic training (the spatial transformer's: the golden's loss 140% from the
+    reference's at step 3) compares other trajectories from the step where the reference
+    misses the golden by half or more: not judged from there, and the summary says so; a
+    target off before that step still fails."""
+    chaotic = _trajectory([1.0, 1.0 + 1e-4, 1.6, 0.2], 1.0)
+    gold = _trajectory([1.0, 1.0, 1.0, 1.0], 1.0)
+    target = _trajectory([1.0, 1.0 + 1e-4, 3.0, -5.0], 1.0)
+    judged = compare_trajectories(target, chaotic, gold, TOL, floor=1e-6)
+    assert judged["passed"], judged["summary"]
+    assert "no signal" in judged["summary"] and "loss from step 2" in judged["summary"]
+    assert judged["steps"][3]["loss"]["no_signal"] and "no_signal" not in judged["steps"][1]["loss"]
+    early = _trajectory([1.0, 1.0 + 9e-3, 3.0, -5.0], 1.0)
+    failed = compare_trajectories(early, chaotic, gold, TOL, floor=1e-6)
+    assert not failed["passed"] and failed["first_divergence"]["tensor"] == "step 1 loss"
+    diverged = _trajectory([1.0, 1.0 + 1e-4, float("inf"), 1.0], 1.0)
+    assert not compare_trajectories(diverged, chaotic, gold, TOL, floor=1e-6)["passed"]
