@@ -13,11 +13,13 @@ honest devices can make them differently:
   backward mask, threshold, hardtanh / ReLU6 / clamp, leaky ReLU, ELU / SELU / CELU (their
   slopes jump at 0), hard and soft shrink, hardswish / hardsigmoid, maximum / minimum,
   PReLU, sign, round / floor / ceil / trunc, floor and trunc division, remainder and fmod,
-  a float cast to an integer dtype, bucketize / searchsorted, and the comparisons that feed
-  `where`, including the equalities by which the backward of a max or amax over a dim
-  finds the element that was largest. An input that rounding puts on the other side of a breakpoint
-  passes a gradient the reference blocked (timm's resnet26d in train mode: one flipped
-  ReLU made `layer4.0.act3`'s input gradient fail by 10,000x).
+  a float cast to an integer dtype, bucketize / searchsorted, the cell bilinear grid
+  sampling finds each point in (its gradient by the grid jumps at a cell's edge), and the
+  comparisons that feed `where`, including the equalities by which the backward of a max
+  or amax over a dim finds the element that was largest. An input that rounding puts on
+  the other side of a breakpoint passes a gradient the reference blocked (timm's
+  resnet26d in train mode: one flipped ReLU made `layer4.0.act3`'s input gradient fail
+  by 10,000x).
 - *random draws* from the default generator: dropout, drop-path, bernoulli, rand, randn,
   randint, randperm, normal_, uniform_..., and the slopes RReLU draws inside its kernel in
   training. Another device's generator draws other masks. A dropout mask is one record
@@ -140,6 +142,15 @@ RANDOM_OPS = {f"aten.{p.__name__}" for p in _RANDOM_PACKETS}
 _RRELU_FORWARD = {aten.rrelu_with_noise.default, aten.rrelu_with_noise_.default}
 _RRELU = _RRELU_FORWARD | {aten.rrelu_with_noise_backward.default}
 _SLOPES = "aten.rrelu_with_noise.slopes"  # the record key of RReLU's drawn slopes
+# Bilinear grid sampling finds each sampling point's cell by flooring its coordinates
+# inside the kernel: its values are continuous across a cell's edge, the gradient by the
+# grid is not (the slope of the next cell). The backward replays the reference's cells
+# (measured: the spatial transformer in align.testing.models, fp32, training: the
+# golden's gradient norm 2.3% from the reference's at step 2, 0.04% with its cells).
+_GRID_BACKWARD = aten.grid_sampler_2d_backward.default
+# how far inside the reference's cell a flipped point is moved: this many ulps of its
+# coordinate in the grid's dtype, beyond what normalizing it back can round away
+_INSIDE_ULPS = 8
 
 # An honest run's choices differ from the reference's in a few elements near a breakpoint
 # or a tie; a record differing from the run's own in more than this share of its elements
@@ -272,6 +283,8 @@ class Decisions(TorchDispatchMode):
             return self._indices(func, args, kwargs)
         if func.namespace != "aten" and str(func) in KEEPING:
             return self._kept(func, args, kwargs)
+        if func is _GRID_BACKWARD:
+            return self._cells(func, args, kwargs)
         if func in _RRELU and _argument(func, args, kwargs, "training"):
             if func in _RRELU_FORWARD:
                 return self._slopes(func, args, kwargs)
@@ -402,6 +415,43 @@ class Decisions(TorchDispatchMode):
         if inplace:
             return out.copy_(replayed)
         return replayed
+
+    def _cells(self, func, args, kwargs):
+        """Bilinear grid sampling's backward: the gradient by the grid of each point whose
+        cell (the floor of its coordinates) is another than the reference's is that of
+        the reference's cell, computed by the run's own kernel on the point moved just
+        inside it; every other gradient is the run's own."""
+        out = func(*args, **kwargs)
+        grad_output, x, grid, mode, padding, corners, wanted = (
+            _argument(func, args, kwargs, n)
+            for n in ("grad_output", "input", "grid", "interpolation_mode", "padding_mode")
+            + ("align_corners", "output_mask")
+        )
+        if mode != 0 or padding == 2 or not wanted[1]:  # bilinear, zeros or border padding
+            return out
+        sizes = (x.shape[-1], x.shape[-2])  # the grid's x, y
+        at = _unnormalized(grid.detach(), sizes, corners, padding == 1)
+        own = at.floor()
+        key = _key(func, (tuple(x.shape), mode, padding, corners))
+        recorded = self._take(key, own.shape, own)
+        if recorded is None:
+            self._unmatched()
+            self._log(key, own)
+            return out
+        self._log(key, recorded)
+        recorded = recorded.to(own.device)
+        flipped = own != recorded
+        points = flipped.any(-1)
+        self._tally(func, points.numel(), int(points.sum()))
+        if not points.any():
+            return out
+        self._gap(func, (at - at.round()).abs(), flipped, at)
+        margin = _INSIDE_ULPS * torch.finfo(grid.dtype).eps * at.abs().clamp(min=1.0)
+        inside = at.maximum(recorded + margin).minimum(recorded + 1 - margin)
+        inside = torch.where(flipped, inside, at)
+        moved = _normalized(inside, sizes, corners).to(grid.dtype)
+        again = func(grad_output, x, moved, mode, padding, corners, [False, True])[1]
+        return (out[0], torch.where(points.unsqueeze(-1), again, out[1]))
 
     def _draw(self, func, args, kwargs):
         fused = func.overloadpacket is aten.native_dropout
@@ -563,6 +613,21 @@ def _within_rounding(func, args: tuple, kwargs: dict, decided: int, recorded: to
     low, high = torch.minimum(below, above), torch.maximum(below, above)
     recorded = recorded.to(low.dtype)
     return (low <= recorded) & (recorded <= high)
+
+
+def _unnormalized(grid: torch.Tensor, sizes, corners: bool, border: bool) -> torch.Tensor:
+    """grid_sample's pixel coordinates of a grid in [-1, 1] (clipped to the image with
+    border padding), in float64."""
+    size = torch.tensor(sizes, dtype=torch.float64, device=grid.device)
+    g = grid.double()
+    at = (g + 1) / 2 * (size - 1) if corners else ((g + 1) * size - 1) / 2
+    return at.clamp(min=torch.zeros_like(size), max=size - 1) if border else at
+
+
+def _normalized(at: torch.Tensor, sizes, corners: bool) -> torch.Tensor:
+    """The grid of pixel coordinates `at` (_unnormalized's inverse)."""
+    size = torch.tensor(sizes, dtype=torch.float64, device=at.device)
+    return at / (size - 1) * 2 - 1 if corners else (2 * at + 1) / size - 1
 
 
 def _overlap_gap(boxes, scores, kept, own, threshold: float) -> float:

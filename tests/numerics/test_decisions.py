@@ -425,6 +425,42 @@ def test_grid_cells_assigned_across_an_edge_by_honest_rounding_are_the_reference
     assert not align.check(model, x, target_model=moved).passed
 
 
+class Resampler(nn.Module):
+    """A learned grid (a linear map of base coordinates) sampling a fixed image
+    bilinearly, every point on the edge of a pixel's cell."""
+
+    def __init__(self, corners: bool = False):
+        super().__init__()
+        self.corners = corners
+        self.warp = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.warp.weight.copy_(torch.eye(2))
+            self.warp.bias.zero_()
+        image = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        self.register_buffer("image", image)
+
+    def forward(self, base):
+        image = self.image.expand(base.shape[0], -1, -1, -1)
+        return F.grid_sample(image, self.warp(base), align_corners=self.corners)
+
+
+def test_grid_cells_that_honest_rounding_moved_a_point_across_take_the_references_slope():
+    """Before the backward replayed the reference's cells, 104 of 144 points of the honest
+    target took the next cell's slope, and so did the golden's: the warp's gradients were
+    left unjudged as carrying no signal (reference off by 79% to 213%). Now they are judged
+    at rounding size, and a kernel sampling with the corners aligned still fails."""
+    c = (torch.arange(1, 7) * 2 + 1) / 8 - 1  # pixel centers: whole pixel coordinates
+    base = torch.stack(torch.meshgrid(c, c, indexing="xy"), -1).expand(4, 6, 6, 2).contiguous()
+    model = Resampler()
+    report = align.check(model, base, target_model=perturb(model, ulps=1.0))
+    assert report.passed, str(report)
+    assert max(r.limits["rel_rmse"] for r in report.rows) < 1e-4, str(report)
+    assert "grid_sampler_2d_backward" in " ".join(report.notes)
+    cornered = perturb(model, ulps=1.0)
+    cornered.corners = True
+    assert not align.check(model, base, target_model=cornered).passed
+
+
 def test_ties_broken_by_honest_rounding_keep_the_references_gradient():
     """A max over pairs of equal features (duplicated weights): the reference splits each
     gradient between the tied pair, and a target whose honest rounding breaks the ties
