@@ -147,7 +147,7 @@ _SLOPES = "aten.rrelu_with_noise.slopes"  # the record key of RReLU's drawn slop
 # grid is not (the slope of the next cell). The backward replays the reference's cells
 # (measured: the spatial transformer in align.testing.models, fp32, training: the
 # golden's gradient norm 2.3% from the reference's at step 2, 0.04% with its cells).
-_GRID_BACKWARD = aten.grid_sampler_2d_backward.default
+_GRID_BACKWARD = {aten.grid_sampler_2d_backward.default, aten.grid_sampler_3d_backward.default}
 # how far inside the reference's cell a flipped point is moved: this many ulps of its
 # coordinate in the grid's dtype, beyond what normalizing it back can round away
 _INSIDE_ULPS = 8
@@ -283,7 +283,7 @@ class Decisions(TorchDispatchMode):
             return self._indices(func, args, kwargs)
         if func.namespace != "aten" and str(func) in KEEPING:
             return self._kept(func, args, kwargs)
-        if func is _GRID_BACKWARD:
+        if func in _GRID_BACKWARD:
             return self._cells(func, args, kwargs)
         if func in _RRELU and _argument(func, args, kwargs, "training"):
             if func in _RRELU_FORWARD:
@@ -429,9 +429,11 @@ class Decisions(TorchDispatchMode):
         )
         if mode != 0 or padding == 2 or not wanted[1]:  # bilinear, zeros or border padding
             return out
-        sizes = (x.shape[-1], x.shape[-2])  # the grid's x, y
+        sizes = tuple(reversed(x.shape[2:]))  # the grid's x, y (, z)
         at = _unnormalized(grid.detach(), sizes, corners, padding == 1)
-        own = at.floor()
+        # cells beyond the image's first outside one sample zeros alike: int32 floors
+        limit = torch.tensor(sizes, dtype=at.dtype, device=at.device)
+        own = at.nan_to_num(-2.0).clamp(min=-2.0).minimum(limit + 1).floor().to(torch.int32)
         key = _key(func, (tuple(x.shape), mode, padding, corners))
         recorded = self._take(key, own.shape, own)
         if recorded is None:
@@ -447,7 +449,8 @@ class Decisions(TorchDispatchMode):
             return out
         self._gap(func, (at - at.round()).abs(), flipped, at)
         margin = _INSIDE_ULPS * torch.finfo(grid.dtype).eps * at.abs().clamp(min=1.0)
-        inside = at.maximum(recorded + margin).minimum(recorded + 1 - margin)
+        cell = recorded.to(at.dtype)
+        inside = at.maximum(cell + margin).minimum(cell + 1 - margin)
         inside = torch.where(flipped, inside, at)
         moved = _normalized(inside, sizes, corners).to(grid.dtype)
         again = func(grad_output, x, moved, mode, padding, corners, [False, True])[1]

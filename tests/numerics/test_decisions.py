@@ -174,6 +174,7 @@ def test_a_caller_writing_into_replayed_indices_leaves_the_record_alone():
 
 # -- branches of piecewise ops and random draws ----------------------------------------------
 
+IMAGE = torch.randn(1, 2, 5, 5, generator=torch.Generator().manual_seed(0))
 BRANCHING = {
     "relu": F.relu,
     "relu_inplace": lambda x: F.relu(x * 1.0, inplace=True),
@@ -210,6 +211,13 @@ BRANCHING = {
     "to_bool": lambda x: x * (x - 0.2).bool(),
     "bucketize": lambda x: x * torch.bucketize(x, torch.tensor([-0.5, 0.0, 0.7])),
     "searchsorted": lambda x: x * torch.searchsorted(torch.tensor([-0.5, 0.0, 0.7]), x),
+    "grid_sample": lambda x: F.grid_sample(IMAGE, x.view(1, 4, 3, 2), align_corners=False),
+    "grid_sample_3d": lambda x: F.grid_sample(
+        IMAGE.unsqueeze(2).expand(-1, -1, 3, -1, -1),
+        x.view(1, 2, 2, 2, 3),
+        padding_mode="border",
+        align_corners=False,
+    ),
     "eq_where": lambda x: torch.where(x == x.amax(dim=1, keepdim=True), 2 * x, x),
     "dropout": lambda x: F.dropout(x, 0.5, training=True),
     "drop_path": lambda x: x * x.new_empty(x.shape[0], 1).bernoulli_(0.7).div_(0.7),
