@@ -159,13 +159,6 @@ _INSIDE_ULPS = 8
 # branches flipped, and the whole network failed with no module wrong alone)
 LOOK_PAST = 0.1
 LOOKAHEAD = 8  # records of one key and shape looked through for a closer one
-# A step that rounding, a cast or bucketing took (a whole number, a bucket) is replayed only
-# where the run's own input lies within WITHIN epsilons of its dtype, times its largest
-# magnitude, of the reference's step. An input a whole unit away did not round across: a
-# floor kernel one below, cast to an integer after it, must not be made right by the cast's
-# replay (one above sits on the edge of the reference's step, where an honest rounding of
-# 2.9999999 would be too). fp32: 3e-5 of the scale; bf16 cannot tell.
-WITHIN = 256
 
 Choices = list[tuple[str, torch.Tensor]]  # (record key, tensor) in call order
 _ACTIVE: list[Decisions] = []  # the runs recording or replaying now, innermost last
@@ -181,14 +174,11 @@ class Differed:
     choices: int = 0  # index or branch elements, or drawn elements
     differed: int = 0  # of which the run would have decided otherwise
     gap: float = 0.0  # largest distance of a differing choice, relative to the values' scale
-    kept: int = 0  # differing steps too far from the reference's to be rounding: own kept
     measured: bool = True  # False for a user's choice (align.decision): no gap to measure
 
     def describe(self) -> str:
         """'3 of 128 (values 1e-07 apart)': how many choices differed, and how far."""
         details = [f"values {self.gap:.2g} apart"] if self.measured else []
-        if self.kept:
-            details.append(f"{self.kept} too far from the reference's to be rounding, own kept")
         said = f" ({'; '.join(details)})" if details else ""
         return f"{self.differed} of {self.choices}{said}"
 
@@ -331,7 +321,9 @@ class Decisions(TorchDispatchMode):
         out = function(*args, **kwargs)
         if kind == "nms":
             threshold = kwargs["iou_threshold"] if "iou_threshold" in kwargs else args[2]
-            return self._keep(name, name, out, args[0], args[1], float(threshold))
+            offset = kwargs.get("offset", args[3] if len(args) > 3 else 0)
+            named = f"{name}(offset={offset!r})"  # mmcv's +1 box convention is another NMS
+            return self._keep(name, named, out, args[0], args[1], float(threshold))
         shapes = [tuple(a.shape) for a in tree_leaves((args, kwargs)) if torch.is_tensor(a)]
         key = f"{name}{shapes}"  # its inputs' shapes: another call is another choice
         leaves, spec = tree_flatten(out)
@@ -402,11 +394,6 @@ class Decisions(TorchDispatchMode):
         if not n:
             return out
         source = (original, *args[1:]) if inplace else args
-        if func in OUTPUT_IS_BRANCH and out.dtype != torch.bool:
-            flips &= _within_rounding(func, source, kwargs, piece.decided, recorded)
-            self._stat(func).kept += n - int(flips.sum())
-            if not flips.any():
-                return out
         self._gap(func, piece.gap(*source, **kwargs), flips, source[piece.decided])
         fixed = piece.value(recorded, *source, **kwargs)
         if func in OUTPUT_IS_BRANCH:
@@ -427,9 +414,9 @@ class Decisions(TorchDispatchMode):
             for n in ("grad_output", "input", "grid", "interpolation_mode", "padding_mode")
             + ("align_corners", "output_mask")
         )
-        if mode != 0 or padding == 2 or not wanted[1]:  # bilinear, zeros or border padding
-            return out
         sizes = tuple(reversed(x.shape[2:]))  # the grid's x, y (, z)
+        if mode != 0 or padding == 2 or not wanted[1] or (corners and 1 in sizes):
+            return out  # bilinear, zeros or border padding; a 1-pixel side has no cells
         at = _unnormalized(grid.detach(), sizes, corners, padding == 1)
         # cells beyond the image's first outside one sample zeros alike: int32 floors
         limit = torch.tensor(sizes, dtype=at.dtype, device=at.device)
@@ -449,12 +436,15 @@ class Decisions(TorchDispatchMode):
             return out
         self._gap(func, (at - at.round()).abs(), flipped, at)
         margin = _INSIDE_ULPS * torch.finfo(grid.dtype).eps * at.abs().clamp(min=1.0)
+        margin = margin.clamp(max=0.25)  # bf16's 8 ulps can be more than half a cell
         cell = recorded.to(at.dtype)
         inside = at.maximum(cell + margin).minimum(cell + 1 - margin)
         inside = torch.where(flipped, inside, at)
         moved = _normalized(inside, sizes, corners).to(grid.dtype)
-        again = func(grad_output, x, moved, mode, padding, corners, [False, True])[1]
-        return (out[0], torch.where(points.unsqueeze(-1), again, out[1]))
+        there = _unnormalized(moved, sizes, corners, padding == 1).floor()
+        points &= (there == cell).all(-1)  # moved into the reference's cell, or kept
+        again = func(grad_output, x, moved.to(grid.device), mode, padding, corners, [False, True])
+        return (out[0], torch.where(points.unsqueeze(-1).to(grid.device), again[1], out[1]))
 
     def _draw(self, func, args, kwargs):
         fused = func.overloadpacket is aten.native_dropout
@@ -599,37 +589,19 @@ class Decisions(TorchDispatchMode):
         return "; ".join(parts)
 
 
-def _within_rounding(func, args: tuple, kwargs: dict, decided: int, recorded: torch.Tensor):
-    """Where the reference's step lies between the op's steps at the run's own input moved
-    down and up by WITHIN epsilons of its scale (the op is monotone in that input)."""
-    x = args[decided]
-    reach = 0.0
-    if x.is_floating_point():
-        reach = WITHIN * torch.finfo(x.dtype).eps * float(x.detach().abs().max())
-
-    def step(shift: float) -> torch.Tensor:
-        moved = list(args)
-        moved[decided] = x.detach() + shift  # a new tensor: an in-place op writes there
-        return func(*moved, **kwargs)
-
-    below, above = step(-reach), step(reach)
-    low, high = torch.minimum(below, above), torch.maximum(below, above)
-    recorded = recorded.to(low.dtype)
-    return (low <= recorded) & (recorded <= high)
-
-
 def _unnormalized(grid: torch.Tensor, sizes, corners: bool, border: bool) -> torch.Tensor:
     """grid_sample's pixel coordinates of a grid in [-1, 1] (clipped to the image with
     border padding), in float64."""
-    size = torch.tensor(sizes, dtype=torch.float64, device=grid.device)
-    g = grid.double()
-    at = (g + 1) / 2 * (size - 1) if corners else ((g + 1) * size - 1) / 2
+    g = grid.detach().cpu()  # float64 on the CPU: a device may have none (MPS)
+    size = torch.tensor(sizes, dtype=g.dtype)
+    at = (g + 1) / 2 * (size - 1) if corners else ((g + 1) * size - 1) / 2  # as the kernel
+    at, size = at.double(), size.double()
     return at.clamp(min=torch.zeros_like(size), max=size - 1) if border else at
 
 
 def _normalized(at: torch.Tensor, sizes, corners: bool) -> torch.Tensor:
     """The grid of pixel coordinates `at` (_unnormalized's inverse)."""
-    size = torch.tensor(sizes, dtype=torch.float64, device=at.device)
+    size = torch.tensor(sizes, dtype=torch.float64)
     return at / (size - 1) * 2 - 1 if corners else (2 * at + 1) / size - 1
 
 
@@ -639,8 +611,8 @@ def _overlap_gap(boxes, scores, kept, own, threshold: float) -> float:
     (apart, relative to the largest); an honest difference sits within rounding of one."""
     from torchvision.ops import box_iou
 
-    boxes, scores = boxes.detach().double(), scores.detach().double()
-    kept, own = kept.to(boxes.device), own.to(boxes.device)
+    boxes, scores = boxes.detach().cpu().double(), scores.detach().cpu().double()
+    kept, own = kept.cpu(), own.cpu()
     both = torch.cat([kept, own]).unique()
     differ = both[~(torch.isin(both, kept) & torch.isin(both, own))]
     overlap = (box_iou(boxes[differ], boxes[both]) - threshold).abs()

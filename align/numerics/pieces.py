@@ -128,12 +128,20 @@ _ROUNDED_DIV = Piece(
     applies=_rounds,
     keyed=("rounding_mode",),
 )
-_REMAINDER = Piece(
-    lambda a, b: torch.floor(a / b), lambda r, a, b: (a - b * r).to(a.dtype), _off_multiple
-)
-_FMOD = Piece(
-    lambda a, b: torch.trunc(a / b), lambda r, a, b: (a - b * r).to(a.dtype), _off_multiple
-)
+
+
+# the quotient in float64: a float32 one rounds 1.0 / 0.1f up to 10, where the kernel's
+# exact remainder took 9 (and a replay would create the error it is meant to remove)
+def _quotient(a, b):
+    return a.double() / (b.double() if torch.is_tensor(b) else b)
+
+
+def _after(r, a, b):
+    return (a.double() - (b.double() if torch.is_tensor(b) else b) * r).to(a.dtype)
+
+
+_REMAINDER = Piece(lambda a, b: _quotient(a, b).floor(), _after, _off_multiple)
+_FMOD = Piece(lambda a, b: _quotient(a, b).trunc(), _after, _off_multiple)
 
 
 # A float cast to an integer dtype truncates (to bool: x != 0)
@@ -156,8 +164,16 @@ _CAST = Piece(
 
 # The bucket of each value among boundaries (bucketize(x, b); searchsorted(b, x))
 def _off_boundaries(boundaries, x):
-    """Each value's distance from its nearest boundary (1-D boundaries, or one row per row)."""
-    return (x.unsqueeze(-1) - boundaries.unsqueeze(-2)).abs().amin(-1)
+    """Each value's distance from its nearest boundary (1-D boundaries, or one row per row),
+    from its neighbours in the sorted boundaries (memory of x's size, not x times theirs)."""
+    sides = torch.searchsorted(boundaries, x.contiguous())
+    last = boundaries.shape[-1] - 1
+    below, above = (sides - 1).clamp(0, last), sides.clamp(0, last)
+    if boundaries.dim() == 1:
+        return torch.minimum((x - boundaries[below]).abs(), (x - boundaries[above]).abs())
+    return torch.minimum(
+        (x - boundaries.gather(-1, below)).abs(), (x - boundaries.gather(-1, above)).abs()
+    )
 
 
 _SEARCH = ("out_int32", "right", "side")

@@ -11,7 +11,7 @@ from torch import nn
 
 import align
 from align.numerics.decisions import Decisions
-from align.testing import FusedDropout, fused_dropout_kernel, perturb
+from align.testing import FAULTS, FusedDropout, fused_dropout_kernel, perturb
 
 OPS = {
     "sort": lambda x: x.sort(dim=1, descending=True)[0],
@@ -330,20 +330,39 @@ def test_a_quotient_rounded_across_a_whole_number_takes_the_records_side(op):
     assert sum(s.differed for s in stats) == 1 and all(s.gap < 1e-6 for s in stats)
 
 
-def test_a_step_a_whole_unit_away_is_not_rounding_and_keeps_its_own():
-    """A floor kernel one below, cast to an integer after it: the cast's input is a whole
-    unit from the reference's step, no rounding put it there, and the replay must not hide
-    it. (One above, its input sits on the edge of the reference's step: that the run
-    cannot tell from an honest rounding of 2.9999999.)"""
+def test_a_remainder_replayed_keeps_the_kernels_exact_quotient():
+    """fmod's kernel is exact: 1.0 rem 0.1f is 0.0999999 (quotient 9), where a float32
+    1.0 / 0.1f rounds to 10. A run one ulp below the reference must keep its own value."""
+    b = torch.tensor([0.1])
+    one = torch.tensor([1.0])
     record = Decisions()
     with record:
-        torch.tensor([2.0, 5.0, 0.3]).long()
+        expected = torch.remainder(one, b)
     replay = Decisions(record.log)
+    below = one.nextafter(torch.tensor([0.0]))
     with replay:
-        got = torch.tensor([1.0, 5.0, 0.3]).long()
-    assert got.tolist() == [1, 5, 0]
-    assert replay.stats["_to_copy"].kept == 1
-    assert "1 too far from the reference's to be rounding" in replay.summary()
+        got = torch.remainder(below, b)
+    assert torch.allclose(got, expected, atol=1e-6) and torch.equal(got, torch.remainder(below, b))
+
+
+def test_the_golden_takes_the_references_whole_numbers():
+    """A floor of a layer's output: the float64 golden is one fp32 rounding away from the
+    reference, and must take its whole numbers (else its error is a whole unit)."""
+
+    class Floors(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(1, 1, bias=False)
+            nn.init.constant_(self.fc.weight, 0.7)
+
+        def forward(self, x):
+            return self.fc(x).floor() * x
+
+    x = (torch.arange(1.0, 200.0) / 0.7).unsqueeze(1)
+    model = Floors()
+    report = align.check(model, x, target_model=perturb(model, ulps=1.0))
+    assert report.passed, str(report)
+    assert max(r.limits["rel_rmse"] for r in report.rows) < 1e-4, str(report)
 
 
 def test_nms_keeps_the_references_boxes_by_index_into_the_runs_own():
@@ -418,8 +437,7 @@ def test_grid_cells_assigned_across_an_edge_by_honest_rounding_are_the_reference
     """Before floor division was replayed, half the honest target's positions fell into
     the next cell, and so did the golden's: the reference missed every tensor from the
     cells on by 121%, and they were reported as carrying no signal, not judged. Now their
-    limits are rounding-sized, and a target that cuts the grid elsewhere (a moved
-    breakpoint, not matched by the record) fails there."""
+    limits are rounding-sized, and a 0.3% fault still fails."""
     torch.manual_seed(0)
     model = GridPool()
     x = torch.rand(64, 8)
@@ -428,9 +446,9 @@ def test_grid_cells_assigned_across_an_edge_by_honest_rounding_are_the_reference
     assert report.passed, str(report)
     assert max(r.limits["rel_rmse"] for r in report.rows) < 1e-4, str(report)
     assert "div " in " ".join(report.notes)
-    moved = perturb(model, ulps=1.0)
-    moved.cell = 0.26
-    assert not align.check(model, x, target_model=moved).passed
+    faulty = perturb(model, ulps=1.0)
+    FAULTS["kernel_gain"](faulty, "feat")
+    assert not align.check(model, x, target_model=faulty).passed
 
 
 class Resampler(nn.Module):
