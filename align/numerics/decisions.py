@@ -327,7 +327,7 @@ class Decisions(TorchDispatchMode):
         shapes = [tuple(a.shape) for a in tree_leaves((args, kwargs)) if torch.is_tensor(a)]
         key = f"{name}{shapes}"  # its inputs' shapes: another call is another choice
         leaves, spec = tree_flatten(out)
-        s = self.stats.setdefault(name, Differed(measured=False))
+        self._stat(name).measured = False  # a user's choice: no gap to measure
         for i, own in enumerate(leaves):
             if not torch.is_tensor(own) or own.is_floating_point() or own.is_complex():
                 continue  # continuous values are the run's own
@@ -338,10 +338,9 @@ class Decisions(TorchDispatchMode):
                 continue
             self._log(key, recorded)
             leaves[i] = recorded.to(device=own.device, dtype=own.dtype, copy=True)
-            s.calls += 1
-            s.choices += max(own.numel(), recorded.numel())
             same = own.shape == recorded.shape
-            s.differed += int((own != leaves[i]).sum()) if same else max(own.numel(), 1)
+            differed = int((own != leaves[i]).sum()) if same else max(own.numel(), 1)
+            self._tally(name, max(own.numel(), recorded.numel()), differed)
         return tree_unflatten(leaves, spec)
 
     def _keep(self, name: str, op, out, boxes, scores, threshold: float):
@@ -356,11 +355,9 @@ class Decisions(TorchDispatchMode):
         self._log(key, recorded)
         kept = recorded.to(device=out.device, dtype=out.dtype, copy=True)
         differ = set(out.tolist()) ^ set(kept.tolist())
-        s = self.stats.setdefault(name, Differed())
-        s.calls += 1
-        s.choices += len(differ | set(kept.tolist()))
-        s.differed += len(differ)
+        self._tally(name, len(differ | set(kept.tolist())), len(differ))
         if differ:
+            s = self._stat(name)
             s.gap = max(s.gap, _overlap_gap(boxes, scores, kept, out, threshold))
         return kept
 
@@ -547,7 +544,9 @@ class Decisions(TorchDispatchMode):
         self.owners.append(None if here is None else here[2])
 
     def _stat(self, func) -> Differed:
-        return self.stats.setdefault(func.overloadpacket.__name__, Differed())
+        """The counts of an op, or of a decision outside the dispatcher named `func`."""
+        name = func if isinstance(func, str) else func.overloadpacket.__name__
+        return self.stats.setdefault(name, Differed())
 
     def _tally(self, func, choices: int, differed: int) -> None:
         s = self._stat(func)
