@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 aten = torch.ops.aten
@@ -40,6 +41,26 @@ class Piece:
     decided: int = 0  # the argument whose side of the breakpoint is the branch (its scale)
     applies: Callable[..., bool] | None = None  # None: every call (with a floating input)
     keyed: tuple[str, ...] = ()  # keyword arguments that are part of a record's identity
+
+
+def _above(x: torch.Tensor, t: Any) -> torch.Tensor:
+    """x > t. A plain CPU tensor is compared by numpy, 3-5x torch's CPU comparison into
+    bool (0.8 against 2.7-4.2 ms on 4M floats, one thread, measured): a ReLU's forward and
+    backward each compare, and a user's loop waits for them while a step is recorded
+    (timm ResNet-18 at batch 16, 128 px, its recorded training step: 1.34x the bare step
+    with torch's comparison, 1.30x with numpy's, measured alternating in one process)."""
+    if (
+        type(x) is torch.Tensor
+        and x.device.type == "cpu"
+        and x.dtype in _NUMPY_FLOATS
+        and not x.is_neg()
+        and isinstance(t, (int, float))
+    ):
+        return torch.from_numpy(np.greater(x.detach().numpy(), t))
+    return x > t
+
+
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 
 def _u8(*masks: torch.Tensor) -> torch.Tensor:
@@ -80,7 +101,7 @@ def _where(r, a, b):
     return torch.where(r, a, b)
 
 
-_RELU = Piece(lambda x: x > 0, lambda r, x: torch.where(r, x, 0), _gap_x)
+_RELU = Piece(lambda x: _above(x, 0), lambda r, x: torch.where(r, x, 0), _gap_x)
 _HARDTANH = Piece(
     lambda x, lo=-1.0, hi=1.0: _clamp_branch(x, lo, hi),
     lambda r, x, lo=-1.0, hi=1.0: _clamp_value(r, x, lo, hi),
@@ -88,7 +109,7 @@ _HARDTANH = Piece(
 )
 _CLAMP = Piece(_clamp_branch, _clamp_value, _nearest)
 _LEAKY = Piece(
-    lambda x, slope=0.01: x > 0,
+    lambda x, slope=0.01: _above(x, 0),
     lambda r, x, slope=0.01: torch.where(r, x, x * slope),
     _gap_x,
 )
@@ -211,7 +232,7 @@ def _softshrink_value(r, x, lambd=0.5):
     return torch.where(r == 2, x - lambd, torch.where(r == 0, x + lambd, 0)).to(x.dtype)
 
 
-_ELU = Piece(lambda x, alpha=1.0, scale=1.0, input_scale=1.0: x > 0, _elu_value, _gap_x)
+_ELU = Piece(lambda x, alpha=1.0, scale=1.0, input_scale=1.0: _above(x, 0), _elu_value, _gap_x)
 _SHRINK_GRAD = Piece(
     lambda g, x, lambd: _shrink_branch(x, lambd),
     lambda r, g, x, lambd: torch.where(r == 1, 0, g).to(g.dtype),
@@ -230,7 +251,7 @@ _CLAMP_MAX = Piece(
 )
 # RReLU out of training: a leaky ReLU of slope (lower + upper) / 2, in RReLU's own kernel
 _RRELU_EVAL = Piece(
-    lambda x, noise, lower=0.125, upper=1 / 3, *_: x > 0,
+    lambda x, noise, lower=0.125, upper=1 / 3, *_: _above(x, 0),
     lambda r, x, noise, lower=0.125, upper=1 / 3, *_: torch.where(r, x, x * ((lower + upper) / 2)),
     _gap_x,
 )
@@ -240,7 +261,7 @@ PIECES: dict[Any, Piece] = {
     aten.relu.default: _RELU,
     aten.relu_.default: _RELU,
     aten.threshold.default: Piece(
-        lambda x, t, v: x > t,
+        lambda x, t, v: _above(x, t),
         lambda r, x, t, v: torch.where(r, x, v),
         lambda x, t, v: _nearest(x, t),
     ),
@@ -267,7 +288,7 @@ PIECES: dict[Any, Piece] = {
     aten.maximum.default: Piece(lambda a, b: a > b, lambda r, a, b: _where(r, a, b), _COMPARE.gap),
     aten.minimum.default: Piece(lambda a, b: a < b, lambda r, a, b: _where(r, a, b), _COMPARE.gap),
     aten._prelu_kernel.default: Piece(
-        lambda x, w: x > 0, lambda r, x, w: torch.where(r, x, w * x), lambda x, w: x.abs()
+        lambda x, w: _above(x, 0), lambda r, x, w: torch.where(r, x, w * x), lambda x, w: x.abs()
     ),
     aten.elu.default: _ELU,  # SELU and CELU too: elu with a scale and an input scale
     aten.elu_.default: _ELU,
@@ -291,7 +312,7 @@ PIECES: dict[Any, Piece] = {
     aten.rrelu_with_noise_.default: _RRELU_EVAL,
     # Backward ops: (grad, input, ...): the branch comes from the input
     aten.threshold_backward.default: Piece(
-        lambda g, s, t: s > t,
+        lambda g, s, t: _above(s, t),
         lambda r, g, s, t: torch.where(r, g, 0),
         lambda g, s, t: _nearest(s, t),
         decided=1,
@@ -303,7 +324,7 @@ PIECES: dict[Any, Piece] = {
         decided=1,
     ),
     aten.leaky_relu_backward.default: Piece(
-        lambda g, x, slope, is_result: x > 0,
+        lambda g, x, slope, is_result: _above(x, 0),
         lambda r, g, x, slope, is_result: torch.where(r, g, g * slope),
         lambda g, x, slope, is_result: x.abs(),
         decided=1,
@@ -323,7 +344,7 @@ PIECES: dict[Any, Piece] = {
         decided=1,
     ),
     aten.elu_backward.default: Piece(
-        lambda g, alpha, scale, input_scale, is_result, s: s > 0,
+        lambda g, alpha, scale, input_scale, is_result, s: _above(s, 0),
         _elu_grad,
         lambda g, alpha, scale, input_scale, is_result, s: s.abs(),
         decided=5,
@@ -332,7 +353,7 @@ PIECES: dict[Any, Piece] = {
     aten.softshrink_backward.default: _SHRINK_GRAD,
     # out of training a leaky ReLU's mask; in training the replayed slopes (not a branch)
     aten.rrelu_with_noise_backward.default: Piece(
-        lambda g, x, noise, lower, upper, *_: x > 0,
+        lambda g, x, noise, lower, upper, *_: _above(x, 0),
         lambda r, g, x, noise, lower, upper, *_: torch.where(r, g, g * ((lower + upper) / 2)).to(
             g.dtype
         ),
