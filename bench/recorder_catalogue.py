@@ -7,8 +7,9 @@ calibrated, compared step by step with the culprit module named.
 
 Each model (a timm image classifier, built as bench/verdict_catalogue.py builds it: train
 mode, dropout and drop-path on, 10 classes) is trained by a plain loop (AdamW or SGD with
-momentum, optional gradient clipping, bf16 autocast for amp-bf16, fp16 autocast with a
-GradScaler for amp-fp16) on seeded random batches, recording `--steps`: the reference,
+momentum, optional gradient clipping, optional accumulation over `--accumulate`
+micro-batches, bf16 autocast for amp-bf16, fp16 autocast with a GradScaler for amp-fp16)
+on seeded random batches, recording `--steps`: the reference,
 its float64 golden (`golden=True`), two honest draws (`draw=1, 2`) and one target per
 check, each replaying the reference's decisions. Honest targets (half-ulp, one-ulp, channels_last:
 verdict_catalogue.target_for) must pass; faulty ones (align.testing.FAULTS, at the site
@@ -63,10 +64,12 @@ def train(
     precision: str,
     optimizer: str,
     clip: bool,
+    accumulate: int = 1,
     **recorder,
 ) -> None:
     """Train a private copy of `model` for max(steps) + 1 steps on batches shaped like `x`,
-    recording `steps` into `out` (`recorder`: replay=, golden=, draw=)."""
+    `accumulate` of them a step (gradients accumulated over micro-batches, the loss divided
+    by their count), recording `steps` into `out` (`recorder`: replay=, golden=, draw=)."""
     model = copy.deepcopy(model)
     torch.manual_seed(0)  # the same dropout masks in every run's unrecorded steps
     if optimizer == "adamw":
@@ -76,7 +79,7 @@ def train(
     gen = torch.Generator().manual_seed(1)
     batches = [
         (torch.randn(x.shape, generator=gen), torch.randint(0, 10, x.shape[:1], generator=gen))
-        for _ in range(max(steps) + 1)
+        for _ in range((max(steps) + 1) * accumulate)
     ]
     dtype = AUTOCAST.get(precision)
     autocast = dtype is not None and not recorder.get("golden")
@@ -88,11 +91,13 @@ def train(
         else None
     )
     with align.Recorder(model, out, steps=steps, optimizer=opt, scaler=scaler, **recorder) as rec:
-        for n, (inputs, labels) in enumerate(batches):
+        for n in range(max(steps) + 1):
             with rec.step(n):
-                with torch.autocast("cpu", dtype or torch.bfloat16, enabled=autocast):
-                    loss = nn.functional.cross_entropy(model(inputs).float(), labels)
-                (loss if scaler is None else scaler.scale(loss)).backward()
+                for inputs, labels in batches[n * accumulate : (n + 1) * accumulate]:
+                    with torch.autocast("cpu", dtype or torch.bfloat16, enabled=autocast):
+                        loss = nn.functional.cross_entropy(model(inputs).float(), labels)
+                    loss = loss / accumulate
+                    (loss if scaler is None else scaler.scale(loss)).backward()
                 if scaler is not None:
                     scaler.unscale_(opt)
                 if clip:
@@ -120,7 +125,11 @@ def run(args: argparse.Namespace, root: Path) -> list[dict]:
         for precision in args.precisions:
             where = root / f"{name}-{precision}"
             loop = dict(
-                steps=args.steps, precision=precision, optimizer=args.optimizer, clip=args.clip
+                steps=args.steps,
+                precision=precision,
+                optimizer=args.optimizer,
+                clip=args.clip,
+                accumulate=args.accumulate,
             )
             ref = where / "ref"
             train(model, x, ref, **loop)
@@ -153,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", nargs="+", type=int, default=[1, 2], help="recorded (default 1 2)")
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     p.add_argument("--clip", action="store_true", help="clip the gradient norm to 1")
+    p.add_argument("--accumulate", type=int, default=1, help="micro-batches a step (default 1)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--size", type=int, default=64, help="image size (default 64)")
     p.add_argument("--threads", type=int, default=1)

@@ -71,8 +71,9 @@ HONEST_KINDS = HONEST + (
     "math_attention",
     "one_pass_norm",
 )
-# a fault's largest change at its site in exact arithmetic (float64) below this is none
-NO_EFFECT = 1e-9
+# a fault whose largest change at its site, run in float64, is below this many times
+# float64's own noise there changes nothing (exact_effect)
+NO_EFFECT = 100.0
 # faults that are a rounding: a float64 run keeps its float64 through them (KeepFloat64)
 ROUNDING_FAULTS = {"fp16_kernel"}
 NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
@@ -342,34 +343,52 @@ def run(
 
 
 def exact_effect(model: nn.Module, x: torch.Tensor, target: nn.Module, site: str) -> float:
-    """The largest change `target` makes at module `site` against `model`, both run in
-    float64 with the same decisions: over the site's outputs, input gradients, buffers and
-    parameter gradients, each difference relative to the clean tensor's RMS."""
+    """How far `target` moves module `site`'s tensors from `model`'s, both run in float64
+    with the same decisions, in units of float64's own noise there (the same model with
+    its weights a few float64 ulps off): over the site's outputs, input gradients, buffers and
+    parameter gradients. A tensor that is zero in exact arithmetic (a bias gradient before
+    a train-mode BatchNorm) is noise alone, faulty or not."""
     clean = capture(model, x, precision="fp64")
-    faulty = capture(target, x, precision="fp64", decisions_of=clean)
+    noisy, faulty = (
+        capture(m, x, precision="fp64", decisions_of=clean) for m in (_nudged(model), target)
+    )
+
+    def site_keys(trace: align.Trace) -> dict[tuple[str, int], list[str | None]]:
+        return {
+            c.key: c.outputs + c.grad_inputs + c.buffers for c in trace.calls if c.module == site
+        }
+
+    at = [site_keys(t) for t in (clean, noisy, faulty)]
     pairs = [
-        (ka, kb)
-        for a, b in zip(clean.calls, faulty.calls)
-        if a.module == site
-        for ka, kb in zip(
-            a.outputs + a.grad_inputs + a.buffers, b.outputs + b.grad_inputs + b.buffers
-        )
+        (a, n, f)
+        for call, keys in at[0].items()
+        for a, n, f in zip(keys, at[1].get(call, []), at[2].get(call, []))
     ]
     pairs += [
-        (key, faulty.param_grads.get(name))
+        (key, noisy.param_grads.get(name), faulty.param_grads.get(name))
         for name, key in clean.param_grads.items()
         if name.startswith(f"{site}.")
     ]
     largest = 0.0
-    for ka, kb in pairs:
-        if ka is None or kb is None:
+    for a, n, f in pairs:
+        if a is None or n is None or f is None:
             continue
-        ta, tb = clean.tensors[ka].double(), faulty.tensors[kb].double()
-        if ta.shape != tb.shape:
+        ta, tn, tf = (t.tensors[k].double() for t, k in ((clean, a), (noisy, n), (faulty, f)))
+        if ta.shape != tf.shape:
             return float("inf")
-        rms = float(ta.pow(2).mean().sqrt()) or 1.0
-        largest = max(largest, float((ta - tb).abs().max()) / rms)
+        noise = float((ta - tn).abs().max()) if ta.shape == tn.shape else 0.0
+        largest = max(largest, float((ta - tf).abs().max()) / max(noise, 1e-300))
     return largest
+
+
+def _nudged(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every floating weight a few float64 ulps off, at random."""
+    nudged = copy.deepcopy(model).double()
+    gen, ulps = torch.Generator().manual_seed(2), 4 * torch.finfo(torch.float64).eps
+    with torch.no_grad():
+        for p in nudged.parameters():
+            p.mul_(1 + ulps * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    return nudged
 
 
 def outcome(

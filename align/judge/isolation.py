@@ -37,7 +37,7 @@ from align.numerics.verdict import (
     Tolerance,
     judge_robustly,
 )
-from align.record.capture import Run, inputs_laid_out, outside_modes
+from align.record.capture import Run, in_draw_layout, inputs_laid_out, outside_modes
 from align.record.trace import Call, Trace
 
 
@@ -144,11 +144,14 @@ class Isolator:
                 grad_leaves.append((j, t.requires_grad_(True)))
                 t = t.clone()  # a non-leaf, so in-place modules (ReLU(inplace)) may run
             leaves.append(t)
-        if run.memory_format is not None:
-            leaves = inputs_laid_out(leaves, run.memory_format)
-        args, kwargs = unflatten(leaves, spec.in_spec)
-        with _weights_laid_out(module, run.memory_format):
-            return self._call(run, pos, module, args, kwargs, grad_leaves, want_grad)
+
+        def call(memory_format: torch.memory_format | None) -> LocalRun:
+            laid_out = leaves if memory_format is None else inputs_laid_out(leaves, memory_format)
+            args, kwargs = unflatten(laid_out, spec.in_spec)
+            with _weights_laid_out(module, memory_format):
+                return self._call(run, pos, module, args, kwargs, grad_leaves, want_grad)
+
+        return in_draw_layout(call, run.memory_format)
 
     def _call(
         self, run: Run, pos: int, module, args, kwargs, grad_leaves, want_grad: bool

@@ -33,6 +33,7 @@ from align.numerics.verdict import NO_SIGNAL, Row, Tolerance, judge, require_fin
 from align.record.capture import (
     call_model,
     draw_layout,
+    in_draw_layout,
     inputs_laid_out,
     jitter_seed,
     lay_out_weights,
@@ -411,19 +412,22 @@ def short_train(
     model = resolved.model
 
     def draw(k: int) -> dict:  # honest draw k of the reference's training (capture.honest_draw)
-        return _trajectory(
-            model,
-            batches,
-            loss_fn,
-            reference,
-            policy,
-            opts,
-            seed,
-            emulation,
-            replay=ref["decisions"],
-            jitter=jitter_seed(seed, k),
-            memory_format=draw_layout(model, k),
-            skips=skips,
+        return in_draw_layout(
+            lambda memory_format: _trajectory(
+                model,
+                batches,
+                loss_fn,
+                reference,
+                policy,
+                opts,
+                seed,
+                emulation,
+                replay=ref["decisions"],
+                jitter=jitter_seed(seed, k),
+                memory_format=memory_format,
+                skips=skips,
+            ),
+            draw_layout(model, k),
         )
 
     # Emulated HF32/TF32 math rounds to 10 mantissa bits: that, not fp32, sets the floor.

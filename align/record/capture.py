@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -492,28 +492,49 @@ def honest_draw(
     gradients over 2x56x56 values 5.7x the reference's error on channels_last, beyond
     2x its 2 jittered draws, in resnet26d, efficientnet_b0 and ghostnet_050). A device
     such as an Ascend NPU runs its convolutions in a blocked layout of its own."""
-    return run_model(
-        model,
-        inputs,
-        device=run.device,
-        policy=run.policy,
-        backward=run.trace.meta["backward"],
-        loss_fn=loss_fn,
-        seed=run.seed,
-        loss_scale=run.loss_scale,
-        emulation=run.emulation,
-        native_kernels=run.native_kernels,
-        jitter=jitter_seed(run.seed, k),
-        grad_inputs=grad_inputs,
-        replay=run.decisions.choices,
-        memory_format=draw_layout(model, k),
-    ).trace
+    return in_draw_layout(
+        lambda memory_format: (
+            run_model(
+                model,
+                inputs,
+                device=run.device,
+                policy=run.policy,
+                backward=run.trace.meta["backward"],
+                loss_fn=loss_fn,
+                seed=run.seed,
+                loss_scale=run.loss_scale,
+                emulation=run.emulation,
+                native_kernels=run.native_kernels,
+                jitter=jitter_seed(run.seed, k),
+                grad_inputs=grad_inputs,
+                replay=run.decisions.choices,
+                memory_format=memory_format,
+            ).trace
+        ),
+        draw_layout(model, k),
+    )
 
 
 def draw_layout(model: nn.Module, k: int) -> torch.memory_format | None:
     """The memory format honest draw k runs `model` in: every other one (k odd) the
     other layout (`other_layout`), the rest as the reference."""
     return other_layout(model) if k % 2 else None
+
+
+T = TypeVar("T")
+
+
+def in_draw_layout(run: Callable[[torch.memory_format | None], T], memory_format) -> T:
+    """`run(memory_format)`, or `run(None)` where the model cannot run laid out so: a
+    model may view a 4-d weight or input in a way only its own layout allows (a global
+    filter's weight as complex numbers, measured: `view_as_complex` raised on
+    channels_last, and every check of that model stopped in its first honest draw)."""
+    if memory_format is None:
+        return run(None)
+    try:
+        return run(memory_format)
+    except Exception:  # what the model raised (a ModelRunError from a whole run)
+        return run(None)
 
 
 def prepare(model: nn.Module, device: torch.device, policy: Policy) -> nn.Module:

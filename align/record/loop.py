@@ -80,7 +80,9 @@ rounding of its recorded steps at random (align.numerics.jitter, as another hone
 would round; after unrecorded steps it takes the reference's state) and writes
 DIR/draws/1/. Odd draws also run the model in the other memory format
 (capture.other_layout: channels_last for a contiguous model with 4-d weights; its 4-d
-inputs follow), whose kernels sum in another order, as capture.honest_draw does. The
+inputs follow), whose kernels sum in another order, as capture.honest_draw does (a model
+that cannot run so, raising, is told to draw with even numbers; align.check's own draws
+fall back to the model's layout: capture.in_draw_layout). The
 comparison then scales each tensor's limit by the largest error of the reference and its
 draws (as `align.dump --draws` does for case dumps).
 
@@ -391,7 +393,7 @@ class Recorder:
         self._writer.check()
         if n not in self.steps:
             self._unrecorded += 1
-            with self._numerics(n):
+            with self._numerics(n), self._layout.said():
                 yield
             return
         if self._recording:
@@ -401,7 +403,8 @@ class Recorder:
         files = None
         try:
             files = self._files(n)
-            write = yield from self._record(n, files)
+            with self._layout.said():
+                write = yield from self._record(n, files)
         except BaseException:
             if files is None:
                 self._writer.cancel(n, self.root / step_dir(n), lambda: None)
@@ -742,13 +745,28 @@ class _LaidOut:
     was; None changes nothing."""
 
     def __init__(self, model: nn.Module, memory_format: torch.memory_format | None):
-        self.model, self.hook = model, None
+        self.model, self.hook, self.memory_format = model, None, memory_format
         if memory_format is not None:
             lay_out_weights(model, memory_format)
             self.hook = model.register_forward_pre_hook(
                 lambda m, args, kwargs: inputs_laid_out((args, kwargs), memory_format),
                 with_kwargs=True,
             )
+
+    @contextlib.contextmanager
+    def said(self) -> Iterator[None]:
+        """What the model raises, with a note that it runs laid out otherwise: a model may
+        view a 4-d weight or input in a way only its own layout allows."""
+        try:
+            yield
+        except Exception as exc:
+            if self.hook is not None:
+                exc.add_note(
+                    "align: this honest draw runs the model in the other memory format "
+                    f"({self.memory_format}); a model that cannot run so draws in its own "
+                    "with an even number (draw=2, 4, ...)"
+                )
+            raise
 
     def undo(self) -> None:
         if self.hook is not None:

@@ -4,7 +4,8 @@ instance and group norms, 1-d audio stacks, torch's own transformer encoder, a p
 net with a global amax, SELU and RReLU, a causal language model with a -inf mask and an
 output layer tied to its embedding, a spatial transformer resampling its input with
 grid_sample, a BatchNorm of inputs far from zero mean, a VAE drawing its noise inside
-forward, message passing into default-dtype scratch tensors, spectral norm).
+forward, message passing into default-dtype scratch tensors, spectral norm, a global filter
+network mixing tokens by FFT with a 4-d weight viewed as complex numbers).
 
 `USER_MODELS[name]()` returns the model in train mode (dropout on) and one batch of
 inputs, both seeded; `bench/verdict_catalogue.py --models unet lstm ...` and
@@ -313,6 +314,49 @@ class Critic(nn.Module):
         return self.net(x)
 
 
+class GlobalFilter(nn.Module):
+    """GFNet's token mixer: a filter learned in the frequency domain, its 4-d weight viewed
+    as complex numbers (a view only the weight's own layout allows); in float32, as GFNet
+    runs its FFTs under autocast."""
+
+    def __init__(self, channels: int, size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(channels, size, size // 2 + 1, 2) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spectrum = torch.fft.rfft2(x.float(), norm="ortho") * torch.view_as_complex(self.weight)
+        return torch.fft.irfft2(spectrum, s=x.shape[-2:], norm="ortho").to(x.dtype)
+
+
+class GFNet(nn.Module):
+    """A global filter network: a strided convolution stem, BatchNorm, then blocks mixing
+    tokens by an FFT (complex intermediates) and channels by 1x1 convolutions."""
+
+    def __init__(self, width: int = 16, size: int = 16, blocks: int = 2):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1), nn.BatchNorm2d(width))
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "filter": GlobalFilter(width, size),
+                    "norm": nn.BatchNorm2d(width),
+                    "mlp": nn.Sequential(
+                        nn.Conv2d(width, 2 * width, 1), nn.GELU(), nn.Conv2d(2 * width, width, 1)
+                    ),
+                }
+            )
+            for _ in range(blocks)
+        )
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block["filter"](x)
+            x = x + block["mlp"](block["norm"](x))
+        return self.head(x.mean((2, 3)))
+
+
 def _built(
     make: Callable[[], nn.Module], inputs: Callable[[torch.Generator], torch.Tensor]
 ) -> Callable[[], tuple[nn.Module, torch.Tensor]]:
@@ -339,4 +383,5 @@ USER_MODELS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
     "vae": _built(VAE, lambda g: torch.rand(4, 1, 28, 28, generator=g)),
     "graph": _built(GraphNet, lambda g: torch.randn(4, 40, 8, generator=g)),
     "critic": _built(Critic, lambda g: torch.randn(4, 3, 32, 32, generator=g)),
+    "gfnet": _built(GFNet, lambda g: torch.randn(4, 3, 32, 32, generator=g)),
 }

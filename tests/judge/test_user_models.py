@@ -41,6 +41,7 @@ SITES = {
     "vae": "mu",
     "graph": "l2",
     "critic": "net.2",
+    "gfnet": "blocks.1.mlp.0",
 }
 # models whose 3 training steps cannot show a 1% weight-gradient gain at their site, and why
 QUIET_TRAINING = {

@@ -11,6 +11,7 @@ import align
 from align.numerics.jitter import Jitter
 from align.record.capture import Recorder, call_model, lay_out_weights
 from align.testing import FAULTS, perturb
+from align.testing.models import GlobalFilter
 
 
 class Twice(nn.Module):
@@ -158,6 +159,32 @@ def test_other_layout_is_the_memory_format_a_conv_model_does_not_run_in():
         torch.contiguous_format
     )
     assert other_layout(nn.Linear(4, 4)) is None  # nothing to lay out: a jittered draw only
+
+
+def test_a_model_that_cannot_run_in_the_other_layout_draws_in_its_own():
+    from align.numerics.precision import get_policy
+    from align.record.capture import honest_draw, run_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), GlobalFilter(4, 8), nn.Flatten(), nn.Linear(256, 10)
+    )
+    x = torch.randn(2, 3, 8, 8)
+    kw = dict(backward=True, loss_fn=None, seed=0)
+    ref = run_model(model, x, device=torch.device("cpu"), policy=get_policy("fp32"), **kw)
+    laid_out = copy.deepcopy(model[1])
+    lay_out_weights(laid_out, torch.channels_last)
+    with pytest.raises(RuntimeError, match="stride"):  # what stopped every check before
+        laid_out(torch.randn(2, 4, 8, 8))
+    assert honest_draw(model, x, ref, 1, loss_fn=None).meta["memory_format"] is None
+    phases = "forward,backward,train"
+    honest = align.check(model, x, target_model=perturb(model, 1.0), target="cpu", phases=phases)
+    assert honest.passed, honest
+    faulty = copy.deepcopy(model)
+    with torch.no_grad():
+        faulty[1].weight.mul_(1.003)
+    report = align.check(model, x, target_model=faulty, target="cpu")
+    assert not report.passed and report.culprits[0].module == "1", report
 
 
 def test_odd_honest_draws_run_in_the_other_layout_with_the_references_choices():

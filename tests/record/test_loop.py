@@ -31,6 +31,7 @@ from align.record.loop import skipping
 from align.record.loop_dump import LoopDump
 from align.testing import FusedDropout, fused_dropout_kernel
 from align.testing.loops import fp16_scaled_step
+from align.testing.models import GlobalFilter
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -689,6 +690,26 @@ def test_odd_draws_run_a_convolutional_model_in_the_other_memory_format(tmp_path
     first, ref = dump.draws()[0].load(0, 0), dump.load(0, 0)
     mine, theirs = (s.trace.tensor(s.trace.param_grads["0.weight"]) for s in (first, ref))
     assert 0 < float((mine - theirs).norm() / theirs.norm()) < 1e-5  # rounding apart
+
+
+def test_a_model_that_cannot_run_in_the_other_layout_is_told_to_draw_with_even_numbers(tmp_path):
+    def train(draw: int | None, step: int) -> None:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(8, 4, 3, padding=1), GlobalFilter(4, 8))
+        rec = align.Recorder(model, tmp_path / "d", steps=[1], draw=draw)
+        for n in range(step + 1):  # an unrecorded step, then a recorded one
+            with rec.step(n):
+                model(torch.randn(2, 8, 8, 8)).sum().backward()
+        rec.close()
+
+    train(None, 1)
+    for step in (0, 1):
+        with pytest.raises(RuntimeError, match="stride") as raised:
+            train(1, step)
+        assert "draw=2" in "\n".join(raised.value.__notes__)
+    train(2, 1)
+    draw = {d.root.name: d for d in LoopDump(tmp_path / "d").draws()}["2"]
+    assert draw.ranks[0]["memory_format"] is None and draw.load(0, 1).trace.param_grads
 
 
 def _record_two_steps(out: Path) -> None:
