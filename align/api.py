@@ -319,7 +319,7 @@ def _gradients(trace: Trace, test: Callable[[torch.Tensor], bool]) -> bool:
     """Whether any gradient of `trace` passes `test`."""
     keys = {k for c in trace.calls for slot in BACKWARD_SLOTS for k in getattr(c, slot) if k}
     keys |= set(trace.param_grads.values())
-    return any(test(trace.tensors[k]) for k in keys)
+    return any(test(metrics.judged_form(trace.tensors[k])) for k in keys)
 
 
 def _judge_runs(

@@ -18,16 +18,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from align.errors import AlignError
+from align.errors import AlignError, ModelRunError
 from align.numerics.decisions import Choices, Decisions
 from align.numerics.jitter import GRAY_ZONE, Pool
+from align.numerics.metrics import judged_form
 from align.numerics.precision import Policy, error_floor, get_policy
 from align.numerics.verdict import NO_SIGNAL, Row, Tolerance, judge, require_finite
 from align.record.capture import (
@@ -153,19 +154,20 @@ def _trajectory(
                 p.grad = None if q.grad is None else q.grad.float()
         if opts.unscale_before_clip:
             scaler.unscale_(optimizer)
-        grads = [p.grad for p in master.parameters() if p.grad is not None]
+        grads = [judged_form(p.grad) for p in master.parameters() if p.grad is not None]
         norm = torch.linalg.vector_norm(
             torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])
         )
-        if opts.clip_grad is not None:
-            torch.nn.utils.clip_grad_norm_(master.parameters(), opts.clip_grad)
         before = [p.detach().clone() for p in master.parameters()]
         taken = stepped[0]
-        with skipping(optimizer) if skips and skips[step] else contextlib.nullcontext():
-            scaler.step(optimizer)
-        scaler.update()
-        if scheduler is not None:
-            scheduler.step()
+        with _optimizer_errors(optimizer):
+            if opts.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(master.parameters(), opts.clip_grad)
+            with skipping(optimizer) if skips and skips[step] else contextlib.nullcontext():
+                scaler.step(optimizer)
+            scaler.update()
+            if scheduler is not None:
+                scheduler.step()
         if master is not private:
             with torch.no_grad():
                 for p, q in zip(master.parameters(), private.parameters()):
@@ -434,6 +436,25 @@ def short_train(
     unit = 2.0**-11 if emulation is not None else error_floor(policy.low_precision)
     floor = 4 * unit
     return compare_trajectories(tgt, ref, gold, tol, floor, Pool(draw, draws))
+
+
+@contextlib.contextmanager
+def _optimizer_errors(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """A ModelRunError for what the optimizer's step raises: the recipe's SGD with weight
+    decay cannot take an nn.Embedding(sparse=True)'s sparse gradient (measured: a raw
+    "add(sparse, dense) is not supported" out of align.check)."""
+    try:
+        yield
+    except AlignError:
+        raise
+    except Exception as exc:
+        raise ModelRunError(
+            f"the short training's optimizer ({type(optimizer).__name__}) raised "
+            f"{type(exc).__name__}: {str(exc).strip()[:300]}\nno training verdict: give "
+            "align.check train_options=TrainOptions(...) that this model's gradients fit "
+            "(weight_decay=0: SGD takes sparse gradients only without it; or optimizer=), "
+            "or leave 'train' out of the phases"
+        ) from exc
 
 
 def _recipe_options(case: str | None) -> TrainOptions:

@@ -8,6 +8,7 @@ the internal `fp64` used for golden runs. Aliases: O1 = amp-fp16, O2 = o2-fp16.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +57,14 @@ class Policy:
         """Cast `model` in place (callers pass a private copy)."""
         if self.model_dtype is None:
             return model
-        model.to(self.model_dtype)
+        # complex weights (an FNO's spectral ones) kept apart: Module.to(float64) casts
+        # them to float64, their imaginary parts dropped; the golden's are complex128
+        kept = {t: t.data for t in [*model.parameters(), *model.buffers()] if t.is_complex()}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Casting complex values to real")
+            model.to(self.model_dtype)
+        for t, data in kept.items():
+            t.data = data.to(torch.complex128) if self.model_dtype == torch.float64 else data
         if self.name == "o2-fp16":
             for module in model.modules():
                 if isinstance(module, NORMS):

@@ -351,6 +351,8 @@ def judge(
     finite on every side; callers refuse NaN/Inf in the reference or golden first
     (`require_finite`, in `judge_robustly`).
     """
+    target, reference, golden = (metrics.judged_form(t) for t in (target, reference, golden))
+    draws = [metrics.judged_form(t) for t in draws]
     row.dtype, row.shape = str(reference.dtype).replace("torch.", ""), list(reference.shape)
     if tuple(target.shape) != tuple(reference.shape) or target.numel() != golden.numel():
         row.failed.append("shape")
@@ -648,6 +650,9 @@ def judge_robustly(
     reference or the golden is an AlignError (`require_finite`); NaN/Inf in a draw of a
     whole-network tensor makes it one without signal (OVERFLOWED_MESSAGE), in an
     isolated one a draw left out."""
+    target, reference, golden = (metrics.judged_form(t) for t in (target, reference, golden))
+    made = draws
+    draws = functools.cache(lambda round_: [metrics.judged_form(t) for t in made(round_)])
     require_finite(row, [("reference", reference), ("golden", golden)])
     kw = dict(
         strict_dtype=strict_dtype,
@@ -828,6 +833,7 @@ def require_finite(row: Row, sides: Sequence[tuple[str, torch.Tensor]]) -> None:
     golden, the reference, a draw) holds NaN/Inf: the limit is then undefined there, and
     masking those elements would let a verdict pass unearned. Infinities every side holds
     alike are built, not overflowed (a causal mask of -inf): the target must match them."""
+    sides = [(who, metrics.judged_form(x)) for who, x in sides]
     designed = metrics.shared_infinities(*(x for _, x in sides))
     for who, x in sides:
         if bad := int((~torch.isfinite(metrics.flat(x)) & ~designed).sum()):

@@ -320,7 +320,7 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
 
 
 def projection_loss(seed: int) -> LossFn:
-    """Default loss: every floating output dotted with fixed seeded random weights.
+    """Default loss: every floating (or complex) output dotted with fixed seeded random weights.
 
     Device- and dtype-agnostic (the weights are drawn in float64 on the CPU), so every
     run of a check gets the same loss and non-trivial gradients everywhere.
@@ -328,7 +328,12 @@ def projection_loss(seed: int) -> LossFn:
 
     def loss(output: Any, inputs: Any) -> torch.Tensor:
         leaves = [t for t in flatten(output)[0] if isinstance(t, torch.Tensor)]
-        floats = [t for t in leaves if t.is_floating_point()]
+        # a complex output (a spectrum) by its real and imaginary parts
+        floats = [
+            torch.view_as_real(t) if t.is_complex() else t
+            for t in leaves
+            if t.is_floating_point() or t.is_complex()
+        ]
         if not floats:
             raise AlignError("the model returned no floating tensor to take a loss of")
         total = 0

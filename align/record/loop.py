@@ -546,6 +546,8 @@ class Recorder:
         is held, and the loop does not wait for it. The trace keeps a stand-in (a meta
         tensor: the shape and dtype, no memory)."""
         dtype = unscaled_dtype(t.dtype, scale)
+        if t.layout != torch.strided:  # a sparse gradient, recorded dense
+            t = t.to_dense()
         if on_host(t):
             copy = self._buffers.copy(t, dtype=dtype)
             if scale != 1.0:

@@ -226,6 +226,8 @@ class ShardWriter:
         self._count = 0
 
     def add(self, key: str, t: torch.Tensor) -> None:
+        if t.layout != torch.strided:  # a sparse gradient (safetensors holds dense ones)
+            t = t.to_dense()
         self.index[key] = {"shape": list(t.shape), "dtype": str(t.dtype), "shard": None}
         self._shard[key] = t
         self._size += t.numel() * t.element_size()

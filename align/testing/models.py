@@ -5,7 +5,8 @@ net with a global amax, SELU and RReLU, a causal language model with a -inf mask
 output layer tied to its embedding, a spatial transformer resampling its input with
 grid_sample, a BatchNorm of inputs far from zero mean, a VAE drawing its noise inside
 forward, message passing into default-dtype scratch tensors, spectral norm, a global filter
-network mixing tokens by FFT with a 4-d weight viewed as complex numbers).
+network mixing tokens by FFT with a 4-d weight viewed as complex numbers, a Fourier
+neural operator with complex weights).
 
 `USER_MODELS[name]()` returns the model in train mode (dropout on) and one batch of
 inputs, both seeded; `bench/verdict_catalogue.py --models unet lstm ...` and
@@ -357,6 +358,58 @@ class GFNet(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+class SpectralConv(nn.Module):
+    """A Fourier layer's spectral convolution: the lowest `modes` frequencies of each
+    channel mixed by complex weights (complex parameters), the rest dropped; in float32,
+    as FFTs run under autocast."""
+
+    def __init__(self, channels: int, modes: int):
+        super().__init__()
+        self.modes = modes
+        weight = torch.randn(channels, channels, modes, dtype=torch.cfloat) / channels
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spectrum = torch.fft.rfft(x.float())
+        mixed = torch.zeros_like(spectrum)
+        low = spectrum[..., : self.modes]
+        mixed[..., : self.modes] = torch.einsum("bix,iox->box", low, self.weight.to(low.dtype))
+        return torch.fft.irfft(mixed, n=x.shape[-1]).to(x.dtype)
+
+
+class FNO(nn.Module):
+    """A Fourier neural operator over 1-d fields: a pointwise lift, Fourier layers (a
+    spectral convolution plus a pointwise one, GELU), a pointwise projection."""
+
+    def __init__(self, width: int = 16, modes: int = 8, layers: int = 2):
+        super().__init__()
+        self.lift = nn.Conv1d(2, width, 1)
+        self.spectral = nn.ModuleList(SpectralConv(width, modes) for _ in range(layers))
+        self.pointwise = nn.ModuleList(nn.Conv1d(width, width, 1) for _ in range(layers))
+        self.act = nn.GELU()
+        self.proj = nn.Conv1d(width, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.lift(x)
+        for spectral, pointwise in zip(self.spectral, self.pointwise):
+            x = self.act(spectral(x) + pointwise(x))
+        return self.proj(x)
+
+
+class SparseBag(nn.Module):
+    """Token ids through an embedding with sparse gradients (nn.Embedding(sparse=True)), a
+    mean and a linear head. Not in USER_MODELS: the recipe's SGD decays weights, which
+    torch's SGD cannot do to a sparse gradient (its check trains with weight_decay=0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8, sparse=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(tokens).mean(1))
+
+
 def _built(
     make: Callable[[], nn.Module], inputs: Callable[[torch.Generator], torch.Tensor]
 ) -> Callable[[], tuple[nn.Module, torch.Tensor]]:
@@ -384,4 +437,5 @@ USER_MODELS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
     "graph": _built(GraphNet, lambda g: torch.randn(4, 40, 8, generator=g)),
     "critic": _built(Critic, lambda g: torch.randn(4, 3, 32, 32, generator=g)),
     "gfnet": _built(GFNet, lambda g: torch.randn(4, 3, 32, 32, generator=g)),
+    "fno": _built(FNO, lambda g: torch.randn(4, 2, 64, generator=g)),
 }

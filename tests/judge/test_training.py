@@ -254,3 +254,27 @@ def test_a_quantity_the_reference_misses_by_half_carries_no_signal_from_then_on(
     assert not failed["passed"] and failed["first_divergence"]["tensor"] == "step 1 loss"
     diverged = _trajectory([1.0, 1.0 + 1e-4, float("inf"), 1.0], 1.0)
     assert not compare_trajectories(diverged, chaotic, gold, TOL, floor=1e-6)["passed"]
+
+
+def test_sparse_gradients_are_judged_and_an_optimizer_that_refuses_them_is_said():
+    from align.errors import ModelRunError
+    from align.testing import perturb
+    from align.testing.models import SparseBag
+
+    torch.manual_seed(0)
+    model, x = (
+        SparseBag(),
+        torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(1)),
+    )
+    # the recipe's SGD decays weights, which torch's SGD cannot do to a sparse gradient
+    with pytest.raises(ModelRunError, match="weight_decay=0"):
+        align.check(model, x, target_model=perturb(model, 1.0), target="cpu", phases="train")
+    fits = TrainOptions(weight_decay=0.0)
+    kw = dict(target="cpu", phases="forward,backward,train", train_options=fits)
+    honest = align.check(model, x, target_model=perturb(model, 1.0), **kw)
+    assert honest.passed, honest
+    faulty = perturb(model, 1.0)
+    with torch.no_grad():
+        faulty.emb.weight[::2].mul_(1.003)
+    report = align.check(model, x, target_model=faulty, **kw)
+    assert not report.passed and report.culprits[0].module == "emb", report

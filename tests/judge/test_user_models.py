@@ -42,6 +42,7 @@ SITES = {
     "graph": "l2",
     "critic": "net.2",
     "gfnet": "blocks.1.mlp.0",
+    "fno": "pointwise.1",
 }
 # models whose 3 training steps cannot show a 1% weight-gradient gain at their site, and why
 QUIET_TRAINING = {

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from align.numerics import metrics
@@ -97,6 +97,7 @@ def test_joint_power_of_two_scaling_is_exact(xg, e):
 
 @SETTINGS
 @given(pair(), st.floats(min_value=1e-3, max_value=1e3))
+@example((torch.tensor([1e-3]).double(), torch.tensor([90.0]).double()), 1e-3)
 def test_joint_positive_scaling_invariance(xg, c):
     x, g = xg
     assume(float(g.abs().max()) > 0)
@@ -385,3 +386,13 @@ def test_slice_gains_take_integer_errors_and_leave_them_unchanged():
     gain, se = metrics.Slices(g, (4, 16), 0).gains(d)
     assert gain.dtype == torch.float64 and torch.isfinite(se).all()
     assert torch.equal(d, before)
+
+
+def test_complex_and_sparse_tensors_are_judged_as_dense_real_parts():
+    spectrum = torch.tensor([1 + 2j, -3j], dtype=torch.cfloat)
+    assert metrics.judged_form(spectrum).tolist() == [[1.0, 2.0], [0.0, -3.0]]
+    assert metrics.judged_form(spectrum.conj()).tolist() == [[1.0, -2.0], [0.0, 3.0]]
+    sparse = torch.sparse_coo_tensor([[0, 2]], [5.0, 7.0], (4,))
+    assert metrics.judged_form(sparse).tolist() == [5.0, 0.0, 7.0, 0.0]
+    dense = torch.ones(3)
+    assert metrics.judged_form(dense) is dense

@@ -110,3 +110,14 @@ def test_a_gradient_divided_by_its_loss_scale_leaves_fp16_for_float32():
     assert unscaled_dtype(torch.bfloat16, 65536.0) == torch.bfloat16  # fp32's range already
     assert unscaled_dtype(torch.float16, 1.0) == torch.float16
     assert unscaled_dtype(torch.int64, 65536.0) == torch.int64
+
+
+def test_the_golden_keeps_complex_weights_complex_in_double():
+    # Module.to(float64) casts a complex weight to float64, its imaginary part dropped:
+    # an FNO's golden then raised on a complex-by-real product (or, worse, ran on half a weight)
+    model = nn.Linear(2, 2)
+    model.spectral = nn.Parameter(torch.tensor([1 + 2j, 3 - 1j], dtype=torch.cfloat))
+    get_policy("fp64").prepare(model)
+    assert model.weight.dtype == torch.float64
+    assert model.spectral.dtype == torch.complex128
+    assert model.spectral.tolist() == [1 + 2j, 3 - 1j]

@@ -427,3 +427,26 @@ def test_a_module_that_raises_leaves_the_recorder_usable():
         assert hooks.trace.calls[-1].module == "1" and hooks.trace.calls[-1].parent is None
     finally:
         hooks.remove()
+
+
+class _Spectrum(nn.Module):
+    """A model returning a complex spectrum, no real output at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return torch.fft.rfft(self.lin(x))
+
+
+def test_a_model_returning_a_complex_spectrum_is_checked_on_its_real_and_imaginary_parts():
+    torch.manual_seed(0)
+    model, x = _Spectrum(), torch.randn(4, 16)
+    honest = align.check(model, x, target_model=perturb(model, 1.0), target="cpu")
+    assert honest.passed, honest  # before: "the model returned no floating tensor"
+    faulty = copy.deepcopy(model)
+    with torch.no_grad():
+        faulty.lin.weight.mul_(1.003)
+    report = align.check(model, x, target_model=faulty, target="cpu")
+    assert not report.passed and report.culprits[0].module == "lin", report

@@ -31,7 +31,7 @@ from align.record.loop import skipping
 from align.record.loop_dump import LoopDump
 from align.testing import FusedDropout, fused_dropout_kernel
 from align.testing.loops import fp16_scaled_step
-from align.testing.models import GlobalFilter
+from align.testing.models import GlobalFilter, SparseBag
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -871,3 +871,36 @@ def test_optimizer_must_be_an_optimizer_or_a_list_of_them(tmp_path):
         align.Recorder(model, tmp_path / "d", steps=[0], optimizer=[])
     with pytest.raises(AlignError, match="a list of them"):
         align.Recorder(model, tmp_path / "d", steps=[0], optimizer=[torch.optim.SGD, "adam"])
+
+
+@pytest.mark.parametrize("name", ["sparse_gradients", "complex_weights"])
+def test_a_loop_with_sparse_gradients_or_complex_weights_is_recorded_and_judged(name, tmp_path):
+    from align.testing.models import FNO
+
+    def train(out: str, fault: bool = False, **recorder) -> None:
+        torch.manual_seed(0)
+        model = SparseBag() if name == "sparse_gradients" else FNO(width=8, modes=4)
+        if fault:  # the weights the loop trains from, 0.3% off
+            with torch.no_grad():
+                next(model.parameters()).mul_(1.003)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        gen = torch.Generator().manual_seed(1)
+        rec = align.Recorder(model, tmp_path / out, steps=[0, 1], optimizer=opt, **recorder)
+        for step in range(2):
+            if name == "sparse_gradients":
+                x = torch.randint(0, 50, (4, 6), generator=gen)
+            else:
+                x = torch.randn(4, 2, 16, generator=gen)
+            with rec.step(step):
+                model(x).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+        rec.close()
+
+    train("ref")
+    train("golden", golden=True, replay=tmp_path / "ref")
+    train("same", replay=tmp_path / "ref")
+    train("off", fault=True, replay=tmp_path / "ref")
+    assert align.compare(tmp_path / "ref", tmp_path / "same", tmp_path / "golden").passed
+    report = align.compare(tmp_path / "ref", tmp_path / "off", tmp_path / "golden")
+    assert not report.passed, report
