@@ -19,10 +19,11 @@ dtype nor a device, in tuples, lists, dicts, OrderedDicts or namedtuples
 (align.record.arguments; the dump says which; a device reads as the CPU the call re-runs on),
 when the model has no module of its name, or when its weights are not in the dump; each
 is counted in a note. A parameter gradient is judged alone where it
-is its call's alone: the module is called once in the step, no other module holds the
-parameter, and the step's one backward wrote the gradient into an empty `.grad`, recorded
-as written, before any clipping, unscaling or all-reduce (align.record.backward_grads).
-Others are left to the step's own rows.
+is its call's alone: no other module holds the parameter, and the module is called once
+in the step and the step's one backward wrote the gradient into an empty `.grad`, or (a
+loop accumulating micro-batches) the first call's backward wrote it into an empty `.grad`
+before the second call; recorded as written, before any clipping, unscaling or
+all-reduce (align.record.backward_grads). Others are left to the step's own rows.
 """
 
 from __future__ import annotations
@@ -306,19 +307,25 @@ def _tied(model: nn.Module) -> set[str]:
 
 def _own_grads(trace: Trace, tied: set[str]) -> dict[int, dict[str, str]]:
     """By call position, the keys of the recorded gradients of the call's module's own
-    parameters, by local name, where they are that call's alone: the module is called once
-    in the step, holds the parameter alone (not `tied`), and the step's one backward wrote
-    the gradient (align.record.backward_grads)."""
+    parameters, by local name, where they are that call's alone: the module holds the
+    parameter alone (not `tied`), and either it is called once in the step and the step's
+    one backward wrote the gradient (align.record.backward_grads), or the gradient was
+    taken as its first call's backward wrote it, before its second call (micro-batches
+    accumulating: `first_call_grads`)."""
     grads = trace.meta.get("backward_grads")
     if not isinstance(grads, dict):
         return {}
+    first_call = trace.meta.get("first_call_grads")
+    first_call = set(first_call) if isinstance(first_call, list) else set()
     calls = Counter(c.module for c in trace.calls)
     once = {c.module: pos for pos, c in enumerate(trace.calls) if calls[c.module] == 1}
+    first = {c.module: pos for pos, c in enumerate(trace.calls) if c.index == 0}
     found: dict[int, dict[str, str]] = defaultdict(dict)
     for name, key in grads.items():
         module, _, local = name.rpartition(".")
-        if module in once and name not in tied and isinstance(key, str) and key in trace.tensors:
-            found[once[module]][local] = key
+        pos = first.get(module) if name in first_call else once.get(module)
+        if pos is not None and name not in tied and isinstance(key, str) and key in trace.tensors:
+            found[pos][local] = key
     return found
 
 

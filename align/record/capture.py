@@ -145,6 +145,10 @@ class Recorder:
         call = self.trace.calls[pos]
         return call.module, call.index, pos
 
+    def calls(self, module: str) -> int:
+        """How many times module `module` (by qualified name) has been called so far."""
+        return self._counts.get(module, 0)
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()

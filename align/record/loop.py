@@ -454,6 +454,11 @@ class Recorder:
         )
         accumulated: dict[str, str] = {}  # as backward left them (unscaled when recorded)
         first: dict[str, str] = {}  # as the first gradient into an empty .grad left them
+        # parameters whose first gradient came before their module's second call: its
+        # first call's alone, though micro-batches accumulate more after it (not so for a
+        # module called once whose output two backwards go through: its recorded output
+        # gradient is the last's)
+        first_call: set[str] = set()
         received: dict[str, str] = {}  # as the optimizer received them
         stepped: list[bool] = []
         # Where the optimizer may not step (no optimizer, or a scaler that can skip), the
@@ -471,6 +476,8 @@ class Recorder:
                 key = hooks.store_grad(p.grad, fresh=name in accumulated)
                 if grads.own(name):
                     first[name] = key
+                    if hooks.calls(name.rpartition(".")[0]) == 1:
+                        first_call.add(name)
                 if backward_grads:
                     accumulated[name] = key
 
@@ -504,8 +511,14 @@ class Recorder:
             yield
         trace = hooks.trace
         trace.param_grads = {**accumulated, **received}
-        # the gradients one backward wrote, as it wrote them: per call in isolation
-        backward_own = {n: k for n, k in first.items() if grads.own(n)}
+        # the gradients one backward wrote, as it wrote them: per call in isolation (a
+        # module's first call's alone, where micro-batches accumulated more after it)
+        alone = {
+            n
+            for n in first
+            if not grads.own(n) and n in first_call and hooks.calls(n.rpartition(".")[0]) > 1
+        }
+        backward_own = {n: k for n, k in first.items() if grads.own(n) or n in alone}
         trace.decisions, trace.faults = choices.choices, choices.faults
         trace.meta = {
             "device": self._device(),
@@ -517,6 +530,7 @@ class Recorder:
             "calls": [spec_to_json(hooks.specs[pos]) for pos in range(len(trace.calls))],
             "decision_owners": choices.owners,
             "backward_grads": backward_own,
+            "first_call_grads": sorted(alone),
         }
         state = {**before, **self._state()}
         loss = self._given_loss if self._given_loss is not None else roots.root

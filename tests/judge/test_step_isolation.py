@@ -103,6 +103,7 @@ def _train(
     draw=None,
     clip=False,
     steps=STEPS,
+    accumulate=1,
 ):
     torch.manual_seed(0)
     model = Net(cast)
@@ -118,10 +119,11 @@ def _train(
     )
     for step in range(3):
         with rec.step(step):
-            with torch.autocast("cpu", torch.bfloat16, enabled=bf16 and not golden):
-                with Jitter(step + 1) if jitter else contextlib.nullcontext():
-                    loss = nn.functional.cross_entropy(model(data[step]).float(), targets[step])
-            loss.backward()
+            for x, y in zip(data[step].chunk(accumulate), targets[step].chunk(accumulate)):
+                with torch.autocast("cpu", torch.bfloat16, enabled=bf16 and not golden):
+                    with Jitter(step + 1) if jitter else contextlib.nullcontext():
+                        loss = nn.functional.cross_entropy(model(x).float(), y)
+                (loss / accumulate).backward()
             if clip:  # the gradients the optimizer receives are no longer backward's
                 nn.utils.clip_grad_norm_(model.parameters(), 0.1)
             opt.step()
@@ -339,6 +341,23 @@ def test_a_weight_gradient_fault_is_named_under_gradient_clipping(tmp_path):
     _train(tmp_path / "ref", clip=True)
     _train(tmp_path / "gold", replay=tmp_path / "ref", golden=True, clip=True)
     _train(tmp_path / "bad", fault=(weight_grad_gain, "conv"), replay=tmp_path / "ref", clip=True)
+    report = align.compare(tmp_path / "ref", tmp_path / "bad", tmp_path / "gold", model=Net())
+    assert [c.module for c in report.culprits][:1] == ["conv"], str(report)
+    assert report.culprits[0].phase == "param_grad"
+
+
+def test_a_weight_gradient_fault_is_named_where_micro_batches_accumulate(tmp_path):
+    """Each call's backward is its own, though its gradient is accumulated into by the
+    next micro-batch's: the first call's, taken before the second call, is judged alone."""
+    _train(tmp_path / "ref", accumulate=2)
+    _train(tmp_path / "gold", replay=tmp_path / "ref", golden=True, accumulate=2)
+    _train(tmp_path / "honest", replay=tmp_path / "ref", jitter=True, accumulate=2)
+    honest = align.compare(tmp_path / "ref", tmp_path / "honest", tmp_path / "gold", model=Net())
+    assert honest.passed, str(honest)
+    judged = {(r.module, r.call, r.phase) for r in honest.local_rows}
+    assert ("conv", 0, "param_grad") in judged and ("conv", 1, "param_grad") not in judged
+    bad = (weight_grad_gain, "conv")
+    _train(tmp_path / "bad", fault=bad, replay=tmp_path / "ref", accumulate=2)
     report = align.compare(tmp_path / "ref", tmp_path / "bad", tmp_path / "gold", model=Net())
     assert [c.module for c in report.culprits][:1] == ["conv"], str(report)
     assert report.culprits[0].phase == "param_grad"
