@@ -61,24 +61,31 @@ def _record(tmp_path, clip: bool, micro_batches: int = 1):
     out = tmp_path / f"clip{clip}-{micro_batches}"
     with align.Recorder(model, out, steps=[0], optimizer=opt) as rec:
         with rec.step(0):
-            for _ in range(micro_batches):
+            for i in range(micro_batches):
                 model(torch.randn(5, 4)).square().sum().backward()
+                if i == 0:
+                    first = {n: p.grad.clone() for n, p in model.named_parameters()}
             backward = {n: p.grad.clone() for n, p in model.named_parameters()}
             if clip:
                 nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
             opt.step()
             opt.zero_grad()
-    return LoopDump(out).load(0, 0).trace, backward
+    return LoopDump(out).load(0, 0).trace, backward, first
 
 
 def test_the_recorder_keeps_the_gradients_one_backward_wrote_as_it_wrote_them(tmp_path):
     names = ["0.bias", "0.weight", "2.bias", "2.weight"]
     for clip in (False, True):
-        trace, backward = _record(tmp_path, clip)
+        trace, backward, _ = _record(tmp_path, clip)
         own = trace.meta["backward_grads"]
         assert sorted(own) == names
         for n in names:  # before the clipping; the optimizer's are after it
             assert torch.equal(trace.tensor(own[n]), backward[n])
             assert (own[n] == trace.param_grads[n]) == (not clip)  # one copy where the same
-    trace, _ = _record(tmp_path, False, micro_batches=2)
-    assert trace.meta["backward_grads"] == {}  # accumulated: no one call's
+    trace, accumulated, first = _record(tmp_path, False, micro_batches=2)
+    # accumulated, no one call's: each module's first call's, written before its second
+    own = trace.meta["backward_grads"]
+    assert sorted(own) == names and trace.meta["first_call_grads"] == names
+    for n in names:
+        assert torch.equal(trace.tensor(own[n]), first[n])
+        assert not torch.equal(first[n], accumulated[n])
