@@ -133,25 +133,27 @@ class Isolator:
         modules = self.modules[id(run.model)]
         module = modules[self._module_name(run, call.module)]
         want_grad = self.backward and any(k is not None for k in call.grad_outputs)
-        leaves: list[Any] = []
-        grad_leaves: list[tuple[int, torch.Tensor]] = []
-        for j, key in enumerate(call.inputs):
-            if key is None:
-                leaves.append(spec.in_leaves[j])
-                continue
-            t = run.place(trace.tensor(key))
-            if want_grad and call.grad_inputs[j] is not None and t.is_floating_point():
-                grad_leaves.append((j, t.requires_grad_(True)))
-                t = t.clone()  # a non-leaf, so in-place modules (ReLU(inplace)) may run
-            leaves.append(t)
 
-        def call(memory_format: torch.memory_format | None) -> LocalRun:
-            laid_out = leaves if memory_format is None else inputs_laid_out(leaves, memory_format)
-            args, kwargs = unflatten(laid_out, spec.in_spec)
+        def attempt(memory_format: torch.memory_format | None) -> LocalRun:
+            # inputs of its own each attempt: a module may write one before it raises
+            leaves: list[Any] = []
+            grad_leaves: list[tuple[int, torch.Tensor]] = []
+            for j, key in enumerate(call.inputs):
+                if key is None:
+                    leaves.append(spec.in_leaves[j])
+                    continue
+                t = run.place(trace.tensor(key))
+                if want_grad and call.grad_inputs[j] is not None and t.is_floating_point():
+                    grad_leaves.append((j, t.requires_grad_(True)))
+                    t = t.clone()  # a non-leaf, so in-place modules (ReLU(inplace)) may run
+                leaves.append(t)
+            if memory_format is not None:
+                leaves = inputs_laid_out(leaves, memory_format)
+            args, kwargs = unflatten(leaves, spec.in_spec)
             with _weights_laid_out(module, memory_format):
                 return self._call(run, pos, module, args, kwargs, grad_leaves, want_grad)
 
-        return in_draw_layout(call, run.memory_format)
+        return in_draw_layout(attempt, run.memory_format)
 
     def _call(
         self, run: Run, pos: int, module, args, kwargs, grad_leaves, want_grad: bool

@@ -151,9 +151,10 @@ def _trajectory(
                 scaler.scale(loss).backward()
         if master is not private:
             for p, q in zip(master.parameters(), private.parameters()):
-                p.grad = None if q.grad is None else q.grad.float()
+                p.grad = None if q.grad is None else q.grad.to(p.dtype)
         if opts.unscale_before_clip:
-            scaler.unscale_(optimizer)
+            with _optimizer_errors(optimizer):  # (torch unscales no complex gradient)
+                scaler.unscale_(optimizer)
         grads = [judged_form(p.grad) for p in master.parameters() if p.grad is not None]
         norm = torch.linalg.vector_norm(
             torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])
@@ -453,7 +454,8 @@ def _optimizer_errors(optimizer: torch.optim.Optimizer) -> Iterator[None]:
             f"{type(exc).__name__}: {str(exc).strip()[:300]}\nno training verdict: give "
             "align.check train_options=TrainOptions(...) that this model's gradients fit "
             "(weight_decay=0: SGD takes sparse gradients only without it; or optimizer=), "
-            "or leave 'train' out of the phases"
+            "check at another precision (a loss scaler unscales no complex gradient), or "
+            "leave 'train' out of the phases"
         ) from exc
 
 

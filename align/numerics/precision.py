@@ -57,14 +57,26 @@ class Policy:
         """Cast `model` in place (callers pass a private copy)."""
         if self.model_dtype is None:
             return model
-        # complex weights (an FNO's spectral ones) kept apart: Module.to(float64) casts
-        # them to float64, their imaginary parts dropped; the golden's are complex128
-        kept = {t: t.data for t in [*model.parameters(), *model.buffers()] if t.is_complex()}
+        # complex weights and buffers (an FNO's spectral weights, a frequency filter) kept
+        # apart: Module.to(float64) casts them to float64, their imaginary parts dropped;
+        # the golden's are complex128, other runs' as they were
+        kept = [
+            (slots, name, t.data)
+            for module in model.modules()
+            for slots in (module._parameters, module._buffers)
+            for name, t in slots.items()
+            if t is not None and t.is_complex()
+        ]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Casting complex values to real")
             model.to(self.model_dtype)
-        for t, data in kept.items():
-            t.data = data.to(torch.complex128) if self.model_dtype == torch.float64 else data
+        for slots, name, original in kept:
+            double = self.model_dtype == torch.float64
+            data = original.to(torch.complex128) if double else original
+            if isinstance(slots[name], nn.Parameter):
+                slots[name].data = data  # the same parameter, shared where it is
+            else:
+                slots[name] = data
         if self.name == "o2-fp16":
             for module in model.modules():
                 if isinstance(module, NORMS):

@@ -717,6 +717,11 @@ def judge_on_replays(
     of the reference's error (`sampling_spread`). `local`:
     False for a running statistic (align.judge.isolation says why); `statistics` as for
     `judge`."""
+    target, reference, target_replay, reference_replay = (
+        metrics.judged_form(t) for t in (target, reference, target_replay, reference_replay)
+    )
+    made = honest
+    honest = lambda: None if (t := made()) is None else metrics.judged_form(t)  # noqa: E731
     error = reference.double() - reference_replay
     moved = target_replay + error
     count = metrics.effective_counts(metrics.as_f64(target_replay))[1]  # rel_rmse's weights: g^2

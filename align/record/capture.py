@@ -542,7 +542,7 @@ def in_draw_layout(run: Callable[[torch.memory_format | None], T], memory_format
         return run(None)
     try:
         return run(memory_format)
-    except Exception:  # what the model raised (a ModelRunError from a whole run)
+    except (RuntimeError, ModelRunError):  # what the model raised (wrapped, from a whole run)
         return run(None)
 
 

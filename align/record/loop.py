@@ -454,11 +454,11 @@ class Recorder:
         )
         accumulated: dict[str, str] = {}  # as backward left them (unscaled when recorded)
         first: dict[str, str] = {}  # as the first gradient into an empty .grad left them
-        # parameters whose first gradient came before their module's second call: its
-        # first call's alone, though micro-batches accumulate more after it (not so for a
-        # module called once whose output two backwards go through: its recorded output
-        # gradient is the last's)
-        first_call: set[str] = set()
+        # gradients each parameter took while its module had been called once: one, and
+        # the first is that call's alone, though micro-batches accumulate more after it
+        # (two: two backwards went through the call, whose recorded output gradient is
+        # the last's)
+        while_once: dict[str, int] = {}
         received: dict[str, str] = {}  # as the optimizer received them
         stepped: list[bool] = []
         # Where the optimizer may not step (no optimizer, or a scaler that can skip), the
@@ -472,12 +472,12 @@ class Recorder:
             # the first gradient into an empty .grad is taken as it is: one call alone may
             # reproduce it however the script changes it after (clipping, unscaling, an
             # all-reduce); once accumulated again it is no one call's (grads.own)
+            if hooks.calls(name.rpartition(".")[0]) == 1:
+                while_once[name] = while_once.get(name, 0) + 1
             if grads.own(name) or backward_grads:
                 key = hooks.store_grad(p.grad, fresh=name in accumulated)
                 if grads.own(name):
                     first[name] = key
-                    if hooks.calls(name.rpartition(".")[0]) == 1:
-                        first_call.add(name)
                 if backward_grads:
                     accumulated[name] = key
 
@@ -516,7 +516,7 @@ class Recorder:
         alone = {
             n
             for n in first
-            if not grads.own(n) and n in first_call and hooks.calls(n.rpartition(".")[0]) > 1
+            if not grads.own(n) and while_once.get(n) == 1 and hooks.calls(n.rpartition(".")[0]) > 1
         }
         backward_own = {n: k for n, k in first.items() if grads.own(n) or n in alone}
         trace.decisions, trace.faults = choices.choices, choices.faults
@@ -775,7 +775,7 @@ class _LaidOut:
         view a 4-d weight or input in a way only its own layout allows."""
         try:
             yield
-        except Exception as exc:
+        except RuntimeError as exc:  # (what a view or a kernel raises on another layout)
             if self.hook is not None:
                 exc.add_note(
                     "align: this honest draw runs the model in the other memory format "

@@ -803,3 +803,12 @@ def test_a_relu_computed_by_another_op_leaves_its_record_to_no_later_call():
     _, report = _replayed(model, target, torch.randn(16, 32))
     assert report.passed, str(report)
     assert "relu" not in " ".join(report.notes), report.notes  # no branch taken otherwise
+
+
+def test_a_branch_compared_by_numpy_is_torchs_comparison():
+    from align.numerics.pieces import _above
+
+    x = torch.tensor([-1.0, -0.0, 0.0, 1e-45, float("nan"), 2.0])
+    for t in (x, x.double(), x.half(), x[::2], x.view(2, 3).t(), torch.tensor(0.5), x[:0]):
+        for threshold in (0, 0.0, -0.0, 1e-45, 1, True, 7e4):
+            assert torch.equal(_above(t, threshold), t > threshold), (t, threshold)

@@ -115,9 +115,11 @@ def test_a_gradient_divided_by_its_loss_scale_leaves_fp16_for_float32():
 def test_the_golden_keeps_complex_weights_complex_in_double():
     # Module.to(float64) casts a complex weight to float64, its imaginary part dropped:
     # an FNO's golden then raised on a complex-by-real product (or, worse, ran on half a weight)
-    model = nn.Linear(2, 2)
-    model.spectral = nn.Parameter(torch.tensor([1 + 2j, 3 - 1j], dtype=torch.cfloat))
-    get_policy("fp64").prepare(model)
-    assert model.weight.dtype == torch.float64
-    assert model.spectral.dtype == torch.complex128
-    assert model.spectral.tolist() == [1 + 2j, 3 - 1j]
+    for name, kept in (("fp64", torch.complex128), ("o2-fp16", torch.complex64)):
+        model = nn.Linear(2, 2)
+        model.spectral = nn.Parameter(torch.tensor([1 + 2j, 3 - 1j], dtype=torch.cfloat))
+        model.register_buffer("filter", torch.tensor([2 - 1j], dtype=torch.cfloat))
+        get_policy(name).prepare(model)
+        assert model.weight.dtype != torch.float32
+        assert model.spectral.dtype == model.filter.dtype == kept, name
+        assert model.spectral.tolist() == [1 + 2j, 3 - 1j] and model.filter.tolist() == [2 - 1j]

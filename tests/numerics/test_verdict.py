@@ -873,3 +873,18 @@ def test_the_sampling_spread_of_few_elements_is_wide_and_of_many_near_one():
     assert sampling_spread(8) == pytest.approx(3.47, abs=0.01)
     assert 1.0 < sampling_spread(100_000) < 1.02
     assert sampling_spread(1) == sampling_spread(0.5) == 4.0  # capped
+
+
+def test_a_complex_tensor_replayed_is_judged_on_its_imaginary_part_too():
+    """A spectral weight's gradient (complex) re-run alone on each side's inputs: an
+    imaginary part 10% off fails (cast to float64, it was dropped, and passed)."""
+    exact = [torch.complex(golden(64, seed=s), golden(64, seed=s + 10)) for s in (1, 2)]
+    reference = exact[0].to(torch.complex64)
+    tol = Tolerance()
+    for imaginary, passes in ((1.0, True), (1.1, False)):
+        target = torch.complex(exact[1].real, exact[1].imag * imaginary).to(torch.complex64)
+        row = Row("spectral", 0, "param_grad", "weight", "", [], isolated=True)
+        judged = judge_on_replays(
+            target, reference, exact[1], exact[0], tol, strict_dtype=True, row=row, accuracy=1.0
+        )
+        assert judged.passed == passes, (imaginary, judged.failed, judged.message)

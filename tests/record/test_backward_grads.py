@@ -89,3 +89,22 @@ def test_the_recorder_keeps_the_gradients_one_backward_wrote_as_it_wrote_them(tm
     for n in names:
         assert torch.equal(trace.tensor(own[n]), first[n])
         assert not torch.equal(first[n], accumulated[n])
+
+
+def test_a_call_two_backwards_went_through_keeps_no_first_call_gradient(tmp_path):
+    # a shared encoder, two heads, each micro-batch's two losses backward one after the
+    # other: the encoder's recorded output gradient is the last backward's, so its first
+    # gradient is no one call's (the heads' are theirs)
+    torch.manual_seed(0)
+    enc, h1, h2 = nn.Linear(4, 4), nn.Linear(4, 1), nn.Linear(4, 1)
+    model = nn.ModuleDict({"enc": enc, "h1": h1, "h2": h2})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with align.Recorder(model, tmp_path / "d", steps=[0], optimizer=opt) as rec:
+        with rec.step(0):
+            for _ in range(2):
+                z = enc(torch.randn(5, 4))
+                h1(z).sum().backward(retain_graph=True)
+                h2(z).sum().backward()
+            opt.step()
+    first = LoopDump(tmp_path / "d").load(0, 0).trace.meta["first_call_grads"]
+    assert first == ["h1.bias", "h1.weight", "h2.bias", "h2.weight"]
