@@ -311,15 +311,24 @@ def _own_grads(trace: Trace, tied: set[str]) -> dict[int, dict[str, str]]:
     parameter alone (not `tied`), and either it is called once in the step and the step's
     one backward wrote the gradient (align.record.backward_grads), or the gradient was
     taken as its first call's backward wrote it, before its second call (micro-batches
-    accumulating: `first_call_grads`)."""
+    accumulating: `first_call_grads`). Only calls that took gradients count: a call under
+    no_grad, and an activation checkpoint's forward run again in backward or first under
+    no_grad (reentrant), wrote none."""
     grads = trace.meta.get("backward_grads")
     if not isinstance(grads, dict):
         return {}
     first_call = trace.meta.get("first_call_grads")
     first_call = set(first_call) if isinstance(first_call, list) else set()
-    calls = Counter(c.module for c in trace.calls)
-    once = {c.module: pos for pos, c in enumerate(trace.calls) if calls[c.module] == 1}
-    first = {c.module: pos for pos, c in enumerate(trace.calls) if c.index == 0}
+    graded = [
+        (pos, c)
+        for pos, c in enumerate(trace.calls)
+        if any(k is not None for k in c.grad_outputs + c.grad_inputs)
+    ]
+    calls = Counter(c.module for _, c in graded)
+    once = {c.module: pos for pos, c in graded if calls[c.module] == 1}
+    first: dict[str, int] = {}
+    for pos, c in graded:
+        first.setdefault(c.module, pos)
     found: dict[int, dict[str, str]] = defaultdict(dict)
     for name, key in grads.items():
         module, _, local = name.rpartition(".")

@@ -35,6 +35,7 @@ from align.numerics.jitter import Jitter
 from align.numerics.one_pass import OnePass
 from align.numerics.precision import Policy, get_policy
 from align.numerics.trees import flatten, map_leaves, unflatten
+from align.record.checkpointing import plain_checkpoints
 from align.record.trace import Call, Trace
 from align.runtime import environment
 from align.runtime.devices import resolve
@@ -368,8 +369,10 @@ def numerics(
     `native_kernels` turns oneDNN off, so CPU convolutions run ATen's own kernels: another
     kernel library with another summation order, as a device's would be. `jitter` (a
     seed) makes this an honest draw of the run's rounding noise (align.numerics.jitter).
+    Reentrant activation checkpoints run plainly (align.record.checkpointing).
     """
     stack = contextlib.ExitStack()
+    stack.enter_context(plain_checkpoints())
     if native_kernels:
         stack.enter_context(warnings.catch_warnings())  # oneDNN's TF32-on-XPU notice
         warnings.simplefilter("ignore", UserWarning)

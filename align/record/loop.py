@@ -210,7 +210,10 @@ class _BackwardRoots:
 
     @classmethod
     def _remember(cls, tensors: Any) -> None:
-        """Tell this thread's innermost entered instance the root backward runs from."""
+        """Tell this thread's innermost entered instance the root backward runs from; not
+        a backward called inside one (a reentrant checkpoint's, on its recomputed outputs)."""
+        if torch._C._current_graph_task_id() != -1:
+            return
         stack = getattr(cls._local, "stack", None)
         if isinstance(tensors, (list, tuple)) and len(tensors) == 1:
             tensors = tensors[0]

@@ -255,9 +255,11 @@ def _split_reduction(weight: torch.Tensor) -> torch.Tensor:
 
 def stored_weight(m: nn.Module) -> torch.Tensor:
     """`m.weight` as stored: a parametrized one's original, not computed (spectral norm's
-    computation runs a power iteration: a copy would differ from the model before it ran)."""
+    computation runs a power iteration: a copy would differ from the model before it ran);
+    weight norm stores a magnitude and a direction: the direction, of the weight's shape."""
     if parametrize.is_parametrized(m, "weight"):
-        return m.parametrizations.weight.original
+        originals = m.parametrizations.weight.parameters(recurse=False)
+        return max(originals, key=torch.Tensor.numel)
     return m.weight
 
 

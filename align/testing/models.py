@@ -6,7 +6,8 @@ output layer tied to its embedding, a spatial transformer resampling its input w
 grid_sample, a BatchNorm of inputs far from zero mean, a VAE drawing its noise inside
 forward, message passing into default-dtype scratch tensors, spectral norm, a global filter
 network mixing tokens by FFT with a 4-d weight viewed as complex numbers, a Fourier
-neural operator with complex weights).
+neural operator with complex weights, residual blocks under reentrant activation
+checkpointing).
 
 `USER_MODELS[name]()` returns the model in train mode (dropout on) and one batch of
 inputs, both seeded; `bench/verdict_catalogue.py --models unet lstm ...` and
@@ -21,6 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class UNet(nn.Module):
@@ -396,6 +398,36 @@ class FNO(nn.Module):
         return self.proj(x)
 
 
+class _Residual(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.bn(self.conv(x)))
+
+
+class Checkpointed(nn.Module):
+    """Residual blocks under activation checkpointing, reentrant by default as training
+    code written before torch 2.4 has it: the blocks run under no_grad and run again
+    inside backward."""
+
+    def __init__(self, width: int = 16, blocks: int = 3, reentrant: bool = True):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.blocks = nn.ModuleList(_Residual(width) for _ in range(blocks))
+        self.head = nn.Linear(width, 10)
+        self.reentrant = reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=self.reentrant)
+        return self.head(x.mean((2, 3)))
+
+
 class SparseBag(nn.Module):
     """Token ids through an embedding with sparse gradients (nn.Embedding(sparse=True)), a
     mean and a linear head. Not in USER_MODELS: the recipe's SGD decays weights, which
@@ -438,4 +470,5 @@ USER_MODELS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
     "critic": _built(Critic, lambda g: torch.randn(4, 3, 32, 32, generator=g)),
     "gfnet": _built(GFNet, lambda g: torch.randn(4, 3, 32, 32, generator=g)),
     "fno": _built(FNO, lambda g: torch.randn(4, 2, 64, generator=g)),
+    "checkpointed": _built(Checkpointed, lambda g: torch.randn(2, 3, 16, 16, generator=g)),
 }

@@ -15,6 +15,7 @@ from torch import nn
 
 import align
 from align.testing import FAULTS, USER_MODELS, one_pass_norms, perturb
+from align.testing.honest import stored_weight
 
 timm = pytest.importorskip("timm")
 
@@ -112,3 +113,18 @@ def test_a_fault_behind_a_discontinuity_is_caught_and_named(name, precision, fau
     report = check(model, x, target, precision)
     assert not report.passed, str(report)
     assert report.culprits and report.culprits[0].module == where, str(report)
+
+
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_a_weight_through_fp16_goes_into_a_parametrized_layers_stored_weight(norm):
+    # weight norm stores a magnitude and a direction (original0, original1): the fault
+    # raised AttributeError on `original`, and stopped a catalogue
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        getattr(torch.nn.utils.parametrizations, norm)(torch.nn.Linear(8, 4))
+    )
+    before = model[0].weight.detach().clone()
+    FAULTS["weight_via_fp16"](model, "0")
+    stored = stored_weight(model[0])
+    assert stored.shape == (4, 8) and torch.equal(stored, stored.half().float())
+    assert not torch.equal(model[0].weight, before)

@@ -43,6 +43,7 @@ SITES = {
     "critic": "net.2",
     "gfnet": "blocks.1.mlp.0",
     "fno": "pointwise.1",
+    "checkpointed": "blocks.1.conv",
 }
 # models whose 3 training steps cannot show a 1% weight-gradient gain at their site, and why
 QUIET_TRAINING = {
