@@ -23,7 +23,10 @@ is its call's alone: no other module holds the parameter, and the module is call
 in the step and the step's one backward wrote the gradient into an empty `.grad`, or (a
 loop accumulating micro-batches) the first call's backward wrote it into an empty `.grad`
 before the second call; recorded as written, before any clipping, unscaling or
-all-reduce (align.record.backward_grads). Others are left to the step's own rows.
+all-reduce (align.record.backward_grads). Where the step's one backward summed several
+calls' gradients into an empty `.grad` (a recurrent cell, a block applied several times),
+it is judged against the sum of those calls' replays, named by the first. Others are left
+to the step's own rows.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from align.numerics.verdict import Divergence, Row, Tolerance, judge_on_replays
 from align.record.arguments import spec_from_json
 from align.record.capture import CallSpec, Run
 from align.record.loop_dump import Step
-from align.record.trace import Trace
+from align.record.trace import Call, Trace
 from align.runtime.wrappers import unwrapped
 
 __all__ = ["isolate_step"]
@@ -88,25 +91,43 @@ def isolate_step(
     isolators = [Isolator(run, run, run, backward=True, replays=_every) for run in runs]
     tied = _tied(runs[0].model)
     own = [_own_grads(side.trace, tied) for side in (ref, tgt)]
+    summed = _summed_grads(ref.trace, tgt.trace, tied)
+    parts: dict[int, list[LocalRun]] = {}  # the replays of the calls `summed` adds up
     honest = _HonestKernel(model, tgt, weights[1], policy)
     rows: list[Row] = []
     failing: dict[int, Row] = {}
     skipped: dict[str, int] = {}
     for pos in range(len(ref.trace.calls)):
-        if _same_records(ref.trace, tgt.trace, pos, [o.get(pos, {}) for o in own]):
-            continue  # the target's error is the reference's
+        # (a call whose records are the reference's bit for bit has the reference's error)
+        same = _same_records(ref.trace, tgt.trace, pos, [o.get(pos, {}) for o in own])
+        if same and not any(pos in positions for positions, _ in summed.values()):
+            continue
         try:
             replays = [_alone(iso, run, pos) for iso, run in zip(isolators, runs)]
-            judged = list(
-                _judged(ref, tgt, pos, replays, tol, strict_dtype, own, partial(honest, pos))
+            judged = (
+                []
+                if same
+                else list(
+                    _judged(ref, tgt, pos, replays, tol, strict_dtype, own, partial(honest, pos))
+                )
             )
         except Exception as exc:  # a module that cannot run or be judged alone is counted
             why = str(exc).split("\n")[0][:160]
             skipped[why] = skipped.get(why, 0) + 1
             continue
+        if any(pos in positions for positions, _ in summed.values()):
+            parts[pos] = [LocalRun(params=r.params, decisions=r.decisions) for r in replays]
         rows += judged
         if any(r.failed for r in judged):
             failing[pos] = max((r for r in judged if r.failed), key=lambda r: r.ratio(r.worst()))
+    for positions, keys in summed.values():
+        if all(p in parts for p in positions):
+            judged = list(_judged_sums(ref, tgt, positions, keys, parts, tol, strict_dtype, honest))
+            rows += judged
+            for r in judged:
+                worst = failing.get(positions[0])
+                if r.failed and (worst is None or r.ratio(r.worst()) > worst.ratio(worst.worst())):
+                    failing[positions[0]] = r
     notes = []
     if rows:
         notes.append(
@@ -163,6 +184,51 @@ def _judged(
             statistics=statistics_span(ran, ref.trace, call, label, gold_r),
             local=judged_locally(label),
             honest=partial(honest, phase, label),
+        )
+
+
+def _judged_sums(
+    ref: Step,
+    tgt: Step,
+    positions: list[int],
+    keys: dict[str, tuple[str, str]],
+    parts: dict[int, list[LocalRun]],
+    tol: Tolerance,
+    strict_dtype: bool,
+    honest: Callable[[int, str, str], torch.Tensor | None],
+) -> Iterator[Row]:
+    """The recorded gradients of a module's parameters (`keys`: local name -> each side's
+    key) where one backward summed its calls' (`positions`), against the sum of those
+    calls' replays, relative to the reference's against its own (a recurrent cell, a block
+    a model applies several times, a siamese branch)."""
+    call = ref.trace.calls[positions[0]]
+    for label, (r_key, t_key) in keys.items():
+        golds = [[parts[p][side].params.get(label) for p in positions] for side in range(2)]
+        if any(g is None for side in golds for g in side):
+            continue
+        gold_r, gold_t = (torch.stack(side).sum(0) for side in golds)
+        r, t = ref.trace.tensor(r_key), tgt.trace.tensor(t_key)
+        if not r.is_floating_point() or r.shape != t.shape or t.shape != gold_t.shape:
+            continue
+
+        def honest_sum(label: str = label) -> torch.Tensor | None:
+            terms = [honest(p, "param_grad", label) for p in positions]
+            return None if any(x is None for x in terms) else torch.stack(terms).sum(0)
+
+        yield judge_on_replays(
+            t,
+            r,
+            gold_t,
+            gold_r,
+            tol,
+            strict_dtype=strict_dtype,
+            row=Row(call.module, call.index, "param_grad", label, "", [], isolated=True),
+            accuracy=kernel_accuracy(parts[positions[0]][0].decisions.ran),
+            statistics=statistics_span(
+                parts[positions[0]][0].decisions.ran, ref.trace, call, label, gold_r
+            ),
+            local=judged_locally(label),
+            honest=honest_sum,
         )
 
 
@@ -319,11 +385,7 @@ def _own_grads(trace: Trace, tied: set[str]) -> dict[int, dict[str, str]]:
         return {}
     first_call = trace.meta.get("first_call_grads")
     first_call = set(first_call) if isinstance(first_call, list) else set()
-    graded = [
-        (pos, c)
-        for pos, c in enumerate(trace.calls)
-        if any(k is not None for k in c.grad_outputs + c.grad_inputs)
-    ]
+    graded = _graded(trace)
     calls = Counter(c.module for _, c in graded)
     once = {c.module: pos for pos, c in graded if calls[c.module] == 1}
     first: dict[str, int] = {}
@@ -336,6 +398,47 @@ def _own_grads(trace: Trace, tied: set[str]) -> dict[int, dict[str, str]]:
         if pos is not None and name not in tied and isinstance(key, str) and key in trace.tensors:
             found[pos][local] = key
     return found
+
+
+def _summed_grads(
+    ref: Trace, tgt: Trace, tied: set[str]
+) -> dict[str, tuple[list[int], dict[str, tuple[str, str]]]]:
+    """By module called more than once with gradients in the step, the positions of those
+    calls and the keys (each side's, by local name) of the gradients of its own parameters
+    that the step's one backward wrote into an empty `.grad`: the sum of those calls'."""
+    found: dict[str, tuple[list[int], dict[str, tuple[str, str]]]] = {}
+    sides = [t.meta.get("backward_grads") for t in (ref, tgt)]
+    if not all(isinstance(g, dict) for g in sides):
+        return found
+    first_call = ref.meta.get("first_call_grads")
+    first_call = set(first_call) if isinstance(first_call, list) else set()
+    calls = defaultdict(list)
+    for pos, c in _graded(ref):
+        calls[c.module].append(pos)
+    for name, r_key in sides[0].items():
+        module, _, local = name.rpartition(".")
+        t_key = sides[1].get(name)
+        positions = calls.get(module, [])
+        if (
+            len(positions) > 1
+            and name not in tied | first_call
+            and isinstance(r_key, str)
+            and isinstance(t_key, str)
+            and r_key in ref.tensors
+            and t_key in tgt.tensors
+        ):
+            found.setdefault(module, (positions, {}))[1][local] = (r_key, t_key)
+    return found
+
+
+def _graded(trace: Trace) -> list[tuple[int, Call]]:
+    """The calls that took gradients (not one under no_grad, nor an activation checkpoint's
+    forward run again in backward, or first under no_grad when reentrant), with positions."""
+    return [
+        (pos, c)
+        for pos, c in enumerate(trace.calls)
+        if any(k is not None for k in c.grad_outputs + c.grad_inputs)
+    ]
 
 
 def _recorded(trace: Trace, pos: int, phase: str, label: str) -> str | None:

@@ -649,3 +649,54 @@ def test_an_honest_kernel_re_runs_an_fp16_backward_at_the_loops_loss_scale(tmp_p
     assert honest is not None and honest.dtype == torch.float32
     error = (honest.double() - exact).norm() / exact.norm()
     assert error < 5e-3, error  # fp16 roundings; flushed to subnormals it is several percent
+
+
+class Recurrent(nn.Module):
+    """One cell applied at every time step: its weight gradient is the sum of its calls'."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell, self.head = nn.Linear(4 + 8, 8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], 8)
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.cell(torch.cat([x[:, t], h], 1)))
+        return self.head(h)
+
+
+def _recurrent(out: Path, *, fault=None, replay=None, golden=False, jitter=False):
+    torch.manual_seed(0)
+    model = Recurrent()
+    if fault is not None:
+        fault(model, "cell")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    with align.Recorder(
+        model, out, steps=[0, 1], optimizer=opt, replay=replay, golden=golden
+    ) as rec:
+        for step in range(2):
+            x, y = torch.randn(6, 5, 4, generator=gen), torch.randint(0, 5, (6,), generator=gen)
+            with rec.step(step):
+                with Jitter(step + 1) if jitter else contextlib.nullcontext():
+                    nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+                opt.zero_grad()
+
+
+@pytest.mark.parametrize("fault", [weight_grad_gain, bias_grad_dropped])
+def test_a_weight_gradient_fault_in_a_cell_called_at_every_time_step_is_named(tmp_path, fault):
+    """One backward sums the cell's five calls' gradients: judged against the sum of their
+    replays (before: caught on the step's own rows, no culprit named)."""
+    _recurrent(tmp_path / "ref")
+    _recurrent(tmp_path / "gold", replay=tmp_path / "ref", golden=True)
+    _recurrent(tmp_path / "honest", replay=tmp_path / "ref", jitter=True)
+    honest = align.compare(
+        tmp_path / "ref", tmp_path / "honest", tmp_path / "gold", model=Recurrent()
+    )
+    assert honest.passed, str(honest)
+    assert ("cell", 0, "param_grad") in {(r.module, r.call, r.phase) for r in honest.local_rows}
+    _recurrent(tmp_path / "bad", fault=fault, replay=tmp_path / "ref")
+    report = align.compare(tmp_path / "ref", tmp_path / "bad", tmp_path / "gold", model=Recurrent())
+    assert [c.module for c in report.culprits][:1] == ["cell"], str(report)
+    assert report.culprits[0].phase == "param_grad"
