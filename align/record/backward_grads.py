@@ -3,13 +3,13 @@
 A module called once in a step gets, from its one call, the whole gradient of its own
 parameters, so align.judge.step_isolation can re-run that call and judge its weight
 gradient, and name the module whose weight-gradient kernel is wrong. That holds for the
-gradient the step's one backward wrote into an empty `.grad` (not one accumulated across
-micro-batches or steps), taken as it was written: the Recorder copies it then, before any
-clipping, loss-scaler unscaling or all-reduce changes it, and makes no second copy where
-the optimizer receives it unchanged. A gradient hook (before accumulation) and a
-post-accumulate hook tell these apart without reading a value: no copy, no
-synchronization (version counters: align.numerics.versions keeps them true under align's
-dispatch modes).
+gradient the step's one backward wrote into an empty `.grad` (None, or zeroed in place;
+not one accumulated across micro-batches or steps), taken as it was written: the Recorder
+copies it then, before any clipping, loss-scaler unscaling or all-reduce changes it, and
+makes no second copy where the optimizer receives it unchanged. A gradient hook (before
+accumulation) and a post-accumulate hook tell these apart without a copy and without
+waiting for a device (version counters: align.numerics.versions keeps them true under
+align's dispatch modes; a `.grad` zeroed in place is read once the step is over).
 """
 
 from __future__ import annotations
@@ -33,7 +33,10 @@ class BackwardGrads:
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self._on_accumulated = on_accumulated
         self._fires: dict[str, int] = {}
-        self._fresh: dict[str, bool] = {}  # `.grad` was empty when the gradient came
+        # `.grad` was empty when the gradient came: None, or zeroed in place (a script's
+        # `zero_grad(set_to_none=False)`), which a device tensor tells at the step's end
+        # (reading it in backward would wait for the device at every parameter)
+        self._fresh: dict[str, bool | torch.Tensor] = {}
         self._left: dict[str, tuple[torch.Tensor, int]] = {}  # `.grad` as backward left it
 
     def install(self, stack: contextlib.ExitStack) -> None:
@@ -48,7 +51,8 @@ class BackwardGrads:
     def _arriving(self, name: str, p: torch.Tensor):
         def hook(grad: torch.Tensor) -> None:
             self._fires[name] = self._fires.get(name, 0) + 1
-            self._fresh[name] = p.grad is None
+            if self._fires[name] == 1:
+                self._fresh[name] = True if p.grad is None else p.grad.detach().eq(0).all()
 
         return hook
 
@@ -60,9 +64,21 @@ class BackwardGrads:
 
         return hook
 
+    def may_own(self, name: str) -> bool:
+        """Whether `name`'s gradient came from one backward so far, into a `.grad` that may
+        have been empty (`own` tells, once the step is over)."""
+        return self._fires.get(name) == 1 and name in self._fresh
+
+    def empty_before(self, name: str) -> bool:
+        """Whether `.grad` was empty (None or zeros) when `name`'s first gradient came."""
+        fresh = self._fresh.get(name, False)
+        if isinstance(fresh, torch.Tensor):
+            fresh = self._fresh[name] = bool(fresh)
+        return fresh
+
     def own(self, name: str) -> bool:
         """Whether `name`'s gradient came from one backward into an empty `.grad`."""
-        return self._fires.get(name) == 1 and self._fresh.get(name, False)
+        return self._fires.get(name) == 1 and self.empty_before(name)
 
     def unchanged(self, name: str) -> bool:
         """Whether `name`'s `.grad` is still, unmodified, what backward left."""

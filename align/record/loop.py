@@ -456,7 +456,9 @@ class Recorder:
             grad_snapshot=partial(self._snapshot, files, scale),  # recorded unscaled
         )
         accumulated: dict[str, str] = {}  # as backward left them (unscaled when recorded)
-        first: dict[str, str] = {}  # as the first gradient into an empty .grad left them
+        # as the first gradient into a .grad that may have been empty (None or zeros) left
+        # them; `backward_own` keeps those whose .grad was (`grads.own`)
+        first: dict[str, str] = {}
         # gradients each parameter took while its module had been called once: one, and
         # the first is that call's alone, though micro-batches accumulate more after it
         # (two: two backwards went through the call, whose recorded output gradient is
@@ -477,9 +479,9 @@ class Recorder:
             # all-reduce); once accumulated again it is no one call's (grads.own)
             if hooks.calls(name.rpartition(".")[0]) == 1:
                 while_once[name] = while_once.get(name, 0) + 1
-            if grads.own(name) or backward_grads:
+            if grads.may_own(name) or backward_grads:
                 key = hooks.store_grad(p.grad, fresh=name in accumulated)
-                if grads.own(name):
+                if grads.may_own(name):
                     first[name] = key
                 if backward_grads:
                     accumulated[name] = key
@@ -519,7 +521,10 @@ class Recorder:
         alone = {
             n
             for n in first
-            if not grads.own(n) and while_once.get(n) == 1 and hooks.calls(n.rpartition(".")[0]) > 1
+            if not grads.own(n)
+            and grads.empty_before(n)
+            and while_once.get(n) == 1
+            and hooks.calls(n.rpartition(".")[0]) > 1
         }
         backward_own = {n: k for n, k in first.items() if grads.own(n) or n in alone}
         trace.decisions, trace.faults = choices.choices, choices.faults

@@ -104,6 +104,7 @@ def _train(
     clip=False,
     steps=STEPS,
     accumulate=1,
+    set_to_none=True,
 ):
     torch.manual_seed(0)
     model = Net(cast)
@@ -127,7 +128,7 @@ def _train(
             if clip:  # the gradients the optimizer receives are no longer backward's
                 nn.utils.clip_grad_norm_(model.parameters(), 0.1)
             opt.step()
-            opt.zero_grad()
+            opt.zero_grad(set_to_none=set_to_none)
 
 
 @pytest.fixture(scope="module")
@@ -341,6 +342,18 @@ def test_a_weight_gradient_fault_is_named_under_gradient_clipping(tmp_path):
     _train(tmp_path / "ref", clip=True)
     _train(tmp_path / "gold", replay=tmp_path / "ref", golden=True, clip=True)
     _train(tmp_path / "bad", fault=(weight_grad_gain, "conv"), replay=tmp_path / "ref", clip=True)
+    report = align.compare(tmp_path / "ref", tmp_path / "bad", tmp_path / "gold", model=Net())
+    assert [c.module for c in report.culprits][:1] == ["conv"], str(report)
+    assert report.culprits[0].phase == "param_grad"
+
+
+def test_a_weight_gradient_fault_is_named_where_the_script_zeroes_gradients_in_place(tmp_path):
+    """`zero_grad(set_to_none=False)` leaves zeros in `.grad`: backward's gradient is
+    still its own (it was judged nowhere, and no culprit was named)."""
+    _train(tmp_path / "ref", set_to_none=False)
+    _train(tmp_path / "gold", replay=tmp_path / "ref", golden=True, set_to_none=False)
+    bad = (weight_grad_gain, "conv")
+    _train(tmp_path / "bad", fault=bad, replay=tmp_path / "ref", set_to_none=False)
     report = align.compare(tmp_path / "ref", tmp_path / "bad", tmp_path / "gold", model=Net())
     assert [c.module for c in report.culprits][:1] == ["conv"], str(report)
     assert report.culprits[0].phase == "param_grad"

@@ -22,8 +22,9 @@ def _net() -> nn.Module:
 def _watched(model: nn.Module, between, backwards: int = 1, empty: bool = True):
     """One step: `backwards` backward passes, then `between(model)`; what the watcher says
     of the first layer's weight."""
-    if not empty:
-        model(torch.ones(1, 4)).sum().backward()  # a gradient already there
+    if not empty:  # a gradient already there
+        model(torch.randn(8, 4, generator=torch.Generator().manual_seed(3))).sum().backward()
+        assert model[0].weight.grad.any()
     grads = BackwardGrads(model, None)
     with contextlib.ExitStack() as stack:
         grads.install(stack)
@@ -53,6 +54,18 @@ def test_a_gradient_changed_after_backward_is_not_unchanged(between):
 def test_accumulated_gradients_are_not_one_backwards():
     assert _watched(_net(), lambda m: None, backwards=2)[0] is False
     assert _watched(_net(), lambda m: None, empty=False)[0] is False
+
+
+def test_a_gradient_into_zeros_left_in_place_is_one_backwards():
+    # a script's `zero_grad(set_to_none=False)`: zeros plus backward's gradient is it
+    model = _net()
+    model(torch.ones(1, 4)).sum().backward()
+    model.zero_grad(set_to_none=False)
+    grads = BackwardGrads(model, None)
+    with contextlib.ExitStack() as stack:
+        grads.install(stack)
+        model(torch.randn(5, 4)).square().sum().backward()
+    assert grads.own("0.weight") and grads.empty_before("0.weight")
 
 
 def _record(tmp_path, clip: bool, micro_batches: int = 1):
