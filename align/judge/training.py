@@ -20,6 +20,7 @@ import copy
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from align.numerics.precision import Policy, error_floor, get_policy
 from align.numerics.verdict import NO_SIGNAL, Row, Tolerance, judge, require_finite
 from align.record.capture import (
     call_model,
+    differentiate,
     draw_layout,
     in_draw_layout,
     inputs_laid_out,
@@ -102,6 +104,7 @@ def _trajectory(
     jitter: int | None = None,
     memory_format: torch.memory_format | None = None,
     skips: list[bool] | None = None,
+    grad_inputs: Callable[[Any], Any] | None = None,
 ) -> dict[str, Any]:
     """Train a private copy for len(batches) steps; per-step figures and final state.
 
@@ -110,7 +113,8 @@ def _trajectory(
     `memory_format` make it an honest draw (align.record.capture.honest_draw). `skips`: the
     steps the reference's loss scaler skipped (its gradients overflowed), which a run
     standing for it (the golden, a draw) skips too; each step's "skipped" says whether
-    the optimizer stepped.
+    the optimizer stepped. Inputs require grad as in the backward check (`grad_inputs`
+    picks which; capture.differentiate): a loss may differentiate by them.
     """
     private = prepare(model, device, policy)
     if memory_format is not None:  # its inputs follow, step by step
@@ -137,6 +141,7 @@ def _trajectory(
         x = policy.cast_inputs(batch, device)
         if memory_format is not None:
             x = inputs_laid_out(x, memory_format)
+        differentiate(x, grad_inputs)
         torch.manual_seed(seed + step)
         decisions = Decisions(None if replay is None else replay[step])
         decided.append(decisions.log)
@@ -387,9 +392,10 @@ def short_train(
     opts = options or _recipe_options(resolved.case)
     batches = _batches(resolved, steps, seed)
     loss_fn = resolved.loss_fn or projection_loss(seed)
-    ref = _trajectory(resolved.model, batches, loss_fn, reference, policy, opts, seed, emulation)
+    trajectory = partial(_trajectory, grad_inputs=resolved.grad_inputs)
+    ref = trajectory(resolved.model, batches, loss_fn, reference, policy, opts, seed, emulation)
     skips = [s["skipped"] for s in ref["steps"]]
-    gold = _trajectory(
+    gold = trajectory(
         resolved.model,
         batches,
         loss_fn,
@@ -400,7 +406,7 @@ def short_train(
         replay=ref["decisions"],
         skips=skips,
     )
-    tgt = _trajectory(
+    tgt = trajectory(
         target_model if target_model is not None else resolved.model,
         batches,
         loss_fn,
@@ -416,7 +422,7 @@ def short_train(
 
     def draw(k: int) -> dict:  # honest draw k of the reference's training (capture.honest_draw)
         return in_draw_layout(
-            lambda memory_format: _trajectory(
+            lambda memory_format: trajectory(
                 model,
                 batches,
                 loss_fn,

@@ -393,7 +393,9 @@ class KeepFloat64(TorchDispatchMode):
     (a loss that calls `.float()`, a model that builds anchors in float32) get float64, and
     so do factories that ask for no dtype (`torch.zeros(n)`, `torch.tensor(0.5)`: float64
     is torch's default dtype while the mode is on), as the same script run in float64 would
-    build them."""
+    build them. Not in backward: a gradient cast back to a float32 leaf's dtype (a
+    gradient penalty's input, cast to float64 where it entered the model) must be float32,
+    or autograd refuses it."""
 
     LOWER = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -408,7 +410,7 @@ class KeepFloat64(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if kwargs.get("dtype") in self.LOWER:
+        if kwargs.get("dtype") in self.LOWER and torch._C._current_graph_task_id() == -1:
             kwargs = {**kwargs, "dtype": torch.float64}
         return func(*args, **kwargs)
 
@@ -596,14 +598,7 @@ def run_model(
     )
     x = laid_out(private, policy.cast_inputs(inputs, device), memory_format)
     if backward:
-        map_leaves(
-            lambda t: (
-                t.requires_grad_(True)
-                if isinstance(t, torch.Tensor) and t.is_floating_point()
-                else t
-            ),
-            grad_inputs(x) if grad_inputs is not None else x,
-        )
+        differentiate(x, grad_inputs)
     loss_fn = loss_fn or projection_loss(seed)
     recorder = Recorder(private, backward)
     run.decisions.where = recorder.current
@@ -646,6 +641,18 @@ def run_model(
     }
     run.trace, run.specs = trace, recorder.specs
     return run
+
+
+def differentiate(inputs: Any, grad_inputs: Callable[[Any], Any] | None = None) -> None:
+    """Make `inputs`' floating tensors (or those `grad_inputs(inputs)` returns: a detector's
+    images, not its boxes) require grad, in place: their gradients are judged, and a loss
+    may take them (a gradient penalty differentiates the output by its input)."""
+    map_leaves(
+        lambda t: (
+            t.requires_grad_(True) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+        ),
+        grad_inputs(inputs) if grad_inputs is not None else inputs,
+    )
 
 
 def laid_out(model: nn.Module, inputs: Any, memory_format: torch.memory_format | None) -> Any:

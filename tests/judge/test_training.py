@@ -278,3 +278,33 @@ def test_sparse_gradients_are_judged_and_an_optimizer_that_refuses_them_is_said(
         faulty.emb.weight[::2].mul_(1.003)
     report = align.check(model, x, target_model=faulty, **kw)
     assert not report.passed and report.culprits[0].module == "emb", report
+
+
+def _critic() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, 2, 1), nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(8 * 8 * 8, 1)
+    )
+
+
+def _gradient_penalty(out: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """A WGAN-GP critic's loss at interpolates: the gradient by its input, differentiated."""
+    (g,) = torch.autograd.grad(out.sum(), x_hat, create_graph=True)
+    return out.mean() + 10 * ((g.flatten(1).norm(dim=1) - 1) ** 2).mean()
+
+
+def test_a_loss_that_differentiates_by_the_inputs_trains_and_a_fault_is_named():
+    # the training's inputs did not require grad, as the backward check's do: the
+    # gradient penalty raised "One of the differentiated Tensors does not require grad"
+    from align.testing import FAULTS, perturb
+
+    model = _critic()
+    x_hat = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    kw = dict(target="cpu", loss_fn=_gradient_penalty, phases="forward,backward,train")
+    honest = align.check(model, x_hat, target_model=perturb(model, 1.0), **kw)
+    assert honest.passed, honest
+    faulty = _critic()
+    FAULTS["weight_grad_gain"](faulty, "0")
+    report = align.check(model, x_hat, target_model=faulty, **kw)
+    assert not report.passed and not report.train["passed"]
+    assert report.culprits and report.culprits[0].module == "0", report

@@ -904,3 +904,39 @@ def test_a_loop_with_sparse_gradients_or_complex_weights_is_recorded_and_judged(
     assert align.compare(tmp_path / "ref", tmp_path / "same", tmp_path / "golden").passed
     report = align.compare(tmp_path / "ref", tmp_path / "off", tmp_path / "golden")
     assert not report.passed, report
+
+
+def test_a_gradient_penalty_loop_records_its_float64_golden_and_passes_honestly(tmp_path):
+    # the golden casts the interpolates to float64 where they enter the model; the gradient
+    # cast back to their float32 was kept float64 in backward and autograd refused it
+    def critic() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, 2, 1), nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(512, 1)
+        )
+
+    def train(out: Path, **recorder) -> None:
+        model = critic()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.5, 0.9))
+        gen = torch.Generator().manual_seed(1)
+        with align.Recorder(model, out, steps=[0, 1], optimizer=opt, **recorder) as rec:
+            for step in range(2):
+                real, fake = (torch.randn(4, 3, 16, 16, generator=gen) for _ in range(2))
+                eps = torch.rand(4, 1, 1, 1, generator=gen)
+                with rec.step(step):
+                    x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
+                    (g,) = torch.autograd.grad(model(x_hat).sum(), x_hat, create_graph=True)
+                    penalty = ((g.flatten(1).norm(dim=1) - 1) ** 2).mean()
+                    (model(fake).mean() - model(real).mean() + 10 * penalty).backward()
+                    opt.step()
+                    opt.zero_grad()
+
+    train(tmp_path / "ref")
+    train(tmp_path / "golden", golden=True, replay=tmp_path / "ref")
+    for k in (1, 2):
+        train(tmp_path / "ref", draw=k)
+    train(tmp_path / "same", replay=tmp_path / "ref")
+    report = align.compare(tmp_path / "ref", tmp_path / "same", tmp_path / "golden", model=critic())
+    assert report.passed, str(report)
+    golden = LoopDump(tmp_path / "golden").load(0, 0)
+    assert golden.state["loss"].dtype == torch.float64
