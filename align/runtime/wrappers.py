@@ -4,7 +4,10 @@ wrappers a run adds (a compiled or DDP target compares with an eager reference).
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+
+from align.errors import AlignError
 
 __all__ = ["unwrapped", "wrapped"]
 
@@ -12,11 +15,18 @@ __all__ = ["unwrapped", "wrapped"]
 def wrapped(model: nn.Module) -> tuple[nn.Module, bool]:
     """The user's model inside `model`'s wrappers (torch.compile, DataParallel,
     DistributedDataParallel), which call it (hooks on it see every call), and whether
-    torch.compile wrapped it."""
+    torch.compile wrapped it. A TorchScript module is an AlignError: its modules run no
+    Python hooks, and the eager model is not inside it."""
     from torch._dynamo.eval_frame import OptimizedModule  # (torch._dynamo loads on use)
 
     compiled = False
     while True:
+        if isinstance(model, torch.jit.ScriptModule):
+            raise AlignError(
+                f"{model.original_name} is a TorchScript module (torch.jit.script or trace), "
+                "whose modules align cannot hook: give the eager model it was made from "
+                "(with its weights: eager.load_state_dict(scripted.state_dict()))"
+            )
         if isinstance(model, OptimizedModule):
             model, compiled = model._orig_mod, True
         elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):

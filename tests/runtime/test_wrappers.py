@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 import align
+from align.errors import AlignError
 from align.runtime.wrappers import unwrapped, wrapped
 from align.testing import perturb
 
@@ -30,3 +32,13 @@ def test_check_reports_a_compiled_model_by_its_own_names_and_says_it_ran_eagerly
     assert report.passed and report.meta["model"] == "Sequential"
     assert {r.module for r in report.rows} == {"0", "1", "2"}
     assert any("compiled (torch.compile): align runs it eagerly" in n for n in report.notes)
+
+
+def test_a_torchscript_model_is_an_align_error_that_asks_for_the_eager_one(tmp_path):
+    # before: register_forward_pre_hook's RuntimeError from inside align.check
+    model = nn.Sequential(nn.Linear(8, 4))
+    for scripted in (torch.jit.script(model), torch.jit.trace(model, torch.randn(2, 8))):
+        with pytest.raises(AlignError, match="TorchScript .* give the eager model"):
+            align.check(scripted, torch.randn(2, 8), target="cpu")
+        with pytest.raises(AlignError, match="TorchScript"):
+            align.Recorder(scripted, tmp_path / "d", steps=[0])
