@@ -187,7 +187,9 @@ def check(
                 f"used {ref_run.loss_scale:g}, as a GradScaler backs off"
             )
         meta["loss_scale"] = ref_run.loss_scale
-        if identical(ref_run.trace, tgt_run.trace):
+        # (a target whose own index choices differed from the replayed ones is isolated:
+        # the replay made its values the reference's, not its kernel)
+        if identical(ref_run.trace, tgt_run.trace) and not tgt_run.decisions.choice_gaps():
             report.notes.append(IDENTICAL)
         else:
             _judge_runs(

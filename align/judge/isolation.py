@@ -29,7 +29,12 @@ from align.errors import AlignError
 from align.numerics.decisions import Choices, Decisions, is_random
 from align.numerics.jitter import Pool
 from align.numerics.names import BUFFER, judged_locally
-from align.numerics.precision import kernel_accuracy, shares_statistics, unscaled_dtype
+from align.numerics.precision import (
+    UNIT_ROUNDOFF,
+    kernel_accuracy,
+    shares_statistics,
+    unscaled_dtype,
+)
 from align.numerics.trees import flatten, unflatten
 from align.numerics.verdict import (
     Divergence,
@@ -339,6 +344,8 @@ def isolate(
     (align.numerics.jitter) to judge that tensor again.
     """
     iso = Isolator(ref, tgt, gold, backward, name_map)
+    # (an emulated HF32 / TF32 target rounds to 10 mantissa bits)
+    unit = 2.0**-11 if tgt.emulation is not None else UNIT_ROUNDOFF[tgt.policy.low_precision]
     rows: list[Row] = []
     failing: dict[int, Row] = {}
     notes: list[str] = []
@@ -351,6 +358,12 @@ def isolate(
             for fault in t_local.decisions.faults:  # replayed draws hide it from the values
                 failing[pos] = fault.row(isolated=True)
                 rows.append(failing[pos])
+            chose = _wrong_choices(
+                call, t_local, lambda k, p=pos: iso.run(iso.ref.draw(k), p), unit
+            )
+            if chose is not None:  # replayed choices hide it from the values too
+                failing[pos] = chose
+                rows.append(chose)
             if _identical(r_local, t_local):
                 continue
             g_local = iso.run(gold, pos)
@@ -373,6 +386,49 @@ def isolate(
                     failing[pos] = row
     culprits = [failing[p].divergence() for p in culprit_positions(ref.trace.calls, failing)]
     return rows, culprits, notes
+
+
+# An isolated call runs on the reference's inputs, so an honest kernel's index choices
+# (sort, top-k, max, a max-pool's, the boxes NMS keeps) differ from the reference's only
+# between values its own rounding puts within reach of each other (of a tie, of the
+# IoU threshold); replaying the reference's choices would hide a kernel that chooses
+# otherwise far from any tie. How far a target's differing choices may sit: this many
+# times the farthest of its honest draws' (jittered re-runs of the reference's call),
+# and at least CHOICE_FLOOR unit roundoffs of the run's precision (relative to the
+# values' scale, as `Decisions` measures it).
+FAR_CHOICE = 4.0
+CHOICE_FLOOR = 16
+CHOICE_DRAWS = 2
+
+
+def _wrong_choices(
+    call: Call, local: LocalRun, draw: Callable[[int], LocalRun], unit: float
+) -> Row | None:
+    """A failing row where the target's own index choices on the reference's inputs sat
+    far from any tie (a wrong sort, a wrong NMS), else None; `draw(k)` is the reference's
+    k-th honest draw of the call, made only where a choice sat beyond the floor; `unit`,
+    the unit roundoff of the run's precision."""
+    gaps = local.decisions.choice_gaps()
+    floor = CHOICE_FLOOR * unit
+    far = {op: s for op, s in gaps.items() if s.measured and s.gap > floor}
+    if not far:
+        return None
+    honest = [draw(k).decisions.choice_gaps() for k in range(1, CHOICE_DRAWS + 1)]
+    for op, s in sorted(far.items(), key=lambda item: -item[1].gap):
+        reach = max((h[op].gap for h in honest if op in h), default=0.0)
+        limit = max(floor, FAR_CHOICE * reach)
+        if s.gap <= limit:
+            continue
+        row = Row(call.module, call.index, "forward", f"{op} choices", "", [], isolated=True)
+        row.failed.append("choice_gap")
+        row.metrics["choice_gap"], row.limits["choice_gap"] = s.gap, limit
+        row.message = (
+            f"{op}: {s.differed} of {s.choices} choices on the reference's inputs are not "
+            f"the reference's, the farthest {s.gap:.2g} from a tie (relative to the values' "
+            f"scale; the honest draws' farthest {reach:.2g}): a kernel that chooses otherwise"
+        )
+        return row
+    return None
 
 
 def _judge_local(

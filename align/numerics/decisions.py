@@ -58,6 +58,7 @@ import contextlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -225,6 +226,7 @@ class Decisions(TorchDispatchMode):
         self.stats: dict[str, Differed] = {}
         self.faults: list[Fault] = []
         self.unmatched = 0  # calls that matched no record (other op or shape): own kept
+        self._chosen: set[str] = set()  # the ops of `stats` that choose indices or boxes
         self.ran: set[str] = set()  # every op the run dispatched (its kernels' kinds)
         self._queues: dict[str, deque[torch.Tensor]] = {}
         for key, t in replay or ():
@@ -302,7 +304,8 @@ class Decisions(TorchDispatchMode):
         indices = recorded.to(own.device, copy=True)  # the caller may write into it in place
         self._log(key, recorded)
         if func in _INDICES_ONLY:
-            self._count(func, own, indices, None)
+            at = partial(_arg_values, func, args, kwargs)
+            self._count(func, own, indices, (at(own), at(indices)))
             return indices
         values = _gather(func, args, kwargs, indices)
         self._count(func, own, indices, (out[0], values))
@@ -356,6 +359,7 @@ class Decisions(TorchDispatchMode):
         kept = recorded.to(device=out.device, dtype=out.dtype, copy=True)
         differ = set(out.tolist()) ^ set(kept.tolist())
         self._tally(name, len(differ | set(kept.tolist())), len(differ))
+        self._chosen.add(name)
         if differ:
             s = self._stat(name)
             s.gap = max(s.gap, _overlap_gap(boxes, scores, kept, out, threshold))
@@ -562,6 +566,7 @@ class Decisions(TorchDispatchMode):
     def _count(self, func, own, replayed, values) -> None:
         differ = int((own != replayed).sum())
         self._tally(func, own.numel(), differ)
+        self._chosen.add(func.overloadpacket.__name__)
         if differ and values is not None:
             mine, theirs = (v.detach().double() for v in values)
             scale = float(mine.abs().max()) or 1.0
@@ -579,6 +584,11 @@ class Decisions(TorchDispatchMode):
             module, call = (here[0], here[1]) if here else ("", 0)
             message = f"{op} kernel: {bad} of {values.numel()} outputs are not {what}"
             self.faults.append(Fault(module, call, op, message))
+
+    def choice_gaps(self) -> dict[str, Differed]:
+        """The index ops (sort, top-k, max, a max-pool, NMS) whose own choices differed
+        from the replayed ones, by name: how many, and how far from a tie they were."""
+        return {n: s for n, s in self.stats.items() if n in self._chosen and s.differed}
 
     def summary(self) -> str:
         """One line: the decisions this run would have made otherwise; '' if none."""
@@ -702,6 +712,15 @@ def _argument(func, args: tuple, kwargs: dict, name: str) -> Any:
                 return args[i]
             return kwargs.get(name, arg.default_value)
     raise KeyError(name)
+
+
+def _arg_values(func, args: tuple, kwargs: dict, indices: torch.Tensor) -> torch.Tensor:
+    """An argmax's or argmin's input values at `indices` (the largest, or what it chose)."""
+    source, dim = args[0], _argument(func, args, kwargs, "dim")
+    if dim is None:
+        return source.flatten()[indices]
+    index = indices if _argument(func, args, kwargs, "keepdim") else indices.unsqueeze(dim)
+    return source.gather(dim, index).view(indices.shape)
 
 
 def _gather(func, args: tuple, kwargs: dict, indices: torch.Tensor) -> torch.Tensor:

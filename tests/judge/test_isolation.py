@@ -10,7 +10,7 @@ import align
 from align.judge.isolation import _Payload, _Replay, statistics_span
 from align.numerics.jitter import Jitter
 from align.record.trace import Call, Trace
-from align.testing import FAULTS, with_threads
+from align.testing import FAULTS, perturb, with_threads
 
 
 def test_an_honest_draw_isolates_a_container_on_its_childrens_records_as_they_are():
@@ -182,3 +182,40 @@ def test_the_gradient_a_module_sends_a_child_fed_no_tensor_is_judged():
     report = align.check(model, x, target_model=target, target="cpu", phases="forward,backward")
     assert report.culprits and report.culprits[0].module == "1", str(report)
     assert report.culprits[0].tensor == "grad_to:1.gain[0]"
+
+
+class _Kept(torch.nn.Module):
+    """Post-processing: boxes and scores from raw outputs, NMS, the kept ones' scores. A
+    `wrong` kernel computes overlaps with a +1.5 px box convention."""
+
+    def __init__(self, wrong: bool = False):
+        super().__init__()
+        self.wrong = wrong
+
+    def forward(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        import torchvision
+
+        xy, wh = raw[:, :2] * 20, raw[:, 2:4].exp() * 6
+        boxes, scores = torch.cat([xy - wh / 2, xy + wh / 2], 1), raw[:, 4].sigmoid()
+        seen = boxes.detach()
+        if self.wrong:
+            seen = torch.cat([seen[:, :2], seen[:, 2:] + 1.5], 1)
+        keep = torchvision.ops.nms(seen, scores.detach(), 0.5)
+        mask = torch.zeros_like(scores).index_fill(0, keep, 1.0)
+        return scores * mask, boxes * mask[:, None]
+
+
+def test_a_kernel_that_chooses_otherwise_far_from_a_tie_is_named_though_its_choices_replay():
+    # the whole run replays the reference's kept boxes, so the target's values were the
+    # reference's bit for bit: the check said ALIGNED without isolating anything
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 5), _Kept()).eval()
+    x = torch.randn(200, 8, generator=torch.Generator().manual_seed(1))
+    for target in (with_threads(model), perturb(model, 1.0)):
+        honest = align.check(model, x, target_model=target, target="cpu")
+        assert honest.passed, str(honest)
+    wrong = copy.deepcopy(model)
+    wrong[1].wrong = True
+    report = align.check(model, x, target_model=wrong, target="cpu")
+    assert not report.passed
+    assert [(c.module, c.metric) for c in report.culprits] == [("1", "choice_gap")], str(report)
