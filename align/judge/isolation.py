@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from align.errors import AlignError
-from align.numerics.decisions import Choices, Decisions, is_random
+from align.numerics.decisions import CHOICE_FLOOR, FAR_CHOICE, Choices, Decisions, is_random
 from align.numerics.jitter import Pool
 from align.numerics.names import BUFFER, judged_locally
 from align.numerics.precision import (
@@ -392,12 +392,9 @@ def isolate(
 # (sort, top-k, max, a max-pool's, the boxes NMS keeps) differ from the reference's only
 # between values its own rounding puts within reach of each other (of a tie, of the
 # IoU threshold); replaying the reference's choices would hide a kernel that chooses
-# otherwise far from any tie. How far a target's differing choices may sit: this many
-# times the farthest of its honest draws' (jittered re-runs of the reference's call),
-# and at least CHOICE_FLOOR unit roundoffs of the run's precision (relative to the
-# values' scale, as `Decisions` measures it).
-FAR_CHOICE = 4.0
-CHOICE_FLOOR = 16
+# otherwise far from any tie (decisions.FAR_CHOICE: how far its choices may sit). The
+# honest draws of the call that measure the reach: made only where a choice sat beyond
+# the floor.
 CHOICE_DRAWS = 2
 
 
@@ -422,6 +419,7 @@ def _wrong_choices(
         row = Row(call.module, call.index, "forward", f"{op} choices", "", [], isolated=True)
         row.failed.append("choice_gap")
         row.metrics["choice_gap"], row.limits["choice_gap"] = s.gap, limit
+        row.reference["choice_gap"] = reach
         row.message = (
             f"{op}: {s.differed} of {s.choices} choices on the reference's inputs are not "
             f"the reference's, the farthest {s.gap:.2g} from a tie (relative to the values' "

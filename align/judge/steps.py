@@ -21,7 +21,8 @@ from align.judge.report import Report
 from align.judge.step_isolation import isolate_step
 from align.judge.traces import no_signal_notes
 from align.numerics import decisions, metrics
-from align.numerics.precision import error_floor, get_policy
+from align.numerics.decisions import CHOICE_FLOOR, FAR_CHOICE
+from align.numerics.precision import UNIT_ROUNDOFF, error_floor, get_policy
 from align.numerics.verdict import (
     NOISE_DOMINATED,
     NOISY_ELEMENTS_MESSAGE,
@@ -292,6 +293,7 @@ def _judge_step(
         name_map=name_map,
         draws=[d.trace for d in draws],
     )
+    rows += _choice_rows(tgt, [s for s in (gold, *draws) if s is not None])
     noisy = {} if noisy is None else noisy
     _took_noise(ref, tgt, gold, draws, rows, name_map, noisy)
     judged = partial(_state_row, ref, tgt, g, draws, tol, strict, noisy=noisy)
@@ -319,6 +321,42 @@ def _judge_step(
                 group = f"group {group_of[name]} " if name in group_of else ""
                 label = f"{group}{name} after the step"
                 rows.append(judged(_owner(name), kind, label, key, f"{kind}/{tname}"))
+    return rows
+
+
+def _choice_rows(tgt: Step, honest: Sequence[Step]) -> list[Row]:
+    """A failing row per index op (sort, top-k, max, a max-pool, NMS) whose own choices
+    in the target's run sat far from any tie where it took the reference's: beyond
+    FAR_CHOICE times the farthest of the runs that stand for the reference (`honest`: the
+    golden, the draws: their inputs differ from the reference's as an honest target's
+    do) and CHOICE_FLOOR unit roundoffs of the step's precision. Without them, none: an
+    honest whole run's inputs to a choice carry its upstream error."""
+    gaps = tgt.trace.meta.get("choice_gaps")
+    if not honest or not isinstance(gaps, dict):
+        return []
+    dtypes = [
+        getattr(torch, str(d).rpartition(".")[2], None) for d in tgt.info.get("output_dtypes", [])
+    ]
+    unit = max([UNIT_ROUNDOFF[d] for d in dtypes if d in UNIT_ROUNDOFF], default=2.0**-24)
+    rows = []
+    for op, s in sorted(gaps.items()):
+        if not isinstance(s, dict) or not isinstance(s.get("gap"), (int, float)):
+            continue
+        reach = [h.trace.meta.get("choice_gaps", {}).get(op, {}).get("gap", 0.0) for h in honest]
+        limit = max(CHOICE_FLOOR * unit, FAR_CHOICE * max(reach))
+        if s["gap"] <= limit:
+            continue
+        row = Row(str(s.get("module", "")), 0, "forward", f"{op} choices", "", [])
+        row.failed.append("choice_gap")
+        row.metrics["choice_gap"], row.limits["choice_gap"] = float(s["gap"]), limit
+        row.reference["choice_gap"] = max(reach)
+        row.message = (
+            f"{op}: {s.get('differed')} of {s.get('choices')} of the target's own choices were "
+            f"not the reference's, the farthest {s['gap']:.2g} from a tie (relative to the "
+            f"values' scale; the golden's and honest draws' farthest {max(reach):.2g}): a "
+            "kernel that chooses otherwise, hidden by the replay"
+        )
+        rows.append(row)
     return rows
 
 

@@ -167,6 +167,15 @@ _UNWRAP: list[Callable[[], None]] = []  # puts back what align.numerics.outside 
 Where = Callable[[], "tuple[str, int, int] | None"]  # (module, call index, call position)
 
 
+# How far from a tie a run's own index choices (sort, top-k, max, a max-pool, NMS) may sit
+# where they differ from the replayed ones, relative to the values' scale (`Differed.gap`):
+# an honest kernel's flips sit within its rounding of a tie, a wrong one's anywhere. The
+# limit: FAR_CHOICE times the farthest of runs standing for the reference (honest draws,
+# the golden), at least CHOICE_FLOOR unit roundoffs of the run's precision.
+FAR_CHOICE = 4.0
+CHOICE_FLOOR = 16
+
+
 @dataclass
 class Differed:
     """How one run's own decisions compared with the replayed ones, per op."""
@@ -176,6 +185,12 @@ class Differed:
     differed: int = 0  # of which the run would have decided otherwise
     gap: float = 0.0  # largest distance of a differing choice, relative to the values' scale
     measured: bool = True  # False for a user's choice (align.decision): no gap to measure
+    module: str = ""  # the module whose call made the farthest differing choice
+
+    def farther(self, gap: float, where: tuple[str, int, int] | None) -> None:
+        """Take `gap` if it is the farthest yet, made in the module call `where`."""
+        if gap > self.gap:
+            self.gap, self.module = gap, where[0] if where else ""
 
     def describe(self) -> str:
         """'3 of 128 (values 1e-07 apart)': how many choices differed, and how far."""
@@ -201,6 +216,15 @@ class Fault:
         row.metrics["kernel"], row.limits["kernel"] = 1.0, 0.0
         row.message = self.message
         return row
+
+
+def choice_gaps(decisions: Decisions) -> dict[str, dict[str, Any]]:
+    """`decisions.choice_gaps()` as a dump's step meta holds it (measured ones only)."""
+    return {
+        op: {"differed": s.differed, "choices": s.choices, "gap": s.gap, "module": s.module}
+        for op, s in decisions.choice_gaps().items()
+        if s.measured
+    }
 
 
 def is_random(key: str) -> bool:
@@ -362,7 +386,7 @@ class Decisions(TorchDispatchMode):
         self._chosen.add(name)
         if differ:
             s = self._stat(name)
-            s.gap = max(s.gap, _overlap_gap(boxes, scores, kept, out, threshold))
+            s.farther(_overlap_gap(boxes, scores, kept, out, threshold), self._here())
         return kept
 
     def _branches(self, func, args, kwargs):
@@ -544,8 +568,11 @@ class Decisions(TorchDispatchMode):
 
     def _log(self, key: str, t: torch.Tensor) -> None:
         self.log.append((key, t))
-        here = self.where() if self.where is not None else None
+        here = self._here()
         self.owners.append(None if here is None else here[2])
+
+    def _here(self) -> tuple[str, int, int] | None:
+        return self.where() if self.where is not None else None
 
     def _stat(self, func) -> Differed:
         """The counts of an op, or of a decision outside the dispatcher named `func`."""
@@ -561,7 +588,7 @@ class Decisions(TorchDispatchMode):
     def _gap(self, func, gap: torch.Tensor, flips: torch.Tensor, x: torch.Tensor) -> None:
         scale = float(x.detach().abs().max()) or 1.0
         s = self._stat(func)
-        s.gap = max(s.gap, float(gap.detach()[flips].max()) / scale)
+        s.farther(float(gap.detach()[flips].max()) / scale, self._here())
 
     def _count(self, func, own, replayed, values) -> None:
         differ = int((own != replayed).sum())
@@ -571,7 +598,7 @@ class Decisions(TorchDispatchMode):
             mine, theirs = (v.detach().double() for v in values)
             scale = float(mine.abs().max()) or 1.0
             s = self._stat(func)
-            s.gap = max(s.gap, float((mine - theirs).abs().max()) / scale)
+            s.farther(float((mine - theirs).abs().max()) / scale, self._here())
 
     def _check_kernel(self, op: str, values, expected, what: str) -> None:
         """A kernel whose values contradict the draw it returned (a dropout's mask, RReLU's
@@ -580,7 +607,7 @@ class Decisions(TorchDispatchMode):
         bound = (expected.abs() * 4 * finfo.eps).add_(finfo.tiny)
         bad = int(((values - expected).abs() > bound).sum())
         if bad:
-            here = self.where() if self.where is not None else None
+            here = self._here()
             module, call = (here[0], here[1]) if here else ("", 0)
             message = f"{op} kernel: {bad} of {values.numel()} outputs are not {what}"
             self.faults.append(Fault(module, call, op, message))

@@ -127,7 +127,7 @@ from torch import nn
 from align.errors import AlignError, TraceError
 from align.files import read_json, write_json_atomic
 from align.numerics import decisions
-from align.numerics.decisions import Decisions
+from align.numerics.decisions import Decisions, choice_gaps
 from align.numerics.jitter import Jitter
 from align.numerics.precision import unscaled_dtype
 from align.numerics.trees import map_leaves
@@ -532,6 +532,7 @@ class Recorder:
             "device": self._device(),
             "decisions": "replayed" if self.replay is not None else "own",
             "decisions_differed": choices.summary(),
+            "choice_gaps": choice_gaps(choices),
             "model": type(self.model).__name__,
             "backward": True,
             # what isolation needs to call each module again (align.judge.step_isolation)

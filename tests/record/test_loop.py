@@ -940,3 +940,56 @@ def test_a_gradient_penalty_loop_records_its_float64_golden_and_passes_honestly(
     assert report.passed, str(report)
     golden = LoopDump(tmp_path / "golden").load(0, 0)
     assert golden.state["loss"].dtype == torch.float64
+
+
+class _TopTokens(nn.Module):
+    """Keeps the 4 of 12 tokens a linear score ranks highest (a token pruner); a `wrong`
+    top-k kernel ranks them by scores off by a ripple of 5% of their largest."""
+
+    def __init__(self, wrong: bool = False):
+        super().__init__()
+        self.score, self.head, self.wrong = nn.Linear(8, 1), nn.Linear(8, 3), wrong
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.score(x).squeeze(-1)
+        if self.wrong:
+            ripple = torch.cos(torch.arange(scores.shape[-1], dtype=scores.dtype) * 2.0)
+            scores = scores + 0.05 * scores.detach().abs().max() * ripple
+        index = scores.topk(4, dim=-1).indices
+        kept = x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+        return self.head(kept.mean(1))
+
+
+def test_a_choice_kernel_hidden_by_the_replay_fails_by_how_far_its_choices_sat(tmp_path):
+    # the target takes the reference's top-k indices: its values were the reference's and
+    # the wrong kernel passed; its own choices, far from any tie, are judged now
+    def train(out: Path, wrong: bool = False, jitter: bool = False, **recorder) -> None:
+        torch.manual_seed(0)
+        model = _TopTokens(wrong)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(1)
+        with align.Recorder(model, out, steps=[0, 1], optimizer=opt, **recorder) as rec:
+            for step in range(2):
+                x, y = (
+                    torch.randn(6, 12, 8, generator=gen),
+                    torch.randint(0, 3, (6,), generator=gen),
+                )
+                with rec.step(step), Jitter(step + 1) if jitter else contextlib.nullcontext():
+                    nn.functional.cross_entropy(model(x), y).backward()
+                    opt.step()
+                    opt.zero_grad()
+
+    ref = tmp_path / "ref"
+    train(ref)
+    train(tmp_path / "golden", golden=True, replay=ref)
+    for k in (1, 2):
+        train(ref, draw=k)
+    train(tmp_path / "honest", jitter=True, replay=ref)
+    honest = align.compare(ref, tmp_path / "honest", tmp_path / "golden")
+    assert honest.passed, str(honest)
+    train(tmp_path / "wrong", wrong=True, replay=ref)
+    report = align.compare(ref, tmp_path / "wrong", tmp_path / "golden")
+    assert not report.passed
+    first = report.first_divergence  # (topk ran in the model's own forward: <model>)
+    assert first.module == "" and first.metric == "choice_gap", str(report)
+    assert first.tensor == "step 0 topk choices", str(report)
