@@ -21,7 +21,7 @@ from align.judge.report import Report
 from align.judge.step_isolation import isolate_step
 from align.judge.traces import no_signal_notes
 from align.numerics import decisions, metrics
-from align.numerics.decisions import CHOICE_FLOOR, FAR_CHOICE
+from align.numerics.decisions import FAR_CHOICE, WHOLE_RUN_CHOICE_FLOOR
 from align.numerics.precision import UNIT_ROUNDOFF, error_floor, get_policy
 from align.numerics.verdict import (
     NOISE_DOMINATED,
@@ -329,7 +329,7 @@ def _choice_rows(tgt: Step, honest: Sequence[Step]) -> list[Row]:
     in the target's run sat far from any tie where it took the reference's: beyond
     FAR_CHOICE times the farthest of the runs that stand for the reference (`honest`: the
     golden, the draws: their inputs differ from the reference's as an honest target's
-    do) and CHOICE_FLOOR unit roundoffs of the step's precision. Without them, none: an
+    do) and WHOLE_RUN_CHOICE_FLOOR unit roundoffs of the step's precision. Without them, none: an
     honest whole run's inputs to a choice carry its upstream error."""
     gaps = tgt.trace.meta.get("choice_gaps")
     if not honest or not isinstance(gaps, dict):
@@ -343,7 +343,7 @@ def _choice_rows(tgt: Step, honest: Sequence[Step]) -> list[Row]:
         if not isinstance(s, dict) or not isinstance(s.get("gap"), (int, float)):
             continue
         reach = [h.trace.meta.get("choice_gaps", {}).get(op, {}).get("gap", 0.0) for h in honest]
-        limit = max(CHOICE_FLOOR * unit, FAR_CHOICE * max(reach))
+        limit = max(WHOLE_RUN_CHOICE_FLOOR * unit, FAR_CHOICE * max(reach))
         if s["gap"] <= limit:
             continue
         row = Row(str(s.get("module", "")), 0, "forward", f"{op} choices", "", [])
