@@ -869,6 +869,36 @@ def test_a_normalization_may_share_its_statistics_summation_error_across_a_slice
         assert judged.passed == passes, (gain, statistics, explain(judged))
 
 
+def test_one_channel_of_a_normalization_may_carry_its_statistics_summation_error():
+    """One channel's statistics over 51,200 values (2 x 160 x 160) summed in another
+    order: a gain of 0.9 sqrt(n) fp32 roundoffs (1.2e-5) in that channel alone passes as a
+    normalization's (an honest SSDlite target's BatchNorm failed by slice_gain 1.32e-5
+    against 1e-5), fails as any other kernel's; a 0.03% gain there fails either way."""
+    channels, n = 4, 51_200
+    g = torch.randn(2, channels, 160, 160, generator=torch.Generator().manual_seed(6)).double()
+    reference = g.float()
+    honest = 1 + 0.9 * math.sqrt(n) * UNIT_FP32
+    for gain, statistics, passes in (
+        (honest, True, True),
+        (honest, False, False),
+        (1.0003, True, False),
+    ):
+        per_channel = torch.ones((1, channels, 1, 1), dtype=torch.float64)
+        per_channel[0, 2] = gain
+        judged = judge(
+            (g * per_channel).float(),
+            reference,
+            g,
+            Tolerance(),
+            strict_dtype=True,
+            local=True,
+            row=row(),
+            accuracy=2.0,
+            statistics=statistics,
+        )
+        assert judged.passed == passes, (gain, statistics, explain(judged))
+
+
 def test_the_sampling_spread_of_few_elements_is_wide_and_of_many_near_one():
     assert sampling_spread(8) == pytest.approx(3.47, abs=0.01)
     assert 1.0 < sampling_spread(100_000) < 1.02
