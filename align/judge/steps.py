@@ -331,8 +331,8 @@ def _choice_rows(tgt: Step, honest: Sequence[Step]) -> list[Row]:
     golden, the draws: their inputs differ from the reference's as an honest target's
     do) and WHOLE_RUN_CHOICE_FLOOR unit roundoffs of the step's precision. Without them, none: an
     honest whole run's inputs to a choice carry its upstream error."""
-    gaps = tgt.trace.meta.get("choice_gaps")
-    if not honest or not isinstance(gaps, dict):
+    gaps = _choice_gaps(tgt)
+    if not honest or not gaps:
         return []
     dtypes = [
         getattr(torch, str(d).rpartition(".")[2], None) for d in tgt.info.get("output_dtypes", [])
@@ -340,9 +340,7 @@ def _choice_rows(tgt: Step, honest: Sequence[Step]) -> list[Row]:
     unit = max([UNIT_ROUNDOFF[d] for d in dtypes if d in UNIT_ROUNDOFF], default=2.0**-24)
     rows = []
     for op, s in sorted(gaps.items()):
-        if not isinstance(s, dict) or not isinstance(s.get("gap"), (int, float)):
-            continue
-        reach = [h.trace.meta.get("choice_gaps", {}).get(op, {}).get("gap", 0.0) for h in honest]
+        reach = [_choice_gaps(h).get(op, {}).get("gap", 0.0) for h in honest]
         limit = max(WHOLE_RUN_CHOICE_FLOOR * unit, FAR_CHOICE * max(reach))
         if s["gap"] <= limit:
             continue
@@ -358,6 +356,21 @@ def _choice_rows(tgt: Step, honest: Sequence[Step]) -> list[Row]:
         )
         rows.append(row)
     return rows
+
+
+def _choice_gaps(step: Step) -> dict[str, dict[str, Any]]:
+    """A step's `choice_gaps` meta (align.record.loop), each op's entry with a number for
+    its gap; {} from a dump without it (written before) or with one that is not."""
+    gaps = step.trace.meta.get("choice_gaps")
+    if not isinstance(gaps, dict):
+        return {}
+    return {
+        str(op): s
+        for op, s in gaps.items()
+        if isinstance(s, dict)
+        and isinstance(s.get("gap"), (int, float))
+        and math.isfinite(s["gap"])
+    }
 
 
 def _took_noise(
