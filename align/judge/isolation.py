@@ -345,7 +345,9 @@ def isolate(
     """
     iso = Isolator(ref, tgt, gold, backward, name_map)
     # (an emulated HF32 / TF32 target rounds to 10 mantissa bits)
-    unit = 2.0**-11 if tgt.emulation is not None else UNIT_ROUNDOFF[tgt.policy.low_precision]
+    unit = UNIT_ROUNDOFF[tgt.policy.low_precision]
+    if tgt.emulation is not None:
+        unit = max(unit, 2.0**-11)
     rows: list[Row] = []
     failing: dict[int, Row] = {}
     notes: list[str] = []

@@ -92,7 +92,10 @@ def isolate_step(
     tied = _tied(runs[0].model)
     own = [_own_grads(side.trace, tied) for side in (ref, tgt)]
     summed = _summed_grads(ref.trace, tgt.trace, tied)
-    parts: dict[int, list[LocalRun]] = {}  # the replays of the calls `summed` adds up
+    # per summed module: each side's running sum of its calls' replayed parameter
+    # gradients, the calls added, and the ops the first ran (its kernels' accuracy)
+    of_call = {p: m for m, (positions, _) in summed.items() for p in positions}
+    sums = {m: _Sum() for m in summed}
     honest = _HonestKernel(model, tgt, weights[1], policy)
     rows: list[Row] = []
     failing: dict[int, Row] = {}
@@ -100,7 +103,7 @@ def isolate_step(
     for pos in range(len(ref.trace.calls)):
         # (a call whose records are the reference's bit for bit has the reference's error)
         same = _same_records(ref.trace, tgt.trace, pos, [o.get(pos, {}) for o in own])
-        if same and not any(pos in positions for positions, _ in summed.values()):
+        if same and pos not in of_call:
             continue
         try:
             replays = [_alone(iso, run, pos) for iso, run in zip(isolators, runs)]
@@ -115,14 +118,16 @@ def isolate_step(
             why = str(exc).split("\n")[0][:160]
             skipped[why] = skipped.get(why, 0) + 1
             continue
-        if any(pos in positions for positions, _ in summed.values()):
-            parts[pos] = [LocalRun(params=r.params, decisions=r.decisions) for r in replays]
+        if pos in of_call:
+            sums[of_call[pos]].add(replays)
         rows += judged
         if any(r.failed for r in judged):
             failing[pos] = max((r for r in judged if r.failed), key=lambda r: r.ratio(r.worst()))
-    for positions, keys in summed.values():
-        if all(p in parts for p in positions):
-            judged = list(_judged_sums(ref, tgt, positions, keys, parts, tol, strict_dtype, honest))
+    for module, (positions, keys) in summed.items():
+        if sums[module].calls == len(positions):
+            judged = list(
+                _judged_sums(ref, tgt, positions, keys, sums[module], tol, strict_dtype, honest)
+            )
             rows += judged
             for r in judged:
                 worst = failing.get(positions[0])
@@ -187,12 +192,29 @@ def _judged(
         )
 
 
+class _Sum:
+    """Each side's running sum of a module's calls' replayed parameter gradients (by
+    local name): no call's replay is kept past its turn."""
+
+    def __init__(self) -> None:
+        self.sides: list[dict[str, torch.Tensor]] = [{}, {}]
+        self.calls = 0
+        self.ran: set[str] = set()  # the ops the calls ran
+
+    def add(self, replays: Sequence[LocalRun]) -> None:
+        for side, replay in zip(self.sides, replays):
+            for label, grad in replay.params.items():
+                side[label] = grad.clone() if label not in side else side[label].add_(grad)
+        self.ran |= replays[0].decisions.ran
+        self.calls += 1
+
+
 def _judged_sums(
     ref: Step,
     tgt: Step,
     positions: list[int],
     keys: dict[str, tuple[str, str]],
-    parts: dict[int, list[LocalRun]],
+    summed: _Sum,
     tol: Tolerance,
     strict_dtype: bool,
     honest: Callable[[int, str, str], torch.Tensor | None],
@@ -203,10 +225,9 @@ def _judged_sums(
     a model applies several times, a siamese branch)."""
     call = ref.trace.calls[positions[0]]
     for label, (r_key, t_key) in keys.items():
-        golds = [[parts[p][side].params.get(label) for p in positions] for side in range(2)]
-        if any(g is None for side in golds for g in side):
+        gold_r, gold_t = (side.get(label) for side in summed.sides)
+        if gold_r is None or gold_t is None:
             continue
-        gold_r, gold_t = (torch.stack(side).sum(0) for side in golds)
         r, t = ref.trace.tensor(r_key), tgt.trace.tensor(t_key)
         if not r.is_floating_point() or r.shape != t.shape or t.shape != gold_t.shape:
             continue
@@ -223,10 +244,8 @@ def _judged_sums(
             tol,
             strict_dtype=strict_dtype,
             row=Row(call.module, call.index, "param_grad", label, "", [], isolated=True),
-            accuracy=kernel_accuracy(parts[positions[0]][0].decisions.ran),
-            statistics=statistics_span(
-                parts[positions[0]][0].decisions.ran, ref.trace, call, label, gold_r
-            ),
+            accuracy=kernel_accuracy(summed.ran),
+            statistics=statistics_span(summed.ran, ref.trace, call, label, gold_r),
             local=judged_locally(label),
             honest=honest_sum,
         )
@@ -405,13 +424,14 @@ def _summed_grads(
 ) -> dict[str, tuple[list[int], dict[str, tuple[str, str]]]]:
     """By module called more than once with gradients in the step, the positions of those
     calls and the keys (each side's, by local name) of the gradients of its own parameters
-    that the step's one backward wrote into an empty `.grad`: the sum of those calls'."""
+    that the step's one backward wrote into an empty `.grad` and took every call's
+    gradient in (`summed_grads`, align.record.loop): the sum of those calls'."""
     found: dict[str, tuple[list[int], dict[str, tuple[str, str]]]] = {}
     sides = [t.meta.get("backward_grads") for t in (ref, tgt)]
-    if not all(isinstance(g, dict) for g in sides):
+    listed = [t.meta.get("summed_grads") for t in (ref, tgt)]
+    if not all(isinstance(g, dict) for g in sides) or not all(isinstance(n, list) for n in listed):
         return found
-    first_call = ref.meta.get("first_call_grads")
-    first_call = set(first_call) if isinstance(first_call, list) else set()
+    summable = set(listed[0]) & set(listed[1])
     calls = defaultdict(list)
     for pos, c in _graded(ref):
         calls[c.module].append(pos)
@@ -421,7 +441,7 @@ def _summed_grads(
         positions = calls.get(module, [])
         if (
             len(positions) > 1
-            and name not in tied | first_call
+            and name in summable - tied
             and isinstance(r_key, str)
             and isinstance(t_key, str)
             and r_key in ref.tensors

@@ -332,7 +332,8 @@ def _choice_rows(tgt: Step, honest: Sequence[Step]) -> list[Row]:
     do) and WHOLE_RUN_CHOICE_FLOOR unit roundoffs of the step's precision. Without them, none: an
     honest whole run's inputs to a choice carry its upstream error."""
     gaps = _choice_gaps(tgt)
-    if not honest or not gaps:
+    # (a golden or draw recorded before the gaps were: no reach to measure against)
+    if not honest or not gaps or any("choice_gaps" not in h.trace.meta for h in honest):
         return []
     dtypes = [
         getattr(torch, str(d).rpartition(".")[2], None) for d in tgt.info.get("output_dtypes", [])
@@ -344,7 +345,15 @@ def _choice_rows(tgt: Step, honest: Sequence[Step]) -> list[Row]:
         limit = max(WHOLE_RUN_CHOICE_FLOOR * unit, FAR_CHOICE * max(reach))
         if s["gap"] <= limit:
             continue
-        row = Row(str(s.get("module", "")), 0, "forward", f"{op} choices", "", [])
+        call = s.get("call")
+        row = Row(
+            str(s.get("module", "")),
+            call if isinstance(call, int) else 0,
+            "forward",
+            f"{op} choices",
+            "",
+            [],
+        )
         row.failed.append("choice_gap")
         row.metrics["choice_gap"], row.limits["choice_gap"] = float(s["gap"]), limit
         row.reference["choice_gap"] = max(reach)

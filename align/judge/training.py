@@ -31,6 +31,7 @@ from align.numerics.decisions import Choices, Decisions
 from align.numerics.jitter import GRAY_ZONE, Pool
 from align.numerics.metrics import judged_form
 from align.numerics.precision import Policy, error_floor, get_policy
+from align.numerics.trees import map_leaves
 from align.numerics.verdict import NO_SIGNAL, Row, Tolerance, judge, require_finite
 from align.record.capture import (
     call_model,
@@ -148,7 +149,7 @@ def _trajectory(
         nudged = None if jitter is None else jitter * 1_000_003 + step  # new noise each step
         with decisions, numerics(policy, device, emulation, False, native_kernels, nudged):
             with model_errors(device, policy, jitter), policy.autocast(device):
-                out = call_model(private, x)
+                out = call_model(private, _aliases(x))
             loss = loss_fn(out, x)
             optimizer.zero_grad(set_to_none=True)
             private.zero_grad(set_to_none=True)
@@ -443,6 +444,14 @@ def short_train(
     unit = 2.0**-11 if emulation is not None else error_floor(policy.low_precision)
     floor = 4 * unit
     return compare_trajectories(tgt, ref, gold, tol, floor, Pool(draw, draws))
+
+
+def _aliases(inputs: Any) -> Any:
+    """`inputs` with each tensor that requires grad as a copy (a non-leaf): a model may
+    write its input in place, as the backward check's hooks let it (capture's taps)."""
+    return map_leaves(
+        lambda t: t.clone() if isinstance(t, torch.Tensor) and t.requires_grad else t, inputs
+    )
 
 
 @contextlib.contextmanager

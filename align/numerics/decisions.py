@@ -176,8 +176,7 @@ FAR_CHOICE = 4.0
 CHOICE_FLOOR = 16
 # In a whole run the inputs to a choice carry the error of everything upstream, and the
 # farthest flip of two or three honest runs is a noisy figure where they flip a few
-# elements: there the floor is higher (fp32: 1.5e-5 of the values' scale; under bf16 no
-# whole-run choice fails, a culprit is named in isolation)
+# elements: there the floor is higher (fp32: 1.5e-5 of the values' scale; bf16: 1.0)
 WHOLE_RUN_CHOICE_FLOOR = 256
 
 
@@ -190,12 +189,14 @@ class Differed:
     differed: int = 0  # of which the run would have decided otherwise
     gap: float = 0.0  # largest distance of a differing choice, relative to the values' scale
     measured: bool = True  # False for a user's choice (align.decision): no gap to measure
-    module: str = ""  # the module whose call made the farthest differing choice
+    module: str = ""  # the module call that made the farthest differing choice
+    call: int = 0
 
     def farther(self, gap: float, where: tuple[str, int, int] | None) -> None:
         """Take `gap` if it is the farthest yet, made in the module call `where`."""
         if gap > self.gap:
-            self.gap, self.module = gap, where[0] if where else ""
+            self.gap = gap
+            self.module, self.call = (where[0], where[1]) if where else ("", 0)
 
     def describe(self) -> str:
         """'3 of 128 (values 1e-07 apart)': how many choices differed, and how far."""
@@ -223,10 +224,16 @@ class Fault:
         return row
 
 
-def choice_gaps(decisions: Decisions) -> dict[str, dict[str, Any]]:
+def choice_gaps_record(decisions: Decisions) -> dict[str, dict[str, Any]]:
     """`decisions.choice_gaps()` as a dump's step meta holds it (measured ones only)."""
     return {
-        op: {"differed": s.differed, "choices": s.choices, "gap": s.gap, "module": s.module}
+        op: {
+            "differed": s.differed,
+            "choices": s.choices,
+            "gap": s.gap,
+            "module": s.module,
+            "call": s.call,
+        }
         for op, s in decisions.choice_gaps().items()
         if s.measured
     }

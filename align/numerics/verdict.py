@@ -448,8 +448,10 @@ def judge(
     floors = {"rel_rmse": floor, "cos_err": floor * floor / 2, "max_rel": 2 * floor}
     # the gain a normalization's statistics over n values each (a channel's: numel /
     # channels, or fewer) may honestly share, summed in another order (STATISTIC_ORDER)
-    n_stat = t.numel() / (reference.shape[1] if reference.dim() > 1 else 1)
-    statistic = STATISTIC_ORDER * math.sqrt(n_stat) * UNIT_FP32 * statistics if local else 0.0
+    statistic = 0.0
+    if local and statistics:
+        n_stat = t.numel() / max(reference.shape[1] if reference.dim() > 1 else 1, 1)
+        statistic = STATISTIC_ORDER * math.sqrt(n_stat) * UNIT_FP32 * statistics
     if local:  # element-level and bias metrics: only where errors are local rounding noise
         floors["share"] = max(SHARE_FLOOR, SHARE_COUNT / max(abs_t.numel(), 1))
         if paired:
@@ -608,7 +610,8 @@ def _worst_slice(
                 f"residual (limit: {k:g}x the reference's gain, or an honest draw's beyond one "
                 f"shared rounding, plus the largest of "
                 f"{BIAS_SIGMAS:.0f} standard errors, one shared rounding {shared:.3g}, and "
-                f"chance over its independent roundings {float(chance[i]):.3g})"
+                f"chance over its independent roundings {float(chance[i]):.3g}"
+                + (f"; plus its statistics' summation order {statistic:.3g})" if statistic else ")")
             )
             excess, ref_gain = float(diff[i].abs() - noise[i]), float(allowed[i]) / k
             needed = 0.0 if excess <= 0 else math.inf if not ref_gain else excess / ref_gain

@@ -37,6 +37,7 @@ class BackwardGrads:
         # `zero_grad(set_to_none=False)`), which a device tensor tells at the step's end
         # (reading it in backward would wait for the device at every parameter)
         self._fresh: dict[str, bool | torch.Tensor] = {}
+        self._task: dict[str, int] = {}  # the backward pass (graph task) of the first gradient
         self._left: dict[str, tuple[torch.Tensor, int]] = {}  # `.grad` as backward left it
 
     def install(self, stack: contextlib.ExitStack) -> None:
@@ -52,7 +53,8 @@ class BackwardGrads:
         def hook(grad: torch.Tensor) -> None:
             self._fires[name] = self._fires.get(name, 0) + 1
             if self._fires[name] == 1:
-                self._fresh[name] = True if p.grad is None else p.grad.detach().eq(0).all()
+                self._task[name] = torch._C._current_graph_task_id()
+                self._fresh[name] = _empty(p.grad)
 
         return hook
 
@@ -76,6 +78,10 @@ class BackwardGrads:
             fresh = self._fresh[name] = bool(fresh)
         return fresh
 
+    def task(self, name: str) -> int | None:
+        """The backward pass (graph task id) `name`'s first gradient came in."""
+        return self._task.get(name)
+
     def own(self, name: str) -> bool:
         """Whether `name`'s gradient came from one backward into an empty `.grad`."""
         return self._fires.get(name) == 1 and self.empty_before(name)
@@ -85,3 +91,13 @@ class BackwardGrads:
         left = self._left.get(name)
         grad = self.params[name].grad
         return left is not None and grad is left[0] and grad._version == left[1]
+
+
+def _empty(grad: torch.Tensor | None) -> bool | torch.Tensor:
+    """Whether `.grad` holds nothing: None, or zeros (a device tensor, read later); a
+    sparse one, no entries."""
+    if grad is None:
+        return True
+    if grad.layout != torch.strided:
+        return grad._nnz() == 0
+    return grad.detach().eq(0).all()

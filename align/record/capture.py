@@ -123,6 +123,8 @@ class Recorder:
         self._grads: dict[int, tuple[weakref.ref, str]] = {}
         # per running call: copies of its module's floating buffers as they were before it
         self._buffers: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        # per call that took gradients: the backward passes (graph tasks) they came in
+        self.tasks: dict[int, set[int]] = {}
         self._handles = []
         for name, module in model.named_modules():
             self._handles.append(
@@ -282,6 +284,7 @@ class Recorder:
         if not self._inside(self._backward_at, pos):  # (a child's output may be its parent's:
             self._backward_at = pos  # its hook fires first, and its backward runs first)
         self._mark(pos)
+        self.tasks.setdefault(pos, set()).add(torch._C._current_graph_task_id())
         self.trace.backward_events.append((pos, "grad_outputs", i))
         self.trace.calls[pos].grad_outputs[i] = self.store_grad(grad)
 
@@ -294,6 +297,7 @@ class Recorder:
     def _grad_in(self, pos: int, i: int, grad: torch.Tensor) -> None:
         self._backward_at = self.trace.calls[pos].parent
         self._mark(pos)
+        self.tasks.setdefault(pos, set()).add(torch._C._current_graph_task_id())
         self.trace.backward_events.append((pos, "grad_inputs", i))
         self.trace.calls[pos].grad_inputs[i] = self.store_grad(grad)
 
@@ -393,9 +397,9 @@ class KeepFloat64(TorchDispatchMode):
     (a loss that calls `.float()`, a model that builds anchors in float32) get float64, and
     so do factories that ask for no dtype (`torch.zeros(n)`, `torch.tensor(0.5)`: float64
     is torch's default dtype while the mode is on), as the same script run in float64 would
-    build them. Not in backward: a gradient cast back to a float32 leaf's dtype (a
-    gradient penalty's input, cast to float64 where it entered the model) must be float32,
-    or autograd refuses it."""
+    build them. Not where backward casts a gradient back to the dtype of its input (a
+    gradient penalty's float32 input, cast to float64 where it entered the model, or
+    added to a float64 loss): that gradient must be float32, or autograd refuses it."""
 
     LOWER = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -410,9 +414,20 @@ class KeepFloat64(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if kwargs.get("dtype") in self.LOWER and torch._C._current_graph_task_id() == -1:
+        if kwargs.get("dtype") in self.LOWER and not _casting_back():
             kwargs = {**kwargs, "dtype": torch.float64}
         return func(*args, **kwargs)
+
+
+def _casting_back() -> bool:
+    """Whether backward is casting gradients now: a cast's backward (ToCopyBackward0), or
+    any node of a backward that builds no graph (its outputs cast to their inputs'
+    dtypes). Not a forward that backward runs again with grad enabled (an activation
+    checkpoint's recomputation), which must compute as its forward did."""
+    if torch._C._current_graph_task_id() == -1:
+        return False
+    node = torch._C._current_autograd_node()
+    return not torch.is_grad_enabled() or type(node).__name__ == "ToCopyBackward0"
 
 
 @dataclass

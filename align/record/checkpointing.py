@@ -1,7 +1,8 @@
 """Activation checkpointing run plainly inside align's own runs.
 
-torch.utils.checkpoint's reentrant variant (`use_reentrant=True`, the default before
-torch 2.4 and still common in training code) runs its function under no_grad and runs it
+torch.utils.checkpoint's reentrant variant (`use_reentrant=True`, still what an unset
+`use_reentrant` means, with a warning, and common in training code) runs its function
+under no_grad and runs it
 again inside backward: the module calls inside it took no gradient hooks in the forward,
 their backward happened in a second call, and a re-run of a module containing them refuses
 `torch.autograd.grad` (measured: a fault in a checkpointed block's backward was caught but
@@ -14,6 +15,7 @@ keeps its graph and hooks and is left alone.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,12 +36,27 @@ class _CalledOnce:
             return function(*args)
 
 
+_lock = threading.Lock()
+_active = 0  # entered contexts, in every thread: the stand-in is installed while above 0
+_saved: Any = None
+
+
 @contextlib.contextmanager
 def plain_checkpoints() -> Iterator[None]:
-    """Reentrant checkpoints call their function once, plainly, while active."""
-    saved = torch_checkpoint.CheckpointFunction
-    torch_checkpoint.CheckpointFunction = _CalledOnce
+    """Reentrant checkpoints call their function once, plainly, while any is active (the
+    module's attribute is process-wide: counted, so contexts may nest and interleave)."""
+    global _active, _saved
+    with _lock:
+        if _active == 0:
+            _saved, torch_checkpoint.CheckpointFunction = (
+                torch_checkpoint.CheckpointFunction,
+                _CalledOnce,
+            )
+        _active += 1
     try:
         yield
     finally:
-        torch_checkpoint.CheckpointFunction = saved
+        with _lock:
+            _active -= 1
+            if _active == 0:
+                torch_checkpoint.CheckpointFunction = _saved

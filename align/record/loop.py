@@ -114,6 +114,7 @@ import os
 import shutil
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from functools import partial, wraps
 from pathlib import Path
@@ -127,7 +128,7 @@ from torch import nn
 from align.errors import AlignError, TraceError
 from align.files import read_json, write_json_atomic
 from align.numerics import decisions
-from align.numerics.decisions import Decisions, choice_gaps
+from align.numerics.decisions import Decisions, choice_gaps_record
 from align.numerics.jitter import Jitter
 from align.numerics.precision import unscaled_dtype
 from align.numerics.trees import map_leaves
@@ -532,7 +533,7 @@ class Recorder:
             "device": self._device(),
             "decisions": "replayed" if self.replay is not None else "own",
             "decisions_differed": choices.summary(),
-            "choice_gaps": choice_gaps(choices),
+            "choice_gaps": choice_gaps_record(choices),
             "model": type(self.model).__name__,
             "backward": True,
             # what isolation needs to call each module again (align.judge.step_isolation)
@@ -540,6 +541,7 @@ class Recorder:
             "decision_owners": choices.owners,
             "backward_grads": backward_own,
             "first_call_grads": sorted(alone),
+            "summed_grads": _summed(hooks, grads, [n for n in backward_own if n not in alone]),
         }
         state = {**before, **self._state()}
         loss = self._given_loss if self._given_loss is not None else roots.root
@@ -884,6 +886,22 @@ def _optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
     raise AlignError(
         f"optimizer= must be a torch.optim.Optimizer or a list of them, not {type(optimizer)}"
     )
+
+
+def _summed(hooks: ModuleHooks, grads: BackwardGrads, names: list[str]) -> list[str]:
+    """Of `names` (gradients one backward wrote), those whose module's calls that took
+    gradients, two or more, took them all in that backward: the gradient is their sum
+    (not a frozen critic's call in the generator's backward, nor a gradient penalty's
+    call whose backward built a graph that a second-order term went through)."""
+    tasks: dict[str, list[set[int]]] = defaultdict(list)
+    for pos, took in hooks.tasks.items():
+        tasks[hooks.trace.calls[pos].module].append(took)
+    summed = []
+    for name in names:
+        calls = tasks.get(name.rpartition(".")[0], [])
+        if len(calls) > 1 and all(took == {grads.task(name)} for took in calls):
+            summed.append(name)
+    return sorted(summed)
 
 
 def _make_golden(model: nn.Module, optimizers: list[torch.optim.Optimizer], scaler: Any) -> None:

@@ -21,11 +21,12 @@ def wrapped(model: nn.Module) -> tuple[nn.Module, bool]:
 
     compiled = False
     while True:
-        if isinstance(model, torch.jit.ScriptModule):
+        scripted = next((m for m in model.modules() if isinstance(m, torch.jit.ScriptModule)), None)
+        if scripted is not None:
             raise AlignError(
-                f"{model.original_name} is a TorchScript module (torch.jit.script or trace), "
-                "whose modules align cannot hook: give the eager model it was made from "
-                "(with its weights: eager.load_state_dict(scripted.state_dict()))"
+                f"{scripted.original_name} is a TorchScript module (torch.jit.script or "
+                "trace), whose modules align cannot hook: give the eager model it was made "
+                "from (with its weights: eager.load_state_dict(scripted.state_dict()))"
             )
         if isinstance(model, OptimizedModule):
             model, compiled = model._orig_mod, True

@@ -258,8 +258,8 @@ def stored_weight(m: nn.Module) -> torch.Tensor:
     computation runs a power iteration: a copy would differ from the model before it ran);
     weight norm stores a magnitude and a direction: the direction, of the weight's shape."""
     if parametrize.is_parametrized(m, "weight"):
-        originals = m.parametrizations.weight.parameters(recurse=False)
-        return max(originals, key=torch.Tensor.numel)
+        stored = m.parametrizations.weight
+        return stored.original if hasattr(stored, "original") else stored.original1
     return m.weight
 
 

@@ -121,3 +121,39 @@ def test_a_call_two_backwards_went_through_keeps_no_first_call_gradient(tmp_path
             opt.step()
     first = LoopDump(tmp_path / "d").load(0, 0).trace.meta["first_call_grads"]
     assert first == ["h1.bias", "h1.weight", "h2.bias", "h2.weight"]
+
+
+def test_a_sparse_gradient_zeroed_in_place_is_watched_without_error():
+    emb = nn.Embedding(10, 4, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    emb.zero_grad(set_to_none=False)  # a sparse gradient's zero_ keeps it sparse
+    grads = BackwardGrads(emb, None)
+    with contextlib.ExitStack() as stack:
+        grads.install(stack)
+        emb(torch.tensor([3, 4])).sum().backward()  # the zero check raised on SparseCPU
+    assert grads.task("weight") is not None
+
+
+def test_a_gradient_summed_only_where_every_call_took_it_in_that_backward():
+    # a critic's gradient from its two calls in its own backward, while a third call, in
+    # the generator's backward with the critic frozen, wrote none (pix2pix)
+    from align.record.capture import Recorder as ModuleHooks
+    from align.record.loop import _summed
+
+    torch.manual_seed(0)
+    gen, critic = nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    model = nn.ModuleDict({"G": gen, "D": critic})
+    z, real = torch.randn(6, 4), torch.randn(6, 4)
+    for frozen in (False, True):
+        grads, hooks = BackwardGrads(model, None), ModuleHooks(model, backward=True)
+        with contextlib.ExitStack() as stack:
+            grads.install(stack)
+            fake = gen(z)
+            (critic(fake.detach()).mean() - critic(real).mean()).backward()
+            if frozen:
+                critic.requires_grad_(False)
+                (-critic(fake).mean()).backward()
+                critic.requires_grad_(True)
+        hooks.remove()
+        summed = _summed(hooks, grads, ["D.0.weight"])
+        assert summed == ([] if frozen else ["D.0.weight"])

@@ -87,3 +87,55 @@ def test_a_backward_fault_in_a_reentrant_checkpointed_block_is_named_by_check():
     FAULTS["backward_gain"](target, "blocks.1.conv")
     report = align.check(model, x, target_model=target, target="cpu")
     assert report.culprits and report.culprits[0].module == "blocks.1.conv", str(report)
+
+
+class _UpcastBlock(torch.nn.Module):
+    """Attention-like scores normalized in float32 (`softmax(..., dtype=float32)`), as
+    LLaMA-style blocks do, under a non-reentrant checkpoint."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.softmax(self.lin(x), -1, dtype=torch.float32).to(x.dtype) * x
+
+
+def test_a_checkpointed_block_that_upcasts_recomputes_as_it_ran_in_the_golden():
+    # the float64 golden kept float64 nowhere in backward: the recomputation's float32
+    # softmax differed from the forward's float64 one and torch raised CheckpointError
+    torch.manual_seed(0)
+    block = _UpcastBlock()
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = block
+
+        def forward(self, x):
+            return checkpoint(self.block, x, use_reentrant=False)
+
+    model = Net()
+    report = align.check(model, torch.randn(4, 8), target_model=copy.deepcopy(model), target="cpu")
+    assert report.passed, str(report)
+
+
+def test_plain_checkpoints_nest_and_interleave_across_threads():
+    import threading
+
+    original = torch.utils.checkpoint.CheckpointFunction
+    entered, leave = threading.Event(), threading.Event()
+
+    def other():
+        with plain_checkpoints():
+            entered.set()
+            leave.wait(5)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    entered.wait(5)
+    with plain_checkpoints():
+        leave.set()
+        thread.join()  # the other thread left first: still patched here
+        assert torch.utils.checkpoint.CheckpointFunction is not original
+    assert torch.utils.checkpoint.CheckpointFunction is original

@@ -42,3 +42,5 @@ def test_a_torchscript_model_is_an_align_error_that_asks_for_the_eager_one(tmp_p
             align.check(scripted, torch.randn(2, 8), target="cpu")
         with pytest.raises(AlignError, match="TorchScript"):
             align.Recorder(scripted, tmp_path / "d", steps=[0])
+        with pytest.raises(AlignError, match="TorchScript"):  # a scripted child
+            align.check(nn.Sequential(scripted, nn.ReLU()), torch.randn(2, 8), target="cpu")
