@@ -410,9 +410,9 @@ class _Residual(nn.Module):
 
 
 class Checkpointed(nn.Module):
-    """Residual blocks under activation checkpointing, reentrant by default as training
-    code written before torch 2.4 has it: the blocks run under no_grad and run again
-    inside backward."""
+    """Residual blocks under activation checkpointing, reentrant by default (what a
+    `checkpoint` call without `use_reentrant` runs): the blocks run under no_grad and run
+    again inside backward."""
 
     def __init__(self, width: int = 16, blocks: int = 3, reentrant: bool = True):
         super().__init__()
