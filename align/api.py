@@ -18,17 +18,16 @@ from align.errors import AlignError
 from align.judge import msprobe_dumps
 from align.judge import steps as loop_steps
 from align.judge.comparison import compare_traces
-from align.judge.isolation import isolate
+from align.judge.isolation import choice_floor, isolate
 from align.judge.report import Report
 from align.judge.sensitivity import emulation_sensitivity
 from align.judge.traces import IDENTICAL, identical, judge_traces, no_signal_notes, require_judged
 from align.judge.training import TrainOptions, require_steps, short_train
 from align.numerics import decisions, metrics
-from align.numerics.decisions import CHOICE_FLOOR
 from align.numerics.emulate import parse_emulation
 from align.numerics.jitter import Pool
 from align.numerics.names import parse_phases
-from align.numerics.precision import UNIT_ROUNDOFF, Policy, get_policy
+from align.numerics.precision import Policy, get_policy
 from align.numerics.verdict import HEADROOM_MESSAGE, OVERFLOW_HEADROOM, Tolerance, as_tolerance
 from align.record.capture import LossFn, Run, capture, honest_draw, run_model
 from align.record.loop_dump import is_dump as is_loop_dump
@@ -190,7 +189,7 @@ def check(
         meta["loss_scale"] = ref_run.loss_scale
         # (a target whose own index choices sat off a tie where it took the replayed ones
         # is isolated: the replay made its values the reference's, not its kernel)
-        floor = CHOICE_FLOOR * UNIT_ROUNDOFF[policy.low_precision]
+        floor = choice_floor(tgt_run)
         chose = any(s.gap > floor for s in tgt_run.decisions.choice_gaps().values())
         if identical(ref_run.trace, tgt_run.trace) and not chose:
             report.notes.append(IDENTICAL)

@@ -26,7 +26,14 @@ from typing import Any
 import torch
 
 from align.errors import AlignError
-from align.numerics.decisions import CHOICE_FLOOR, FAR_CHOICE, Choices, Decisions, is_random
+from align.numerics.decisions import (
+    CHOICE_FLOOR,
+    Choices,
+    Decisions,
+    choice_gaps_record,
+    far_choice_row,
+    is_random,
+)
 from align.numerics.jitter import Pool
 from align.numerics.names import BUFFER, judged_locally
 from align.numerics.precision import (
@@ -344,10 +351,7 @@ def isolate(
     (align.numerics.jitter) to judge that tensor again.
     """
     iso = Isolator(ref, tgt, gold, backward, name_map)
-    # (an emulated HF32 / TF32 target rounds to 10 mantissa bits)
-    unit = UNIT_ROUNDOFF[tgt.policy.low_precision]
-    if tgt.emulation is not None:
-        unit = max(unit, 2.0**-11)
+    floor = choice_floor(tgt)
     rows: list[Row] = []
     failing: dict[int, Row] = {}
     notes: list[str] = []
@@ -361,7 +365,7 @@ def isolate(
                 failing[pos] = fault.row(isolated=True)
                 rows.append(failing[pos])
             chose = _wrong_choices(
-                call, t_local, lambda k, p=pos: iso.run(iso.ref.draw(k), p), unit
+                call, t_local, lambda k, p=pos: iso.run(iso.ref.draw(k), p), floor
             )
             if chose is not None:  # replayed choices hide it from the values too
                 failing[pos] = chose
@@ -394,40 +398,38 @@ def isolate(
 # (sort, top-k, max, a max-pool's, the boxes NMS keeps) differ from the reference's only
 # between values its own rounding puts within reach of each other (of a tie, of the
 # IoU threshold); replaying the reference's choices would hide a kernel that chooses
-# otherwise far from any tie (decisions.FAR_CHOICE: how far its choices may sit). The
+# otherwise far from any tie (decisions.far_choice_row: how far its choices may sit). The
 # honest draws of the call that measure the reach: made only where a choice sat beyond
 # the floor.
 CHOICE_DRAWS = 2
 
 
+def choice_floor(run: Run) -> float:
+    """How far from a tie any run's own index choices may sit (CHOICE_FLOOR unit
+    roundoffs of its precision; an emulated HF32 / TF32 run rounds to 10 mantissa bits)."""
+    unit = UNIT_ROUNDOFF[run.policy.low_precision]
+    if run.emulation is not None:
+        unit = max(unit, 2.0**-11)
+    return CHOICE_FLOOR * unit
+
+
 def _wrong_choices(
-    call: Call, local: LocalRun, draw: Callable[[int], LocalRun], unit: float
+    call: Call, local: LocalRun, draw: Callable[[int], LocalRun], floor: float
 ) -> Row | None:
     """A failing row where the target's own index choices on the reference's inputs sat
     far from any tie (a wrong sort, a wrong NMS), else None; `draw(k)` is the reference's
-    k-th honest draw of the call, made only where a choice sat beyond the floor; `unit`,
-    the unit roundoff of the run's precision."""
-    gaps = local.decisions.choice_gaps()
-    floor = CHOICE_FLOOR * unit
-    far = {op: s for op, s in gaps.items() if s.measured and s.gap > floor}
+    k-th honest draw of the call, made only where a choice sat beyond `floor`."""
+    far = choice_gaps_record(local.decisions)
+    far = {op: s for op, s in far.items() if s["gap"] > floor}
     if not far:
         return None
-    honest = [draw(k).decisions.choice_gaps() for k in range(1, CHOICE_DRAWS + 1)]
-    for op, s in sorted(far.items(), key=lambda item: -item[1].gap):
-        reach = max((h[op].gap for h in honest if op in h), default=0.0)
-        limit = max(floor, FAR_CHOICE * reach)
-        if s.gap <= limit:
-            continue
-        row = Row(call.module, call.index, "forward", f"{op} choices", "", [], isolated=True)
-        row.failed.append("choice_gap")
-        row.metrics["choice_gap"], row.limits["choice_gap"] = s.gap, limit
-        row.reference["choice_gap"] = reach
-        row.message = (
-            f"{op}: {s.differed} of {s.choices} choices on the reference's inputs are not "
-            f"the reference's, the farthest {s.gap:.2g} from a tie (relative to the values' "
-            f"scale; the honest draws' farthest {reach:.2g}): a kernel that chooses otherwise"
-        )
-        return row
+    honest = [choice_gaps_record(draw(k).decisions) for k in range(1, CHOICE_DRAWS + 1)]
+    for op, s in sorted(far.items(), key=lambda item: -item[1]["gap"]):
+        reach = max((h[op]["gap"] for h in honest if op in h), default=0.0)
+        whose = "its honest draws'"
+        row = far_choice_row((call.module, call.index), op, s, reach, floor, whose, True)
+        if row is not None:
+            return row
     return None
 
 

@@ -173,23 +173,56 @@ def _judged(
             keys = [_recorded(side.trace, pos, phase, label) for side in (ref, tgt)]
         if None in keys:
             continue
-        r, t = ref.trace.tensor(keys[0]), tgt.trace.tensor(keys[1])
-        if not r.is_floating_point() or r.shape != t.shape or t.shape != gold_t.shape:
-            continue
-        row = Row(call.module, call.index, phase, label, "", [], isolated=True)
-        yield judge_on_replays(
-            t,
-            r,
-            gold_t,
-            gold_r,
+        row = _on_replays(
+            ref,
+            tgt,
+            keys,
+            (gold_r, gold_t),
+            call,
+            phase,
+            label,
+            ran,
             tol,
-            strict_dtype=strict_dtype,
-            row=row,
-            accuracy=kernel_accuracy(ran),
-            statistics=statistics_span(ran, ref.trace, call, label, gold_r),
-            local=judged_locally(label),
-            honest=partial(honest, phase, label),
+            strict_dtype,
+            partial(honest, phase, label),
         )
+        if row is not None:
+            yield row
+
+
+def _on_replays(
+    ref: Step,
+    tgt: Step,
+    keys: Sequence[str],
+    golds: tuple[torch.Tensor, torch.Tensor],
+    call: Call,
+    phase: str,
+    label: str,
+    ran: set[str],
+    tol: Tolerance,
+    strict_dtype: bool,
+    honest: Callable[[], torch.Tensor | None],
+) -> Row | None:
+    """The target's recorded tensor (`keys`: each side's) against its replay, relative to
+    the reference's against its own (`golds`: the reference's replay, the target's); None
+    where they cannot be compared (not floating, shapes apart)."""
+    r, t = ref.trace.tensor(keys[0]), tgt.trace.tensor(keys[1])
+    gold_r, gold_t = golds
+    if not r.is_floating_point() or r.shape != t.shape or t.shape != gold_t.shape:
+        return None
+    return judge_on_replays(
+        t,
+        r,
+        gold_t,
+        gold_r,
+        tol,
+        strict_dtype=strict_dtype,
+        row=Row(call.module, call.index, phase, label, "", [], isolated=True),
+        accuracy=kernel_accuracy(ran),
+        statistics=statistics_span(ran, ref.trace, call, label, gold_r),
+        local=judged_locally(label),
+        honest=honest,
+    )
 
 
 class _Sum:
@@ -224,31 +257,30 @@ def _judged_sums(
     calls' replays, relative to the reference's against its own (a recurrent cell, a block
     a model applies several times, a siamese branch)."""
     call = ref.trace.calls[positions[0]]
-    for label, (r_key, t_key) in keys.items():
+    for label, pair in keys.items():
         gold_r, gold_t = (side.get(label) for side in summed.sides)
         if gold_r is None or gold_t is None:
-            continue
-        r, t = ref.trace.tensor(r_key), tgt.trace.tensor(t_key)
-        if not r.is_floating_point() or r.shape != t.shape or t.shape != gold_t.shape:
             continue
 
         def honest_sum(label: str = label) -> torch.Tensor | None:
             terms = [honest(p, "param_grad", label) for p in positions]
             return None if any(x is None for x in terms) else torch.stack(terms).sum(0)
 
-        yield judge_on_replays(
-            t,
-            r,
-            gold_t,
-            gold_r,
+        row = _on_replays(
+            ref,
+            tgt,
+            pair,
+            (gold_r, gold_t),
+            call,
+            "param_grad",
+            label,
+            summed.ran,
             tol,
-            strict_dtype=strict_dtype,
-            row=Row(call.module, call.index, "param_grad", label, "", [], isolated=True),
-            accuracy=kernel_accuracy(summed.ran),
-            statistics=statistics_span(summed.ran, ref.trace, call, label, gold_r),
-            local=judged_locally(label),
-            honest=honest_sum,
+            strict_dtype,
+            honest_sum,
         )
+        if row is not None:
+            yield row
 
 
 class _HonestKernel:

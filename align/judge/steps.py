@@ -21,7 +21,7 @@ from align.judge.report import Report
 from align.judge.step_isolation import isolate_step
 from align.judge.traces import no_signal_notes
 from align.numerics import decisions, metrics
-from align.numerics.decisions import FAR_CHOICE, WHOLE_RUN_CHOICE_FLOOR
+from align.numerics.decisions import WHOLE_RUN_CHOICE_FLOOR, far_choice_row
 from align.numerics.precision import UNIT_ROUNDOFF, error_floor, get_policy
 from align.numerics.verdict import (
     NOISE_DOMINATED,
@@ -327,7 +327,7 @@ def _judge_step(
 def _choice_rows(tgt: Step, honest: Sequence[Step]) -> list[Row]:
     """A failing row per index op (sort, top-k, max, a max-pool, NMS) whose own choices
     in the target's run sat far from any tie where it took the reference's: beyond
-    FAR_CHOICE times the farthest of the runs that stand for the reference (`honest`: the
+    decisions.FAR_CHOICE times the farthest of the runs that stand for the reference (`honest`: the
     golden, the draws: their inputs differ from the reference's as an honest target's
     do) and WHOLE_RUN_CHOICE_FLOOR unit roundoffs of the step's precision. Without them, none: an
     honest whole run's inputs to a choice carry its upstream error."""
@@ -339,31 +339,16 @@ def _choice_rows(tgt: Step, honest: Sequence[Step]) -> list[Row]:
         getattr(torch, str(d).rpartition(".")[2], None) for d in tgt.info.get("output_dtypes", [])
     ]
     unit = max([UNIT_ROUNDOFF[d] for d in dtypes if d in UNIT_ROUNDOFF], default=2.0**-24)
+    reached = [_choice_gaps(h) for h in honest]
     rows = []
     for op, s in sorted(gaps.items()):
-        reach = [_choice_gaps(h).get(op, {}).get("gap", 0.0) for h in honest]
-        limit = max(WHOLE_RUN_CHOICE_FLOOR * unit, FAR_CHOICE * max(reach))
-        if s["gap"] <= limit:
-            continue
+        reach = max(h.get(op, {}).get("gap", 0.0) for h in reached)
         call = s.get("call")
-        row = Row(
-            str(s.get("module", "")),
-            call if isinstance(call, int) else 0,
-            "forward",
-            f"{op} choices",
-            "",
-            [],
-        )
-        row.failed.append("choice_gap")
-        row.metrics["choice_gap"], row.limits["choice_gap"] = float(s["gap"]), limit
-        row.reference["choice_gap"] = max(reach)
-        row.message = (
-            f"{op}: {s.get('differed')} of {s.get('choices')} of the target's own choices were "
-            f"not the reference's, the farthest {s['gap']:.2g} from a tie (relative to the "
-            f"values' scale; the golden's and honest draws' farthest {max(reach):.2g}): a "
-            "kernel that chooses otherwise, hidden by the replay"
-        )
-        rows.append(row)
+        where = (str(s.get("module", "")), call if isinstance(call, int) else 0)
+        whose = "the golden's and honest draws'"
+        row = far_choice_row(where, op, s, reach, WHOLE_RUN_CHOICE_FLOOR * unit, whose, False)
+        if row is not None:
+            rows.append(row)
     return rows
 
 
@@ -377,7 +362,7 @@ def _choice_gaps(step: Step) -> dict[str, dict[str, Any]]:
         str(op): s
         for op, s in gaps.items()
         if isinstance(s, dict)
-        and isinstance(s.get("gap"), (int, float))
+        and all(isinstance(s.get(k), (int, float)) for k in ("gap", "differed", "choices"))
         and math.isfinite(s["gap"])
     }
 

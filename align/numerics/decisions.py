@@ -224,6 +224,34 @@ class Fault:
         return row
 
 
+def far_choice_row(
+    where: tuple[str, int],
+    op: str,
+    s: dict[str, Any],
+    reach: float,
+    floor: float,
+    whose: str,
+    isolated: bool,
+) -> Row | None:
+    """A failing row where op's choices (`s`: differed, choices, gap, as
+    `choice_gaps_record` holds them) sat beyond FAR_CHOICE times `reach` (the farthest
+    of the runs standing for the reference: `whose`) and `floor`; None within."""
+    limit = max(floor, FAR_CHOICE * reach)
+    if s["gap"] <= limit:
+        return None
+    row = Row(where[0], where[1], "forward", f"{op} choices", "", [], isolated=isolated)
+    row.failed.append("choice_gap")
+    row.metrics["choice_gap"], row.limits["choice_gap"] = float(s["gap"]), limit
+    row.reference["choice_gap"] = reach
+    row.message = (
+        f"{op}: {s['differed']} of {s['choices']} of the target's own choices were not the "
+        f"reference's, the farthest {s['gap']:.2g} from a tie (relative to the values' "
+        f"scale; {whose} farthest {reach:.2g}): a kernel that chooses otherwise, hidden by "
+        "the replayed choices"
+    )
+    return row
+
+
 def choice_gaps_record(decisions: Decisions) -> dict[str, dict[str, Any]]:
     """`decisions.choice_gaps()` as a dump's step meta holds it (measured ones only)."""
     return {

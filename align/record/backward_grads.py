@@ -67,9 +67,9 @@ class BackwardGrads:
         return hook
 
     def may_own(self, name: str) -> bool:
-        """Whether `name`'s gradient came from one backward so far, into a `.grad` that may
-        have been empty (`own` tells, once the step is over)."""
-        return self._fires.get(name) == 1 and name in self._fresh
+        """Whether `name`'s gradient came from one backward so far (`own` tells, once the
+        step is over, whether its `.grad` was empty)."""
+        return self._fires.get(name) == 1
 
     def empty_before(self, name: str) -> bool:
         """Whether `.grad` was empty (None or zeros) when `name`'s first gradient came."""
