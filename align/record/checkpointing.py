@@ -2,11 +2,11 @@
 
 torch.utils.checkpoint's reentrant variant (`use_reentrant=True`, still what an unset
 `use_reentrant` means, with a warning, and common in training code) runs its function
-under no_grad and runs it
-again inside backward: the module calls inside it took no gradient hooks in the forward,
-their backward happened in a second call, and a re-run of a module containing them refuses
-`torch.autograd.grad` (measured: a fault in a checkpointed block's backward was caught but
-named no culprit, and no module was isolated). Checkpointing changes memory, not values:
+under no_grad and runs it again inside backward: the module calls inside it took no
+gradient hooks in the forward, their backward happened in a second call, and a re-run of
+a module containing them refuses `torch.autograd.grad` (measured: a fault in a
+checkpointed block's backward was caught but named no culprit, and no module was
+isolated). Checkpointing changes memory, not values:
 align's runs are small, so while `plain_checkpoints()` is active the reentrant function is
 called once, as the model without checkpointing would call it. The non-reentrant variant
 keeps its graph and hooks and is left alone.
