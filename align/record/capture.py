@@ -313,9 +313,11 @@ def _clone(key: str, t: torch.Tensor) -> torch.Tensor:
 def _weakly(recorder: weakref.ref, method: str, pos: int, i: int, grad: torch.Tensor) -> None:
     """A tensor hook that reaches its Recorder through a weak reference: a model that keeps
     a graph alive after the run (torchvision's detectors keep their batched ImageList)
-    would otherwise keep the Recorder, and every tensor it recorded, alive with it."""
+    would otherwise keep the Recorder, and every tensor it recorded, alive with it. An
+    undefined gradient (None: the op downstream sends none back, as torchvision's box
+    coder for its detached proposals) is no gradient, as if the hook had not fired."""
     alive = recorder()
-    if alive is not None:
+    if alive is not None and grad is not None:
         getattr(alive, method)(pos, i, grad)
 
 

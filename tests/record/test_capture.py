@@ -450,3 +450,49 @@ def test_a_model_returning_a_complex_spectrum_is_checked_on_its_real_and_imagina
         faulty.lin.weight.mul_(1.003)
     report = align.check(model, x, target_model=faulty, target="cpu")
     assert not report.passed and report.culprits[0].module == "lin", report
+
+
+class _NoGradient(torch.autograd.Function):
+    """Doubles its input and sends no gradient back (None), as torchvision's box coder
+    sends none to the proposals it decodes."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+class _Stopped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, h):
+        return self.lin(_NoGradient.apply(h))
+
+
+class _PartlyStopped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.head, self.b = nn.Linear(8, 8), _Stopped(), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.head(h) + self.b(h)
+
+
+def test_an_input_whose_gradient_the_op_downstream_leaves_undefined_has_none():
+    torch.manual_seed(0)
+    model, x = _PartlyStopped(), torch.randn(4, 8)
+    trace = align.capture(model, x)
+    head = next(c for c in trace.calls if c.module == "head")
+    assert head.grad_inputs == [None]
+    assert trace.calls[0].grad_outputs[0] is not None
+    assert align.check(model, x, target_model=perturb(model, 1.0)).passed
+    faulty = copy.deepcopy(model)
+    FAULTS["backward_gain"](faulty, "a")
+    report = align.check(model, x, target_model=faulty)
+    assert not report.passed and "a" in {c.module for c in report.culprits}
