@@ -29,7 +29,15 @@ from align.numerics.jitter import Pool
 from align.numerics.names import parse_phases
 from align.numerics.precision import Policy, get_policy
 from align.numerics.verdict import HEADROOM_MESSAGE, OVERFLOW_HEADROOM, Tolerance, as_tolerance
-from align.record.capture import LossFn, Run, capture, honest_draw, run_model
+from align.record.capture import (
+    LossFn,
+    Run,
+    all_inputs_but,
+    capture,
+    honest_draw,
+    nonfinite_input_grads,
+    run_model,
+)
 from align.record.loop_dump import is_dump as is_loop_dump
 from align.record.msprobe import is_msprobe_dump
 from align.record.readers import load_trace
@@ -74,6 +82,9 @@ class CheckOptions:
     image_size: int | None = None  # image size of a named case's inputs
     train_options: TrainOptions | None = None  # how the "train" phase trains (recipe's SGD)
     target_train_options: TrainOptions | None = None  # the target's (default: the same)
+    # which inputs backward differentiates: grad_inputs(inputs) returns them (None: every
+    # floating one, less those whose gradient the model itself makes NaN or infinite)
+    grad_inputs: Callable[[Any], Any] | None = None
 
 
 def check(
@@ -128,6 +139,8 @@ def check(
         target_model, was = wrapped(target_model)
         compiled += ["target_model"] * was
     resolved = resolve_model(model, inputs, loss_fn, seed, options.batch, options.image_size)
+    if options.grad_inputs is not None:
+        resolved = dataclasses.replace(resolved, grad_inputs=options.grad_inputs)
     tol = as_tolerance(
         tolerance if tolerance is not None else resolved.tolerance(phases, policy.name), policy
     )
@@ -179,6 +192,9 @@ def check(
             common,
             timings,
         )
+        if common["grad_inputs"] is not resolved.grad_inputs:
+            resolved = dataclasses.replace(resolved, grad_inputs=common["grad_inputs"])
+            report.notes.append(UNDIFFERENTIATED)
         if ref_run.loss_scale != common["loss_scale"]:
             report.notes.append(
                 f"gradients overflowed {policy.low_precision} at loss scale "
@@ -257,12 +273,17 @@ def _runs(
         timings["reference"] = time.perf_counter() - t0
         last = not backward or scale <= 1
         if last and backward and not _gradients_fit(ref_run.trace, math.inf):
-            raise AlignError(
-                f"the reference's gradients overflow {common['policy'].low_precision} even "
-                f"unscaled (loss scale 1): {resolved.label} cannot be checked at "
-                f"{common['policy'].name} on these inputs (a BatchNorm over very few values "
-                "amplifies its gradient); check it at amp-bf16 or fp32, or on larger inputs"
-            )
+            # (not under fp16, whose own overflow reaches an input's gradient too)
+            inputs = nonfinite_input_grads(ref_run.trace)
+            if (
+                inputs
+                and common["grad_inputs"] is None
+                and ref_run.policy.low_precision != torch.float16
+            ):
+                log.info("the gradient by input(s) %s is not finite: not differentiated", inputs)
+                common["grad_inputs"] = all_inputs_but(inputs)
+                continue
+            raise AlignError(_not_finite(ref_run, resolved.label))
         if last or _gradients_fit(ref_run.trace, largest):
             t0 = time.perf_counter()
             log.info("target run on %s%s", devices[1], f" emulating {emulate}" if emulate else "")
@@ -279,6 +300,40 @@ def _runs(
                 return ref_run, tgt_run
         scale = max(1.0, scale / 16)
         log.info("scaled gradients overflow: both runs again at loss scale %g", scale)
+
+
+UNDIFFERENTIATED = (
+    "the reference's gradient by some of the model's inputs held NaN or infinity (its own "
+    "arithmetic: a detector's loss by its target boxes); backward did not differentiate "
+    "them (CheckOptions.grad_inputs chooses the inputs it differentiates)"
+)
+
+
+def _not_finite(run: Run, label: str) -> str:
+    """Why `run`'s non-finite gradients stop the check, naming the first of them."""
+    first = next(
+        (
+            f"{c.module or '(model)'} {slot[:-1]}[{i}]"
+            for c in run.trace.calls
+            for slot in BACKWARD_SLOTS
+            for i, k in enumerate(getattr(c, slot))
+            if k and not metrics.all_finite(metrics.judged_form(run.trace.tensors[k]))
+        ),
+        "a parameter gradient",
+    )
+    low = run.policy.low_precision
+    if low in (torch.float16, torch.bfloat16):
+        return (
+            f"the reference's gradients overflow {low} even unscaled (loss scale 1; first: "
+            f"{first}): {label} cannot be checked at {run.policy.name} on these inputs (a "
+            "BatchNorm over very few values amplifies its gradient); check it at amp-bf16 or "
+            "fp32, or on larger inputs"
+        )
+    return (
+        f"the reference's gradients hold NaN or infinity at {run.policy.name} (first: "
+        f"{first}): the model's own arithmetic makes them (a square root or a division at "
+        "0), and no error can be bounded there; fix the model, or check the forward phase"
+    )
 
 
 def _near_overflow(run: Run, draws: list[Trace]) -> bool:

@@ -161,3 +161,54 @@ class _OverflowPast(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad.masked_fill(grad.abs() > ctx.threshold, float("inf")), None
+
+
+class _Transform(nn.Module):
+    """Passes the boxes on with the image, as a detector's transform does."""
+
+    def forward(self, x, boxes):
+        return x * 2, boxes * 0.5
+
+
+class _BoxLoss(nn.Module):
+    """A loss by target boxes whose gradient by them is 0 * inf where a box side is 0 (a
+    square root's, the branch `where` leaves out), as torchvision's FCOS makes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.transform, self.lin = _Transform(), nn.Linear(8, 4)
+
+    def forward(self, x, boxes):
+        x, boxes = self.transform(x, boxes)
+        h = self.lin(x)
+        return torch.where(boxes > 0, boxes.sqrt() * h, h)
+
+
+def _boxes_and_image():
+    torch.manual_seed(0)
+    boxes = torch.rand(4, 4)
+    boxes[:, 0] = 0
+    return _BoxLoss(), (torch.randn(4, 8), boxes)
+
+
+def test_an_input_whose_gradient_the_model_makes_nan_is_not_differentiated_and_said_so():
+    from align.testing import perturb
+
+    model, inputs = _boxes_and_image()
+    report = align.check(model, inputs, target_model=perturb(model, 1.0), target="cpu")
+    assert report.passed, report
+    assert any("did not differentiate" in n for n in report.notes)
+    assert not any("not judged in isolation" in n for n in report.notes), report.notes
+    chosen = align.check(model, inputs, target="cpu", grad_inputs=lambda inputs: inputs[0])
+    assert chosen.passed and not any("did not differentiate" in n for n in chosen.notes)
+    faulty = copy.deepcopy(model)
+    with torch.no_grad():
+        faulty.lin.weight.mul_(1.001)
+    report = align.check(model, inputs, target_model=faulty, target="cpu")
+    assert not report.passed and "lin" in {c.module for c in report.culprits}
+
+
+def test_nan_gradients_of_the_models_own_at_fp32_name_the_tensor_and_do_not_say_overflow():
+    model, inputs = _boxes_and_image()
+    with pytest.raises(AlignError, match=r"hold NaN or infinity at fp32 \(first: .*grad_input"):
+        align.check(model, inputs, target="cpu", grad_inputs=lambda inputs: inputs)

@@ -57,21 +57,28 @@ from align.record.trace import Call, Trace
 class _Payload:
     outputs: list[torch.Tensor]
     grad_inputs: list[torch.Tensor | None]
+    # per output: whether the whole run sent it a gradient (a detector's transform passes
+    # the target boxes on, which no backward differentiates: 0 * inf in its loss)
+    differentiable: list[bool]
     received: tuple = ()
 
 
 class _Replay(torch.autograd.Function):
-    """A child call replayed from the record: constant outputs, recorded input grads."""
+    """A child call replayed from the record: constant outputs, recorded input grads;
+    an output the whole run sent no gradient to takes none here either."""
 
     @staticmethod
     def forward(ctx, payload: _Payload, *feeds: torch.Tensor):
         ctx.payload = payload
         with outside_modes(*payload.outputs):  # a record, not an op of the run: not nudged
-            return tuple(o.clone() for o in payload.outputs)
+            outs = tuple(o.clone() for o in payload.outputs)
+        ctx.mark_non_differentiable(*(o for o, d in zip(outs, payload.differentiable) if not d))
+        return outs
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
-        ctx.payload.received = grads
+        differentiable = ctx.payload.differentiable
+        ctx.payload.received = tuple(g if d else None for g, d in zip(grads, differentiable))
         return (None, *ctx.payload.grad_inputs)
 
 
@@ -268,8 +275,10 @@ class Isolator:
             feeds = [x for x in flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
             for j, f in enumerate(feeds):
                 local.forward[f"feed:{label}[{j}]"] = f.detach()
-            outs = [run.place(trace.tensor(k)) for k in call.outputs if k is not None]
+            kept = [(k, g) for k, g in zip(call.outputs, call.grad_outputs) if k is not None]
+            outs = [run.place(trace.tensor(k)) for k, _ in kept]
             floats = [o for o in outs if o.is_floating_point()]
+            sent = [g is not None for (_, g), o in zip(kept, outs) if o.is_floating_point()]
             tensor_grads = [g for k, g in zip(call.inputs, call.grad_inputs) if k is not None]
             grads_in = [
                 _scaled(run, trace.tensor(k), f.dtype)
@@ -286,7 +295,7 @@ class Isolator:
                 feeds.append(torch.zeros((), device=run.device, requires_grad=True))
                 self._anchors.append(feeds[-1])
                 grads_in.append(None)
-            payload = _Payload(floats, grads_in)
+            payload = _Payload(floats, grads_in, sent)
             self._payloads[label] = payload
             replayed = iter(_Replay.apply(payload, *feeds) if floats else ())
             rebuilt = []

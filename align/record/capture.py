@@ -29,6 +29,7 @@ from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from align.errors import AlignError, ModelRunError
+from align.numerics import metrics
 from align.numerics.decisions import Choices, Decisions
 from align.numerics.emulate import parse_emulation
 from align.numerics.jitter import Jitter
@@ -670,6 +671,28 @@ def differentiate(inputs: Any, grad_inputs: Callable[[Any], Any] | None = None) 
         ),
         grad_inputs(inputs) if grad_inputs is not None else inputs,
     )
+
+
+def nonfinite_input_grads(trace: Trace) -> frozenset[int]:
+    """Positions, among the model's flattened inputs, of those whose recorded gradient
+    holds NaN or an infinity (a detector's target boxes, whose gradient its loss makes
+    0 * inf; no training script asks for it)."""
+    if not trace.calls or trace.calls[0].parent is not None:
+        return frozenset()
+    return frozenset(
+        i
+        for i, key in enumerate(trace.calls[0].grad_inputs)
+        if key is not None and not metrics.all_finite(metrics.judged_form(trace.tensors[key]))
+    )
+
+
+def all_inputs_but(positions: frozenset[int]) -> Callable[[Any], list]:
+    """A `grad_inputs` for `differentiate`: every input but those at `positions`."""
+    return partial(_all_but, positions)
+
+
+def _all_but(positions: frozenset[int], inputs: Any) -> list:
+    return [leaf for i, leaf in enumerate(flatten(inputs)[0]) if i not in positions]
 
 
 def laid_out(model: nn.Module, inputs: Any, memory_format: torch.memory_format | None) -> Any:

@@ -20,7 +20,7 @@ def test_an_honest_draw_isolates_a_container_on_its_childrens_records_as_they_ar
     recorded = torch.randn(100)
     feed = torch.randn(1, requires_grad=True)
     with Jitter(3):
-        (replayed,) = _Replay.apply(_Payload([recorded], [None]), feed)
+        (replayed,) = _Replay.apply(_Payload([recorded], [None], [True]), feed)
         nudged = recorded * 1.0
     assert torch.equal(replayed, recorded)
     assert not torch.equal(nudged, recorded)  # the jitter is on: a computed op is nudged
