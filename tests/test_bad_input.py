@@ -265,6 +265,33 @@ def test_a_model_that_cannot_run_at_a_precision_is_an_error_not_a_crash(net, x, 
         check(net, x, precision="amp-fp16", phases=phases, steps=2)
 
 
+def _float32_only_loss(output, inputs):
+    """A loss whose kernel has no bf16 version on the CPU (as ctc_loss's), as loss ops
+    under autocast run in float32 where the script takes its loss there."""
+    if output.dtype in (torch.bfloat16, torch.float16):
+        raise NotImplementedError(f'"loss_cpu" not implemented for {output.dtype}')
+    return output.square().mean()
+
+
+@pytest.mark.parametrize("phases", ["forward,backward", "train"])
+def test_a_loss_that_raises_is_an_error_saying_to_cast_the_outputs(net, x, phases):
+    with pytest.raises(ModelRunError, match=r"loss_fn raised NotImplementedError on cpu at "):
+        check(net, x, precision="amp-bf16", phases=phases, steps=2, loss_fn=_float32_only_loss)
+    try:
+        check(net, x, precision="amp-bf16", phases=phases, steps=2, loss_fn=_float32_only_loss)
+    except ModelRunError as e:
+        assert "output.float()" in str(e)
+    cast = check(
+        net,
+        x,
+        precision="amp-bf16",
+        phases=phases,
+        steps=2,
+        loss_fn=lambda out, inputs: _float32_only_loss(out.float(), inputs),
+    )
+    assert cast.passed
+
+
 # -- the caller's model is never touched ----------------------------------------------------
 
 

@@ -41,6 +41,7 @@ from align.record.capture import (
     inputs_laid_out,
     jitter_seed,
     lay_out_weights,
+    loss_errors,
     model_errors,
     numerics,
     prepare,
@@ -150,7 +151,8 @@ def _trajectory(
         with decisions, numerics(policy, device, emulation, False, native_kernels, nudged):
             with model_errors(device, policy, jitter), policy.autocast(device):
                 out = call_model(private, _aliases(x))
-            loss = loss_fn(out, x)
+            with loss_errors(device, policy):
+                loss = loss_fn(out, x)
             optimizer.zero_grad(set_to_none=True)
             private.zero_grad(set_to_none=True)
             with model_errors(device, policy, jitter):

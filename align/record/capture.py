@@ -629,7 +629,8 @@ def run_model(
         loss = None
         if backward:
             with run.decisions, run.numerics(autocast=False):
-                loss = loss_fn(output, x)
+                with loss_errors(device, policy):
+                    loss = loss_fn(output, x)
                 with model_errors(device, policy, jitter):
                     (loss * loss_scale).backward()
             for name, param in private.named_parameters():
@@ -733,6 +734,31 @@ def model_errors(device: torch.device, policy: Policy, jitter: int | None = None
             f"the model raised {type(exc).__name__} on {device} at {policy.name}"
             f"{draw}: {str(exc).strip()[:500]}\nno verdict: run it there outside align to see "
             "why (a kernel this device or precision lacks: another --reference or --precision)"
+        ) from exc
+
+
+@contextlib.contextmanager
+def loss_errors(device: torch.device, policy: Policy) -> Iterator[None]:
+    """A ModelRunError for what the loss function raises, chained to the original error.
+    align takes the loss outside autocast, on the outputs as the model returned them,
+    where a script taking it under autocast has its loss ops run in float32 (CPU
+    autocast's `ctc_loss` does; on bf16 log-probabilities it has no kernel)."""
+    try:
+        yield
+    except AlignError:
+        raise
+    except Exception as exc:
+        low = policy.low_precision
+        hint = (
+            f": at {policy.name} the outputs may be {low}, and autocast, under which a "
+            "script takes its loss, would have run the loss's ops in float32; cast them "
+            "in loss_fn (output.float())"
+            if low != torch.float32
+            else ""
+        )
+        raise ModelRunError(
+            f"loss_fn raised {type(exc).__name__} on {device} at {policy.name}: "
+            f"{str(exc).strip()[:300]}\nalign takes the loss outside autocast{hint}"
         ) from exc
 
 
