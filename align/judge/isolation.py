@@ -49,7 +49,13 @@ from align.numerics.verdict import (
     Tolerance,
     judge_robustly,
 )
-from align.record.capture import Run, in_draw_layout, inputs_laid_out, outside_modes
+from align.record.capture import (
+    Run,
+    autocast_as_called,
+    in_draw_layout,
+    inputs_laid_out,
+    outside_modes,
+)
 from align.record.trace import Call, Trace
 
 
@@ -187,7 +193,11 @@ class Isolator:
         try:
             self._install_replays(run, pos, modules, local, replaced)
             _seed(run)
-            with local.decisions, run.numerics():
+            with (
+                local.decisions,
+                run.numerics(),
+                autocast_as_called(self.ref.specs[pos], run.device),
+            ):
                 out = module(*args, **kwargs)
             for name in call.buffer_names:
                 if (written := module._buffers.get(name)) is not None:

@@ -54,7 +54,8 @@ class _NotPlain(ValueError):
 
 
 def spec_to_json(spec: CallSpec) -> dict[str, Any]:
-    """The call's structure, plain leaves and training flag; or why it cannot be written."""
+    """The call's structure, plain leaves, training and autocast flags; or why it cannot be
+    written."""
     try:
         if spec.out_spec is None:
             raise _NotPlain("a call that did not return")
@@ -64,6 +65,7 @@ def spec_to_json(spec: CallSpec) -> dict[str, Any]:
             "out": _structure(spec.out_spec),
             "out_leaves": [_plain(v) for v in spec.out_leaves],
             "training": spec.training,
+            "autocast": spec.autocast,
         }
     except _NotPlain as exc:
         return {"not_recorded": str(exc)}
@@ -79,14 +81,15 @@ def spec_from_json(data: Any, where: str, device: torch.device | None = None) ->
         in_spec, in_leaves = _spec(data["in"], data["in_leaves"], device)
         out_spec, out_leaves = _spec(data["out"], data["out_leaves"], device)
         training = data["training"]
-        if not isinstance(training, bool):
-            raise ValueError("'training' is not a boolean")
+        autocast = data.get("autocast", True)  # (dumps of earlier versions: on)
+        if not isinstance(training, bool) or not isinstance(autocast, bool):
+            raise ValueError("'training' or 'autocast' is not a boolean")
     except (KeyError, TypeError, ValueError) as exc:
         raise TraceError(
             f"{where}: a call's arguments are malformed ({exc}); the dump is corrupt: record "
             "it again"
         ) from exc
-    return CallSpec(in_spec, in_leaves, out_spec, out_leaves, training)
+    return CallSpec(in_spec, in_leaves, out_spec, out_leaves, training, autocast)
 
 
 def _plain(value: Any) -> Any:

@@ -54,6 +54,9 @@ class CallSpec:
     out_spec: Any = None
     out_leaves: list[Any] = field(default_factory=list)
     training: bool = True  # the module's mode when it was called
+    # whether autocast was on where it was called (a script may turn it off for a block:
+    # an fp32 head, a loss); isolation re-runs the call with autocast off where it was off
+    autocast: bool = True
 
 
 class _Tap(torch.autograd.Function):
@@ -222,6 +225,7 @@ class Recorder:
             spec,
             [None if isinstance(x, torch.Tensor) else x for x in leaves],
             training=module.training,
+            autocast=_autocast_on(leaves),
         )
         floating = {
             n: b for n, b in module._buffers.items() if b is not None and b.is_floating_point()
@@ -301,6 +305,21 @@ class Recorder:
         self.tasks.setdefault(pos, set()).add(torch._C._current_graph_task_id())
         self.trace.backward_events.append((pos, "grad_inputs", i))
         self.trace.calls[pos].grad_inputs[i] = self.store_grad(grad)
+
+
+def _autocast_on(leaves: list[Any]) -> bool:
+    """Whether autocast is on for the device of a call's first tensor argument (the CPU's
+    for a call given none)."""
+    device = next((x.device.type for x in leaves if isinstance(x, torch.Tensor)), "cpu")
+    return torch.is_autocast_enabled(device)
+
+
+def autocast_as_called(spec: CallSpec, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on `device` where the recorded call ran with it off, else as it is:
+    a run whose policy has no autocast (fp32, the float64 golden) is never given one."""
+    if spec.autocast:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

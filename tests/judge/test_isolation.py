@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch import nn
 
 import align
 from align.judge.isolation import _Payload, _Replay, statistics_span
@@ -219,3 +220,32 @@ def test_a_kernel_that_chooses_otherwise_far_from_a_tie_is_named_though_its_choi
     report = align.check(model, x, target_model=wrong, target="cpu")
     assert not report.passed
     assert [(c.module, c.metric) for c in report.culprits] == [("1", "choice_gap")], str(report)
+
+
+class _Float32Head(nn.Module):
+    """A body under the run's autocast and a head that turns it off and computes in
+    float32, as detection heads and losses do."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.SiLU())
+        self.norm, self.head = nn.LayerNorm(32), nn.Linear(32, 12)
+
+    def forward(self, x):
+        h = self.body(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.head(self.norm(h.float()))
+
+
+@pytest.mark.parametrize("precision", ["amp-bf16", "amp-fp16"])
+def test_a_call_made_with_autocast_off_is_isolated_with_it_off(precision):
+    """Isolated under the run's autocast, the float32 head ran in half precision, and a
+    0.3% gain there was lost in its rounding: the check failed and named no module."""
+    torch.manual_seed(0)
+    model, x = _Float32Head(), torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    assert align.check(model, x, target_model=perturb(model, 1.0), precision=precision).passed
+    for fault in ("kernel_gain", "fp16_kernel"):
+        faulty = copy.deepcopy(model)
+        FAULTS[fault](faulty, "head")
+        report = align.check(model, x, target_model=faulty, precision=precision)
+        assert not report.passed and [c.module for c in report.culprits] == ["head"], report

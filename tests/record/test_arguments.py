@@ -32,12 +32,12 @@ trees = st.recursive(
 )
 
 
-def _spec(args: tuple, kwargs: dict, output, training: bool) -> CallSpec:
+def _spec(args: tuple, kwargs: dict, output, training: bool, autocast: bool = True) -> CallSpec:
     leaves, spec = tree_flatten((args, kwargs))
     out_leaves, out_spec = tree_flatten(output)
     hide = [None if isinstance(x, torch.Tensor) else x for x in leaves]
     out_hide = [None if isinstance(x, torch.Tensor) else x for x in out_leaves]
-    return CallSpec(spec, hide, out_spec, out_hide, training)
+    return CallSpec(spec, hide, out_spec, out_hide, training, autocast)
 
 
 @given(
@@ -45,11 +45,15 @@ def _spec(args: tuple, kwargs: dict, output, training: bool) -> CallSpec:
     st.dictionaries(st.text(max_size=4), trees, max_size=2),
     trees,
     st.booleans(),
+    st.booleans(),
 )
-def test_written_arguments_rebuild_the_call_with_its_tensors(args, kwargs, output, training):
-    spec = _spec(args, kwargs, output, training)
+def test_written_arguments_rebuild_the_call_with_its_tensors(
+    args, kwargs, output, training, autocast
+):
+    spec = _spec(args, kwargs, output, training, autocast)
     read = spec_from_json(json.loads(json.dumps(spec_to_json(spec))), "here")
     assert isinstance(read, CallSpec) and read.training == training
+    assert read.autocast == autocast
     original, structure = tree_flatten((args, kwargs))
     # the tensors come from the dump, the rest from the record
     leaves = [x if isinstance(x, torch.Tensor) else v for x, v in zip(original, read.in_leaves)]
@@ -137,6 +141,7 @@ GOOD = {"in": 0, "in_leaves": [1], "out": 0, "out_leaves": [None], "training": T
 
 def test_the_good_entry_reads():
     assert isinstance(spec_from_json(GOOD, "here"), CallSpec)
+    assert spec_from_json(GOOD, "here").autocast  # an earlier version's dump: on
 
 
 @pytest.mark.parametrize(
@@ -150,6 +155,7 @@ def test_the_good_entry_reads():
         {**GOOD, "in_leaves": [{"device": 0}]},
         {**GOOD, "in_leaves": [1, 2]},  # more leaves than places
         {**GOOD, "training": "yes"},
+        {**GOOD, "autocast": 1},
         {**GOOD, "in": {"tuple": 5}},
         {**GOOD, "in": {"namedtuple": ["os.system", ["a"], [0]]}},  # names are identifiers
         {**GOOD, "in": {"namedtuple": ["P", ["__class__"], [0]]}},
