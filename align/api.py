@@ -311,13 +311,13 @@ UNDIFFERENTIATED = (
 
 def _not_finite(run: Run, label: str) -> str:
     """Why `run`'s non-finite gradients stop the check, naming the first of them."""
-    first = next(
+    calls = run.trace.calls
+    first = next(  # in the order backward made them: where the NaN started
         (
-            f"{c.module or '(model)'} {slot[:-1]}[{i}]"
-            for c in run.trace.calls
-            for slot in BACKWARD_SLOTS
-            for i, k in enumerate(getattr(c, slot))
-            if k and not metrics.all_finite(metrics.judged_form(run.trace.tensors[k]))
+            f"{calls[pos].module or '(model)'} {slot[:-1]}[{i}]"
+            for pos, slot, i in run.trace.backward_events
+            if (k := getattr(calls[pos], slot)[i])
+            and not metrics.all_finite(metrics.judged_form(run.trace.tensors[k]))
         ),
         "a parameter gradient",
     )

@@ -210,5 +210,5 @@ def test_an_input_whose_gradient_the_model_makes_nan_is_not_differentiated_and_s
 
 def test_nan_gradients_of_the_models_own_at_fp32_name_the_tensor_and_do_not_say_overflow():
     model, inputs = _boxes_and_image()
-    with pytest.raises(AlignError, match=r"hold NaN or infinity at fp32 \(first: .*grad_input"):
+    with pytest.raises(AlignError, match=r"hold NaN or infinity at fp32 \(first: transform "):
         align.check(model, inputs, target="cpu", grad_inputs=lambda inputs: inputs)

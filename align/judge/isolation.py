@@ -63,15 +63,15 @@ from align.record.trace import Call, Trace
 class _Payload:
     outputs: list[torch.Tensor]
     grad_inputs: list[torch.Tensor | None]
-    # per output: whether the whole run sent it a gradient (a detector's transform passes
-    # the target boxes on, which no backward differentiates: 0 * inf in its loss)
+    # per output: whether it required grad in the recorded run (a detector's transform
+    # passes the target boxes on, which no backward differentiates: 0 * inf in its loss)
     differentiable: list[bool]
     received: tuple = ()
 
 
 class _Replay(torch.autograd.Function):
     """A child call replayed from the record: constant outputs, recorded input grads;
-    an output the whole run sent no gradient to takes none here either."""
+    an output that did not require grad in the recorded run does not here either."""
 
     @staticmethod
     def forward(ctx, payload: _Payload, *feeds: torch.Tensor):
@@ -285,10 +285,14 @@ class Isolator:
             feeds = [x for x in flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
             for j, f in enumerate(feeds):
                 local.forward[f"feed:{label}[{j}]"] = f.detach()
-            kept = [(k, g) for k, g in zip(call.outputs, call.grad_outputs) if k is not None]
-            outs = [run.place(trace.tensor(k)) for k, _ in kept]
+            kept = [
+                spec.out_grad[i] if spec.out_grad else True
+                for i, k in enumerate(call.outputs)
+                if k is not None
+            ]
+            outs = [run.place(trace.tensor(k)) for k in call.outputs if k is not None]
             floats = [o for o in outs if o.is_floating_point()]
-            sent = [g is not None for (_, g), o in zip(kept, outs) if o.is_floating_point()]
+            needed = [g for g, o in zip(kept, outs) if o.is_floating_point()]
             tensor_grads = [g for k, g in zip(call.inputs, call.grad_inputs) if k is not None]
             grads_in = [
                 _scaled(run, trace.tensor(k), f.dtype)
@@ -305,7 +309,7 @@ class Isolator:
                 feeds.append(torch.zeros((), device=run.device, requires_grad=True))
                 self._anchors.append(feeds[-1])
                 grads_in.append(None)
-            payload = _Payload(floats, grads_in, sent)
+            payload = _Payload(floats, grads_in, needed)
             self._payloads[label] = payload
             replayed = iter(_Replay.apply(payload, *feeds) if floats else ())
             rebuilt = []

@@ -66,6 +66,7 @@ def spec_to_json(spec: CallSpec) -> dict[str, Any]:
             "out_leaves": [_plain(v) for v in spec.out_leaves],
             "training": spec.training,
             "autocast": spec.autocast,
+            "out_grad": spec.out_grad,
         }
     except _NotPlain as exc:
         return {"not_recorded": str(exc)}
@@ -81,15 +82,20 @@ def spec_from_json(data: Any, where: str, device: torch.device | None = None) ->
         in_spec, in_leaves = _spec(data["in"], data["in_leaves"], device)
         out_spec, out_leaves = _spec(data["out"], data["out_leaves"], device)
         training = data["training"]
-        autocast = data.get("autocast", True)  # (dumps of earlier versions: on)
+        # (dumps of earlier versions: autocast on, every output differentiable)
+        autocast, out_grad = data.get("autocast", True), data.get("out_grad", [])
         if not isinstance(training, bool) or not isinstance(autocast, bool):
             raise ValueError("'training' or 'autocast' is not a boolean")
+        if not isinstance(out_grad, list) or not all(isinstance(g, bool) for g in out_grad):
+            raise ValueError("'out_grad' is not a list of booleans")
+        if out_grad and len(out_grad) != len(out_leaves):
+            raise ValueError("'out_grad' does not hold one flag per output")
     except (KeyError, TypeError, ValueError) as exc:
         raise TraceError(
             f"{where}: a call's arguments are malformed ({exc}); the dump is corrupt: record "
             "it again"
         ) from exc
-    return CallSpec(in_spec, in_leaves, out_spec, out_leaves, training, autocast)
+    return CallSpec(in_spec, in_leaves, out_spec, out_leaves, training, autocast, out_grad)
 
 
 def _plain(value: Any) -> Any:

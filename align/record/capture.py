@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import time
 import warnings
 import weakref
@@ -57,6 +58,10 @@ class CallSpec:
     # whether autocast was on where it was called (a script may turn it off for a block:
     # an fp32 head, a loss); isolation re-runs the call with autocast off where it was off
     autocast: bool = True
+    # per output leaf, whether it required grad (empty: unknown, all did): an output that
+    # did not (a detector's transform passing its target boxes on) takes no gradient when
+    # the call is replayed in isolation
+    out_grad: list[bool] = field(default_factory=list)
 
 
 class _Tap(torch.autograd.Function):
@@ -225,7 +230,7 @@ class Recorder:
             spec,
             [None if isinstance(x, torch.Tensor) else x for x in leaves],
             training=module.training,
-            autocast=_autocast_on(leaves),
+            autocast=_autocast_on(module, leaves),
         )
         floating = {
             n: b for n, b in module._buffers.items() if b is not None and b.is_floating_point()
@@ -268,6 +273,7 @@ class Recorder:
                 call.buffers.append(call.buffers_in[-1] if same else self.store(now.clone()))
         self.specs[pos].out_spec = spec
         self.specs[pos].out_leaves = [None if isinstance(x, torch.Tensor) else x for x in leaves]
+        self.specs[pos].out_grad = [isinstance(x, torch.Tensor) and x.requires_grad for x in leaves]
 
     def _ended(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: Any):
         """After every call, `_post` or not: a call that raised leaves the stack, so what
@@ -307,11 +313,19 @@ class Recorder:
         self.trace.calls[pos].grad_inputs[i] = self.store_grad(grad)
 
 
-def _autocast_on(leaves: list[Any]) -> bool:
-    """Whether autocast is on for the device of a call's first tensor argument (the CPU's
-    for a call given none)."""
-    device = next((x.device.type for x in leaves if isinstance(x, torch.Tensor)), "cpu")
-    return torch.is_autocast_enabled(device)
+def _autocast_on(module: nn.Module, leaves: list[Any]) -> bool:
+    """Whether autocast is on for the device the call computes on: its tensor arguments'
+    (an accelerator's before the CPU's), else its module's weights'; on (as the run is)
+    where neither says (a rotary embedding called with a length) or the device has no
+    autocast (meta)."""
+    devices = [x.device.type for x in leaves if isinstance(x, torch.Tensor)]
+    devices += [t.device.type for t in itertools.islice(module.parameters(), 1)]
+    if not devices:
+        return True
+    try:
+        return torch.is_autocast_enabled(next((d for d in devices if d != "cpu"), "cpu"))
+    except RuntimeError:
+        return True
 
 
 def autocast_as_called(spec: CallSpec, device: torch.device) -> contextlib.AbstractContextManager:
@@ -767,12 +781,11 @@ def loss_errors(device: torch.device, policy: Policy) -> Iterator[None]:
     except AlignError:
         raise
     except Exception as exc:
-        low = policy.low_precision
         hint = (
-            f": at {policy.name} the outputs may be {low}, and autocast, under which a "
-            "script takes its loss, would have run the loss's ops in float32; cast them "
-            "in loss_fn (output.float())"
-            if low != torch.float32
+            f": at {policy.name} the outputs may be {policy.autocast_dtype}, and autocast, "
+            "under which a script takes its loss, would have run the loss's ops in float32; "
+            "cast them in loss_fn (output.float())"
+            if policy.autocast_dtype is not None
             else ""
         )
         raise ModelRunError(

@@ -249,3 +249,50 @@ def test_a_call_made_with_autocast_off_is_isolated_with_it_off(precision):
         FAULTS[fault](faulty, "head")
         report = align.check(model, x, target_model=faulty, precision=precision)
         assert not report.passed and [c.module for c in report.culprits] == ["head"], report
+
+
+class _ViewEmbed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 2, 2)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # a view, as timm's PatchEmbed returns
+
+
+class _Gain(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 1.01
+
+
+class _WritesTheView(nn.Module):
+    """Writes its child's output (a view) in place, which loses the gradient hook on it:
+    no gradient is recorded for that output, though backward sends one through it."""
+
+    def __init__(self, faulty: bool = False):
+        super().__init__()
+        self.embed, self.head, self.faulty = _ViewEmbed(), nn.Linear(8, 4), faulty
+
+    def forward(self, x):
+        h = self.embed(x)
+        h.mul_(2)
+        return self.head(_Gain.apply(h) if self.faulty else h)
+
+
+def test_a_child_output_with_no_recorded_gradient_still_passes_one_back_in_isolation():
+    """The parent's own backward 1% off is named: the replayed child's output required
+    grad in the run, so the isolated backward reaches it (an output marked not to take a
+    gradient because none was recorded there named no module)."""
+    torch.manual_seed(0)
+    model, x = _WritesTheView(), torch.randn(2, 3, 8, 8)
+    trace = align.capture(model, x)
+    assert next(c for c in trace.calls if c.module == "embed").grad_outputs == [None]
+    faulty = copy.deepcopy(model)
+    faulty.faulty = True
+    report = align.check(model, x, target_model=faulty, target="cpu")
+    assert not report.passed and [c.module for c in report.culprits] == [""], report
