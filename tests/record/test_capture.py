@@ -496,3 +496,16 @@ def test_an_input_whose_gradient_the_op_downstream_leaves_undefined_has_none():
     FAULTS["backward_gain"](faulty, "a")
     report = align.check(model, x, target_model=faulty)
     assert not report.passed and "a" in {c.module for c in report.culprits}
+
+
+def test_autocast_is_read_on_the_device_a_call_computes_on():
+    """A call given no tensor reads its weights' device; one given none and holding none,
+    or on a device without autocast (meta), counts as under the run's autocast."""
+    from align.record.capture import _autocast_on
+
+    with torch.autocast("cpu", enabled=False):
+        assert not _autocast_on(nn.Linear(2, 2), [5])
+        assert _autocast_on(nn.Identity(), [5])
+        assert _autocast_on(nn.Identity(), [torch.empty(2, device="meta")])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _autocast_on(nn.Linear(2, 2), [torch.ones(2)])
