@@ -9,6 +9,7 @@ from torch import nn
 import align
 from align.errors import AlignError
 from align.numerics.verdict import HEADROOM_MESSAGE
+from align.testing.models import BoxLoss, box_inputs
 
 
 def test_a_relu_flipped_by_honest_rounding_takes_the_references_branch():
@@ -163,32 +164,9 @@ class _OverflowPast(torch.autograd.Function):
         return grad.masked_fill(grad.abs() > ctx.threshold, float("inf")), None
 
 
-class _Transform(nn.Module):
-    """Passes the boxes on with the image, as a detector's transform does."""
-
-    def forward(self, x, boxes):
-        return x * 2, boxes * 0.5
-
-
-class _BoxLoss(nn.Module):
-    """A loss by target boxes whose gradient by them is 0 * inf where a box side is 0 (a
-    square root's, the branch `where` leaves out), as torchvision's FCOS makes it."""
-
-    def __init__(self):
-        super().__init__()
-        self.transform, self.lin = _Transform(), nn.Linear(8, 4)
-
-    def forward(self, x, boxes):
-        x, boxes = self.transform(x, boxes)
-        h = self.lin(x)
-        return torch.where(boxes > 0, boxes.sqrt() * h, h)
-
-
 def _boxes_and_image():
     torch.manual_seed(0)
-    boxes = torch.rand(4, 4)
-    boxes[:, 0] = 0
-    return _BoxLoss(), (torch.randn(4, 8), boxes)
+    return BoxLoss(), box_inputs()
 
 
 def test_an_input_whose_gradient_the_model_makes_nan_is_not_differentiated_and_said_so():

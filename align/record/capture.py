@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from align.errors import AlignError, ModelRunError
+from align.errors import AlignError, ModelRunError, TraceError
 from align.numerics import metrics
 from align.numerics.decisions import Choices, Decisions
 from align.numerics.emulate import parse_emulation
@@ -834,24 +834,58 @@ def capture(
     """
 
     policy = get_policy(precision)
-    run = run_model(
-        model,
-        inputs,
-        device=resolve(device),
-        policy=policy,
-        backward=backward,
-        loss_fn=loss_fn,
-        seed=seed,
-        loss_scale=policy.check_loss_scale,
-        emulation=_emulation(emulate),
-        grad_inputs=grad_inputs,
-        replay=None if decisions_of is None else decisions_of.decisions,
-    )
+    chosen = grad_inputs is not None
+    left_out = _left_out(decisions_of) if not chosen else frozenset()
+    if left_out:
+        grad_inputs = all_inputs_but(left_out)
+
+    def one_run() -> Run:
+        return run_model(
+            model,
+            inputs,
+            device=resolve(device),
+            policy=policy,
+            backward=backward,
+            loss_fn=loss_fn,
+            seed=seed,
+            loss_scale=policy.check_loss_scale,
+            emulation=_emulation(emulate),
+            grad_inputs=grad_inputs,
+            replay=None if decisions_of is None else decisions_of.decisions,
+        )
+
+    run = one_run()
+    # (as align.check does: not under fp16, whose own overflow reaches an input's gradient)
+    if backward and not chosen and not left_out and policy.low_precision != torch.float16:
+        if left_out := nonfinite_input_grads(run.trace):
+            grad_inputs = all_inputs_but(left_out)
+            run = one_run()
+    if left_out:
+        run.trace.meta[UNDIFFERENTIATED] = sorted(left_out)
     run.trace.draws = [
         honest_draw(model, inputs, run, k, loss_fn=loss_fn, grad_inputs=grad_inputs)
         for k in range(draws)
     ]
     return run.trace
+
+
+# a dump's meta key: the positions, among the model's flattened inputs, of those whose
+# gradient held NaN or infinity on the reference and that no run of the dump differentiated
+UNDIFFERENTIATED = "undifferentiated_inputs"
+
+
+def _left_out(reference: Trace | None) -> frozenset[int]:
+    """The inputs the reference's dump did not differentiate, which its target and golden
+    dumps leave out too (a malformed entry is a TraceError)."""
+    if reference is None or UNDIFFERENTIATED not in reference.meta:
+        return frozenset()
+    positions = reference.meta[UNDIFFERENTIATED]
+    if not isinstance(positions, list) or not all(type(i) is int and i >= 0 for i in positions):
+        raise TraceError(
+            f"the reference dump's meta {UNDIFFERENTIATED!r} is not a list of input positions: "
+            "the dump is corrupt; dump the reference again"
+        )
+    return frozenset(positions)
 
 
 def _emulation(spec: str | None):

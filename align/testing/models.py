@@ -442,6 +442,36 @@ class SparseBag(nn.Module):
         return self.head(self.emb(tokens).mean(1))
 
 
+class _PassesBoxes(nn.Module):
+    """Passes the boxes on with the image, as a detector's transform does."""
+
+    def forward(self, x: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x * 2, boxes * 0.5
+
+
+class BoxLoss(nn.Module):
+    """Takes target boxes as an input and makes their gradient 0 * inf where a box side is
+    0 (a square root's, on the branch `where` leaves out), as torchvision's FCOS does in
+    training. Not in USER_MODELS: its inputs are an image and boxes (`box_inputs`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.transform, self.lin = _PassesBoxes(), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        x, boxes = self.transform(x, boxes)
+        h = self.lin(x)
+        return torch.where(boxes > 0, boxes.sqrt() * h, h)
+
+
+def box_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """BoxLoss's inputs: 4 images of 8 features, and boxes with one side 0."""
+    gen = torch.Generator().manual_seed(0)
+    boxes = torch.rand(4, 4, generator=gen)
+    boxes[:, 0] = 0
+    return torch.randn(4, 8, generator=gen), boxes
+
+
 def _built(
     make: Callable[[], nn.Module], inputs: Callable[[torch.Generator], torch.Tensor]
 ) -> Callable[[], tuple[nn.Module, torch.Tensor]]:

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 import align
+from align.errors import TraceError
 from align.numerics.jitter import Jitter
 from align.record.capture import Recorder, call_model, lay_out_weights
 from align.testing import FAULTS, perturb
-from align.testing.models import GlobalFilter
+from align.testing.models import BoxLoss, GlobalFilter, box_inputs
 
 
 class Twice(nn.Module):
@@ -509,3 +510,21 @@ def test_autocast_is_read_on_the_device_a_call_computes_on():
         assert _autocast_on(nn.Identity(), [torch.empty(2, device="meta")])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _autocast_on(nn.Linear(2, 2), [torch.ones(2)])
+
+
+def test_dumps_leave_out_an_input_whose_gradient_the_model_makes_nan_on_every_side(tmp_path):
+    """A detector's target boxes, whose gradient its loss makes 0 * inf: the reference's
+    dump leaves them out and says which, the target's and the golden's taking it from
+    there, and the dumps compare (before, the comparison refused the NaN reference)."""
+    torch.manual_seed(0)
+    model, inputs = BoxLoss(), box_inputs()
+    ref = align.capture(model, inputs)
+    assert ref.meta["undifferentiated_inputs"] == [1] and ref.calls[0].grad_inputs[1] is None
+    ref = align.load_trace(ref.save(tmp_path / "ref"))  # as `align dump --decisions` reads it
+    tgt = align.capture(perturb(model, 1.0), inputs, decisions_of=ref)
+    gold = align.capture(model, inputs, precision="fp64", decisions_of=ref)
+    assert tgt.meta["undifferentiated_inputs"] == gold.meta["undifferentiated_inputs"] == [1]
+    assert align.compare(ref, tgt, gold).passed
+    ref.meta["undifferentiated_inputs"] = ["boxes"]
+    with pytest.raises(TraceError, match="undifferentiated_inputs"):
+        align.capture(model, inputs, decisions_of=ref)
