@@ -35,8 +35,8 @@ from align.record.capture import (
     all_inputs_but,
     capture,
     honest_draw,
-    nonfinite_input_grads,
     run_model,
+    undifferentiable_inputs,
 )
 from align.record.loop_dump import is_dump as is_loop_dump
 from align.record.msprobe import is_msprobe_dump
@@ -194,7 +194,7 @@ def check(
         )
         if common["grad_inputs"] is not resolved.grad_inputs:
             resolved = dataclasses.replace(resolved, grad_inputs=common["grad_inputs"])
-            report.notes.append(UNDIFFERENTIATED)
+            report.notes.append(UNDIFFERENTIATED_NOTE)
         if ref_run.loss_scale != common["loss_scale"]:
             report.notes.append(
                 f"gradients overflowed {policy.low_precision} at loss scale "
@@ -273,13 +273,7 @@ def _runs(
         timings["reference"] = time.perf_counter() - t0
         last = not backward or scale <= 1
         if last and backward and not _gradients_fit(ref_run.trace, math.inf):
-            # (not under fp16, whose own overflow reaches an input's gradient too)
-            inputs = nonfinite_input_grads(ref_run.trace)
-            if (
-                inputs
-                and common["grad_inputs"] is None
-                and ref_run.policy.low_precision != torch.float16
-            ):
+            if common["grad_inputs"] is None and (inputs := undifferentiable_inputs(ref_run)):
                 log.info("the gradient by input(s) %s is not finite: not differentiated", inputs)
                 common["grad_inputs"] = all_inputs_but(inputs)
                 continue
@@ -302,7 +296,7 @@ def _runs(
         log.info("scaled gradients overflow: both runs again at loss scale %g", scale)
 
 
-UNDIFFERENTIATED = (
+UNDIFFERENTIATED_NOTE = (
     "the reference's gradient by some of the model's inputs held NaN or infinity (its own "
     "arithmetic: a detector's loss by its target boxes); backward did not differentiate "
     "them (CheckOptions.grad_inputs chooses the inputs it differentiates)"
@@ -323,11 +317,12 @@ def _not_finite(run: Run, label: str) -> str:
     )
     low = run.policy.low_precision
     if low in (torch.float16, torch.bfloat16):
+        wider = "amp-bf16 or fp32" if low == torch.float16 else "fp32"
         return (
             f"the reference's gradients overflow {low} even unscaled (loss scale 1; first: "
             f"{first}): {label} cannot be checked at {run.policy.name} on these inputs (a "
-            "BatchNorm over very few values amplifies its gradient); check it at amp-bf16 or "
-            "fp32, or on larger inputs"
+            f"BatchNorm over very few values amplifies its gradient); check it at {wider}, "
+            "or on larger inputs"
         )
     return (
         f"the reference's gradients hold NaN or infinity at {run.policy.name} (first: "

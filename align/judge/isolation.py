@@ -285,14 +285,14 @@ class Isolator:
             feeds = [x for x in flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
             for j, f in enumerate(feeds):
                 local.forward[f"feed:{label}[{j}]"] = f.detach()
-            kept = [
-                spec.out_grad[i] if spec.out_grad else True
-                for i, k in enumerate(call.outputs)
+            required = [  # per tensor output: whether it required grad in the run
+                r
+                for k, r in zip(call.outputs, spec.out_grad or [True] * len(call.outputs))
                 if k is not None
             ]
             outs = [run.place(trace.tensor(k)) for k in call.outputs if k is not None]
             floats = [o for o in outs if o.is_floating_point()]
-            needed = [g for g, o in zip(kept, outs) if o.is_floating_point()]
+            needed = [r for r, o in zip(required, outs) if o.is_floating_point()]
             tensor_grads = [g for k, g in zip(call.inputs, call.grad_inputs) if k is not None]
             grads_in = [
                 _scaled(run, trace.tensor(k), f.dtype)

@@ -707,11 +707,17 @@ def differentiate(inputs: Any, grad_inputs: Callable[[Any], Any] | None = None) 
     )
 
 
-def nonfinite_input_grads(trace: Trace) -> frozenset[int]:
-    """Positions, among the model's flattened inputs, of those whose recorded gradient
+def undifferentiable_inputs(run: Run) -> frozenset[int]:
+    """Positions, among the model's flattened inputs, of those whose gradient in `run`
     holds NaN or an infinity (a detector's target boxes, whose gradient its loss makes
-    0 * inf; no training script asks for it)."""
-    if not trace.calls or trace.calls[0].parent is not None:
+    0 * inf; no training script asks for it), which its runs should not differentiate.
+    None under fp16, whose own overflow reaches an input's gradient too."""
+    trace = run.trace
+    if (
+        run.policy.low_precision == torch.float16
+        or not trace.calls
+        or trace.calls[0].parent is not None
+    ):
         return frozenset()
     return frozenset(
         i
@@ -855,11 +861,9 @@ def capture(
         )
 
     run = one_run()
-    # (as align.check does: not under fp16, whose own overflow reaches an input's gradient)
-    if backward and not chosen and not left_out and policy.low_precision != torch.float16:
-        if left_out := nonfinite_input_grads(run.trace):
-            grad_inputs = all_inputs_but(left_out)
-            run = one_run()
+    if backward and not chosen and not left_out and (left_out := undifferentiable_inputs(run)):
+        grad_inputs = all_inputs_but(left_out)
+        run = one_run()
     if left_out:
         run.trace.meta[UNDIFFERENTIATED] = sorted(left_out)
     run.trace.draws = [
