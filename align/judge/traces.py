@@ -15,6 +15,7 @@ from align.errors import AlignError, MismatchError
 from align.judge.comparison import compare_traces, origins
 from align.judge.report import Report
 from align.numerics import decisions
+from align.numerics.metrics import judged_form
 from align.numerics.names import parse_phases
 from align.numerics.precision import get_policy
 from align.numerics.verdict import (
@@ -170,7 +171,9 @@ def identical(a: Trace, b: Trace) -> bool:
 
 
 def _same(x: torch.Tensor, y: torch.Tensor) -> bool:
-    return x.dtype == y.dtype and x.shape == y.shape and torch.equal(x.cpu(), y.cpu())
+    """Bit for bit, in the form the metrics read (a sparse gradient dense)."""
+    x, y = judged_form(x).cpu(), judged_form(y).cpu()
+    return x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
 
 
 def require_judged(rows: list[Row], phases: tuple[str, ...]) -> None:

@@ -81,10 +81,18 @@ def _param_groups(model: nn.Module, opts: TrainOptions) -> list[dict[str, Any]]:
         if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
         for p in m.parameters(recurse=False)
     }
+    # torch's SGD raises on decaying a sparse gradient: a script that trains sparse
+    # embeddings leaves them undecayed, and so does the recipe
+    sparse = {
+        id(m.weight)
+        for m in model.modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse
+    }
     for p in model.parameters():
         if not p.requires_grad:
             continue
         exempt = (id(p) in norm_params or p.dim() == 1) and not opts.norm_decay
+        exempt = exempt or id(p) in sparse
         (no_decay if exempt else decay).append(p)
     return [
         {"params": decay, "weight_decay": opts.weight_decay},
@@ -458,9 +466,9 @@ def _aliases(inputs: Any) -> Any:
 
 @contextlib.contextmanager
 def _optimizer_errors(optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """A ModelRunError for what the optimizer's step raises: the recipe's SGD with weight
-    decay cannot take an nn.Embedding(sparse=True)'s sparse gradient (measured: a raw
-    "add(sparse, dense) is not supported" out of align.check)."""
+    """A ModelRunError for what the optimizer's step raises: a user's Adam cannot take an
+    nn.Embedding(sparse=True)'s sparse gradient (measured: a raw "Adam does not support
+    sparse gradients" out of align.check)."""
     try:
         yield
     except AlignError:
@@ -470,7 +478,7 @@ def _optimizer_errors(optimizer: torch.optim.Optimizer) -> Iterator[None]:
             f"the short training's optimizer ({type(optimizer).__name__}) raised "
             f"{type(exc).__name__}: {str(exc).strip()[:300]}\nno training verdict: give "
             "align.check train_options=TrainOptions(...) that this model's gradients fit "
-            "(weight_decay=0: SGD takes sparse gradients only without it; or optimizer=), "
+            "(an optimizer= that takes this model's gradients: SparseAdam for sparse ones), "
             "check at another precision (a loss scaler unscales no complex gradient), or "
             "leave 'train' out of the phases"
         ) from exc

@@ -430,8 +430,7 @@ class Checkpointed(nn.Module):
 
 class SparseBag(nn.Module):
     """Token ids through an embedding with sparse gradients (nn.Embedding(sparse=True)), a
-    mean and a linear head. Not in USER_MODELS: the recipe's SGD decays weights, which
-    torch's SGD cannot do to a sparse gradient (its check trains with weight_decay=0)."""
+    mean and a linear head (the recipe's SGD leaves a sparse gradient undecayed)."""
 
     def __init__(self):
         super().__init__()
@@ -500,5 +499,6 @@ USER_MODELS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
     "critic": _built(Critic, lambda g: torch.randn(4, 3, 32, 32, generator=g)),
     "gfnet": _built(GFNet, lambda g: torch.randn(4, 3, 32, 32, generator=g)),
     "fno": _built(FNO, lambda g: torch.randn(4, 2, 64, generator=g)),
+    "sparse": _built(SparseBag, lambda g: torch.randint(0, 50, (4, 6), generator=g)),
     "checkpointed": _built(Checkpointed, lambda g: torch.randn(2, 3, 16, 16, generator=g)),
 }

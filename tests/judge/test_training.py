@@ -1,6 +1,7 @@
 """Short-train alignment: a clean target passes; optimizer and loss-scaling faults fail and
 say which step and quantity diverged."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import align
+from align.judge.traces import IDENTICAL
 from align.judge.training import TrainOptions, compare_trajectories, optimizer_state
 
 
@@ -258,7 +260,7 @@ def test_a_quantity_the_reference_misses_by_half_carries_no_signal_from_then_on(
 
 def test_sparse_gradients_are_judged_and_an_optimizer_that_refuses_them_is_said():
     from align.errors import ModelRunError
-    from align.testing import perturb
+    from align.testing import FAULTS, perturb
     from align.testing.models import SparseBag
 
     torch.manual_seed(0)
@@ -266,11 +268,19 @@ def test_sparse_gradients_are_judged_and_an_optimizer_that_refuses_them_is_said(
         SparseBag(),
         torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(1)),
     )
-    # the recipe's SGD decays weights, which torch's SGD cannot do to a sparse gradient
-    with pytest.raises(ModelRunError, match="weight_decay=0"):
-        align.check(model, x, target_model=perturb(model, 1.0), target="cpu", phases="train")
-    fits = TrainOptions(weight_decay=0.0)
-    kw = dict(target="cpu", phases="forward,backward,train", train_options=fits)
+    # Adam refuses a sparse gradient; the recipe's SGD leaves it undecayed, as torch's
+    # SGD must (decaying one raised "add(sparse, dense) is not supported")
+    adam = TrainOptions(optimizer=torch.optim.Adam)
+    with pytest.raises(ModelRunError, match="SparseAdam"):
+        align.check(
+            model,
+            x,
+            target_model=perturb(model, 1.0),
+            target="cpu",
+            phases="train",
+            train_options=adam,
+        )
+    kw = dict(target="cpu", phases="forward,backward,train")
     honest = align.check(model, x, target_model=perturb(model, 1.0), **kw)
     assert honest.passed, honest
     faulty = perturb(model, 1.0)
@@ -278,6 +288,14 @@ def test_sparse_gradients_are_judged_and_an_optimizer_that_refuses_them_is_said(
         faulty.emb.weight[::2].mul_(1.003)
     report = align.check(model, x, target_model=faulty, **kw)
     assert not report.passed and report.culprits[0].module == "emb", report
+    # the sparse gradients of a bit-identical target are read as identical (torch.equal
+    # has no sparse kernel: it raised), and a fault in the dense head behind them is named
+    same = align.check(model, x, target_model=copy.deepcopy(model), **kw)
+    assert same.passed and IDENTICAL in same.notes, same
+    head = copy.deepcopy(model)
+    FAULTS["weight_grad_gain"](head, "head")
+    report = align.check(model, x, target_model=head, target="cpu", phases="forward,backward")
+    assert not report.passed and report.culprits[0].module == "head", report
 
 
 def _critic() -> nn.Module:
