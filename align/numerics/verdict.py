@@ -483,10 +483,10 @@ def judge(
     shared = max(error_floor(computed) * tol.floor, 2 * own) * kernel_bias(accuracy)
     ulp = 2 * max(floor, own)
     worst = None
-    if clean:
+    if local and abs_t.numel() == t.numel() and t.numel() >= metrics.MIN_SLICE:
         cells = functools.cache(lambda: metrics.rounding_cells(g, computed))
         worst = _worst_slice(reference.shape, t, honest, g, cells, k, shared, ulp, statistic)
-    if worst is not None:  # local rows only: `clean` is False elsewhere
+    if worst is not None:  # local rows only
         mt["slice_gain"], mr["slice_gain"], limits["slice_gain"], slice_note, slice_k = worst
     row.metrics.update(mt)
     row.reference.update(mr)

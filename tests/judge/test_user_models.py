@@ -44,6 +44,7 @@ SITES = {
     "gfnet": "blocks.1.mlp.0",
     "fno": "pointwise.1",
     "checkpointed": "blocks.1.conv",
+    "sparse": "head",
 }
 # models whose 3 training steps cannot show a 1% weight-gradient gain at their site, and why
 QUIET_TRAINING = {
@@ -114,18 +115,31 @@ def test_a_weight_gradient_fault_is_caught_and_named_under_bf16(name):
     assert report.culprits and report.culprits[0].module == SITES[name], str(report)
 
 
-def test_a_weight_gradient_fault_on_a_layer_too_small_to_slice_is_caught_under_bf16():
+@pytest.mark.parametrize(
+    "widths, batch, site, seed",
+    [((10, 10, 1), 4, "0", 0), *(((10, 16, 3), 6, "2", seed) for seed in (1, 2, 4))],
+)
+def test_a_weight_gradient_fault_on_a_layer_too_small_to_slice_is_caught_under_bf16(
+    widths, batch, site, seed
+):
     # a 10x10 weight gradient: honest draws of the reference leave it a gain of ~0.4%,
     # which widens the unpaired scale_err's limit past the fault's 1%; judged paired with
-    # the reference (the whole tensor as one slice) it is far beyond one rounding
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Tanh(), torch.nn.Linear(10, 1))
-    x = torch.randn(4, 10, generator=torch.Generator().manual_seed(1))
+    # the reference (the whole tensor as one slice) it is far beyond one rounding. A 3x16
+    # one (48 elements) was not judged paired at all: 1% passed on four seeds of six
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(*widths[:2]), torch.nn.Tanh(), torch.nn.Linear(*widths[1:])
+    )
+    x = torch.randn(batch, widths[0], generator=torch.Generator().manual_seed(seed or 1))
     target = copy.deepcopy(model)
-    FAULTS["weight_grad_gain"](target, "0")
-    report = align.check(model, x, target_model=target, target="cpu", precision="amp-bf16")
-    assert report.culprits and report.culprits[0].module == "0", str(report)
+    FAULTS["weight_grad_gain"](target, site)
+    kw = dict(target="cpu", precision="amp-bf16")
+    report = align.check(model, x, target_model=target, **kw)
+    assert report.culprits and report.culprits[0].module == site, str(report)
     assert report.culprits[0].metric == "slice_gain", str(report)
+    assert report.culprits[0].tensor == "weight", str(report)
+    honest = align.check(model, x, target_model=perturb(model, 1.0), **kw)
+    assert honest.passed, str(honest)
 
 
 def test_a_running_variance_with_a_shared_bias_is_caught_under_bf16():
