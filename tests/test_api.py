@@ -190,3 +190,21 @@ def test_nan_gradients_of_the_models_own_at_fp32_name_the_tensor_and_do_not_say_
     model, inputs = _boxes_and_image()
     with pytest.raises(AlignError, match=r"hold NaN or infinity at fp32 \(first: transform "):
         align.check(model, inputs, target="cpu", grad_inputs=lambda inputs: inputs)
+
+
+def test_a_loss_holding_float32_class_weights_is_checked_against_the_float64_golden():
+    # the golden's float64 logits met the loss's float32 weights: "loss_fn raised
+    # RuntimeError on cpu at fp64: expected scalar type Double but found Float"
+    from align.testing import FAULTS, perturb
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = torch.randn(6, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    criterion = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]))
+    kw = dict(loss_fn=lambda out, inputs: criterion(out, y), phases="forward,backward,train")
+    honest = align.check(model, x, target_model=perturb(model, 1.0), **kw)
+    assert honest.passed, honest
+    faulty = copy.deepcopy(model)
+    FAULTS["weight_grad_gain"](faulty, "0")
+    report = align.check(model, x, target_model=faulty, **kw)
+    assert not report.passed and report.culprits[0].module == "0", report

@@ -62,6 +62,10 @@ class CallSpec:
     # did not (a detector's transform passing its target boxes on) takes no gradient when
     # the call is replayed in isolation
     out_grad: list[bool] = field(default_factory=list)
+    # whether the call wrote its module's parameters (a data-dependent initialization in
+    # the first forward, Glow's ActNorm): re-run alone it would start from what its own
+    # run wrote, so it is not judged alone (in-process only: not in a Recorder's dumps)
+    writes_params: bool = False
 
 
 class _Tap(torch.autograd.Function):
@@ -132,6 +136,8 @@ class Recorder:
         self._grads: dict[int, tuple[weakref.ref, str]] = {}
         # per running call: copies of its module's floating buffers as they were before it
         self._buffers: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        # per running call: the version counters of its module's parameters before it
+        self._versions: dict[int, list[int]] = {}
         # per call that took gradients: the backward passes (graph tasks) they came in
         self.tasks: dict[int, set[int]] = {}
         self._handles = []
@@ -172,6 +178,7 @@ class Recorder:
         self._seen.clear()
         self._grads.clear()
         self._buffers.clear()
+        self._versions.clear()
 
     def store(self, t: torch.Tensor) -> str:
         """Key of a snapshot of `t`; the same contents are stored once."""
@@ -232,6 +239,7 @@ class Recorder:
             training=module.training,
             autocast=_autocast_on(module, leaves),
         )
+        self._versions[pos] = [p._version for p in module.parameters()]
         floating = {
             n: b for n, b in module._buffers.items() if b is not None and b.is_floating_point()
         }
@@ -258,6 +266,8 @@ class Recorder:
                 leaf.register_hook(partial(_weakly, weakref.ref(self), "_grad_out", pos, i))
         call.outputs = keys
         call.grad_outputs = [None] * len(keys)
+        if self._versions.pop(pos, None) != [p._version for p in module.parameters()]:
+            self.specs[pos].writes_params = True
         saved = self._buffers.pop(pos, ())
         with outside_modes(*(b for _, b in saved)):
             for buffer, before in saved:
@@ -285,6 +295,7 @@ class Recorder:
         if self._stack and self.trace.calls[self._stack[-1]].module == name:
             pos = self._stack.pop()  # (`_post` ran: it popped its own, and this is a parent)
             self._buffers.pop(pos, None)
+            self._versions.pop(pos, None)
 
     def _mark(self, pos: int) -> None:
         call = self.trace.calls[pos]
@@ -435,7 +446,8 @@ class KeepFloat64(TorchDispatchMode):
     is torch's default dtype while the mode is on), as the same script run in float64 would
     build them. Not where backward casts a gradient back to the dtype of its input (a
     gradient penalty's float32 input, cast to float64 where it entered the model, or
-    added to a float64 loss): that gradient must be float32, or autograd refuses it."""
+    added to a float64 loss): that gradient must be float32, or autograd refuses it. An op
+    that refuses a float32 tensor beside float64 ones runs on float64 copies (`_in_float64`)."""
 
     LOWER = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -452,7 +464,44 @@ class KeepFloat64(TorchDispatchMode):
         kwargs = kwargs or {}
         if kwargs.get("dtype") in self.LOWER and not _casting_back():
             kwargs = {**kwargs, "dtype": torch.float64}
-        return func(*args, **kwargs)
+        try:
+            return func(*args, **kwargs)
+        except RuntimeError:
+            dtypes = {t.dtype for t in flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+            if torch.float64 not in dtypes or dtypes.isdisjoint(self.LOWER):
+                raise
+        return self._in_float64(func, args, kwargs)  # (its own error, if any, unchained)
+
+    def _in_float64(self, func, args: tuple, kwargs: dict) -> Any:
+        """`func` on float64 copies of its lower-float tensors, written back where it writes
+        (in place, out=): a float32 tensor the model does not hold meets the golden's float64
+        in an op that takes one dtype (a loss's class weights, "expected scalar type Double
+        but found Float"; an EMA copy made before the golden Recorder, torch's AveragedModel
+        lerping its float32 weights towards the model's float64 ones)."""
+        leaves, spec = flatten((args, kwargs))
+        wide = [
+            t.double() if isinstance(t, torch.Tensor) and t.dtype in self.LOWER else t
+            for t in leaves
+        ]
+        wide_args, wide_kwargs = unflatten(wide, spec)
+        out = func(*wide_args, **wide_kwargs)
+        written = {}  # the float64 copy's id -> the tensor it stood for, written back
+        for t, w in zip(leaves, wide):
+            if w is not t and _written(func, t, args, kwargs):
+                t.copy_(w)
+                written[id(w)] = t
+        return map_leaves(lambda r: written.get(id(r), r), out) if written else out
+
+
+def _written(func: Any, tensor: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+    """Whether the aten op `func` writes `tensor` (an argument its schema marks `!`)."""
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        given = args[i] if i < len(args) else kwargs.get(arg.name)
+        if any(t is tensor for t in flatten(given)[0]):
+            return True
+    return False
 
 
 def _casting_back() -> bool:

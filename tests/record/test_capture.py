@@ -5,6 +5,7 @@ import copy
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import align
@@ -340,6 +341,26 @@ def test_keep_float64_puts_the_default_dtype_back_when_the_run_raises():
         assert torch.zeros(1).dtype == torch.tensor(0.5).dtype == torch.float64
         raise RuntimeError("the model failed")
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_keep_float64_runs_an_op_refusing_a_float32_tensor_on_float64_copies():
+    # a loss's float32 class weights beside the golden's float64 logits raised "expected
+    # scalar type Double but found Float"; an EMA's float32 weights lerped towards float64
+    # ones raised "expected dtype float for `end`"
+    from align.record.capture import KeepFloat64
+
+    logits, labels = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    weight = torch.tensor([1.0, 2.0, 0.5])
+    ema, model = [torch.ones(4)], [torch.zeros(4, dtype=torch.float64)]
+    with KeepFloat64():
+        loss = F.cross_entropy(logits, labels, weight=weight)
+        torch._foreach_lerp_(ema, model, 0.25)
+        with pytest.raises(RuntimeError, match="shape") as raised:  # its own error, unchained
+            logits @ torch.ones(2, 2)
+    assert raised.value.__context__ is None
+    assert loss.dtype == torch.float64
+    assert loss == F.cross_entropy(logits, labels, weight=weight.double())
+    assert ema[0].dtype == torch.float32 and torch.equal(ema[0], torch.full((4,), 0.75))
 
 
 class Teacher(nn.Module):

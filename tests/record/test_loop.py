@@ -993,3 +993,45 @@ def test_a_choice_kernel_hidden_by_the_replay_fails_by_how_far_its_choices_sat(t
     first = report.first_divergence  # (topk ran in the model's own forward: <model>)
     assert first.module == "" and first.metric == "choice_gap", str(report)
     assert first.tensor == "step 0 topk choices", str(report)
+
+
+def _ema_run(out: Path, fault: bool = False, jitter: bool = False, **recorder) -> nn.Module:
+    """Three SGD steps with torch's EMA of the model, made before the Recorder (float32,
+    as a script that builds its EMA beside the model has it)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from align.testing import FAULTS
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    if fault:
+        FAULTS["weight_grad_gain"](model, "2")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    data = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(1))
+    with align.Recorder(model, out, steps=[0, 1, 2], optimizer=opt, **recorder) as rec:
+        for n in range(3):
+            with rec.step(n), Jitter(n + 1) if jitter else contextlib.nullcontext():
+                model(data[n]).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+                ema.update_parameters(model)
+    return ema
+
+
+def test_a_golden_run_updates_a_float32_ema_made_before_its_recorder(tmp_path):
+    # the golden's float64 weights met the EMA's float32 ones in torch's foreach lerp:
+    # "expected dtype float for `end` but got dtype double", out of the user's script
+    ref = _ema_run(tmp_path / "ref").module[2].weight
+    gold = _ema_run(tmp_path / "gold", replay=tmp_path / "ref", golden=True).module[2].weight
+    assert gold.dtype == torch.float32  # updated in place, as the script keeps it
+    torch.manual_seed(0)
+    start = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))[2].weight
+    torch.testing.assert_close(gold, ref)
+    assert not torch.allclose(gold, start)
+    _ema_run(tmp_path / "honest", replay=tmp_path / "ref", jitter=True)
+    _ema_run(tmp_path / "fault", replay=tmp_path / "ref", fault=True)
+    honest = align.compare(tmp_path / "ref", tmp_path / "honest", tmp_path / "gold")
+    assert honest.passed, str(honest)
+    report = align.compare(tmp_path / "ref", tmp_path / "fault", tmp_path / "gold")
+    assert not report.passed and report.first_divergence.module == "2", str(report)
