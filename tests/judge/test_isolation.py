@@ -296,3 +296,38 @@ def test_a_child_output_with_no_recorded_gradient_still_passes_one_back_in_isola
     faulty.faulty = True
     report = align.check(model, x, target_model=faulty, target="cpu")
     assert not report.passed and [c.module for c in report.culprits] == [""], report
+
+
+class _ActNorm(nn.Module):
+    """Glow's ActNorm: its scale and shift set from the first batch's statistics."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.loc = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.logs = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def forward(self, x):
+        if not self.initialized:
+            with torch.no_grad():
+                self.loc.copy_(-x.mean((0, 2, 3), keepdim=True))
+                self.logs.copy_(-x.std((0, 2, 3), keepdim=True).log())
+                self.initialized.fill_(True)
+        return (x + self.loc) * self.logs.exp()
+
+
+def test_a_module_that_writes_its_parameters_in_forward_is_not_judged_alone():
+    # re-run alone, each side's ActNorm started from what its own run had written from its
+    # own inputs: an honest target's differed by its upstream's error and was named
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), _ActNorm(8), nn.Conv2d(8, 4, 3), _ActNorm(4))
+    x = torch.randn(2, 3, 12, 12)
+    faulty = copy.deepcopy(model)
+    FAULTS["kernel_gain"](faulty, "2")
+    report = align.check(model, x, target_model=faulty, phases="forward,backward")
+    assert not report.passed and report.culprits[0].module == "2", report
+    assert "2" in {r.module for r in report.local_rows} <= {"0", "2"}, report.local_rows
+    skipped = [n.split(" not isolated: it writes its parameters")[0] for n in report.notes]
+    assert {"1", "3"} <= set(skipped) and "2" not in skipped, report.notes
+    honest = align.check(model, x, target_model=perturb(model, 0.5), precision="amp-fp16")
+    assert honest.passed, honest

@@ -44,3 +44,25 @@ def test_a_torchscript_model_is_an_align_error_that_asks_for_the_eager_one(tmp_p
             align.Recorder(scripted, tmp_path / "d", steps=[0])
         with pytest.raises(AlignError, match="TorchScript"):  # a scripted child
             align.check(nn.Sequential(scripted, nn.ReLU()), torch.randn(2, 8), target="cpu")
+
+
+def test_a_lazy_module_not_yet_initialized_is_an_error_and_checks_once_it_is(tmp_path):
+    # before: torch's ValueError "Attempted to use an uninitialized parameter" out of
+    # align.check and out of the Recorder's first step
+    from align.testing import perturb
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(AlignError, match="LazyConv2d's parameters are not initialized .* once"):
+        align.check(model, x, target="cpu")
+    with pytest.raises(AlignError, match="not initialized"):
+        align.Recorder(model, tmp_path / "d", steps=[0])
+    with pytest.raises(AlignError, match="not initialized"):  # a target left lazy
+        align.check(
+            nn.Sequential(nn.Linear(3, 3)), torch.randn(2, 3), target_model=nn.LazyLinear(3)
+        )
+    with torch.no_grad():
+        model(x)
+    report = align.check(model, x, target_model=perturb(model, 0.5), phases="forward,backward")
+    assert report.passed and {r.module for r in report.rows} >= {"0", "3"}, report
