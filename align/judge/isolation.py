@@ -386,10 +386,13 @@ def isolate(
     rows: list[Row] = []
     failing: dict[int, Row] = {}
     notes: list[str] = []
+    # every call of a module some call of which wrote its parameters (a shared instance
+    # called again starts from what the first call wrote, on each side its own)
+    writers = {c.module for pos, c in enumerate(ref.trace.calls) if ref.specs[pos].writes_params}
     for pos, call in enumerate(ref.trace.calls):
         if iso._module_name(tgt, call.module) is None:
             continue
-        if ref.specs[pos].writes_params:
+        if call.module in writers:
             notes.append(f"{call.label} not isolated: {WRITES_PARAMS}")
             continue
         try:

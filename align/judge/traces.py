@@ -172,8 +172,9 @@ def identical(a: Trace, b: Trace) -> bool:
 
 def _same(x: torch.Tensor, y: torch.Tensor) -> bool:
     """Bit for bit, in the form the metrics read (a sparse gradient dense)."""
-    x, y = judged_form(x).cpu(), judged_form(y).cpu()
-    return x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+    if (x.dtype, x.shape, x.layout) != (y.dtype, y.shape, y.layout):
+        return False
+    return torch.equal(judged_form(x).cpu(), judged_form(y).cpu())
 
 
 def require_judged(rows: list[Row], phases: tuple[str, ...]) -> None:

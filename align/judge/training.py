@@ -478,7 +478,9 @@ def _optimizer_errors(optimizer: torch.optim.Optimizer) -> Iterator[None]:
             f"the short training's optimizer ({type(optimizer).__name__}) raised "
             f"{type(exc).__name__}: {str(exc).strip()[:300]}\nno training verdict: give "
             "align.check train_options=TrainOptions(...) that this model's gradients fit "
-            "(an optimizer= that takes this model's gradients: SparseAdam for sparse ones), "
+            "(weight_decay=0 where a gradient is sparse and nn.Embedding(sparse=True) does "
+            "not make it, as F.embedding(..., sparse=True) does not: torch's SGD decays no "
+            "sparse gradient; or an optimizer= that takes them), "
             "check at another precision (a loss scaler unscales no complex gradient), or "
             "leave 'train' out of the phases"
         ) from exc

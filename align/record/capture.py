@@ -136,8 +136,8 @@ class Recorder:
         self._grads: dict[int, tuple[weakref.ref, str]] = {}
         # per running call: copies of its module's floating buffers as they were before it
         self._buffers: dict[int, list[tuple[str, torch.Tensor]]] = {}
-        # per running call: the version counters of its module's parameters before it
-        self._versions: dict[int, list[int]] = {}
+        # per running call: its module's own parameters' fingerprints before it (_fingerprint)
+        self._versions: dict[int, tuple] = {}
         # per call that took gradients: the backward passes (graph tasks) they came in
         self.tasks: dict[int, set[int]] = {}
         self._handles = []
@@ -239,7 +239,7 @@ class Recorder:
             training=module.training,
             autocast=_autocast_on(module, leaves),
         )
-        self._versions[pos] = [p._version for p in module.parameters()]
+        self._versions[pos] = _fingerprint(module, first=index == 0)
         floating = {
             n: b for n, b in module._buffers.items() if b is not None and b.is_floating_point()
         }
@@ -266,8 +266,10 @@ class Recorder:
                 leaf.register_hook(partial(_weakly, weakref.ref(self), "_grad_out", pos, i))
         call.outputs = keys
         call.grad_outputs = [None] * len(keys)
-        if self._versions.pop(pos, None) != [p._version for p in module.parameters()]:
-            self.specs[pos].writes_params = True
+        before = self._versions.pop(pos, None)
+        if before is not None and _wrote(module, before):
+            for running in (*self._stack, pos):  # the calls running it wrote them too
+                self.specs[running].writes_params = True
         saved = self._buffers.pop(pos, ())
         with outside_modes(*(b for _, b in saved)):
             for buffer, before in saved:
@@ -464,13 +466,21 @@ class KeepFloat64(TorchDispatchMode):
         kwargs = kwargs or {}
         if kwargs.get("dtype") in self.LOWER and not _casting_back():
             kwargs = {**kwargs, "dtype": torch.float64}
+        # a foreach op writes its lists tensor by tensor and raises at the first pair it
+        # cannot take, the ones before it written: tried first, it would write them twice
+        if func._schema.name.startswith("aten::_foreach_") and self._mixed(args, kwargs):
+            return self._in_float64(func, args, kwargs)
         try:
             return func(*args, **kwargs)
         except RuntimeError:
-            dtypes = {t.dtype for t in flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-            if torch.float64 not in dtypes or dtypes.isdisjoint(self.LOWER):
+            if not self._mixed(args, kwargs):
                 raise
         return self._in_float64(func, args, kwargs)  # (its own error, if any, unchained)
+
+    def _mixed(self, args: tuple, kwargs: dict) -> bool:
+        """Whether the tensors of an op's arguments mix float64 with a lower float dtype."""
+        dtypes = {t.dtype for t in flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        return torch.float64 in dtypes and not dtypes.isdisjoint(self.LOWER)
 
     def _in_float64(self, func, args: tuple, kwargs: dict) -> Any:
         """`func` on float64 copies of its lower-float tensors, written back where it writes
@@ -485,23 +495,64 @@ class KeepFloat64(TorchDispatchMode):
         ]
         wide_args, wide_kwargs = unflatten(wide, spec)
         out = func(*wide_args, **wide_kwargs)
-        written = {}  # the float64 copy's id -> the tensor it stood for, written back
+        written = _written(func, args, kwargs)
+        back = {}  # the float64 copy's id -> the tensor it stood for, written back
         for t, w in zip(leaves, wide):
-            if w is not t and _written(func, t, args, kwargs):
+            if w is not t and any(t is x for x in written):
+                if t.shape != w.shape:  # an out= tensor the op resizes
+                    t.resize_(w.shape)
                 t.copy_(w)
-                written[id(w)] = t
-        return map_leaves(lambda r: written.get(id(r), r), out) if written else out
+                back[id(w)] = t
+        return map_leaves(lambda r: back.get(id(r), r), out) if back else out
 
 
-def _written(func: Any, tensor: torch.Tensor, args: tuple, kwargs: dict) -> bool:
-    """Whether the aten op `func` writes `tensor` (an argument its schema marks `!`)."""
-    for i, arg in enumerate(func._schema.arguments):
-        if arg.alias_info is None or not arg.alias_info.is_write:
-            continue
-        given = args[i] if i < len(args) else kwargs.get(arg.name)
-        if any(t is tensor for t in flatten(given)[0]):
-            return True
-    return False
+def _fingerprint(module: nn.Module, first: bool) -> tuple[list[int], list[torch.Tensor]]:
+    """What shows that a call wrote `module`'s own parameters: their version counters (an
+    in-place write bumps them) and, at a module's first call in the run, up to 16 of their
+    values each (a write through `.data`, as Glow's ActNorm initializes itself, bumps
+    none: measured, the common `self.loc.data.copy_(-mean)`)."""
+    own = [p for p in module._parameters.values() if p is not None]
+    if not first or not own:
+        return [p._version for p in own], []
+    with outside_modes(*own):
+        return [p._version for p in own], [_sample(p) for p in own]
+
+
+def _sample(p: torch.Tensor) -> torch.Tensor:
+    return p.detach().reshape(-1)[:: max(1, p.numel() // 16)].clone()
+
+
+def _wrote(module: nn.Module, before: tuple[list[int], list[torch.Tensor]]) -> bool:
+    """Whether `module`'s own parameters changed since their `_fingerprint` `before`."""
+    versions, samples = before
+    own = [p for p in module._parameters.values() if p is not None]
+    if [p._version for p in own] != versions:
+        return True
+    with outside_modes(*own):
+        return any(not torch.equal(_sample(p), s) for p, s in zip(own, samples))
+
+
+def _written(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors the aten op `func` writes (the arguments its schema marks `!`: in place,
+    out=, a foreach op's list)."""
+    found = []
+    for i, name in _WRITES[func] if func in _WRITES else _writes(func):
+        given = args[i] if i < len(args) else kwargs.get(name)
+        found += [t for t in flatten(given)[0] if isinstance(t, torch.Tensor)]
+    return found
+
+
+_WRITES: dict[Any, list[tuple[int, str]]] = {}
+
+
+def _writes(func: Any) -> list[tuple[int, str]]:
+    """(position, name) of the arguments `func`'s schema marks written, cached."""
+    _WRITES[func] = [
+        (i, arg.name)
+        for i, arg in enumerate(func._schema.arguments)
+        if arg.alias_info is not None and arg.alias_info.is_write
+    ]
+    return _WRITES[func]
 
 
 def _casting_back() -> bool:

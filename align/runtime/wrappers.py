@@ -35,7 +35,8 @@ def wrapped(model: nn.Module) -> tuple[nn.Module, bool]:
                 f"{type(lazy).__name__}'s parameters are not initialized yet (a lazy module, "
                 "which makes them in its first forward): run the model once on a batch "
                 "first (under torch.no_grad()), as torch's lazy modules ask, then give it to "
-                "align; a target copied from it after that holds the same weights"
+                "align; a target copied from it after that holds the same weights (a lazy "
+                "module the forward never calls stays so: leave it out of the model)"
             )
         if isinstance(model, OptimizedModule):
             model, compiled = model._orig_mod, True

@@ -299,35 +299,56 @@ def test_a_child_output_with_no_recorded_gradient_still_passes_one_back_in_isola
 
 
 class _ActNorm(nn.Module):
-    """Glow's ActNorm: its scale and shift set from the first batch's statistics."""
+    """Glow's ActNorm: its scale and shift set from the first batch's statistics, written
+    in place or through `.data` (rosinality's glow-pytorch: no version counter moves)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, through_data: bool):
         super().__init__()
         self.loc = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.logs = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.register_buffer("initialized", torch.tensor(False))
+        self.through_data = through_data
 
     def forward(self, x):
         if not self.initialized:
             with torch.no_grad():
-                self.loc.copy_(-x.mean((0, 2, 3), keepdim=True))
-                self.logs.copy_(-x.std((0, 2, 3), keepdim=True).log())
+                loc, logs = (
+                    (self.loc.data, self.logs.data) if self.through_data else (self.loc, self.logs)
+                )
+                loc.copy_(-x.mean((0, 2, 3), keepdim=True))
+                logs.copy_(-x.std((0, 2, 3), keepdim=True).log())
                 self.initialized.fill_(True)
         return (x + self.loc) * self.logs.exp()
 
 
-def test_a_module_that_writes_its_parameters_in_forward_is_not_judged_alone():
+@pytest.mark.parametrize("through_data", [False, True])
+def test_a_module_that_writes_its_parameters_in_forward_is_not_judged_alone(through_data):
     # re-run alone, each side's ActNorm started from what its own run had written from its
-    # own inputs: an honest target's differed by its upstream's error and was named
+    # own inputs: an honest target's differed by its upstream's error and was named, and so
+    # was one downstream of a fault; a shared one's second call too
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), _ActNorm(8), nn.Conv2d(8, 4, 3), _ActNorm(4))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), _ActNorm(8, through_data), nn.Conv2d(8, 4, 3), _ActNorm(4, through_data)
+    )
     x = torch.randn(2, 3, 12, 12)
     faulty = copy.deepcopy(model)
     FAULTS["kernel_gain"](faulty, "2")
     report = align.check(model, x, target_model=faulty, phases="forward,backward")
-    assert not report.passed and report.culprits[0].module == "2", report
+    assert not report.passed and [c.module for c in report.culprits] == ["2"], report
     assert "2" in {r.module for r in report.local_rows} <= {"0", "2"}, report.local_rows
     skipped = [n.split(" not isolated: it writes its parameters")[0] for n in report.notes]
     assert {"1", "3"} <= set(skipped) and "2" not in skipped, report.notes
-    honest = align.check(model, x, target_model=perturb(model, 0.5), precision="amp-fp16")
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), _ActNorm(8, through_data), nn.Conv2d(8, 4, 3), _ActNorm(4, through_data)
+    )
+    x = torch.randn(2, 3, 12, 12)
+    honest = align.check(model, x, target_model=perturb(model, 0.5), precision="amp-bf16")
     assert honest.passed, honest
+    shared = _ActNorm(8, through_data)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), shared, nn.Conv2d(8, 8, 3), shared)
+    faulty = copy.deepcopy(model)
+    FAULTS["kernel_gain"](faulty, "0")
+    report = align.check(model, x, target_model=faulty, phases="forward,backward")
+    assert [c.module for c in report.culprits] == ["0"], report
+    assert "1#1 not isolated: it writes its parameters" in "\n".join(report.notes), report.notes

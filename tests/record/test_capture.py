@@ -351,16 +351,21 @@ def test_keep_float64_runs_an_op_refusing_a_float32_tensor_on_float64_copies():
 
     logits, labels = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
     weight = torch.tensor([1.0, 2.0, 0.5])
-    ema, model = [torch.ones(4)], [torch.zeros(4, dtype=torch.float64)]
+    # (a foreach op's first pair agrees: tried first, it was lerped twice)
+    ema, model = [torch.ones(4), torch.ones(4)], [torch.zeros(4), torch.zeros(4).double()]
+    out = torch.empty(0)  # an out= tensor the op resizes
     with KeepFloat64():
         loss = F.cross_entropy(logits, labels, weight=weight)
         torch._foreach_lerp_(ema, model, 0.25)
+        torch.mm(logits[:2], weight.view(3, 1).expand(3, 2), out=out)
         with pytest.raises(RuntimeError, match="shape") as raised:  # its own error, unchained
             logits @ torch.ones(2, 2)
     assert raised.value.__context__ is None
     assert loss.dtype == torch.float64
     assert loss == F.cross_entropy(logits, labels, weight=weight.double())
-    assert ema[0].dtype == torch.float32 and torch.equal(ema[0], torch.full((4,), 0.75))
+    assert all(e.dtype == torch.float32 and torch.equal(e, torch.full((4,), 0.75)) for e in ema)
+    assert out.dtype == torch.float32 and out.shape == (2, 2)
+    torch.testing.assert_close(out, (logits[:2] @ weight.double().view(3, 1)).float().expand(2, 2))
 
 
 class Teacher(nn.Module):
