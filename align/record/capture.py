@@ -104,8 +104,28 @@ def _content_key(t: torch.Tensor) -> tuple:
         tuple(t.stride()),
         t.dtype,
         t.device,
-        t._version,
+        # (an inference tensor, made under torch.inference_mode inside the model, keeps
+        # no version: its contents are never taken for another snapshot's)
+        object() if t.is_inference() else t._version,
     )
+
+
+class _Hook:
+    """A Recorder's hook on one module. A copy of the module (`copy.deepcopy` inside the
+    model's forward: torch.func's `functional_call` on a copy moved to "meta", an EMA
+    made mid-run) shares it, and it ignores the copy's calls: deep-copied with the
+    module, it copied the Recorder and raised on its non-leaf tensors."""
+
+    def __init__(self, method: Callable, name: str, module: nn.Module):
+        self.method, self.name, self.module = method, name, weakref.ref(module)
+
+    def __call__(self, module: nn.Module, *args: Any) -> Any:
+        if module is not self.module():
+            return None
+        return self.method(self.name, module, *args)
+
+    def __deepcopy__(self, memo: dict) -> _Hook:
+        return self
 
 
 class Recorder:
@@ -143,14 +163,14 @@ class Recorder:
         self._handles = []
         for name, module in model.named_modules():
             self._handles.append(
-                module.register_forward_pre_hook(partial(self._pre, name), with_kwargs=True)
+                module.register_forward_pre_hook(_Hook(self._pre, name, module), with_kwargs=True)
             )
             self._handles.append(
-                module.register_forward_hook(partial(self._post, name), with_kwargs=True)
+                module.register_forward_hook(_Hook(self._post, name, module), with_kwargs=True)
             )
             self._handles.append(
                 module.register_forward_hook(
-                    partial(self._ended, name), with_kwargs=True, always_call=True
+                    _Hook(self._ended, name, module), with_kwargs=True, always_call=True
                 )
             )
 

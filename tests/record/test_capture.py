@@ -554,3 +554,26 @@ def test_dumps_leave_out_an_input_whose_gradient_the_model_makes_nan_on_every_si
     ref.meta["undifferentiated_inputs"] = ["boxes"]
     with pytest.raises(TraceError, match="undifferentiated_inputs"):
         align.capture(model, inputs, decisions_of=ref)
+
+
+def test_a_copy_of_a_module_made_inside_forward_is_not_recorded_and_runs():
+    # torch.func's ensemble idiom deep-copies a head inside forward: the copy took the
+    # recorder's hooks with it, and deep-copying them raised "Only Tensors created
+    # explicitly by the user (graph leaves) support the deepcopy protocol"
+    from align.testing.models import USER_MODELS
+
+    model, x = USER_MODELS["ensemble"]()
+    trace = align.capture(model, x)
+    assert [c.module for c in trace.calls] == ["", "body", "body.0", "body.1"]
+    assert not model.heads[0]._forward_hooks  # the capture's hooks are gone after it
+
+
+def test_tensors_made_under_inference_mode_inside_forward_are_recorded():
+    # an inference tensor keeps no version counter: reading it raised "Inference tensors do
+    # not track version counter" out of the recording
+    from align.testing.models import USER_MODELS
+
+    model, x = USER_MODELS["distiller"]()
+    trace = align.capture(model, x)
+    teacher = next(c for c in trace.calls if c.module == "teacher")
+    torch.testing.assert_close(trace.tensor(teacher.outputs[0]), model.teacher(x))
