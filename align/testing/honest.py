@@ -93,6 +93,11 @@ class _Nudge(torch.autograd.Function):
 
 
 def _nudged(x, ulps: float, seed: int, forward: bool, uniform: bool = False):
+    """`x` nudged (`_Nudge`); as it is inside a torch.func transform, where an
+    autograd.Function without setup_context cannot run (an ensemble's heads vmapped by
+    torch.func.functional_call)."""
+    if torch._C._functorch.maybe_current_level() is not None:  # a transform runs
+        return x
     if isinstance(x, torch.Tensor) and x.is_floating_point() and (forward or x.requires_grad):
         return _Nudge.apply(x, ulps, seed, forward, uniform)
     return x
@@ -102,16 +107,21 @@ def perturb(model: nn.Module, ulps: float = 0.5, seed: int = 0) -> nn.Module:
     """A copy of `model` whose accumulating kernels round `ulps` ulp otherwise: their
     outputs, and the gradients they pass back to their inputs."""
     target = copy.deepcopy(model)
+    nudged: dict[type, type] = {}  # one subclass per class: instances stay of one class, as
+    # torch.func.stack_module_state requires of an ensemble's members
     for n, m in enumerate(target.modules()):
         if not isinstance(m, ACCUMULATING):
             continue
-        base = type(m).forward
+        cls = type(m)
+        if cls not in nudged:
 
-        def forward(self, *args, _base=base, _seed=seed * 100_000 + n * 2, **kwargs):
-            args = tuple(_nudged(a, ulps, _seed + 1, forward=False) for a in args)
-            return _nudged(_base(self, *args, **kwargs), ulps, _seed, forward=True)
+            def forward(self, *args, _base=cls.forward, **kwargs):
+                args = tuple(_nudged(a, ulps, self._nudge_seed + 1, forward=False) for a in args)
+                return _nudged(_base(self, *args, **kwargs), ulps, self._nudge_seed, forward=True)
 
-        m.__class__ = type(f"Nudged{type(m).__name__}", (type(m),), {"forward": forward})
+            nudged[cls] = type(f"Nudged{cls.__name__}", (cls,), {"forward": forward})
+        m._nudge_seed = seed * 100_000 + n * 2
+        m.__class__ = nudged[cls]
     return target
 
 
@@ -274,12 +284,18 @@ def split_summation(model: nn.Module) -> nn.Module:
     ScaledStdConv2d) keep it: splitting their raw weight would compute something else."""
     target = copy.deepcopy(model)
     plain = (nn.Conv2d.forward, nn.Linear.forward)
+    split: dict[type, type] = {}  # one subclass per class (torch.func.stack_module_state)
     for m in target.modules():
         if type(m).forward not in plain or stored_weight(m)[0].numel() < 2:
             continue
         cls = type(m)
+        if cls in split:
+            m.__class__ = split[cls]
+            continue
 
         def forward(self, x, _cls=cls):
+            if torch._C._functorch.maybe_current_level() is not None:  # a transform runs
+                return _cls.forward(self, x)
             autocast = torch.is_autocast_enabled(x.device.type)
             dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
             w, b = self.weight, self.bias
@@ -300,7 +316,7 @@ def split_summation(model: nn.Module) -> nn.Module:
                 )
             return out.to(dtype)
 
-        m.__class__ = type(f"Split{cls.__name__}", (cls,), {"forward": forward})
+        split[cls] = m.__class__ = type(f"Split{cls.__name__}", (cls,), {"forward": forward})
     return target
 
 

@@ -7,7 +7,8 @@ grid_sample, a BatchNorm of inputs far from zero mean, a VAE drawing its noise i
 forward, message passing into default-dtype scratch tensors, spectral norm, a global filter
 network mixing tokens by FFT with a 4-d weight viewed as complex numbers, a Fourier
 neural operator with complex weights, residual blocks under reentrant activation
-checkpointing).
+checkpointing, sparse embedding gradients, an ensemble vmapped by torch.func on a copy made
+inside forward, a student whose teacher runs under torch.inference_mode).
 
 `USER_MODELS[name]()` returns the model in train mode (dropout on) and one batch of
 inputs, both seeded; `bench/verdict_catalogue.py --models unet lstm ...` and
@@ -16,6 +17,7 @@ tests/judge/test_user_models.py check them.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
@@ -471,6 +473,43 @@ def box_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(4, 8, generator=gen), boxes
 
 
+class Ensemble(nn.Module):
+    """An ensemble of heads run at once by torch.func: their parameters stacked
+    (`stack_module_state`) and vmapped through `functional_call` on a copy of one head
+    moved to "meta", copied inside forward as torch.func's documentation does."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.GELU())
+        self.heads = nn.ModuleList([nn.Linear(16, 3) for _ in range(4)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        params, buffers = torch.func.stack_module_state(list(self.heads))
+        base = copy.deepcopy(self.heads[0]).to("meta")
+
+        def head(p: dict, b: dict) -> torch.Tensor:
+            return torch.func.functional_call(base, (p, b), (h,))
+
+        return torch.vmap(head)(params, buffers).mean(0)
+
+
+class Distiller(nn.Module):
+    """A student distilled from a frozen teacher whose targets are made under
+    torch.inference_mode inside forward (inference tensors keep no version counter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.teacher = nn.Linear(8, 8).requires_grad_(False)
+        self.student = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            target = self.teacher(x).softmax(-1)
+        log_p = self.student(x).log_softmax(-1)
+        return F.kl_div(log_p, target.clone(), reduction="none").sum(-1)
+
+
 def _built(
     make: Callable[[], nn.Module], inputs: Callable[[torch.Generator], torch.Tensor]
 ) -> Callable[[], tuple[nn.Module, torch.Tensor]]:
@@ -499,6 +538,8 @@ USER_MODELS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
     "critic": _built(Critic, lambda g: torch.randn(4, 3, 32, 32, generator=g)),
     "gfnet": _built(GFNet, lambda g: torch.randn(4, 3, 32, 32, generator=g)),
     "fno": _built(FNO, lambda g: torch.randn(4, 2, 64, generator=g)),
+    "ensemble": _built(Ensemble, lambda g: torch.randn(5, 8, generator=g)),
+    "distiller": _built(Distiller, lambda g: torch.randn(4, 8, generator=g)),
     "sparse": _built(SparseBag, lambda g: torch.randint(0, 50, (4, 6), generator=g)),
     "checkpointed": _built(Checkpointed, lambda g: torch.randn(2, 3, 16, 16, generator=g)),
 }

@@ -45,6 +45,8 @@ SITES = {
     "fno": "pointwise.1",
     "checkpointed": "blocks.1.conv",
     "sparse": "head",
+    "ensemble": "body.0",
+    "distiller": "student.2",
 }
 # models whose 3 training steps cannot show a 1% weight-gradient gain at their site, and why
 QUIET_TRAINING = {
