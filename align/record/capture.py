@@ -111,21 +111,24 @@ def _content_key(t: torch.Tensor) -> tuple:
 
 
 class _Hook:
-    """A Recorder's hook on one module. A copy of the module (`copy.deepcopy` inside the
-    model's forward: torch.func's `functional_call` on a copy moved to "meta", an EMA
-    made mid-run) shares it, and it ignores the copy's calls: deep-copied with the
-    module, it copied the Recorder and raised on its non-leaf tensors."""
+    """A Recorder's hook on one module. Deep-copied with the module (`copy.deepcopy` inside
+    the model's forward: torch.func's `functional_call` on a copy moved to "meta", a copy
+    of the best model mid-step), it becomes `_inert`: copying it copied the Recorder and
+    raised on its non-leaf tensors, and a copy must neither record nor keep it alive.
+    (DataParallel's replicas share, not copy, the hooks: they are recorded.)"""
 
-    def __init__(self, method: Callable, name: str, module: nn.Module):
-        self.method, self.name, self.module = method, name, weakref.ref(module)
+    def __init__(self, method: Callable, name: str):
+        self.method, self.name = method, name
 
     def __call__(self, module: nn.Module, *args: Any) -> Any:
-        if module is not self.module():
-            return None
         return self.method(self.name, module, *args)
 
-    def __deepcopy__(self, memo: dict) -> _Hook:
-        return self
+    def __deepcopy__(self, memo: dict) -> Callable:
+        return _inert
+
+
+def _inert(module: nn.Module, *args: Any) -> None:
+    """A copied module's hook: nothing."""
 
 
 class Recorder:
@@ -163,14 +166,14 @@ class Recorder:
         self._handles = []
         for name, module in model.named_modules():
             self._handles.append(
-                module.register_forward_pre_hook(_Hook(self._pre, name, module), with_kwargs=True)
+                module.register_forward_pre_hook(_Hook(self._pre, name), with_kwargs=True)
             )
             self._handles.append(
-                module.register_forward_hook(_Hook(self._post, name, module), with_kwargs=True)
+                module.register_forward_hook(_Hook(self._post, name), with_kwargs=True)
             )
             self._handles.append(
                 module.register_forward_hook(
-                    _Hook(self._ended, name, module), with_kwargs=True, always_call=True
+                    _Hook(self._ended, name), with_kwargs=True, always_call=True
                 )
             )
 
@@ -207,7 +210,9 @@ class Recorder:
         if hit is not None:
             return hit[1]
         key = f"t{len(self.trace.tensors)}"
-        with outside_modes(t):
+        # (not an inference tensor, whatever `t` is: a Recorder reuses its host memory in
+        # later steps, outside the inference_mode a teacher ran under inside the model)
+        with outside_modes(t), torch.inference_mode(False):
             self.trace.tensors[key] = self._snapshot(key, t.detach())
         self._seen[content] = (t, key)  # keeps `t` alive so its storage is not reused
         return key

@@ -1035,3 +1035,31 @@ def test_a_golden_run_updates_a_float32_ema_made_before_its_recorder(tmp_path):
     assert honest.passed, str(honest)
     report = align.compare(tmp_path / "ref", tmp_path / "fault", tmp_path / "gold")
     assert not report.passed and report.first_divergence.module == "2", str(report)
+
+
+def test_a_loop_with_an_inference_mode_teacher_and_a_copy_made_mid_step(tmp_path):
+    # a host buffer first filled inside the teacher's inference_mode was an inference
+    # tensor, and the next step's copy into it raised "Inplace update to inference tensor
+    # outside InferenceMode"; a copy of the model made mid-step kept the live recorder
+    import copy
+    import io
+
+    from align.testing.models import USER_MODELS
+
+    def run(out: Path, jitter: bool = False, **recorder) -> nn.Module:
+        model, x = USER_MODELS["distiller"]()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with align.Recorder(model, out, steps=[0, 1], optimizer=opt, **recorder) as rec:
+            for n in range(2):
+                with rec.step(n), Jitter(n + 1) if jitter else contextlib.nullcontext():
+                    model(x + n).mean().backward()
+                    opt.step()
+                    opt.zero_grad()
+                    best = copy.deepcopy(model)
+        return best
+
+    torch.save(run(tmp_path / "ref"), io.BytesIO())  # (it could not be pickled)
+    run(tmp_path / "gold", replay=tmp_path / "ref", golden=True)
+    run(tmp_path / "honest", replay=tmp_path / "ref", jitter=True)
+    report = align.compare(tmp_path / "ref", tmp_path / "honest", tmp_path / "gold")
+    assert report.passed and report.rows, str(report)
