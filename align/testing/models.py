@@ -474,9 +474,10 @@ def box_inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Ensemble(nn.Module):
-    """An ensemble of heads run at once by torch.func: their parameters stacked
-    (`stack_module_state`) and vmapped through `functional_call` on a copy of one head
-    moved to "meta", copied inside forward as torch.func's documentation does."""
+    """An ensemble of heads run at once by torch.func: their parameters stacked (with
+    `torch.stack`, so that each head takes its gradient; `stack_module_state` detaches)
+    and vmapped through `functional_call` on a copy of one head moved to "meta", copied
+    inside forward as torch.func's documentation does."""
 
     def __init__(self):
         super().__init__()
@@ -485,13 +486,14 @@ class Ensemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.body(x)
-        params, buffers = torch.func.stack_module_state(list(self.heads))
+        each = [dict(head.named_parameters()) for head in self.heads]
+        params = {name: torch.stack([p[name] for p in each]) for name in each[0]}
         base = copy.deepcopy(self.heads[0]).to("meta")
 
-        def head(p: dict, b: dict) -> torch.Tensor:
-            return torch.func.functional_call(base, (p, b), (h,))
+        def head(p: dict) -> torch.Tensor:
+            return torch.func.functional_call(base, p, (h,))
 
-        return torch.vmap(head)(params, buffers).mean(0)
+        return torch.vmap(head)(params).mean(0)
 
 
 class Distiller(nn.Module):
