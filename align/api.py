@@ -41,7 +41,7 @@ from align.record.capture import (
 from align.record.loop_dump import is_dump as is_loop_dump
 from align.record.msprobe import is_msprobe_dump
 from align.record.readers import load_trace
-from align.record.trace import BACKWARD_SLOTS, Trace
+from align.record.trace import BACKWARD_SLOTS, Call, Trace
 from align.runtime import environment
 from align.runtime.devices import resolve
 from align.runtime.wrappers import wrapped
@@ -304,30 +304,61 @@ UNDIFFERENTIATED_NOTE = (
 
 
 def _not_finite(run: Run, label: str) -> str:
-    """Why `run`'s non-finite gradients stop the check, naming the first of them."""
-    calls = run.trace.calls
-    first = next(  # in the order backward made them: where the NaN started
-        (
-            f"{calls[pos].module or '(model)'} {slot[:-1]}[{i}]"
-            for pos, slot, i in run.trace.backward_events
-            if (k := getattr(calls[pos], slot)[i])
-            and not metrics.all_finite(metrics.judged_form(run.trace.tensors[k]))
-        ),
-        "a parameter gradient",
-    )
+    """Why `run`'s non-finite gradients stop the check, naming the first of them; under bf16,
+    where the call that made it had finite inputs and gradients arriving, that its kernel
+    made them (measured: the CPU's bf16 Conv3d weight gradient, NaN from finite values in
+    timm's lambda_resnet26t, where the message had blamed an overflow)."""
+    name, key, call = _first_not_finite(run.trace)
     low = run.policy.low_precision
+    nan = key is not None and bool(torch.isnan(metrics.judged_form(run.trace.tensors[key])).any())
+    if low == torch.bfloat16 and nan and call is not None and _finite_around(run.trace, call):
+        return (  # no overflow: bfloat16 has float32's range
+            f"the reference made NaN at {run.policy.name} from finite values in {name} (the "
+            "call's inputs and the gradients arriving at it are finite, and bfloat16 has "
+            "float32's range): its kernel fails at this precision; check "
+            f"{label} at fp32, or against another reference device"
+        )
     if low in (torch.float16, torch.bfloat16):
         wider = "amp-bf16 or fp32" if low == torch.float16 else "fp32"
         return (
             f"the reference's gradients overflow {low} even unscaled (loss scale 1; first: "
-            f"{first}): {label} cannot be checked at {run.policy.name} on these inputs (a "
+            f"{name}): {label} cannot be checked at {run.policy.name} on these inputs (a "
             f"BatchNorm over very few values amplifies its gradient); check it at {wider}, "
             "or on larger inputs"
         )
     return (
         f"the reference's gradients hold NaN or infinity at {run.policy.name} (first: "
-        f"{first}): the model's own arithmetic makes them (a square root or a division at "
+        f"{name}): the model's own arithmetic makes them (a square root or a division at "
         "0), and no error can be bounded there; fix the model, or check the forward phase"
+    )
+
+
+def _first_not_finite(trace: Trace) -> tuple[str, str | None, Call | None]:
+    """The first non-finite gradient backward made (a module's gradient, else a parameter's):
+    its name, its key and the call that made it (None where that is not known)."""
+    calls, tensors = trace.calls, trace.tensors
+
+    def bad(key: str | None) -> bool:
+        return bool(key) and not metrics.all_finite(metrics.judged_form(tensors[key]))
+
+    for pos, slot, i in trace.backward_events:  # in the order backward made them
+        if bad(key := getattr(calls[pos], slot)[i]):
+            maker = calls[pos] if slot == "grad_inputs" else None  # a grad_output comes in
+            return f"{calls[pos].module or '(model)'} {slot[:-1]}[{i}]", key, maker
+    for param, key in trace.param_grads.items():
+        if bad(key):
+            owner = param.rpartition(".")[0]
+            made = [c for c in calls if c.module == owner]
+            return f"the gradient of parameter {param}", key, made[0] if len(made) == 1 else None
+    return "a gradient", None, None
+
+
+def _finite_around(trace: Trace, call: Call) -> bool:
+    """Whether `call`'s floating inputs and the gradients arriving at it are all finite."""
+    keys = [k for k in (*call.inputs, *call.grad_outputs) if k]
+    floating = [trace.tensors[k] for k in keys if trace.tensors[k].is_floating_point()]
+    return any(call.grad_outputs) and all(
+        metrics.all_finite(metrics.judged_form(t)) for t in floating
     )
 
 

@@ -75,6 +75,35 @@ def test_fp16_gradients_that_overflow_even_unscaled_are_a_clear_error():
         align.check(model, torch.randn(8, 16), target="cpu", precision="amp-fp16")
 
 
+class _NanUnderBf16(torch.autograd.Function):
+    """Identity whose backward makes NaN from a finite bf16 gradient, as the CPU's bf16
+    Conv3d weight gradient did in timm's lambda_resnet26t."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * torch.nan if grad.dtype == torch.bfloat16 else grad
+
+
+class _FlakyAtBf16(nn.Module):
+    def forward(self, x):
+        return _NanUnderBf16.apply(x)
+
+
+def test_nan_a_bf16_kernel_makes_from_finite_values_names_the_call_and_is_no_overflow():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), _FlakyAtBf16(), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(8, 16)
+    assert align.check(model, x, target="cpu", precision="fp32").passed
+    made = r"made NaN at amp-bf16 from finite values in 1 grad_input\[0\]"
+    with pytest.raises(AlignError, match=made) as e:
+        align.check(model, x, target="cpu", precision="amp-bf16")
+    assert "overflow " not in str(e.value) and "at fp32" in str(e.value)
+
+
 def test_a_target_overflowing_where_unscaled_fp16_gradients_near_the_limit_is_no_signal():
     """Unscaled fp16 gradients within 16x of 65504 on the reference: an honest device may
     overflow there (a kernel's intermediate sum past the limit), and its Inf reaches every
