@@ -554,7 +554,9 @@ def _worst_slice(
     device does not share but has its own of: measured, efficientnet_b4's depthwise
     weight gradients under amp-bf16, 25-element slices 2.2x the reference's bias off on
     an honest target), or as far as an honest draw's own gain there exceeds one shared
-    rounding (what its nudges alone may leave; beyond that, the slice's conditioning
+    rounding, plus the reference's own gain (the target's gain is measured from the
+    reference, which departs from the golden by its own; what a draw's nudges alone may
+    leave is one shared rounding; beyond that, the slice's conditioning
     amplified them, as it amplifies an honest kernel's own roundings: measured,
     rexnet_100's SE BatchNorm over 2x1x1 values at 32 px in fp32, an input gradient that
     cancels to eps-sized terms, its dominant element 5e-6 off on the fused reference,
@@ -583,7 +585,8 @@ def _worst_slice(
         rows = layout[dim or 0]
         slices = metrics.Slices(g, layout, dim or 0)
         ref = slices.gains(r - g)[0]
-        drawn = [slices.gains(h - g)[0].abs().sub_(shared) for h in draws]
+        # the target may depart from the golden as a draw does, and the reference by its own
+        drawn = [slices.gains(h - g)[0].abs().sub_(shared).add_(ref.abs()) for h in draws]
         allowed = torch.stack([k * ref.abs(), *drawn]).amax(0)
         diff, se = slices.gains(t.double() - r.double())  # integers would wrap around
         concentration = roundings = slices.concentration()
@@ -608,7 +611,7 @@ def _worst_slice(
                 f"{float(ref[i] + diff[i]):.3g} against the reference's {float(ref[i]):.3g}, "
                 f"{float(diff[i]):+.3g} apart, {z:.0f} standard errors of the difference's "
                 f"residual (limit: {k:g}x the reference's gain, or an honest draw's beyond one "
-                f"shared rounding, plus the largest of "
+                f"shared rounding and the reference's, plus the largest of "
                 f"{BIAS_SIGMAS:.0f} standard errors, one shared rounding {shared:.3g}, and "
                 f"chance over its independent roundings {float(chance[i]):.3g}"
                 + (f"; plus its statistics' summation order {statistic:.3g})" if statistic else ")")
