@@ -6,7 +6,8 @@ calibrated, compared step by step with the culprit module named.
         --steps 4 5 --optimizer sgd --faults kernel_gain norm_eps --json out.json
 
 Each model (a timm image classifier, built as bench/verdict_catalogue.py builds it: train
-mode, dropout and drop-path on, 10 classes) is trained by a plain loop (AdamW or SGD with
+mode, dropout and drop-path on, 10 classes; or one of align.testing.USER_MODELS, its
+cross-entropy over its output's dim 1) is trained by a plain loop (AdamW or SGD with
 momentum, optional gradient clipping, optional accumulation over `--accumulate`
 micro-batches, bf16 autocast for amp-bf16, fp16 autocast with a GradScaler for amp-fp16)
 on seeded random batches, recording `--steps`: the reference,
@@ -55,6 +56,15 @@ AUTOCAST = {"amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}
 STATE_FAULTS = {"norm_gain", "weight_via_fp16"}
 
 
+def like(x: torch.Tensor, gen: torch.Generator, batch: int | None = None) -> torch.Tensor:
+    """A random batch shaped like `x` (`batch` rows): normal values, or token ids below
+    the largest of `x`'s (a user model's integer inputs)."""
+    shape = (x.shape[0] if batch is None else batch, *x.shape[1:])
+    if x.is_floating_point():
+        return torch.randn(shape, generator=gen)
+    return torch.randint(0, int(x.max()) + 1, shape, generator=gen)
+
+
 def train(
     model: nn.Module,
     x: torch.Tensor,
@@ -70,6 +80,8 @@ def train(
     """Train a private copy of `model` for max(steps) + 1 steps on batches shaped like `x`,
     `accumulate` of them a step (gradients accumulated over micro-batches, the loss divided
     by their count), recording `steps` into `out` (`recorder`: replay=, golden=, draw=)."""
+    with torch.no_grad():
+        shape = copy.deepcopy(model)(x).shape  # (batch, classes, positions...)
     model = copy.deepcopy(model)
     torch.manual_seed(0)  # the same dropout masks in every run's unrecorded steps
     if optimizer == "adamw":
@@ -78,7 +90,7 @@ def train(
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(1)
     batches = [
-        (torch.randn(x.shape, generator=gen), torch.randint(0, 10, x.shape[:1], generator=gen))
+        (like(x, gen), torch.randint(0, shape[1], shape[:1] + shape[2:], generator=gen))
         for _ in range((max(steps) + 1) * accumulate)
     ]
     dtype = AUTOCAST.get(precision)
@@ -114,8 +126,8 @@ def run(args: argparse.Namespace, root: Path) -> list[dict]:
     results = []
     for name in args.models:
         model, x = build(name, args.size)
-        x = x.new_empty((args.batch, *x.shape[1:]))
-        sites = fault_sites(model, x.normal_())
+        x = like(x, torch.Generator().manual_seed(0), args.batch)
+        sites = fault_sites(model, x)
         checks = [(kind, None) for kind in args.honest] + [
             (kind, site)
             for kind, site in sites.items()
