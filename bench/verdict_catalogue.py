@@ -12,7 +12,8 @@ statistics over small maps), with dropout and drop-path on, checked with align's
 (no golden file). Honest targets (`align.testing.perturb`: every accumulating kernel
 rounds half an ulp or one ulp otherwise; the same model in channels_last) must pass.
 `--honest` adds other honest kinds (HONEST_KINDS: 2-ulp transcendentals, another thread
-count, a blocked summation order, norms from primitives, one-pass BatchNorms). Faulty targets
+count, a blocked summation order, norms from primitives, one-pass BatchNorms, the emulated
+NPU target of the main job). Faulty targets
 (`align.testing.FAULTS`, each injected into a module chosen by type, the middle one of its
 kind) must fail with the faulty module as the first culprit; a fault that changes nothing
 at its site in float64 (`exact_effect`) is printed but not counted. Prints one line per
@@ -70,7 +71,12 @@ HONEST_KINDS = HONEST + (
     "decomposed_norm",
     "math_attention",
     "one_pass_norm",
+    "emulated",
 )
+# `emulated`: the main job's target where no accelerator is present, the CPU with oneDNN off
+# (ATen's own kernels: its LSTM cell by cell, its convolutions) and convolutions rounded to
+# HF32 (`--emulate npu-fp32`); the reference then runs at the same emulated precision
+EMULATION = "npu-fp32"
 # a fault whose largest change at its site, run in float64, is below this many times
 # float64's own noise there changes nothing (exact_effect)
 NO_EFFECT = 100.0
@@ -283,6 +289,8 @@ def target_for(model: nn.Module, kind: str, site: str | None) -> nn.Module:
         return math_attention(model)
     if kind == "one_pass_norm":
         return one_pass_norms(model)
+    if kind == "emulated":
+        return copy.deepcopy(model)
     target = copy.deepcopy(model)
     FAULTS[kind](target, site)
     return target
@@ -323,6 +331,7 @@ def run(
                         target="cpu",
                         precision=precision,
                         phases=phases,
+                        emulate=EMULATION if kind == "emulated" else None,
                     )
                 except AlignError as exc:  # no check possible: said, not counted
                     print(f"{name:24s} {precision:9s} {kind:22s} not checkable: {exc}")

@@ -239,6 +239,26 @@ def test_the_final_state_is_judged_against_the_draws_too():
     assert compare_trajectories(target, REF, GOLD, TOL, floor=1e-6, draws=draws)["passed"]
 
 
+def test_a_final_state_the_references_training_moved_by_noise_is_reported_not_judged():
+    """A tensor whose gradients carry no signal (a BatchNorm over 1x1 maps at batch 2:
+    efficientnet_b0 at 32 px, honest targets 8-46x the reference's error in a BatchNorm
+    weight) moves by noise: where the reference misses the golden's change of it over the
+    training by half or more, it is said and not judged. Where the reference follows the
+    golden's change, the same target error fails."""
+    start = {"param:fc.weight": torch.full((4,), 1.0, dtype=torch.float64)}
+    gold = {**_trajectory([1.0, 1.0, 1.0], 1.0 + 1e-6), "start": start}  # moved by 1e-6
+    ref = _trajectory([1.0, 1.0, 1.0], 1.0 + 2e-6)  # misses that change by all of it
+    target = _trajectory([1.0, 1.0, 1.0], 1.0 + 1e-4)
+    judged = compare_trajectories(target, ref, gold, TOL, floor=1e-6)
+    assert judged["passed"], judged["summary"]
+    gold_moved = {**_trajectory([1.0, 1.0, 1.0], 1.0 + 1e-3), "start": start}
+    ref_follows = _trajectory([1.0, 1.0, 1.0], 1.0 + 1e-3 + 1e-7)
+    target = _trajectory([1.0, 1.0, 1.0], 1.0 + 1.1e-3)
+    failed = compare_trajectories(target, ref_follows, gold_moved, TOL, floor=1e-6)
+    assert not failed["passed"] and failed["first_divergence"]["tensor"] == "final param weight"
+    assert "no signal" not in str(failed["state_rows"])
+
+
 def test_a_quantity_the_reference_misses_by_half_carries_no_signal_from_then_on():
     """A chaotic training (the spatial transformer's: the golden's loss 140% from the
     reference's at step 3) compares other trajectories from the step where the reference
@@ -326,3 +346,24 @@ def test_a_loss_that_differentiates_by_the_inputs_trains_and_a_fault_is_named():
     report = align.check(model, x_hat, target_model=faulty, **kw)
     assert not report.passed and not report.train["passed"]
     assert report.culprits and report.culprits[0].module == "0", report
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_batchnorm_over_1x1_maps_trains_aligned_on_an_honest_channels_last_target():
+    """efficientnet_b0 at 32 px, batch 2: its last stages normalize over two values, their
+    gradients carry no signal and move their tensors by noise (the final-state rows say
+    so); another memory format trains aligned. Before, a BatchNorm weight failed at 46x
+    the reference's error."""
+    timm = pytest.importorskip("timm")
+    from align.record.capture import lay_out_weights
+
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "efficientnet_b0", num_classes=10, drop_rate=0.2, drop_path_rate=0.1
+    ).train()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    target = copy.deepcopy(model)
+    lay_out_weights(target, torch.channels_last)
+    phases = "forward,backward,train"
+    report = align.check(model, x, target_model=target, target="cpu", phases=phases)
+    assert report.passed, str(report)
