@@ -259,6 +259,36 @@ def test_a_final_state_the_references_training_moved_by_noise_is_reported_not_ju
     assert "no signal" not in str(failed["state_rows"])
 
 
+def test_a_parameter_whose_gradient_the_reference_misses_by_half_is_not_judged_after():
+    """A parameter whose gradient at some step the reference misses by half or more (an SE
+    convolution behind a BatchNorm over two values), its optimizer state and the norms
+    that sum it carry no signal from that step; the rest is still judged."""
+
+    def run(grad: float, norm: float, state: float, other: float) -> dict:
+        steps = [{"loss": 1.0, "grad_norm": norm, "update_norm": 1.0} for _ in range(2)]
+        grads = {"se.weight": torch.full((4,), grad), "fc.weight": torch.ones(4)}
+        return {
+            "steps": steps,
+            "state": {
+                "param:se.weight": torch.full((4,), state),
+                "optimizer:se.weight.momentum_buffer (group 0)": torch.full((4,), state),
+                "param:fc.weight": torch.full((4,), other),
+            },
+            "step_grads": [grads, grads],
+        }
+
+    gold, ref = run(1.0, 1.0, 1.0, 1.0), run(1.6, 1.0 + 1e-6, 1.0 + 1e-6, 1.0)
+    target = run(9.0, 3.0, 1.5, 1.0)  # its noisy parameter far off: not judged
+    judged = compare_trajectories(target, ref, gold, TOL, floor=1e-6)
+    assert judged["passed"], judged["summary"]
+    assert "grad_norm from step 0" in judged["summary"]
+    wrong = run(9.0, 3.0, 1.5, 1.01)  # the parameter with signal 1% off still fails
+    failed = compare_trajectories(wrong, ref, gold, TOL, floor=1e-6)
+    assert not failed["passed"] and failed["first_divergence"]["module"] == "fc", failed
+    follows = run(1.1, 1.0 + 1e-6, 1.0 + 1e-6, 1.0)  # the reference within half: judged
+    assert not compare_trajectories(target, follows, gold, TOL, floor=1e-6)["passed"]
+
+
 def test_a_quantity_the_reference_misses_by_half_carries_no_signal_from_then_on():
     """A chaotic training (the spatial transformer's: the golden's loss 140% from the
     reference's at step 3) compares other trajectories from the step where the reference
