@@ -489,7 +489,9 @@ def _param_of(name: str) -> str:
 def _moved_by_noise(ref: torch.Tensor, gold: torch.Tensor, start: torch.Tensor | None) -> bool:
     """Whether the reference misses the golden's change of a state tensor over the training
     (from `start`, or from zero for an optimizer's state) by half its size or more: the
-    steps moved it by the noise of gradients that carry no signal."""
+    steps moved it by the noise of gradients that carry no signal. A tensor the golden left
+    where it was has no change to miss (measured: a BatchNorm bias under amp-bf16 whose
+    gradient is zero in exact arithmetic, moved by honest half-ulp targets' rounding)."""
     g = judged_form(gold).double()
     moved = g if start is None else g - judged_form(start).double().to(g.device)
     missed = judged_form(ref).double().to(g.device) - g
