@@ -289,6 +289,29 @@ def test_a_parameter_whose_gradient_the_reference_misses_by_half_is_not_judged_a
     assert not compare_trajectories(target, follows, gold, TOL, floor=1e-6)["passed"]
 
 
+def test_a_step_an_honest_target_skips_where_fp16_gradients_near_overflow_is_no_signal():
+    """The target's loss scaler skips a step the reference took, whose scaled fp16
+    gradients came within OVERFLOW_HEADROOM of float16's largest value (honest one-ulp
+    lcnet_050 and ghostnet_050 at 32 px under amp-fp16 did): an honest device may overflow
+    there, and from that step the runs take other steps. Far from overflow it fails."""
+
+    def run(skips: list[bool], headroom: float, state: float) -> dict:
+        steps = [
+            {"loss": 1.0, "grad_norm": float("nan") if skipped else 1.0, "update_norm": 1.0}
+            | {"skipped": skipped, "headroom": headroom}
+            for skipped in skips
+        ]
+        return {"steps": steps, "state": {"param:fc.weight": torch.full((4,), state)}}
+
+    gold = run([False] * 3, float("inf"), 1.0)
+    target = run([False, True, False], 0.0, 1.1)  # a step skipped, so its state is elsewhere
+    near = compare_trajectories(target, run([False] * 3, 8.0, 1.0), gold, TOL, floor=1e-6)
+    assert near["passed"], near["summary"]
+    assert near["steps"][1]["grad_norm"]["no_signal"] and "from step 1" in near["summary"]
+    far = compare_trajectories(target, run([False] * 3, 1e3, 1.0), gold, TOL, floor=1e-6)
+    assert not far["passed"] and far["first_divergence"]["tensor"] == "step 1 grad_norm"
+
+
 def test_a_quantity_the_reference_misses_by_half_carries_no_signal_from_then_on():
     """A chaotic training (the spatial transformer's: the golden's loss 140% from the
     reference's at step 3) compares other trajectories from the step where the reference
