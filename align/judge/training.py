@@ -82,15 +82,16 @@ SIGNAL_BUDGET = 1 << 26
 # A share of the golden's gradient norm that such parameters hold from which the norms
 # carry no signal either: even 10x off, a gradient of 0.1% of the norm moves it by 1%
 NOISY_NORM_SHARE = 1e-3
-# A step the target's loss scaler skipped where the reference's scaled fp16 gradients came
-# within OVERFLOW_HEADROOM of float16's largest value: an honest device may overflow there,
-# as the backward check says (verdict.HEADROOM_MESSAGE), and the runs then take other
-# steps (measured: lcnet_050 and ghostnet_050 at 32 px, amp-fp16, honest one-ulp targets
-# skipping step 2 that the reference took)
+# A step one run's loss scaler skipped and the other's took, where the one that took it
+# had scaled fp16 gradients within OVERFLOW_HEADROOM of float16's largest value: an honest
+# device may overflow there, or just not, as the backward check says
+# (verdict.HEADROOM_MESSAGE), and the runs then take other steps (measured: lcnet_050 and
+# ghostnet_050 at 32 px, amp-fp16, honest one-ulp, half-ulp and channels_last targets
+# skipping a step the reference took, and taking one it skipped)
 HONEST_SKIP_MESSAGE = (
-    "no signal at this precision (the target's loss scaler skipped a step the reference "
-    f"took, whose scaled gradients came within {OVERFLOW_HEADROOM:g}x of float16's largest "
-    "value: an honest device may overflow there, and the runs then take other steps)"
+    "no signal at this precision (one loss scaler skipped a step the other took, with "
+    f"scaled gradients within {OVERFLOW_HEADROOM:g}x of float16's largest value: an honest "
+    "device may overflow there, and the runs then take other steps)"
 )
 QUANTITIES = ("loss", "grad_norm", "update_norm")
 # draws cannot excuse these (they skip where the reference skipped)
@@ -274,6 +275,16 @@ def _trajectory(
     }
 
 
+def _skipped_honestly(t: dict, r: dict) -> bool:
+    """Whether one run's loss scaler skipped a step the other took where the one that took
+    it came within OVERFLOW_HEADROOM of float16's largest value (an honest device may
+    overflow there, or just not)."""
+    if bool(t.get("skipped")) == bool(r.get("skipped")):
+        return False
+    took = r if t.get("skipped") else t
+    return took.get("headroom", math.inf) <= OVERFLOW_HEADROOM
+
+
 def _headroom(grads: list[torch.Tensor], policy: Policy, scale: float) -> float:
     """How far below float16's largest value a step's gradients, times `scale` (as the
     loss scaler scaled them), stayed (inf where the run is not fp16; 0 where they
@@ -383,12 +394,11 @@ def judge_trajectories(
     honest_skip = None  # the step an honest target's loss scaler may have skipped
     for i, (t, r, g) in enumerate(zip(tgt["steps"], ref["steps"], gold["steps"])):
         entry = {"step": i}
-        near = r.get("headroom", math.inf) <= OVERFLOW_HEADROOM
-        if t.get("skipped") and not r.get("skipped") and near and honest_skip is None:
+        if honest_skip is None and _skipped_honestly(t, r):
             honest_skip = i  # the runs take other steps from here
             for q in QUANTITIES:
                 lost.setdefault(q, i)
-        if r.get("skipped") and not t.get("skipped") and first is None:
+        if r.get("skipped") and not t.get("skipped") and first is None and honest_skip is None:
             first = {
                 "module": "",
                 "phase": "train",

@@ -3,6 +3,7 @@ say which step and quantity diverged."""
 
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -290,10 +291,11 @@ def test_a_parameter_whose_gradient_the_reference_misses_by_half_is_not_judged_a
 
 
 def test_a_step_an_honest_target_skips_where_fp16_gradients_near_overflow_is_no_signal():
-    """The target's loss scaler skips a step the reference took, whose scaled fp16
-    gradients came within OVERFLOW_HEADROOM of float16's largest value (honest one-ulp
-    lcnet_050 and ghostnet_050 at 32 px under amp-fp16 did): an honest device may overflow
-    there, and from that step the runs take other steps. Far from overflow it fails."""
+    """One loss scaler skips a step the other took, whose scaled fp16 gradients came
+    within OVERFLOW_HEADROOM of float16's largest value (honest one-ulp lcnet_050 and
+    ghostnet_050 at 32 px under amp-fp16 did, both ways): an honest device may overflow
+    there, or just not, and from that step the runs take other steps. Far from overflow
+    it fails."""
 
     def run(skips: list[bool], headroom: float, state: float) -> dict:
         steps = [
@@ -310,6 +312,12 @@ def test_a_step_an_honest_target_skips_where_fp16_gradients_near_overflow_is_no_
     assert near["steps"][1]["grad_norm"]["no_signal"] and "from step 1" in near["summary"]
     far = compare_trajectories(target, run([False] * 3, 1e3, 1.0), gold, TOL, floor=1e-6)
     assert not far["passed"] and far["first_divergence"]["tensor"] == "step 1 grad_norm"
+    # and the other way: the reference overflowed where the target's gradients just did not
+    ref, gold = run([False, True, False], 0.0, 1.0), run([False, True, False], math.inf, 1.0)
+    took = compare_trajectories(run([False] * 3, 8.0, 1.1), ref, gold, TOL, floor=1e-6)
+    assert took["passed"], took["summary"]
+    wrong = compare_trajectories(run([False] * 3, 1e3, 1.1), ref, gold, TOL, floor=1e-6)
+    assert not wrong["passed"] and wrong["first_divergence"]["tensor"] == "step 1 skipped"
 
 
 def test_a_quantity_the_reference_misses_by_half_carries_no_signal_from_then_on():
