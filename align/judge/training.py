@@ -193,7 +193,8 @@ def _trajectory(
     optimizer.register_step_pre_hook(lambda *_: stepped.__setitem__(0, stepped[0] + 1))
     steps, decided, step_grads = [], [], []
     kept = _kept_gradients(master, len(batches)) if keep_grads else set()
-    start = {name: t.clone() for name, t in _state(master, private).items()}
+    # where the golden's change of each state tensor starts (MOVED_BY_NOISE)
+    start = {n: t.clone() for n, t in _state(master, private).items()} if keep_grads else {}
     for step, batch in enumerate(batches):
         x = policy.cast_inputs(batch, device)
         if memory_format is not None:
@@ -291,7 +292,7 @@ def _headroom(grads: list[torch.Tensor], policy: Policy, scale: float) -> float:
     overflowed)."""
     if policy.low_precision != torch.float16 or not grads:
         return math.inf
-    largest = max(float(g.abs().max()) for g in grads if g.numel()) * scale
+    largest = max((float(g.abs().max()) for g in grads if g.numel()), default=0.0) * scale
     if not math.isfinite(largest):
         return 0.0
     return torch.finfo(torch.float16).max / largest if largest > 0 else math.inf
